@@ -1,0 +1,79 @@
+"""Atomic, safe checkpoints: ``torch.save`` to a temp file then rename; loaded with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_backbone"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 2) -> Path:
+    """Write ``checkpoint_{step:08d}.pt`` atomically, point ``checkpoint_last.pt`` at it, keep the last ``keep``.
+
+    A crash mid-write leaves the previous checkpoints untouched: the new file only appears by rename.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / f"checkpoint_{step:08d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    last_tmp = run_dir / "checkpoint_last.pt.tmp"
+    if last_tmp.exists() or last_tmp.is_symlink():
+        last_tmp.unlink()
+    os.symlink(path.name, last_tmp)
+    last_tmp.replace(run_dir / "checkpoint_last.pt")
+    if keep > 0:
+        for old in sorted(run_dir.glob("checkpoint_[0-9]*.pt"))[:-keep]:
+            old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or ``None``."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoint_last.pt"
+    if last.exists():
+        return last.resolve()
+    found = sorted(run_dir.glob("checkpoint_[0-9]*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code from it (``weights_only=True``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path}: train first (pwself pretrain) or pass a .pt file")
+        path = found
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated files and foreign pickles fail in many ways
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({type(e).__name__}): it is corrupt or not a pwself checkpoint"
+        ) from e
+
+
+def export_backbone(backbone: nn.Module, path: str | Path) -> Path:
+    """Save backbone weights with timm key names as safetensors (loadable by ``timm.create_model``)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path

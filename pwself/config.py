@@ -1,0 +1,298 @@
+"""Run configuration: typed dataclasses, YAML files and ``key=value`` overrides.
+
+Library functions take explicit arguments; only the CLI and :func:`pwself.train.train` read a
+:class:`TrainConfig`. The config is saved as ``config.yaml`` beside the checkpoints of every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pwself.augment import PhotometricConfig
+from pwself.data.datasets import FASHION_MNIST_DIR
+from pwself.models import BackboneConfig, HeadConfig
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ViewConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "config_diff",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from.
+
+    Attributes:
+        kind: ``idx`` (MNIST/Fashion-MNIST files), ``cifar`` (python pickles), ``folder`` (images,
+            recursively; ``train/`` and ``val/`` or ``test/`` sub-folders for evaluation) or ``synthetic``.
+        root: Dataset directory (default: the Debian package ``dataset-fashion-mnist``).
+        image_size: Side images of a ``folder`` are resized to (``idx``/``cifar`` keep their native size).
+        channels: 1 or 3 for ``folder`` and ``synthetic`` (others are fixed by the format).
+        subset: Train on the first ``subset`` images only (0: all).
+        num_workers: Decoding workers for ``folder``.
+        on_bad_image: ``fail`` or ``skip`` for corrupt/too-small images of a ``folder``.
+        synthetic_size: Number of images of the ``synthetic`` dataset.
+        synthetic_classes: Classes of the ``synthetic`` dataset.
+        mean: Per-channel normalization mean (empty: measured on the train set at start).
+        std: Per-channel normalization std (empty: measured with the mean).
+    """
+
+    kind: str = "idx"
+    root: str = FASHION_MNIST_DIR
+    image_size: int = 32
+    channels: int = 3
+    subset: int = 0
+    num_workers: int = 2
+    on_bad_image: str = "fail"
+    synthetic_size: int = 512
+    synthetic_classes: int = 4
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ViewConfig:
+    """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size."""
+
+    n_global: int = 2
+    n_local: int = 6
+    global_size: int = 28
+    local_size: int = 16
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    flip_p: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    """Objective and temperatures (SPEC §4).
+
+    Attributes:
+        objective: ``dino``, ``pwml``, ``pwsl`` or ``pwll``.
+        lam: CLS weight of ``pwll``.
+        student_temp: Student temperature.
+        teacher_temp: Teacher temperature after warm-up.
+        warmup_teacher_temp: Teacher temperature at the start.
+        warmup_teacher_temp_epochs: Linear warm-up length of the teacher temperature.
+        center_momentum: EMA momentum of the CLS and patch centers.
+    """
+
+    objective: str = "pwml"
+    lam: float = 0.5
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine schedules (DINO's recipe; ``lr`` is for a batch of 256, scaled linearly).
+
+    Attributes:
+        lr: Peak learning rate for batch 256.
+        min_lr: Final learning rate.
+        warmup_epochs: Linear lr warm-up.
+        weight_decay: Weight decay at the start (cosine to ``weight_decay_end``).
+        weight_decay_end: Weight decay at the end.
+        clip_grad: Max gradient norm (0: off).
+        freeze_last_layer_epochs: Epochs during which the head's last layer does not learn.
+        momentum_teacher: EMA momentum at the start (cosine to 1).
+    """
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: float = 1.0
+    momentum_teacher: float = 0.996
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a pretraining run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    out_dir: str = "runs/pwself"
+    device: str = "cpu"
+    log_every: int = 10
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    knn_at_end: bool = True
+    knn_every_epochs: int = 0
+
+    def validate(self) -> None:
+        """Check cross-field constraints; raise :class:`ConfigError` naming the fix."""
+        p, v = self.backbone.patch_size, self.views
+        for name, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
+            if size % p:
+                raise ConfigError(f"{name}={size} is not a multiple of the patch size {p}: use a multiple of {p}")
+            if size < p:
+                raise ConfigError(f"{name}={size} is smaller than the patch size {p}")
+        if v.n_local and v.local_size >= v.global_size:
+            raise ConfigError(
+                f"views.local_size={v.local_size} must be smaller than views.global_size={v.global_size}"
+            )
+        if v.n_global < 1 or v.n_global + v.n_local < 2:
+            raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
+        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll"):
+            raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl or pwll")
+        if self.photometric.mode not in ("image", "patch", "none"):
+            raise ConfigError(f"photometric.mode={self.photometric.mode!r}: use image, patch or none")
+        if self.data.kind not in ("idx", "cifar", "folder", "synthetic"):
+            raise ConfigError(f"data.kind={self.data.kind!r}: use idx, cifar, folder or synthetic")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("batch_size and epochs must be at least 1")
+        if self.backbone.embed_dim % self.backbone.num_heads:
+            raise ConfigError(
+                f"backbone.embed_dim={self.backbone.embed_dim} is not divisible by num_heads={self.backbone.num_heads}"
+            )
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain dict of YAML-safe values (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(cfg)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return config_from_dict(value, tp, prefix=key + ".")
+    if origin in (tuple,):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin in (list,):
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(arg, v, key) for v in value]
+    if origin in (typing.Union, types.UnionType) or origin is typing.Literal:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(d: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}; "
+            f"valid here: {', '.join(sorted(names))}"
+        )
+    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in d.items()})
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``a.b=value`` overrides (values parsed as YAML: ``1e-3``, ``[0.4, 1.0]``, ``true``)."""
+    d = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = d
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config section {part!r} in {key!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}; valid here: {', '.join(sorted(node))}")
+        node[parts[-1]] = value
+    return config_from_dict(d)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- overrides, validated."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        d = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+        cfg = config_from_dict(d)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+# Keys that may change between a checkpoint and its resumption without changing what is learned.
+RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
+                    "knn_every_epochs", "epochs", "data.num_workers", "data.root", "data.on_bad_image")
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (ignoring :data:`RESUME_FREE_KEYS`)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = prefix + k
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, key + ".")
+        elif va != vb and key not in RESUME_FREE_KEYS:
+            out.append(key)
+    return out

@@ -1,0 +1,117 @@
+"""Local datasets and the batch iterator used by training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from pwself.data.datasets import (
+    FASHION_MNIST_DIR,
+    DatasetError,
+    ImageFolderDataset,
+    TensorImageDataset,
+    load_cifar,
+    load_idx_dataset,
+    make_synthetic,
+)
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "DatasetError",
+    "ImageFolderDataset",
+    "TensorImageDataset",
+    "build_dataset",
+    "iterate_batches",
+    "channel_stats",
+]
+
+
+def build_dataset(
+    kind: str,
+    root: str,
+    split: str = "train",
+    *,
+    image_size: int = 32,
+    channels: int = 3,
+    min_size: int = 8,
+    on_bad_image: str = "fail",
+    synthetic_size: int = 512,
+    synthetic_classes: int = 4,
+    seed: int = 0,
+) -> Dataset:
+    """Open one split of a dataset.
+
+    Args:
+        kind: ``idx``, ``cifar``, ``folder`` or ``synthetic``.
+        root: Dataset directory.
+        split: ``train`` or ``test``. For a ``folder``, ``train`` reads ``root/train`` when it exists
+            (else ``root``) and ``test`` reads ``root/val`` or ``root/test``.
+        image_size: Side folder images are resized to; synthetic image side.
+        channels: Channels for ``folder`` and ``synthetic``.
+        min_size: Smallest accepted source image side for ``folder``.
+        on_bad_image: ``fail`` or ``skip`` for ``folder``.
+        synthetic_size: Number of synthetic images (the test split has a quarter as many).
+        synthetic_classes: Classes of the synthetic data.
+        seed: Seed of the synthetic data (the test split uses ``seed + 1``).
+    """
+    if split not in ("train", "test"):
+        raise DatasetError(f"split {split!r}: use train or test")
+    if kind == "idx":
+        return load_idx_dataset(root, split)
+    if kind == "cifar":
+        return load_cifar(root, split)
+    if kind == "synthetic":
+        n = synthetic_size if split == "train" else max(synthetic_size // 4, synthetic_classes)
+        return make_synthetic(n, image_size, channels, synthetic_classes, seed if split == "train" else seed + 1)
+    if kind == "folder":
+        base = Path(root)
+        if split == "train":
+            folder = base / "train" if (base / "train").is_dir() else base
+        else:
+            candidates = [base / "val", base / "test"]
+            found = [c for c in candidates if c.is_dir()]
+            if not found:
+                raise DatasetError(
+                    f"no {base}/val or {base}/test folder: evaluation needs a labelled held-out split there"
+                )
+            folder = found[0]
+        return ImageFolderDataset(folder, image_size, channels, min_size, on_bad_image)
+    raise DatasetError(f"unknown dataset kind {kind!r}: use idx, cifar, folder or synthetic")
+
+
+def iterate_batches(
+    dataset: Dataset, batches: Sequence[Tensor], num_workers: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images uint8 [B, C, H, W], labels [B])`` for each index batch, in order.
+
+    In-memory datasets are sliced directly; others go through a :class:`DataLoader` whose workers
+    only decode (views and augmentation run batched on tensors in the main process).
+    """
+    if isinstance(dataset, TensorImageDataset):
+        for idx in batches:
+            yield dataset.images[idx], dataset.labels[idx]
+        return
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[b.tolist() for b in batches],
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+def channel_stats(dataset: Dataset, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixel values in ``[0, 1]`` over up to ``max_images`` images."""
+    n = len(dataset)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, max_images)]
+    if isinstance(dataset, TensorImageDataset):
+        x = dataset.images[idx].float() / 255
+    else:
+        x = torch.stack([dataset[int(i)][0] for i in idx[:1000]]).float() / 255
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

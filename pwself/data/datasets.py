@@ -1,0 +1,297 @@
+"""Datasets that read local files only: IDX (MNIST/Fashion-MNIST), CIFAR pickles, image folders, synthetic.
+
+Every dataset yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``[C, H, W]`` of one common size
+and ``label`` an ``int`` (``-1`` when unlabelled). In-memory datasets also expose ``images`` (``[N, C, H, W]``
+uint8) and ``labels`` (``[N]`` long) so training can slice whole batches without a loader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DatasetError",
+    "FASHION_MNIST_DIR",
+    "TensorImageDataset",
+    "read_idx",
+    "load_idx_dataset",
+    "load_cifar",
+    "ImageFolderDataset",
+    "make_synthetic",
+    "IMAGE_EXTENSIONS",
+]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DatasetError(ValueError):
+    """Bad or missing data; the message names the problem and the fix on one line."""
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor.
+
+    Args:
+        images: ``[N, C, H, W]`` uint8.
+        labels: ``[N]`` long, ``-1`` for unlabelled.
+        classes: Class names, if known.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: list[str] | None = None) -> None:
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise DatasetError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if len(images) == 0:
+            raise DatasetError("dataset has no images: point the data path at a non-empty dataset")
+        self.images, self.labels, self.classes = images, labels.long(), classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), the MNIST format.
+
+    Args:
+        path: File path, ``.gz`` or raw.
+
+    Returns:
+        The array with the dtype and shape given by the file header.
+    """
+    path = Path(path)
+    opener: Callable = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"cannot read IDX file {path} ({e}): re-install or re-download the dataset") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DatasetError(f"{path} is not an IDX file (bad magic number): point the data path at MNIST-format files")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = raw[2], raw[3]
+    if code not in dtypes:
+        raise DatasetError(f"{path}: unknown IDX data type 0x{code:02x}")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=dtypes[code], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: {data.size} values for shape {shape}; re-download it")
+    return data.reshape(shape)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (root / name).exists():
+            return root / name
+    return None
+
+
+def load_idx_dataset(root: str | Path, split: str = "train") -> TensorImageDataset:
+    """MNIST / Fashion-MNIST from ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` in ``root``.
+
+    Args:
+        root: Directory holding the IDX files (default for Fashion-MNIST: the Debian package's).
+        split: ``train`` or ``test``.
+    """
+    root = Path(root)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    img_path = _find(root, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find(root, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        hint = (
+            "install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu)"
+            if str(root) == FASHION_MNIST_DIR
+            else "or pass --data.root pointing at the directory holding them"
+        )
+        raise DatasetError(f"no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] in {root}: {hint}")
+    images = read_idx(img_path)
+    labels = read_idx(lbl_path)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DatasetError(f"{img_path} and {lbl_path} do not match ({images.shape} vs {labels.shape})")
+    return TensorImageDataset(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays: a CIFAR batch cannot execute code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def load_cifar(root: str | Path, split: str = "train") -> TensorImageDataset:
+    """CIFAR-10 (``data_batch_1..5``, ``test_batch``) or CIFAR-100 (``train``, ``test``) python batches.
+
+    Args:
+        root: ``cifar-10-batches-py`` or ``cifar-100-python`` directory (or its parent).
+        split: ``train`` or ``test``.
+    """
+    root = Path(root)
+    for sub in ("cifar-10-batches-py", "cifar-100-python"):
+        if (root / sub).is_dir():
+            root = root / sub
+    if (root / "data_batch_1").exists():
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta, key = "batches.meta", "label_names"
+    elif (root / "train").exists():
+        files, meta, key = [split], "meta", "fine_label_names"
+    else:
+        raise DatasetError(
+            f"no CIFAR batches in {root}: expected data_batch_1..5/test_batch (CIFAR-10) or train/test "
+            "(CIFAR-100) from the python version of the dataset; pass its directory as --data.root"
+        )
+    data, labels = [], []
+    for name in files:
+        path = root / name
+        if not path.exists():
+            raise DatasetError(f"missing CIFAR batch {path}: the dataset directory is incomplete")
+        with open(path, "rb") as f:
+            try:
+                batch = _CifarUnpickler(f, encoding="bytes").load()
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+                raise DatasetError(f"cannot read CIFAR batch {path} ({e}): re-download the dataset") from e
+        data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch.get(b"labels", batch.get(b"fine_labels", [])))
+    classes = None
+    if (root / meta).exists():
+        with open(root / meta, "rb") as f:
+            names = _CifarUnpickler(f, encoding="bytes").load().get(key.encode())
+        classes = [n.decode() for n in names] if names else None
+    return TensorImageDataset(torch.from_numpy(np.concatenate(data)), torch.tensor(labels), classes)
+
+
+def _decode(path: Path, size: int, channels: int) -> Tensor:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+        im = im.convert("L" if channels == 1 else "RGB")
+        # Shorter side to `size`, then centre crop: every image gets the same grid of pixels.
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+class ImageFolderDataset(Dataset):
+    """Images found recursively under a folder, decoded with Pillow and resized to ``size x size``.
+
+    Labels come from the first-level sub-folders when images live in them (sorted names -> 0..C-1);
+    images directly under ``root`` make the dataset unlabelled (label ``-1``). The constructor checks
+    every file's header, so a corrupt or tiny image fails before training, not an hour into it.
+
+    Args:
+        root: Folder to scan.
+        size: Side the images are resized (shorter side) and centre-cropped to.
+        channels: 1 (grayscale) or 3 (RGB).
+        min_size: Smallest accepted side in pixels of a source image.
+        on_bad_image: ``fail`` (stop, naming the file) or ``skip`` (leave it out and count it).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int,
+        channels: int = 3,
+        min_size: int = 8,
+        on_bad_image: str = "fail",
+    ) -> None:
+        from PIL import Image
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"image folder {self.root} does not exist: pass an existing folder as --data.root")
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DatasetError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}: check the path or the file types"
+            )
+        self.skipped: list[Path] = []
+        good = []
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+                    w, h = im.size
+                if min(w, h) < min_size:
+                    raise DatasetError(f"image {p} is {w}x{h} px, smaller than {min_size} px: remove or enlarge it")
+                good.append(p)
+            except DatasetError:
+                if on_bad_image != "skip":
+                    raise
+                self.skipped.append(p)
+            except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+                if on_bad_image != "skip":
+                    raise DatasetError(
+                        f"corrupt or unreadable image {p} ({type(e).__name__}): delete it or use --data.on_bad_image skip"
+                    ) from e
+                self.skipped.append(p)
+        if not good:
+            raise DatasetError(f"every image under {self.root} is unreadable: check the files")
+        self.files = good
+        rel_parents = {p.relative_to(self.root).parts[0] for p in good if len(p.relative_to(self.root).parts) > 1}
+        labelled = all(len(p.relative_to(self.root).parts) > 1 for p in good)
+        self.classes = sorted(rel_parents) if labelled else None
+        index = {c: i for i, c in enumerate(self.classes or [])}
+        self.labels = torch.tensor(
+            [index[p.relative_to(self.root).parts[0]] if labelled else -1 for p in good], dtype=torch.long
+        )
+        self.size, self.channels = size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return _decode(self.files[i], self.size, self.channels), int(self.labels[i])
+
+
+def make_synthetic(
+    n: int = 256, size: int = 16, channels: int = 1, n_classes: int = 4, seed: int = 0
+) -> TensorImageDataset:
+    """Small labelled images with class-dependent structure, for tests and smoke runs.
+
+    Class ``k`` is a grating of orientation ``k * pi / n_classes`` with random phase, frequency jitter,
+    contrast and noise, so classes are learnable but not identical images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % n_classes
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    theta = labels.float() * torch.pi / n_classes
+    freq = 2 * torch.pi / size * (2 + torch.rand(n, generator=g))
+    phase = 2 * torch.pi * torch.rand(n, generator=g)
+    proj = torch.cos(theta)[:, None, None] * xx + torch.sin(theta)[:, None, None] * yy
+    img = 0.5 + 0.4 * torch.sin(freq[:, None, None] * proj + phase[:, None, None])
+    img = img[:, None].expand(n, channels, size, size).clone()
+    if channels == 3:
+        tint = 0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
+        img = img * tint
+    img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+    return TensorImageDataset((img * 255).round().to(torch.uint8), labels)
+

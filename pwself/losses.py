@@ -1,0 +1,204 @@
+"""Self-distillation objectives over CLS and matched patch tokens (SPEC §4).
+
+Pairs are (teacher global view ``i``, student view ``j``) with ``j != i``. For pair ``p`` and sample ``b``:
+
+* ``H_cls[p, b] = H(t_cls[i, b], s_cls[j, b])``
+* ``S[p, b]`` = the sum of ``H`` over the matched patch pairs, ``n[p, b]`` their count.
+
+with ``H(t, s) = -sum softmax((t - C) / tau_t) * log_softmax(s / tau_s)``. Then, per pair and sample:
+
+* ``dino``: ``H_cls``
+* ``pwml``: ``(H_cls + S) / (1 + n)`` (mean over the CLS pair and the matched patch pairs)
+* ``pwsl``: ``H_cls + S``
+* ``pwll``: ``lam * H_cls + (1 - lam) * S / n``, and ``H_cls`` alone when ``n == 0``
+
+and the loss is the mean over all pairs and samples. Centering uses one EMA center for CLS outputs and
+one for patch outputs; the centers are updated by an explicit call, never as a side effect of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "OBJECTIVES",
+    "Center",
+    "soft_cross_entropy",
+    "combine_terms",
+    "PatchWiseDistillationLoss",
+    "view_pairs",
+]
+
+Objective = Literal["dino", "pwml", "pwsl", "pwll"]
+OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll")
+
+
+def view_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
+    """(teacher global, student view) pairs, a view never teaching itself: ``G * V - G`` pairs."""
+    return [(i, j) for i in range(n_global) for j in range(n_views) if j != i]
+
+
+class Center(nn.Module):
+    """EMA center of teacher logits, ``C <- m * C + (1 - m) * mean(x)``, all-reduced under DDP.
+
+    Args:
+        dim: Logit dimension ``K``.
+        momentum: EMA momentum ``m``.
+    """
+
+    center: Tensor
+
+    def __init__(self, dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def update(self, logits: Tensor) -> None:
+        """Update from ``[N, K]`` teacher logits (every row counts once); no-op when ``N == 0``."""
+        stats = torch.cat([logits.float().sum(0), logits.new_tensor([logits.shape[0]], dtype=torch.float32)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        count = stats[-1]
+        if count == 0:
+            return
+        mean = stats[:-1] / count
+        self.center.mul_(self.momentum).add_(mean[None], alpha=1 - self.momentum)
+
+
+def soft_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
+    """``-sum_k t_k log softmax(s / tau_s)_k`` over the last axis, computed in float32."""
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -(teacher_probs.float() * log_p).sum(-1)
+
+
+def combine_terms(
+    h_cls: Tensor, patch_sum: Tensor, n_patch: Tensor, objective: Objective, lam: float = 0.5
+) -> Tensor:
+    """Per-(pair, sample) objective, averaged over pairs and samples.
+
+    Args:
+        h_cls: ``[P, B]`` CLS cross-entropies.
+        patch_sum: ``[P, B]`` sums of the matched patch cross-entropies.
+        n_patch: ``[P, B]`` number of matched patch pairs.
+        objective: ``dino``, ``pwml``, ``pwsl`` or ``pwll``.
+        lam: Weight of the CLS term for ``pwll``.
+
+    Returns:
+        Scalar loss.
+    """
+    n = n_patch.to(h_cls.dtype)
+    if objective == "dino":
+        per = h_cls
+    elif objective == "pwml":
+        per = (h_cls + patch_sum) / (1 + n)
+    elif objective == "pwsl":
+        per = h_cls + patch_sum
+    elif objective == "pwll":
+        patch_mean = patch_sum / n.clamp(min=1)
+        per = torch.where(n_patch > 0, lam * h_cls + (1 - lam) * patch_mean, h_cls)
+    else:
+        raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    return per.mean()
+
+
+class PatchWiseDistillationLoss(nn.Module):
+    """DINO and the PW-Self losses (PWML, PWSL, PWLL) with separate CLS and patch centers.
+
+    Args:
+        out_dim: Head output dimension ``K``.
+        objective: ``dino``, ``pwml``, ``pwsl`` or ``pwll``.
+        lam: CLS weight for ``pwll``.
+        student_temp: Student temperature ``tau_s``.
+        center_momentum: EMA momentum of both centers.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        objective: Objective = "pwml",
+        lam: float = 0.5,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"pwll lambda {lam} is outside [0, 1]")
+        self.objective, self.lam, self.student_temp = objective, lam, student_temp
+        self.cls_center = Center(out_dim, center_momentum)
+        self.patch_center = Center(out_dim, center_momentum)
+
+    @property
+    def uses_patches(self) -> bool:
+        return self.objective != "dino"
+
+    def teacher_probs(self, logits: Tensor, center: Center, teacher_temp: float) -> Tensor:
+        """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, no gradient."""
+        return F.softmax((logits.detach().float() - center.center) / teacher_temp, dim=-1)
+
+    def forward(
+        self,
+        student_cls: Tensor,
+        teacher_cls: Tensor,
+        pairs: list[tuple[int, int]],
+        teacher_temp: float,
+        student_patch: Tensor | None = None,
+        teacher_patch: Tensor | None = None,
+        patch_pair_index: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Compute the loss and its terms.
+
+        Args:
+            student_cls: ``[V, B, K]`` student CLS logits of every view.
+            teacher_cls: ``[G, B, K]`` teacher CLS logits of the global views.
+            pairs: The ``P`` (teacher view, student view) pairs, e.g. :func:`view_pairs`.
+            teacher_temp: Teacher temperature for this step.
+            student_patch: ``[N, K]`` student logits of matched patch tokens, flat over all pairs.
+            teacher_patch: ``[N, K]`` teacher logits of the matching teacher patch tokens.
+            patch_pair_index: ``[N]`` long, ``p * B + b`` for each matched patch pair.
+
+        Returns:
+            ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over
+            pairs and samples with a match of the mean patch cross-entropy) and ``n_match`` (mean
+            matched patch pairs per pair and sample).
+        """
+        n_pairs, batch = len(pairs), student_cls.shape[1]
+        t_idx = torch.tensor([i for i, _ in pairs], device=student_cls.device)
+        s_idx = torch.tensor([j for _, j in pairs], device=student_cls.device)
+        t_probs = self.teacher_probs(teacher_cls, self.cls_center, teacher_temp)
+        h_cls = soft_cross_entropy(t_probs[t_idx], student_cls[s_idx], self.student_temp)  # [P, B]
+
+        patch_sum = h_cls.new_zeros(n_pairs * batch)
+        n_patch = torch.zeros(n_pairs * batch, dtype=torch.long, device=h_cls.device)
+        if self.uses_patches and student_patch is not None and student_patch.shape[0] > 0:
+            assert teacher_patch is not None and patch_pair_index is not None
+            t_patch = self.teacher_probs(teacher_patch, self.patch_center, teacher_temp)
+            h_patch = soft_cross_entropy(t_patch, student_patch, self.student_temp)  # [N]
+            patch_sum = patch_sum.index_add(0, patch_pair_index, h_patch)
+            n_patch = torch.bincount(patch_pair_index, minlength=n_pairs * batch)
+        patch_sum, n_patch = patch_sum.view(n_pairs, batch), n_patch.view(n_pairs, batch)
+
+        loss = combine_terms(h_cls, patch_sum, n_patch, self.objective, self.lam)
+        has = n_patch > 0
+        patch_mean = (patch_sum[has] / n_patch[has]).mean() if has.any() else h_cls.new_zeros(())
+        return {
+            "loss": loss,
+            "cls": h_cls.mean().detach(),
+            "patch": patch_mean.detach(),
+            "n_match": n_patch.float().mean(),
+        }
+
+    @torch.no_grad()
+    def update_centers(self, teacher_cls: Tensor, teacher_patch: Tensor | None = None) -> None:
+        """EMA-update the CLS center from ``[..., K]`` teacher CLS logits and the patch center from the
+        ``[N, K]`` teacher logits of the patch tokens that entered the loss."""
+        self.cls_center.update(teacher_cls.reshape(-1, teacher_cls.shape[-1]))
+        if self.uses_patches and teacher_patch is not None:
+            self.patch_center.update(teacher_patch)

@@ -1,0 +1,237 @@
+"""Geometric patch matching between two views of the same image (SPEC §3).
+
+Two views ``a`` and ``b`` carry their crop box ``(x0, y0, x1, y1)`` in pixels of the original image
+(x1, y1 exclusive), a horizontal-flip flag and a patch grid ``(rows, cols)``. Patches of both views that
+lie in the intersection of the boxes (strictly more than half of the patch on each axis) are paired
+axis by axis; the longer run is subsampled to the shorter with ``(i * (N - 1)) // (n - 1)``.
+
+Two implementations that agree exactly on every input:
+
+* :func:`match_pair`: the plain reference for one pair of views (Python floats and loops).
+* :func:`match_patches`: vectorized over a batch of view pairs (tensors, no Python loop over samples).
+
+Both compute in float64 with the same operations in the same order, so their decisions coincide bit
+for bit. Token indices exclude the CLS token: patch token ``k`` is sequence position ``k + 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["match_pair", "match_patches", "match_views", "axis_run", "pair_runs"]
+
+
+def axis_run(lo_a: float, hi_a: float, n_cells: int, lo_i: float, hi_i: float) -> tuple[int, int]:
+    """Contiguous run of cells of one view axis that lie inside an interval.
+
+    Args:
+        lo_a: Start of the view's box on this axis (original-image pixels).
+        hi_a: End of the view's box on this axis (exclusive).
+        n_cells: Number of patches of the view along this axis.
+        lo_i: Start of the intersection interval.
+        hi_i: End of the intersection interval.
+
+    Returns:
+        ``(start, length)``; ``length == 0`` when no cell overlaps the interval by more than half.
+    """
+    width = (hi_a - lo_a) / n_cells
+    start, length = 0, 0
+    for c in range(n_cells):
+        cell_lo = lo_a + c * width
+        cell_hi = lo_a + (c + 1) * width
+        overlap = min(cell_hi, hi_i) - max(cell_lo, lo_i)
+        if 2.0 * overlap > width:
+            if length == 0:
+                start = c
+            length += 1
+    return start, length
+
+
+def pair_runs(start_a: int, len_a: int, start_b: int, len_b: int) -> list[tuple[int, int]]:
+    """Pair the cells of two runs on one axis (SPEC §3 step 3).
+
+    Args:
+        start_a: First cell of view a's run.
+        len_a: Length of view a's run.
+        start_b: First cell of view b's run.
+        len_b: Length of view b's run.
+
+    Returns:
+        ``(cell_a, cell_b)`` pairs, ordered by the shorter run; empty if either run is empty.
+    """
+    n, big = min(len_a, len_b), max(len_a, len_b)
+    if n == 0:
+        return []
+    pairs = []
+    for i in range(n):
+        j = (big - 1) // 2 if n == 1 else (i * (big - 1)) // (n - 1)
+        pairs.append((start_a + i, start_b + j) if len_a <= len_b else (start_a + j, start_b + i))
+    return pairs
+
+
+def match_pair(
+    box_a: Sequence[float],
+    flip_a: bool,
+    grid_a: tuple[int, int],
+    box_b: Sequence[float],
+    flip_b: bool,
+    grid_b: tuple[int, int],
+) -> list[tuple[int, int]]:
+    """Matched patch tokens of two views of one image: the plain reference.
+
+    Args:
+        box_a: Crop box ``(x0, y0, x1, y1)`` of view a in original-image pixels.
+        flip_a: Whether view a was flipped horizontally after cropping.
+        grid_a: Patch grid ``(rows, cols)`` of view a.
+        box_b: Crop box of view b.
+        flip_b: Whether view b was flipped.
+        grid_b: Patch grid of view b.
+
+    Returns:
+        List of ``(token_a, token_b)`` patch-token indices (CLS excluded), row-major: row pair first,
+        then column pair. Empty when the boxes do not overlap enough.
+    """
+    ax0, ay0, ax1, ay1 = (float(v) for v in box_a)
+    bx0, by0, bx1, by1 = (float(v) for v in box_b)
+    rows_a, cols_a = grid_a
+    rows_b, cols_b = grid_b
+    ix0, iy0, ix1, iy1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return []
+    row_pairs = pair_runs(*axis_run(ay0, ay1, rows_a, iy0, iy1), *axis_run(by0, by1, rows_b, iy0, iy1))
+    col_pairs = pair_runs(*axis_run(ax0, ax1, cols_a, ix0, ix1), *axis_run(bx0, bx1, cols_b, ix0, ix1))
+    out = []
+    for ra, rb in row_pairs:
+        for ca, cb in col_pairs:
+            ca_shown = cols_a - 1 - ca if flip_a else ca
+            cb_shown = cols_b - 1 - cb if flip_b else cb
+            out.append((ra * cols_a + ca_shown, rb * cols_b + cb_shown))
+    return out
+
+
+def _inside_cells(lo: Tensor, hi: Tensor, n_cells: int, lo_i: Tensor, hi_i: Tensor) -> Tensor:
+    """Vectorized :func:`axis_run` membership: ``[B, n_cells]`` bool, same float64 arithmetic."""
+    c = torch.arange(n_cells, dtype=torch.float64, device=lo.device)
+    width = ((hi - lo) / n_cells)[:, None]
+    cell_lo = lo[:, None] + c * width
+    cell_hi = lo[:, None] + (c + 1) * width
+    overlap = torch.minimum(cell_hi, hi_i[:, None]) - torch.maximum(cell_lo, lo_i[:, None])
+    return 2.0 * overlap > width
+
+
+def _run_start_len(inside: Tensor) -> tuple[Tensor, Tensor]:
+    """Start and length of the (contiguous) run of ``True`` per row of ``[B, n]``."""
+    length = inside.sum(1)
+    start = torch.where(length > 0, inside.int().argmax(1), torch.zeros_like(length))
+    return start, length
+
+
+def _pair_runs_batched(
+    start_a: Tensor, len_a: Tensor, start_b: Tensor, len_b: Tensor, max_pairs: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Vectorized :func:`pair_runs`: ``[B, max_pairs]`` cells of a, cells of b, validity."""
+    i = torch.arange(max_pairs, device=start_a.device)[None, :]
+    n = torch.minimum(len_a, len_b)[:, None]
+    big = torch.maximum(len_a, len_b)[:, None]
+    j = torch.where(n == 1, (big - 1) // 2, (i * (big - 1)).div(torch.clamp(n - 1, min=1), rounding_mode="floor"))
+    a_short = (len_a <= len_b)[:, None]
+    cell_a = start_a[:, None] + torch.where(a_short, i, j)
+    cell_b = start_b[:, None] + torch.where(a_short, j, i)
+    return cell_a, cell_b, i < n
+
+
+def match_patches(
+    boxes_a: Tensor,
+    flips_a: Tensor,
+    grid_a: tuple[int, int],
+    boxes_b: Tensor,
+    flips_b: Tensor,
+    grid_b: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Matched patch tokens for a batch of view pairs, vectorized over the batch.
+
+    Args:
+        boxes_a: ``[B, 4]`` crop boxes ``(x0, y0, x1, y1)`` of the a views.
+        flips_a: ``[B]`` bool, horizontal flip of the a views.
+        grid_a: Patch grid ``(rows, cols)`` shared by all a views.
+        boxes_b: ``[B, 4]`` crop boxes of the b views.
+        flips_b: ``[B]`` bool flips of the b views.
+        grid_b: Patch grid shared by all b views.
+
+    Returns:
+        ``(idx_a, idx_b, valid)``: ``[B, M]`` long token indices into the patch tokens of a and b and
+        a ``[B, M]`` bool mask. Valid pairs come first in each row, in the order of :func:`match_pair`;
+        ``M`` is the largest count in the batch; padding is index 0 with ``valid=False``.
+    """
+    rows_a, cols_a = grid_a
+    rows_b, cols_b = grid_b
+    a = boxes_a.to(torch.float64)
+    b = boxes_b.to(torch.float64)
+    lo = torch.maximum(a[:, :2], b[:, :2])
+    hi = torch.minimum(a[:, 2:], b[:, 2:])
+    overlap = ((hi - lo) > 0).all(1)  # [B]
+
+    def runs(axis: int, n_a: int, n_b: int) -> tuple[Tensor, Tensor, Tensor]:
+        in_a = _inside_cells(a[:, axis], a[:, axis + 2], n_a, lo[:, axis], hi[:, axis])
+        in_b = _inside_cells(b[:, axis], b[:, axis + 2], n_b, lo[:, axis], hi[:, axis])
+        sa, la = _run_start_len(in_a)
+        sb, lb = _run_start_len(in_b)
+        zero = torch.zeros_like(la)
+        la, lb = torch.where(overlap, la, zero), torch.where(overlap, lb, zero)
+        return _pair_runs_batched(sa, la, sb, lb, min(n_a, n_b))
+
+    ra, rb, rv = runs(1, rows_a, rows_b)  # rows: y axis
+    ca, cb, cv = runs(0, cols_a, cols_b)  # cols: x axis
+    ca = torch.where(flips_a.bool()[:, None], cols_a - 1 - ca, ca)
+    cb = torch.where(flips_b.bool()[:, None], cols_b - 1 - cb, cb)
+
+    # Row-major product of row pairs and column pairs: [B, R, C] -> [B, R*C].
+    tok_a = (ra[:, :, None] * cols_a + ca[:, None, :]).flatten(1)
+    tok_b = (rb[:, :, None] * cols_b + cb[:, None, :]).flatten(1)
+    valid = (rv[:, :, None] & cv[:, None, :]).flatten(1)
+
+    # Move valid pairs to the front, keeping their order, and cut to the largest count.
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    m = int(valid.sum(1).max().item()) if valid.numel() else 0
+    order = order[:, :m]
+    valid = valid.gather(1, order)
+    idx_a = torch.where(valid, tok_a.gather(1, order), 0)
+    idx_b = torch.where(valid, tok_b.gather(1, order), 0)
+    return idx_a, idx_b, valid
+
+
+def match_views(
+    boxes: Tensor,
+    flips: Tensor,
+    grids: Sequence[tuple[int, int]],
+    pairs: Sequence[tuple[int, int]],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Matched tokens of every (teacher view, student view) pair of a multi-crop batch, flattened.
+
+    Args:
+        boxes: ``[V, B, 4]`` crop boxes of all views.
+        flips: ``[V, B]`` flips of all views.
+        grids: Patch grid of each of the ``V`` views.
+        pairs: ``P`` pairs ``(i, j)``: teacher view ``i`` against student view ``j``.
+
+    Returns:
+        ``(teacher_token, student_token, pair_index, sample)``, each ``[N]`` long over the ``N`` matched
+        patch pairs of the batch: token indices into view ``i``'s and view ``j``'s patch tokens,
+        ``p * B + b`` and ``b``. Ordered by pair, then sample, then :func:`match_pair` order.
+    """
+    batch = boxes.shape[1]
+    t_tok, s_tok, pair_idx, sample = [], [], [], []
+    for p, (i, j) in enumerate(pairs):
+        idx_t, idx_s, valid = match_patches(boxes[i], flips[i], grids[i], boxes[j], flips[j], grids[j])
+        b = valid.nonzero()[:, 0]
+        t_tok.append(idx_t[valid])
+        s_tok.append(idx_s[valid])
+        sample.append(b)
+        pair_idx.append(b + p * batch)
+    if not pairs:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, empty
+    return torch.cat(t_tok), torch.cat(s_tok), torch.cat(pair_idx), torch.cat(sample)

@@ -1,0 +1,439 @@
+"""PW-Self pretraining: views -> photometric augmentation -> ViT -> patch matching -> loss -> AdamW + EMA.
+
+The whole step is visible in :func:`distill_step` and :func:`train`; schedules are arrays indexed by the
+global step (dinov2's habit), the head's last layer is frozen by a zero learning rate, and every random
+draw comes from one seeded generator whose state is checkpointed, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pwself.augment import PhotometricAugment
+from pwself.checkpoint import CheckpointError, export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
+from pwself.config import TrainConfig, config_diff, config_from_dict, config_to_dict, save_config
+from pwself.data import TensorImageDataset, build_dataset, channel_stats, iterate_batches
+from pwself.losses import PatchWiseDistillationLoss, view_pairs
+from pwself.matching import match_views
+from pwself.models import DINOHead, ema_update, forward_tokens, make_vit
+from pwself.views import MultiCrop, MultiCropViews
+
+__all__ = [
+    "Schedules",
+    "make_schedules",
+    "build_student",
+    "param_groups",
+    "distill_step",
+    "train",
+    "TrainResult",
+    "open_dataset",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; the last good checkpoint is untouched."""
+
+
+def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> list[float]:
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup`` steps, then cosine to ``final``."""
+    out = [warmup_start + (base - warmup_start) * i / warmup for i in range(min(warmup, total))]
+    rest = total - len(out)
+    out += [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / max(rest, 1))) for i in range(rest)]
+    return out
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Per-step values: learning rate, weight decay, teacher momentum and temperature, last-layer lr factor."""
+
+    lr: list[float]
+    weight_decay: list[float]
+    momentum: list[float]
+    teacher_temp: list[float]
+    last_layer_on: list[bool]
+
+
+def make_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
+    """DINO's schedules for ``cfg.epochs * steps_per_epoch`` steps (lr scaled by batch/256)."""
+    total = cfg.epochs * steps_per_epoch
+    o, lc = cfg.optim, cfg.loss
+    peak = o.lr * cfg.batch_size / 256
+    lr = cosine_schedule(peak, o.min_lr, total, int(o.warmup_epochs * steps_per_epoch))
+    wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
+    mom = cosine_schedule(o.momentum_teacher, 1.0, total)
+    warm = int(lc.warmup_teacher_temp_epochs * steps_per_epoch)
+    temp = [
+        lc.warmup_teacher_temp + (lc.teacher_temp - lc.warmup_teacher_temp) * min(i / warm, 1.0) if warm else lc.teacher_temp
+        for i in range(total)
+    ]
+    freeze = int(o.freeze_last_layer_epochs * steps_per_epoch)
+    return Schedules(lr, wd, mom, temp, [i >= freeze for i in range(total)])
+
+
+class Student(nn.Module):
+    """Backbone + DINO head (the teacher is a deep copy updated by EMA)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.backbone = make_vit(cfg.backbone)
+        self.head = DINOHead(cfg.backbone.embed_dim, cfg.head)
+
+
+def build_student(cfg: TrainConfig) -> Student:
+    """Create the student network for a config (seed the global RNG first for a fixed init)."""
+    return Student(cfg)
+
+
+def param_groups(model: Student) -> list[dict[str, Any]]:
+    """AdamW groups tagged ``decay`` and ``last_layer``: no decay on biases, norms and position/CLS tokens."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token", "reg_token"))
+        last = name.startswith("head.last_layer")
+        groups.setdefault((decay, last), []).append(p)
+    return [{"params": ps, "decay": d, "last_layer": last} for (d, last), ps in sorted(groups.items())]
+
+
+def apply_schedules(opt: torch.optim.Optimizer, sch: Schedules, step: int) -> None:
+    """Set lr and weight decay of every group for ``step`` (last layer lr is 0 while frozen)."""
+    for g in opt.param_groups:
+        g["lr"] = sch.lr[step] if (sch.last_layer_on[step] or not g["last_layer"]) else 0.0
+        g["weight_decay"] = sch.weight_decay[step] if g["decay"] else 0.0
+
+
+def distill_step(
+    student: Student,
+    teacher: Student,
+    criterion: PatchWiseDistillationLoss,
+    views: MultiCropViews,
+    grids: list[tuple[int, int]],
+    teacher_temp: float,
+) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    """Forward both networks on the views and compute the loss.
+
+    The head runs only on the tokens the loss uses: CLS tokens, and for patch objectives the matched
+    patch tokens (gathered before the head, as dinov2 does for iBOT).
+
+    Returns:
+        ``(terms, teacher CLS logits [G, B, K], teacher logits of matched patch tokens [N, K] or None)``;
+        ``terms["loss"]`` carries the graph.
+    """
+    g, n_loc, b = views.n_global, views.n_local, views.batch_size
+    n_views = g + n_loc
+    pairs = view_pairs(g, n_views)
+
+    with torch.no_grad():
+        t = forward_tokens(teacher.backbone, views.global_crops)
+    s_g = forward_tokens(student.backbone, views.global_crops)
+    s_l = forward_tokens(student.backbone, views.local_crops) if n_loc else None
+
+    student_tokens = [s_g.cls] + ([s_l.cls] if s_l is not None else [])
+    teacher_tokens = [t.cls]
+    n_patch = 0
+    if criterion.uses_patches:
+        t_tok, s_tok, pair_idx, sample = match_views(views.boxes, views.flips, grids, pairs)
+        dev = views.global_crops.device
+        t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in (t_tok, s_tok, pair_idx, sample))
+        pair_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_idx // b]
+        pair_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
+        # Global student views first, then local ones; the loss sums by pair index, so order is free.
+        order = torch.cat([(pair_s < g).nonzero()[:, 0], (pair_s >= g).nonzero()[:, 0]])
+        t_tok, s_tok, pair_idx, sample, pair_t, pair_s = (
+            x[order] for x in (t_tok, s_tok, pair_idx, sample, pair_t, pair_s)
+        )
+        is_g = pair_s < g
+        d = t.patches.shape[-1]
+        teacher_tokens.append(t.patches.view(g, b, -1, d)[pair_t, sample, t_tok])
+        student_tokens.append(s_g.patches.view(g, b, -1, d)[pair_s[is_g], sample[is_g], s_tok[is_g]])
+        if s_l is not None:
+            loc = ~is_g
+            student_tokens.append(s_l.patches.view(n_loc, b, -1, d)[pair_s[loc] - g, sample[loc], s_tok[loc]])
+        n_patch = len(t_tok)
+
+    # One head call per network over CLS + matched patch tokens.
+    s_out = student.head(torch.cat(student_tokens))
+    with torch.no_grad():
+        t_out = teacher.head(torch.cat(teacher_tokens))
+    k = s_out.shape[-1]
+    s_cls, s_patch = s_out[: n_views * b].view(n_views, b, k), s_out[n_views * b :]
+    t_cls, t_patch = t_out[: g * b].view(g, b, k), t_out[g * b :]
+    terms = criterion(
+        s_cls,
+        t_cls,
+        pairs,
+        teacher_temp,
+        s_patch if n_patch else None,
+        t_patch if n_patch else None,
+        pair_idx if n_patch else None,
+    )
+    return terms, t_cls, (t_patch if n_patch else None)
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its outputs, and its final kNN accuracy (if evaluated)."""
+
+    run_dir: Path
+    checkpoint: Path
+    backbone: Path
+    knn: dict[int, dict[str, float]] | None
+
+
+def open_dataset(cfg: TrainConfig, split: str):  # noqa: ANN201 - returns a torch Dataset
+    """Open a split of the configured dataset."""
+    d = cfg.data
+    channels = cfg.backbone.in_chans
+    return build_dataset(
+        d.kind,
+        d.root,
+        split,
+        image_size=d.image_size,
+        channels=channels,
+        min_size=cfg.backbone.patch_size,
+        on_bad_image=d.on_bad_image,
+        synthetic_size=d.synthetic_size,
+        synthetic_classes=d.synthetic_classes,
+        seed=cfg.seed,
+    )
+
+
+def take_subset(dataset: torch.utils.data.Dataset, n: int) -> torch.utils.data.Dataset:
+    """The first ``n`` images of a dataset (in-memory datasets stay in memory)."""
+    n = min(n, len(dataset))
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[:n], dataset.labels[:n], dataset.classes)
+    return torch.utils.data.Subset(dataset, range(n))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return list(perm[: (n // batch) * batch].split(batch))
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged rows past ``step`` (they were written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", -1) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _entropies(t_cls: Tensor, center: Tensor, temp: float) -> tuple[float, float]:
+    """Mean per-sample entropy and entropy of the batch-mean of the teacher CLS distribution (nats)."""
+    p = torch.softmax((t_cls.reshape(-1, t_cls.shape[-1]).float() - center) / temp, -1)
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    pm = p.mean(0)
+    return float(ent), float(-(pm * pm.clamp_min(1e-12).log()).sum())
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Pretrain a ViT with the configured objective; checkpoint every epoch; optionally resume.
+
+    Args:
+        cfg: The run configuration (validated here).
+        resume: Continue from the newest checkpoint in ``cfg.out_dir`` (error if there is none or if the
+            saved config differs in a key that changes what is learned).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The run's :class:`TrainResult`.
+    """
+    cfg.validate()
+    run_dir = Path(cfg.out_dir)
+    device = _resolve_device(cfg.device)
+    dataset = open_dataset(cfg, "train")
+    image = dataset[0][0]
+    if image.shape[0] != cfg.backbone.in_chans:
+        raise ValueError(
+            f"the data has {image.shape[0]} channel(s) but backbone.in_chans={cfg.backbone.in_chans}: "
+            f"set backbone.in_chans={image.shape[0]}"
+        )
+    if min(image.shape[-2:]) < cfg.views.local_size:
+        raise ValueError(
+            f"images of {tuple(image.shape[-2:])} px are smaller than views.local_size={cfg.views.local_size}: "
+            "use smaller views or larger images (data.image_size for folders)"
+        )
+    if cfg.data.subset:
+        dataset = take_subset(dataset, cfg.data.subset)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images): lower it")
+
+    ckpt = None
+    if resume:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume")
+        ckpt = load_checkpoint(found)
+        saved = ckpt["config"]
+        if not cfg.data.mean and saved["data"]["mean"]:
+            cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
+        diff = config_diff(saved, config_to_dict(cfg))
+        if diff:
+            raise CheckpointError(
+                f"cannot resume {found}: config differs in {', '.join(diff)}; use the saved "
+                f"{run_dir / 'config.yaml'} or a new out_dir"
+            )
+    if not cfg.data.mean:
+        cfg.data.mean, cfg.data.std = channel_stats(dataset)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(
+        cfg.head.out_dim, cfg.loss.objective, cfg.loss.lam, cfg.loss.student_temp, cfg.loss.center_momentum
+    ).to(device)
+    opt = torch.optim.AdamW(param_groups(student))
+    sch = make_schedules(cfg, steps_per_epoch)
+    multicrop = MultiCrop(
+        cfg.views.n_global, cfg.views.n_local, cfg.views.global_size, cfg.views.local_size,
+        cfg.views.global_scale, cfg.views.local_scale, flip_p=cfg.views.flip_p,
+    )
+    augment = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    p = cfg.backbone.patch_size
+    grids = [(cfg.views.global_size // p,) * 2] * cfg.views.n_global + [(cfg.views.local_size // p,) * 2] * cfg.views.n_local
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std, device=device).view(1, -1, 1, 1)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    step = 0
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        opt.load_state_dict(ckpt["optimizer"])
+        crit.load_state_dict(ckpt["criterion"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step = int(ckpt["step"])
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    total = cfg.epochs * steps_per_epoch
+    student.train()
+    teacher.train()  # no dropout/BN in the ViT; drop_path is inactive in the copy's eval-free forward
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"pretrain {cfg.loss.objective}", unit="step")
+    pending: list[dict[str, Any]] = []
+    t_last, n_imgs = time.perf_counter(), 0
+    last_ckpt = latest_checkpoint(run_dir) if ckpt is not None else None
+    knn_history: list[dict[str, Any]] = []
+    while step < total:
+        epoch, start = divmod(step, steps_per_epoch)
+        batches = _epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch)[start:]
+        for images, _ in iterate_batches(dataset, batches, cfg.data.num_workers):
+            apply_schedules(opt, sch, step)
+            x = images.to(device, non_blocking=True).float() / 255
+            views = multicrop(x, gen)
+            views = MultiCropViews(
+                (augment(views.global_crops, gen) - mean) / std,
+                (augment(views.local_crops, gen) - mean) / std,
+                views.boxes, views.flips, views.n_global, views.n_local,
+            )
+            terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step])
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {step} (epoch {epoch}): lower optim.lr or raise "
+                    f"loss.teacher_temp; the last good checkpoint is {last_ckpt}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad))
+                if cfg.optim.clip_grad > 0 else float("nan")
+            )
+            opt.step()
+            ema_update(teacher, student, sch.momentum[step])
+            crit.update_centers(t_cls, t_patch)
+            step += 1
+            n_imgs += x.shape[0]
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                ent, ent_mean = _entropies(t_cls, crit.cls_center.center, sch.teacher_temp[step - 1])
+                row = {
+                    "step": step, "epoch": step / steps_per_epoch,
+                    **{k: round(float(v.detach()), 6) for k, v in terms.items()},
+                    "lr": sch.lr[step - 1], "weight_decay": sch.weight_decay[step - 1],
+                    "momentum": sch.momentum[step - 1], "teacher_temp": sch.teacher_temp[step - 1],
+                    "grad_norm": round(grad_norm, 4), "teacher_entropy": round(ent, 4),
+                    "teacher_mean_entropy": round(ent_mean, 4), "images_per_s": round(n_imgs / (now - t_last), 2),
+                }
+                pending.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", n_match=f"{row['n_match']:.1f}")
+                t_last, n_imgs = now, 0
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                _write_metrics(metrics_path, pending)
+                pending = []
+                state = {
+                    "student": student.state_dict(), "teacher": teacher.state_dict(),
+                    "optimizer": opt.state_dict(), "criterion": crit.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "step": step, "epoch": step // steps_per_epoch, "config": config_to_dict(cfg),
+                }
+                last_ckpt = save_checkpoint(state, run_dir, step, cfg.keep_checkpoints)
+                if end_of_epoch and cfg.knn_every_epochs and (step // steps_per_epoch) % cfg.knn_every_epochs == 0 \
+                        and step < total:
+                    res = evaluate_knn_run(teacher.backbone, cfg, progress=False)
+                    knn_history.append({"step": step, "epoch": step // steps_per_epoch, "knn": res})
+                    _write_metrics(run_dir / "knn_history.jsonl", knn_history[-1:])
+            if step >= total:
+                break
+    bar.close()
+    _write_metrics(metrics_path, pending)
+    backbone_path = export_backbone(teacher.backbone, run_dir / "teacher_backbone.safetensors")
+    knn = None
+    if cfg.knn_at_end:
+        knn = evaluate_knn_run(teacher.backbone, cfg, progress=progress)
+        (run_dir / "knn.json").write_text(json.dumps({"step": step, "knn": knn}, indent=2))
+    assert last_ckpt is not None
+    return TrainResult(run_dir, Path(last_ckpt), backbone_path, knn)
+
+
+def evaluate_knn_run(
+    backbone: nn.Module, cfg: TrainConfig, ks: tuple[int, ...] = (10, 20), progress: bool = True
+) -> dict[int, dict[str, float]]:
+    """kNN of a backbone on the configured dataset's train (bank) and test splits."""
+    from pwself.eval import extract_features, knn_classify
+
+    device = next(backbone.parameters()).device
+    train_set, test_set = open_dataset(cfg, "train"), open_dataset(cfg, "test")
+    kw = dict(mean=cfg.data.mean, std=cfg.data.std, size=cfg.views.global_size, device=device, progress=progress,
+              num_workers=cfg.data.num_workers)
+    f_tr, y_tr = extract_features(backbone, train_set, desc="features train", **kw)
+    f_te, y_te = extract_features(backbone, test_set, desc="features test", **kw)
+    ks = tuple(k for k in ks if k <= len(f_tr)) or (len(f_tr),)
+    return knn_classify(f_tr, y_tr, f_te, y_te, ks=ks)
+
+
+def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a checkpoint."""
+    return config_from_dict(ckpt["config"])
