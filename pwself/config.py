@@ -213,6 +213,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(arg, v, key) for v in value]
     if origin in (typing.Union, types.UnionType) or origin is typing.Literal:
         return value
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool):

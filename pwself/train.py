@@ -340,7 +340,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     student.train()
     teacher.train()  # no dropout/BN in the ViT; drop_path is inactive in the copy's eval-free forward
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"pretrain {cfg.loss.objective}", unit="step")
-    pending: list[dict[str, Any]] = []
     t_last, n_imgs = time.perf_counter(), 0
     last_ckpt = latest_checkpoint(run_dir) if ckpt is not None else None
     knn_history: list[dict[str, Any]] = []
@@ -386,13 +385,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                     "grad_norm": round(grad_norm, 4), "teacher_entropy": round(ent, 4),
                     "teacher_mean_entropy": round(ent_mean, 4), "images_per_s": round(n_imgs / (now - t_last), 2),
                 }
-                pending.append(row)
+                _write_metrics(metrics_path, [row])  # a resumed run truncates rows past its checkpoint
                 bar.set_postfix(loss=f"{row['loss']:.3f}", n_match=f"{row['n_match']:.1f}")
                 t_last, n_imgs = now, 0
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
-                _write_metrics(metrics_path, pending)
-                pending = []
                 state = {
                     "student": student.state_dict(), "teacher": teacher.state_dict(),
                     "optimizer": opt.state_dict(), "criterion": crit.state_dict(),
@@ -408,7 +405,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             if step >= total:
                 break
     bar.close()
-    _write_metrics(metrics_path, pending)
     backbone_path = export_backbone(teacher.backbone, run_dir / "teacher_backbone.safetensors")
     knn = None
     if cfg.knn_at_end:

@@ -1,0 +1,59 @@
+"""Photometric augmentation: none is identity, patch mode draws per patch, ops keep pixels in place."""
+
+import pytest
+import torch
+
+from pwself.augment import PhotometricAugment, PhotometricConfig, from_patches, to_patches
+
+OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, noise_p=0.0)
+
+
+def test_patch_roundtrip_and_token_order():
+    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).view(2, 3, 8, 12)
+    p = to_patches(x, 4)
+    assert p.shape == (2 * 2 * 3, 3, 4, 4)
+    torch.testing.assert_close(p[4], x[0, :, 4:8, 4:8])  # token 4 of a 2x3 grid = row 1, col 1
+    torch.testing.assert_close(from_patches(p, 2, 8, 12), x)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_none_is_identity_and_all_off_is_identity(channels):
+    x = torch.rand(3, channels, 8, 8)
+    assert torch.equal(PhotometricAugment(PhotometricConfig(mode="none"), 4)(x), x)
+    for mode in ("image", "patch"):
+        y = PhotometricAugment(PhotometricConfig(mode=mode, **OFF), 4)(x, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(y, x)
+
+
+def test_patch_mode_gives_each_patch_its_own_parameters():
+    x = torch.full((2, 1, 16, 16), 0.5)
+    cfg = PhotometricConfig(mode="patch", **{**OFF, "jitter_p": 1.0}, contrast=0.0)
+    y = PhotometricAugment(cfg, 4)(x, torch.Generator().manual_seed(0))
+    factors = to_patches(y, 4)[:, 0] / 0.5  # brightness only: each patch is uniformly scaled
+    per_patch = factors.flatten(1)
+    assert torch.allclose(per_patch.min(1).values, per_patch.max(1).values)  # uniform inside a patch
+    assert len(torch.unique(per_patch[:, 0])) == 32  # 2 images x 16 patches, all different
+    # Image mode: one factor per view.
+    y_img = PhotometricAugment(PhotometricConfig(mode="image", **{**OFF, "jitter_p": 1.0}, contrast=0.0), 4)(
+        x, torch.Generator().manual_seed(0))
+    assert len(torch.unique(y_img[0])) == 1 and len(torch.unique(y_img[1])) == 1
+
+
+def test_solarize_matches_formula_and_grayscale_rgb():
+    x = torch.rand(4, 3, 8, 8)
+    y = PhotometricAugment(PhotometricConfig(mode="image", **{**OFF, "solarize_p": 1.0}), 4)(x, torch.Generator())
+    torch.testing.assert_close(y, torch.where(x >= 0.5, 1 - x, x))
+    g = PhotometricAugment(PhotometricConfig(mode="image", **{**OFF, "grayscale_p": 1.0}), 4)(x, torch.Generator())
+    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+
+
+def test_all_ops_on_stay_in_range_and_differ_between_patches():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = PhotometricConfig(mode="patch", jitter_p=1.0, grayscale_p=0.5, blur_p=0.5, solarize_p=0.5, noise_p=0.5)
+    y = PhotometricAugment(cfg, 4)(x, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.allclose(y, x)
+
+
+def test_patch_mode_rejects_sizes_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        PhotometricAugment(PhotometricConfig(mode="patch"), 4)(torch.rand(1, 1, 10, 10))

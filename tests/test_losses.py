@@ -1,0 +1,108 @@
+"""Losses against the loop-based reference, gradients, centers and degenerate inputs."""
+
+import pytest
+import torch
+
+from pwself.losses import Center, PatchWiseDistillationLoss, combine_terms, view_pairs
+from pwself.matching import match_views
+from pwself.views import MultiCrop
+
+from reference import reference_loss
+
+
+def _setup(seed, batch=3, n_global=2, n_local=3, k=5):
+    g = torch.Generator().manual_seed(seed)
+    mc = MultiCrop(n_global, n_local, global_size=16, local_size=8, flip_p=0.5)
+    views = mc(torch.rand(batch, 1, 20, 20, generator=g), g)
+    grids = [(4, 4)] * n_global + [(2, 2)] * n_local
+    v = n_global + n_local
+    s_cls = torch.randn(v, batch, k, generator=g, dtype=torch.float64)
+    t_cls = torch.randn(n_global, batch, k, generator=g, dtype=torch.float64)
+    s_patch = [torch.randn(batch, grids[j][0] * grids[j][1], k, generator=g, dtype=torch.float64) for j in range(v)]
+    t_patch = [torch.randn(batch, 16, k, generator=g, dtype=torch.float64) for _ in range(n_global)]
+    return views, grids, s_cls, t_cls, s_patch, t_patch
+
+
+def _library_loss(crit, views, grids, s_cls, t_cls, s_patch, t_patch, t_temp):
+    pairs = view_pairs(views.n_global, views.n_global + views.n_local)
+    t_tok, s_tok, pair_idx, sample = match_views(views.boxes, views.flips, grids, pairs)
+    pi = torch.tensor([i for i, _ in pairs])[pair_idx // views.batch_size]
+    pj = torch.tensor([j for _, j in pairs])[pair_idx // views.batch_size]
+    sp = torch.stack([s_patch[j][b, t] for j, b, t in zip(pj.tolist(), sample.tolist(), s_tok.tolist())]) \
+        if len(s_tok) else torch.zeros(0, s_cls.shape[-1], dtype=s_cls.dtype)
+    tp = torch.stack([t_patch[i][b, t] for i, b, t in zip(pi.tolist(), sample.tolist(), t_tok.tolist())]) \
+        if len(t_tok) else torch.zeros(0, s_cls.shape[-1], dtype=s_cls.dtype)
+    return crit(s_cls, t_cls, pairs, t_temp, sp, tp, pair_idx)
+
+
+@pytest.mark.parametrize("objective,lam", [("dino", 0.5), ("pwml", 0.5), ("pwsl", 0.5), ("pwll", 0.2), ("pwll", 0.9)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_and_gradient_match_reference(objective, lam, seed):
+    views, grids, s_cls, t_cls, s_patch, t_patch = _setup(seed)
+    crit = PatchWiseDistillationLoss(5, objective, lam, student_temp=0.1).double()
+    crit.cls_center.center.normal_(generator=torch.Generator().manual_seed(seed + 10))
+    crit.patch_center.center.normal_(generator=torch.Generator().manual_seed(seed + 20))
+    for x in [s_cls, *s_patch]:
+        x.requires_grad_(True)
+    got = _library_loss(crit, views, grids, s_cls, t_cls, s_patch, t_patch, 0.05)["loss"]
+    got_grads = torch.autograd.grad(got, [s_cls, *s_patch], allow_unused=True, materialize_grads=True)
+    ref = reference_loss(s_cls, t_cls, s_patch, t_patch, views.boxes, views.flips, grids, objective, lam,
+                         crit.cls_center.center[0], crit.patch_center.center[0], 0.05, 0.1)
+    ref_grads = torch.autograd.grad(ref, [s_cls, *s_patch], allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-7)
+    if objective == "dino":
+        assert all(gr.abs().sum() == 0 for gr in got_grads[1:])
+
+
+def test_pair_count_matches_paper():
+    assert len(view_pairs(2, 10)) == 18  # 2 global + 8 local: 2 * 10 - 2
+    assert (0, 0) not in view_pairs(2, 10) and (1, 1) not in view_pairs(2, 10)
+
+
+def test_combine_terms_hand_values():
+    h_cls = torch.tensor([[1.0, 2.0]])
+    s = torch.tensor([[3.0, 0.0]])
+    n = torch.tensor([[2, 0]])
+    assert combine_terms(h_cls, s, n, "dino").item() == pytest.approx(1.5)
+    assert combine_terms(h_cls, s, n, "pwml").item() == pytest.approx(((1 + 3) / 3 + 2) / 2)
+    assert combine_terms(h_cls, s, n, "pwsl").item() == pytest.approx((4 + 2) / 2)
+    assert combine_terms(h_cls, s, n, "pwll", 0.2).item() == pytest.approx((0.2 * 1 + 0.8 * 1.5 + 2) / 2)
+
+
+def test_no_match_gives_finite_loss_with_graph():
+    crit = PatchWiseDistillationLoss(4, "pwml")
+    s = torch.randn(2, 3, 4, requires_grad=True)
+    out = crit(s, torch.randn(1, 3, 4), view_pairs(1, 2), 0.04, torch.zeros(0, 4), torch.zeros(0, 4),
+               torch.zeros(0, dtype=torch.long))
+    assert torch.isfinite(out["loss"]) and out["n_match"] == 0
+    out["loss"].backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_center_ema_and_empty_update():
+    c = Center(3, momentum=0.9)
+    x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    c.update(x)
+    torch.testing.assert_close(c.center, torch.tensor([[0.2, 0.2, 0.2]]))
+    c.update(torch.zeros(0, 3))
+    torch.testing.assert_close(c.center, torch.tensor([[0.2, 0.2, 0.2]]))
+
+
+def test_centers_are_separate_and_explicit():
+    crit = PatchWiseDistillationLoss(3, "pwml", center_momentum=0.5)
+    t_cls, t_patch = torch.ones(2, 4, 3), torch.full((5, 3), 4.0)
+    before = crit.cls_center.center.clone()
+    crit(torch.randn(3, 4, 3), t_cls, view_pairs(2, 3), 0.04)
+    assert torch.equal(crit.cls_center.center, before)  # forward never updates the centers
+    crit.update_centers(t_cls, t_patch)
+    torch.testing.assert_close(crit.cls_center.center, torch.full((1, 3), 0.5))
+    torch.testing.assert_close(crit.patch_center.center, torch.full((1, 3), 2.0))
+
+
+def test_bad_objective_and_lambda():
+    with pytest.raises(ValueError, match="unknown objective"):
+        PatchWiseDistillationLoss(3, "pwxx")
+    with pytest.raises(ValueError, match="lambda"):
+        PatchWiseDistillationLoss(3, "pwll", lam=1.5)

@@ -1,0 +1,106 @@
+"""Model pieces and one full training step against the loop reference."""
+
+import copy
+
+import pytest
+import torch
+
+from pwself.config import TrainConfig, load_config
+from pwself.losses import PatchWiseDistillationLoss
+from pwself.models import ema_update, forward_tokens
+from pwself.train import apply_schedules, build_student, distill_step, make_schedules, param_groups
+from pwself.views import MultiCrop
+
+from reference import reference_loss
+
+
+def tiny_config(**over) -> TrainConfig:
+    items = ["backbone.embed_dim=48", "backbone.depth=2", "backbone.num_heads=3", "backbone.img_size=16",
+             "head.out_dim=7", "head.hidden_dim=32", "head.bottleneck_dim=16", "views.global_size=16",
+             "views.local_size=8", "views.n_local=3"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, items)
+
+
+@pytest.mark.parametrize("objective", ["dino", "pwml", "pwsl", "pwll"])
+def test_distill_step_equals_reference_on_all_tokens(objective):
+    cfg = tiny_config(**{"loss.objective": objective})
+    torch.manual_seed(0)
+    student = build_student(cfg).double()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    for p in teacher.parameters():  # a teacher different from the student
+        p.add_(0.01 * torch.randn_like(p))
+    crit = PatchWiseDistillationLoss(7, objective, lam=0.3).double()
+    crit.patch_center.center.normal_()
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    grids = [(4, 4)] * 2 + [(2, 2)] * 3
+    terms, _, _ = distill_step(student, teacher, crit, views, grids, 0.05)
+
+    # Reference: head on EVERY token, then the loop loss picks what it needs.
+    with torch.no_grad():
+        tg = forward_tokens(teacher.backbone, views.global_crops)
+        t_all = teacher.head(torch.cat([tg.cls[:, None], tg.patches], 1)).view(2, 3, 17, 7)
+        sg = forward_tokens(student.backbone, views.global_crops)
+        sl = forward_tokens(student.backbone, views.local_crops)
+        s_g = student.head(torch.cat([sg.cls[:, None], sg.patches], 1)).view(2, 3, 17, 7)
+        s_l = student.head(torch.cat([sl.cls[:, None], sl.patches], 1)).view(3, 3, 5, 7)
+    s_cls = torch.cat([s_g[:, :, 0], s_l[:, :, 0]])
+    s_patch = [s_g[0, :, 1:], s_g[1, :, 1:]] + [s_l[k, :, 1:] for k in range(3)]
+    ref = reference_loss(s_cls, t_all[:, :, 0], s_patch, [t_all[0, :, 1:], t_all[1, :, 1:]], views.boxes,
+                         views.flips, grids, objective, 0.3, crit.cls_center.center[0], crit.patch_center.center[0],
+                         0.05, 0.1)
+    torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)  # loss runs in fp32
+
+
+def test_one_step_gives_grads_to_every_student_param_and_none_to_teacher():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, "pwml")
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
+    terms, t_cls, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04)
+    assert torch.isfinite(terms["loss"]) and terms["n_match"] > 0
+    terms["loss"].backward()
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(p.grad is None for p in teacher.parameters())
+    assert t_cls.shape == (2, 4, 7) and t_patch is not None and t_patch.shape[1] == 7
+
+
+def test_ema_update_formula():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    s = build_student(cfg)
+    t = copy.deepcopy(s)
+    for p in s.parameters():
+        p.data.add_(1.0)
+    before = [p.clone() for p in t.parameters()]
+    ema_update(t, s, 0.9)
+    for b, tp, sp in zip(before, t.parameters(), s.parameters()):
+        torch.testing.assert_close(tp, 0.9 * b + 0.1 * sp)
+
+
+def test_schedules_and_last_layer_freeze():
+    cfg = tiny_config(**{"epochs": 4, "batch_size": 128, "optim.lr": 1e-3, "optim.warmup_epochs": 1,
+                         "optim.freeze_last_layer_epochs": 1, "loss.warmup_teacher_temp": 0.02,
+                         "loss.teacher_temp": 0.06, "loss.warmup_teacher_temp_epochs": 2})
+    sch = make_schedules(cfg, steps_per_epoch=10)
+    assert len(sch.lr) == 40
+    assert sch.lr[0] == 0 and sch.lr[10] == pytest.approx(1e-3 * 128 / 256)  # peak after warm-up, scaled
+    assert sch.lr[-1] < sch.lr[20] < sch.lr[10]
+    assert sch.teacher_temp[0] == pytest.approx(0.02) and sch.teacher_temp[10] == pytest.approx(0.04)
+    assert sch.teacher_temp[25] == pytest.approx(0.06)
+    assert sch.momentum[0] == pytest.approx(cfg.optim.momentum_teacher) and sch.momentum[-1] > 0.9999
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    opt = torch.optim.AdamW(param_groups(student))
+    apply_schedules(opt, sch, 5)
+    last = [g for g in opt.param_groups if g["last_layer"]]
+    assert last and all(g["lr"] == 0 for g in last)
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if not g["decay"])
+    apply_schedules(opt, sch, 15)
+    assert all(g["lr"] == sch.lr[15] for g in opt.param_groups)
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    grouped = sum(len(g["params"]) for g in opt.param_groups)
+    assert grouped == len(names)
