@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
@@ -34,6 +35,15 @@ def test_smoke_two_epochs_then_resume_is_exact(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] > 0 and r["n_match"] > 0 for r in rows)
     straight = load_checkpoint(out / "checkpoint_00000006.pt")
+    with Image.open(out / "training_curves.png") as im:
+        assert im.size[0] > 500 and im.getextrema() != ((255, 255),) * len(im.getbands())
+    assert "<table>" in (out / "report.html").read_text()
+
+    # eval-knn on the run reproduces the numbers the run printed (same teacher, same features).
+    assert main(["eval-knn", str(out), "--ks", "10,20", "--no-progress", "--output", str(tmp_path / "k.json")]) == 0
+    at_end = json.loads((out / "knn.json").read_text())["knn"]
+    again = json.loads((tmp_path / "k.json").read_text())["knn"]
+    assert again["10"] == at_end["10"] and again["20"] == at_end["20"]
 
     # Simulate a run killed after epoch 1: drop what came later, then resume.
     (out / "checkpoint_00000006.pt").unlink()

@@ -1,0 +1,298 @@
+"""pwself benchmarks: speed and memory as ratios measured in one run on one machine.
+
+    python benchmarks/run.py            # full (about 10 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick    # about 1 minute
+
+Prints a table and writes ``benchmarks/results.json`` (or ``--output``). Targets (issue 6):
+step time pwml/dino <= 1.05; vectorized matching >= 100x the loop and < 2% of a step; patch/image
+photometric augmentation <= 1.3x; loader faster than the model; peak memory pwml/dino <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pwself.augment import PhotometricAugment, PhotometricConfig
+from pwself.config import TrainConfig, apply_overrides
+from pwself.data import iterate_batches, make_synthetic
+from pwself.losses import PatchWiseDistillationLoss, view_pairs
+from pwself.matching import match_pair, match_patches, match_views
+from pwself.models import ema_update
+from pwself.train import build_student, distill_step, param_groups
+from pwself.views import MultiCrop, MultiCropViews, sample_boxes
+
+SMALL = ["views.global_size=28", "views.local_size=16", "views.n_local=6", "backbone.img_size=28",
+         "backbone.in_chans=1", "backbone.embed_dim=128", "backbone.depth=4", "backbone.num_heads=4",
+         "head.out_dim=1024"]
+
+
+def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class StepRunner:
+    """One full training step (views, aug, forward, loss, backward, AdamW, EMA) for a config."""
+
+    def __init__(self, cfg: TrainConfig, batch: int, channels: int = 1, image: int = 28) -> None:
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.student = build_student(cfg)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.crit = PatchWiseDistillationLoss(cfg.head.out_dim, cfg.loss.objective)
+        self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4)
+        v = cfg.views
+        self.mc = MultiCrop(v.n_global, v.n_local, v.global_size, v.local_size)
+        self.aug = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
+        p = cfg.backbone.patch_size
+        self.grids = [(v.global_size // p,) * 2] * v.n_global + [(v.local_size // p,) * 2] * v.n_local
+        self.images = torch.rand(batch, channels, image, image)
+        self.gen = torch.Generator().manual_seed(0)
+        self.match_time = 0.0
+
+    def views(self) -> MultiCropViews:
+        views = self.mc(self.images, self.gen)
+        return MultiCropViews(self.aug(views.global_crops, self.gen), self.aug(views.local_crops, self.gen),
+                              views.boxes, views.flips, views.n_global, views.n_local)
+
+    def step(self) -> None:
+        views = self.views()
+        terms, t_cls, t_patch = distill_step(self.student, self.teacher, self.crit, views, self.grids, 0.04)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.opt.step()
+        ema_update(self.teacher, self.student, 0.996)
+        self.crit.update_centers(t_cls, t_patch)
+
+    def matching_only(self) -> None:
+        v = self.cfg.views
+        views = self.mc(self.images, self.gen)
+        match_views(views.boxes, views.flips, self.grids, view_pairs(v.n_global, v.n_global + v.n_local))
+
+
+def config(objective: str, extra: list[str] = ()) -> TrainConfig:
+    cfg = apply_overrides(TrainConfig(), [*SMALL, f"loss.objective={objective}", *extra])
+    cfg.validate()
+    return cfg
+
+
+def bench_step_ratio(batch: int, repeat: int) -> dict:
+    """1. Step time pwml / dino, interleaved so machine noise hits both alike."""
+    runners = {o: StepRunner(config(o), batch) for o in ("dino", "pwml")}
+    times: dict[str, list[float]] = {o: [] for o in runners}
+    for r in runners.values():
+        r.step()
+    for _ in range(repeat):
+        for o, r in runners.items():
+            t0 = time.perf_counter()
+            r.step()
+            times[o].append(time.perf_counter() - t0)
+    med = {o: statistics.median(t) for o, t in times.items()}
+    match = timeit(runners["pwml"].matching_only, repeat) - timeit(lambda: runners["pwml"].mc(
+        runners["pwml"].images, runners["pwml"].gen), repeat)
+    return {
+        "batch": batch, "dino_step_s": med["dino"], "pwml_step_s": med["pwml"],
+        "ratio_pwml_over_dino": med["pwml"] / med["dino"], "target": "<= 1.05",
+        "matching_s": max(match, 0.0), "matching_share_of_step": max(match, 0.0) / med["pwml"],
+        "images_per_s_pwml": batch / med["pwml"], "images_per_s_dino": batch / med["dino"],
+    }
+
+
+def bench_matching(batch: int, repeat: int) -> dict:
+    """2. match_patches for all 18 pairs of 2 global + 8 local views vs match_pair in a Python loop."""
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.stack([sample_boxes(batch, 256, 256, (0.4, 1.0), (3 / 4, 4 / 3), g) for _ in range(2)]
+                        + [sample_boxes(batch, 256, 256, (0.05, 0.4), (3 / 4, 4 / 3), g) for _ in range(8)])
+    flips = torch.rand(10, batch, generator=g) < 0.5
+    grids = [(14, 14)] * 2 + [(6, 6)] * 8
+    pairs = view_pairs(2, 10)
+
+    def vectorized() -> None:
+        for i, j in pairs:
+            match_patches(boxes[i], flips[i], grids[i], boxes[j], flips[j], grids[j])
+
+    box_list, flip_list = boxes.tolist(), flips.tolist()
+
+    def loop() -> None:
+        for i, j in pairs:
+            for b in range(batch):
+                match_pair(box_list[i][b], flip_list[i][b], grids[i], box_list[j][b], flip_list[j][b], grids[j])
+
+    t_vec = timeit(vectorized, repeat)
+    t_loop = timeit(loop, max(1, repeat // 3))
+    return {"batch": batch, "pairs": len(pairs), "vectorized_s": t_vec, "loop_s": t_loop,
+            "speedup": t_loop / t_vec, "target": ">= 100x"}
+
+
+def bench_augment(batch: int, repeat: int) -> dict:
+    """3. Patch-level vs image-level photometric augmentation on the same views (RGB, 2+6 views)."""
+    x_g = torch.rand(2 * batch, 3, 32, 32)
+    x_l = torch.rand(6 * batch, 3, 16, 16)
+    out = {}
+    for mode in ("image", "patch"):
+        aug = PhotometricAugment(PhotometricConfig(mode=mode), 4)
+        g = torch.Generator().manual_seed(0)
+        out[mode] = timeit(lambda: (aug(x_g, g), aug(x_l, g)), repeat)
+    return {"batch": batch, "image_s": out["image"], "patch_s": out["patch"],
+            "ratio_patch_over_image": out["patch"] / out["image"], "target": "<= 1.3"}
+
+
+def bench_pipeline(batch: int, repeat: int) -> dict:
+    """4. Images/s the data pipeline delivers (slice + views + aug) vs images/s a pwml step consumes."""
+    ds = make_synthetic(batch * (repeat + 1), 28, 1, 10)
+    cfg = config("pwml")
+    runner = StepRunner(cfg, batch)
+    batches = list(torch.arange(len(ds)).split(batch))
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    n = 0
+    for images, _ in iterate_batches(ds, batches):
+        x = images.float() / 255
+        v = runner.mc(x, g)
+        runner.aug(v.global_crops, g)
+        runner.aug(v.local_crops, g)
+        n += len(images)
+    loader_ips = n / (time.perf_counter() - t0)
+    step = timeit(runner.step, repeat)
+    return {"batch": batch, "pipeline_images_per_s": loader_ips, "model_images_per_s": batch / step,
+            "ratio_pipeline_over_model": loader_ips / (batch / step), "target": ">= 1 (loader not the bottleneck)"}
+
+
+def _peak_memory_child(objective: str, batch: int, steps: int) -> None:
+    runner = StepRunner(config(objective), batch)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        runner.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    print(json.dumps({"peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - base) / 1024, "cuda_max_alloc": cuda}))
+
+
+def bench_memory(batch: int, steps: int) -> dict:
+    """5. Peak RSS of a fresh process running pwml vs dino steps (each objective in its own process)."""
+    res = {}
+    for obj in ("dino", "pwml"):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", obj, "--batch", str(batch),
+                              "--steps", str(steps)], capture_output=True, text=True, check=True)
+        res[obj] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"batch": batch, "dino_peak_rss_mb": res["dino"]["peak_rss_mb"], "pwml_peak_rss_mb": res["pwml"]["peak_rss_mb"],
+            "ratio_pwml_over_dino": res["pwml"]["peak_rss_mb"] / res["dino"]["peak_rss_mb"], "target": "<= 1.10"}
+
+
+def bench_scaling(quick: bool) -> dict:
+    """6. ViT-Tiny/Small at 224/96 p16 step times, and matching + patch-aug cost vs batch and locals."""
+    out: dict = {"vit": [], "grid": []}
+    archs = {"vit_tiny": (192, 3), "vit_small": (384, 6)}
+    for name, (dim, heads) in archs.items():
+        if quick and name == "vit_small":
+            continue
+        row = {"arch": name}
+        for obj in ("dino", "pwml"):
+            cfg = config(obj, ["views.global_size=224", "views.local_size=96", "backbone.img_size=224",
+                               "backbone.patch_size=16", "backbone.in_chans=3", f"backbone.embed_dim={dim}",
+                               "backbone.depth=12", f"backbone.num_heads={heads}", "views.n_local=8",
+                               "head.out_dim=65536", "head.hidden_dim=2048", "head.bottleneck_dim=256"])
+            runner = StepRunner(cfg, 4 if quick else 8, channels=3, image=256)
+            row[f"{obj}_step_s"] = timeit(runner.step, 1 if quick else 2)
+        row["ratio_pwml_over_dino"] = row["pwml_step_s"] / row["dino_step_s"]
+        out["vit"].append(row)
+    bs = (32, 128) if quick else (32, 128, 512)
+    for b in bs:
+        for n_loc in (2, 6, 8):
+            mc = MultiCrop(2, n_loc, 32, 16)
+            x = torch.rand(b, 3, 32, 32)
+            g = torch.Generator().manual_seed(0)
+            views = mc(x, g)
+            grids = [(8, 8)] * 2 + [(4, 4)] * n_loc
+            pairs = view_pairs(2, 2 + n_loc)
+            t_match = timeit(lambda: match_views(views.boxes, views.flips, grids, pairs), 3)
+            aug = PhotometricAugment(PhotometricConfig(mode="patch"), 4)
+            t_aug = timeit(lambda: (aug(views.global_crops, g), aug(views.local_crops, g)), 3)
+            out["grid"].append({"batch": b, "n_local": n_loc, "matching_ms": 1e3 * t_match, "patch_aug_ms": 1e3 * t_aug})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about 1 minute")
+    parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _peak_memory_child(args.memory_child, args.batch, args.steps)
+        return
+    q = args.quick
+    results = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine(), "cuda": torch.cuda.is_available()},
+        "quick": q,
+    }
+    steps = [
+        ("step_ratio", lambda: bench_step_ratio(32 if q else 64, 3 if q else 10)),
+        ("matching", lambda: bench_matching(256, 3 if q else 10)),
+        ("augment", lambda: bench_augment(64, 3 if q else 10)),
+        ("pipeline", lambda: bench_pipeline(64, 3 if q else 8)),
+        ("memory", lambda: bench_memory(32 if q else 64, 2 if q else 4)),
+        ("scaling", lambda: bench_scaling(q)),
+    ]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        results[name] = fn()
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    Path(args.output).write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nwrote {args.output}")
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("step time pwml / dino", f"{r['step_ratio']['ratio_pwml_over_dino']:.3f}", "<= 1.05",
+         f"dino {r['step_ratio']['dino_step_s']*1e3:.0f} ms, pwml {r['step_ratio']['pwml_step_s']*1e3:.0f} ms (B={r['step_ratio']['batch']})"),
+        ("matching share of a pwml step", f"{100*r['step_ratio']['matching_share_of_step']:.2f}%", "< 2%", ""),
+        ("matching: loop / vectorized", f"{r['matching']['speedup']:.0f}x", ">= 100x",
+         f"B=256, 18 pairs: {r['matching']['vectorized_s']*1e3:.1f} ms vs {r['matching']['loop_s']*1e3:.0f} ms"),
+        ("photometric patch / image", f"{r['augment']['ratio_patch_over_image']:.2f}", "<= 1.3", ""),
+        ("pipeline / model images/s", f"{r['pipeline']['ratio_pipeline_over_model']:.1f}", ">= 1",
+         f"{r['pipeline']['pipeline_images_per_s']:.0f} vs {r['pipeline']['model_images_per_s']:.0f} img/s"),
+        ("peak RSS pwml / dino", f"{r['memory']['ratio_pwml_over_dino']:.3f}", "<= 1.10",
+         f"{r['memory']['dino_peak_rss_mb']:.0f} vs {r['memory']['pwml_peak_rss_mb']:.0f} MB"),
+    ]
+    for v in r["scaling"]["vit"]:
+        rows.append((f"{v['arch']} 224/96 p16 pwml / dino", f"{v['ratio_pwml_over_dino']:.3f}", "<= 1.05",
+                     f"dino {v['dino_step_s']:.2f} s, pwml {v['pwml_step_s']:.2f} s"))
+    w = [max(len(str(x[i])) for x in rows) for i in range(4)]
+    header = ("benchmark", "value", "target", "detail")
+    w = [max(a, len(b)) for a, b in zip(w, header)]
+    print(" | ".join(h.ljust(n) for h, n in zip(header, w)))
+    print("-|-".join("-" * n for n in w))
+    for row in rows:
+        print(" | ".join(str(c).ljust(n) for c, n in zip(row, w)))
+    print("\nmatching / patch-aug cost by batch and local views:")
+    print("batch | locals | matching ms | patch aug ms")
+    for g in r["scaling"]["grid"]:
+        print(f"{g['batch']:5d} | {g['n_local']:6d} | {g['matching_ms']:11.2f} | {g['patch_aug_ms']:12.2f}")
+
+
+if __name__ == "__main__":
+    main()
