@@ -123,8 +123,8 @@ def distill_step(
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
     """Forward both networks on the views and compute the loss.
 
-    The head runs only on the tokens the loss uses: CLS tokens, and for patch objectives the matched
-    patch tokens (gathered before the head, as dinov2 does for iBOT).
+    The head runs only on the tokens the loss uses: CLS tokens, and for patch objectives each matched
+    patch token once (gathered before the head, as dinov2 does for iBOT), however many pairs use it.
 
     Returns:
         ``(terms, teacher CLS logits [G, B, K], teacher logits of matched patch tokens [N, K] or None)``;
@@ -139,46 +139,37 @@ def distill_step(
     s_g = forward_tokens(student.backbone, views.global_crops)
     s_l = forward_tokens(student.backbone, views.local_crops) if n_loc else None
 
-    student_tokens = [s_g.cls] + ([s_l.cls] if s_l is not None else [])
-    teacher_tokens = [t.cls]
-    n_patch = 0
-    if criterion.uses_patches:
-        t_tok, s_tok, pair_idx, sample = match_views(views.boxes, views.flips, grids, pairs)
-        dev = views.global_crops.device
-        t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in (t_tok, s_tok, pair_idx, sample))
-        pair_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_idx // b]
-        pair_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
-        # Global student views first, then local ones; the loss sums by pair index, so order is free.
-        order = torch.cat([(pair_s < g).nonzero()[:, 0], (pair_s >= g).nonzero()[:, 0]])
-        t_tok, s_tok, pair_idx, sample, pair_t, pair_s = (
-            x[order] for x in (t_tok, s_tok, pair_idx, sample, pair_t, pair_s)
-        )
-        is_g = pair_s < g
-        d = t.patches.shape[-1]
-        teacher_tokens.append(t.patches.view(g, b, -1, d)[pair_t, sample, t_tok])
-        student_tokens.append(s_g.patches.view(g, b, -1, d)[pair_s[is_g], sample[is_g], s_tok[is_g]])
-        if s_l is not None:
-            loc = ~is_g
-            student_tokens.append(s_l.patches.view(n_loc, b, -1, d)[pair_s[loc] - g, sample[loc], s_tok[loc]])
-        n_patch = len(t_tok)
+    s_cls_tokens = torch.cat([s_g.cls] + ([s_l.cls] if s_l is not None else []))
+    if not criterion.uses_patches:
+        s_cls = student.head(s_cls_tokens).unflatten(0, (n_views, b))
+        with torch.no_grad():
+            t_cls = teacher.head(t.cls).unflatten(0, (g, b))
+        return criterion(s_cls, t_cls, pairs, teacher_temp), t_cls, None
 
-    # One head call per network over CLS + matched patch tokens.
-    s_out = student.head(torch.cat(student_tokens))
+    dev = views.global_crops.device
+    t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in match_views(views.boxes, views.flips, grids, pairs))
+    view_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_idx // b]
+    view_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
+    # Every patch token of a network gets one flat key; a token matched in several pairs (a local view
+    # seen by both teachers) goes through the head once: unique keys, then expand with the inverse.
+    s_patches = [s_g.patches.flatten(0, 1)] + ([s_l.patches.flatten(0, 1)] if s_l is not None else [])
+    tokens_per_view = torch.tensor([s_g.patches.shape[1]] * g + ([s_l.patches.shape[1]] * n_loc if n_loc else []),
+                                   device=dev)
+    view_offset = torch.cumsum(tokens_per_view * b, 0) - tokens_per_view * b
+    s_key = view_offset[view_s] + sample * tokens_per_view[view_s] + s_tok
+    t_key = (view_t * b + sample) * t.patches.shape[1] + t_tok
+    s_unique, s_inverse = torch.unique(s_key, return_inverse=True)
+    t_unique, t_inverse = torch.unique(t_key, return_inverse=True)
+
+    # One head call per network over CLS + the unique matched patch tokens (gathered before the head).
+    n_s_cls = n_views * b
+    s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
     with torch.no_grad():
-        t_out = teacher.head(torch.cat(teacher_tokens))
-    k = s_out.shape[-1]
-    s_cls, s_patch = s_out[: n_views * b].view(n_views, b, k), s_out[n_views * b :]
-    t_cls, t_patch = t_out[: g * b].view(g, b, k), t_out[g * b :]
-    terms = criterion(
-        s_cls,
-        t_cls,
-        pairs,
-        teacher_temp,
-        s_patch if n_patch else None,
-        t_patch if n_patch else None,
-        pair_idx if n_patch else None,
-    )
-    return terms, t_cls, (t_patch if n_patch else None)
+        t_out = teacher.head(torch.cat([t.cls, t.patches.flatten(0, 1)[t_unique]]))
+    s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:][s_inverse]
+    t_cls, t_patch = t_out[: g * b].unflatten(0, (g, b)), t_out[g * b :][t_inverse]
+    terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_patch, pair_idx)
+    return terms, t_cls, t_patch
 
 
 @dataclass
