@@ -1,4 +1,4 @@
-"""Command line: ``pwself pretrain``, ``pwself eval-knn``, ``pwself report``.
+"""Command line: ``pwself pretrain``, ``eval-knn``, ``viz-matches``, ``viz-attention``, ``export``, ``report``.
 
 The only module that reads config files; everything else takes typed arguments.
 """
@@ -59,6 +59,29 @@ def _add_eval_knn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_viz(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("viz-matches", help="draw two views of each image and their matched patches (paper Fig. 2)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out-dir", default="viz_matches", help="where the PNGs go")
+    p.add_argument("--size", type=int, default=64, help="side the image is resized to first (default 64)")
+    p.add_argument("--global-size", type=int, default=48, help="global view side (default 48)")
+    p.add_argument("--local-size", type=int, default=24, help="local view side (default 24)")
+    p.add_argument("--patch-size", type=int, default=8, help="patch side (default 8)")
+    p.add_argument("--photometric", default="patch", choices=["patch", "image", "none"])
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("viz-attention", help="last-layer CLS attention per head and a patch-feature PCA map")
+    p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out-dir", default="viz_attention", help="where the PNGs go")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the teacher backbone with timm key names (safetensors or .pth)")
+    p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "timm"])
+    p.add_argument("--output", help="output file (default: beside the checkpoint)")
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the HTML/Markdown report of a run directory")
     p.add_argument("run_dir", help="run directory of pwself pretrain")
@@ -116,6 +139,93 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_images(paths: list[str], size: int, channels: int) -> list:
+    from pwself.data.datasets import DatasetError, _decode
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise DatasetError(f"image {p} does not exist: check the path")
+        try:
+            out.append(_decode(Path(p), size, channels).float() / 255)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            raise DatasetError(f"cannot read image {p} ({type(e).__name__}): is it a valid image file?") from e
+    return out
+
+
+def _save_grid(pngs: list[Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(pngs), figsize=(5 * len(pngs), 5), squeeze=False)
+    for ax, png in zip(axes[0], pngs):
+        ax.imshow(plt.imread(png))
+        ax.set_title(png.stem, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_viz_matches(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from pwself.viz import draw_matches
+
+    for name, v in (("--global-size", args.global_size), ("--local-size", args.local_size)):
+        if v % args.patch_size:
+            raise ValueError(f"{name} {v} is not a multiple of --patch-size {args.patch_size}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for path, img in zip(args.images, _read_images(args.images, args.size, 3)):
+        png = out / f"{Path(path).stem}_matches.png"
+        fig = draw_matches(img, args.patch_size, args.global_size, args.local_size, args.seed, args.photometric, png,
+                           title=Path(path).name)
+        plt.close(fig)
+        pngs.append(png)
+    _save_grid(pngs, out / "grid.png")
+    print(f"wrote {len(pngs)} PNGs and {out / 'grid.png'}")
+    return 0
+
+
+def cmd_viz_attention(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from pwself.checkpoint import load_checkpoint
+    from pwself.export import teacher_backbone
+    from pwself.train import config_of_checkpoint
+    from pwself.viz import draw_attention
+
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = config_of_checkpoint(ckpt)
+    backbone = teacher_backbone(ckpt)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    size = cfg.views.global_size
+    for path, img in zip(args.images, _read_images(args.images, size, cfg.backbone.in_chans)):
+        png = out / f"{Path(path).stem}_attention.png"
+        plt.close(draw_attention(backbone, img, cfg.data.mean, cfg.data.std, size, png, title=Path(path).name))
+        pngs.append(png)
+    _save_grid(pngs, out / "grid.png")
+    print(f"wrote {len(pngs)} PNGs and {out / 'grid.png'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pwself.export import export_checkpoint
+
+    default = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    output = args.output or default / ("teacher_backbone.safetensors" if args.format == "safetensors"
+                                       else "teacher_backbone_timm.pth")
+    path, code = export_checkpoint(args.checkpoint, output, args.format)
+    print(f"wrote {path}\nload it with:\n  import timm\n  model = {code}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pwself.viz import write_report
 
@@ -131,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_eval_knn(sub)
+    _add_viz(sub)
+    _add_export(sub)
     _add_report(sub)
     args = parser.parse_args(argv)
-    handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval_knn, "report": cmd_report}
+    handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval_knn, "report": cmd_report,
+                "viz-matches": cmd_viz_matches, "viz-attention": cmd_viz_attention, "export": cmd_export}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

@@ -74,6 +74,35 @@ def knn_markdown(knn: dict[Any, dict[str, float]], label: str = "model") -> str:
     return "\n".join(lines)
 
 
+def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple[list[tuple[str, Path]], str]:
+    """Match and attention figures on a few images of the run's data; a note instead if that fails."""
+    import matplotlib.pyplot as plt
+
+    try:
+        from pwself.config import config_from_dict
+        from pwself.export import load
+        from pwself.train import open_dataset
+
+        tc = config_from_dict(cfg)
+        dataset = open_dataset(tc, "train")
+        images = [dataset[i][0].float() / 255 for i in range(min(n_images, len(dataset)))]
+        p, v = tc.backbone.patch_size, tc.views
+        figs = []
+        for k, img in enumerate(images):
+            out = run_dir / f"matches_{k}.png"
+            plt.close(draw_matches(img, p, v.global_size, v.local_size, seed=k, photometric=tc.photometric.mode,
+                                   path=out))
+            figs.append((f"patch matches, image {k} (global vs local view)", out))
+        backbone = load(run_dir)
+        for k, img in enumerate(images):
+            out = run_dir / f"attention_{k}.png"
+            plt.close(draw_attention(backbone, img, tc.data.mean, tc.data.std, v.global_size, out))
+            figs.append((f"teacher CLS attention and patch PCA, image {k}", out))
+        return figs, ""
+    except Exception as e:  # noqa: BLE001 - the report must not fail because a figure did
+        return [], f"(figures skipped: {type(e).__name__}: {e})"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``training_curves.png``, ``report.md`` and a self-contained ``report.html`` for a run.
 
@@ -103,9 +132,16 @@ def write_report(run_dir: str | Path) -> Path:
                for h in history]
         md.append("")
     md += ["![training curves](training_curves.png)", ""]
+    figures, figure_note = _run_figures(run_dir, cfg)
+    md += [f"![{name}]({png.name})" for name, png in figures] + ([figure_note] if figure_note else [])
     (run_dir / "report.md").write_text("\n".join(md))
 
     img = base64.b64encode(png.read_bytes()).decode()
+    figure_html = "".join(
+        f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' style='max-width:100%' "
+        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        for name, p in figures
+    ) + (f"<p>{html.escape(figure_note)}</p>" if figure_note else "")
     table = ""
     if knn:
         cells = "".join(
@@ -118,7 +154,172 @@ def write_report(run_dir: str | Path) -> Path:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style></head>
 <body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(md[2])}</p>{table}
 <h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{img}" style="max-width:100%">
-<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
+{figure_html}<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
     out = run_dir / "report.html"
     out.write_text(page)
     return out
+
+
+def _as_display(img: "torch.Tensor") -> "np.ndarray":  # noqa: F821
+    """``[C, H, W]`` float in [0, 1] -> HxW or HxWx3 numpy for imshow."""
+    x = img.detach().cpu().clamp(0, 1)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def draw_matches(
+    image: "torch.Tensor",  # noqa: F821
+    patch_size: int,
+    global_size: int,
+    local_size: int,
+    seed: int = 0,
+    photometric: str = "patch",
+    path: str | Path | None = None,
+    title: str = "",
+):  # noqa: ANN201 - returns a matplotlib Figure
+    """Figure 2 of the paper for one image: a global and a local view, their patch grids, matched pairs.
+
+    Row 1: original image with both crop boxes; row 2: the two views after crop/flip with grid lines
+    and lines joining matched patch centres (one colour per pair); row 3: the same views after
+    photometric augmentation (``photometric`` mode).
+
+    Args:
+        image: ``[C, H, W]`` float image in ``[0, 1]``.
+        patch_size: Patch side ``p``.
+        global_size: Global view side (multiple of ``p``).
+        local_size: Local view side (multiple of ``p``).
+        seed: Seed of the crops and augmentation.
+        photometric: ``patch``, ``image`` or ``none``.
+        path: Where to save the PNG (optional).
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from matplotlib.patches import ConnectionPatch, Rectangle
+
+    from pwself.augment import PhotometricAugment, PhotometricConfig
+    from pwself.matching import match_pair
+    from pwself.views import MultiCrop
+
+    gen = torch.Generator().manual_seed(seed)
+    views = MultiCrop(1, 1, global_size, local_size)(image[None].float(), gen)
+    aug = PhotometricAugment(PhotometricConfig(mode=photometric), patch_size)
+    crops = [views.global_crops[0], views.local_crops[0]]
+    augmented = [aug(c[None], gen)[0] for c in crops]
+    sizes = [global_size, local_size]
+    grids = [(s // patch_size, s // patch_size) for s in sizes]
+    boxes = [views.boxes[v, 0].tolist() for v in range(2)]
+    flips = [bool(views.flips[v, 0]) for v in range(2)]
+    pairs = match_pair(boxes[0], flips[0], grids[0], boxes[1], flips[1], grids[1])
+
+    fig = plt.figure(figsize=(9, 9))
+    gs = fig.add_gridspec(3, 2)
+    ax0 = fig.add_subplot(gs[0, :])
+    ax0.imshow(_as_display(image), cmap="gray", vmin=0, vmax=1)
+    for box, color, name in zip(boxes, ("gold", "deepskyblue"), ("global", "local")):
+        x0, y0, x1, y1 = box
+        ax0.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=color, lw=2, label=name))
+    ax0.legend(loc="upper right", fontsize=8)
+    ax0.set_title(f"original, crop boxes; {len(pairs)} matched patch pairs")
+    ax0.axis("off")
+    cmap = plt.get_cmap("hsv")
+    for row, imgs, label in ((1, crops, "after crop/flip"), (2, augmented, f"after {photometric} photometric aug")):
+        axes = [fig.add_subplot(gs[row, c]) for c in range(2)]
+        for ax, img, size, grid, flip, name in zip(axes, imgs, sizes, grids, flips, ("global", "local")):
+            ax.imshow(_as_display(img), cmap="gray", vmin=0, vmax=1)
+            for k in range(1, grid[0]):
+                ax.axhline(k * patch_size - 0.5, color="white", lw=0.4, alpha=0.6)
+                ax.axvline(k * patch_size - 0.5, color="white", lw=0.4, alpha=0.6)
+            ax.set_title(f"{name} view {label}{' (flipped)' if flip else ''}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for n, (ta, tb) in enumerate(pairs):
+            (ra, ca), (rb, cb) = divmod(ta, grids[0][1]), divmod(tb, grids[1][1])
+            pa = ((ca + 0.5) * patch_size - 0.5, (ra + 0.5) * patch_size - 0.5)
+            pb = ((cb + 0.5) * patch_size - 0.5, (rb + 0.5) * patch_size - 0.5)
+            color = cmap(n / max(len(pairs), 1))
+            fig.add_artist(ConnectionPatch(pa, pb, "data", "data", axesA=axes[0], axesB=axes[1], color=color, lw=0.8))
+            axes[0].plot(*pa, "o", ms=2.5, color=color)
+            axes[1].plot(*pb, "o", ms=2.5, color=color)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def cls_attention(backbone: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """Last-block CLS-to-patch attention of a timm ViT: ``[B, heads, rows, cols]``."""
+    import torch
+
+    block = backbone.blocks[-1]
+    captured = {}
+    handle = block.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    with torch.no_grad():
+        backbone.forward_features(x)
+        handle.remove()
+        h = captured["x"]
+        attn = block.attn
+        b, n, d = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, heads, N, N]
+    p = backbone.patch_embed.patch_size[0]
+    rows, cols = x.shape[-2] // p, x.shape[-1] // p
+    return a[:, :, 0, backbone.num_prefix_tokens :].reshape(b, attn.num_heads, rows, cols)
+
+
+def patch_pca_rgb(tokens: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """First 3 principal components of ``[T, D]`` patch tokens, min-max scaled to ``[0, 1]``: ``[T, 3]``."""
+    import torch
+
+    x = tokens.float() - tokens.float().mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    comp = x @ v[:3].T
+    if comp.shape[1] < 3:
+        comp = torch.cat([comp, comp.new_zeros(comp.shape[0], 3 - comp.shape[1])], 1)
+    lo, hi = comp.min(0).values, comp.max(0).values
+    return (comp - lo) / (hi - lo).clamp(min=1e-8)
+
+
+def draw_attention(backbone, image, mean, std, size, path=None, title=""):  # noqa: ANN001, ANN201
+    """Per-head last-layer CLS attention maps over the image and a PCA-of-patch-features RGB map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    from pwself.models import forward_tokens
+
+    x = image[None].float()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    xn = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    backbone.eval()
+    att = cls_attention(backbone, xn)[0]
+    with torch.inference_mode():
+        tok = forward_tokens(backbone, xn)
+    rows, cols = tok.grid
+    pca = patch_pca_rgb(tok.patches[0]).reshape(rows, cols, 3)
+    heads = att.shape[0]
+    fig, axes = plt.subplots(1, heads + 2, figsize=(2.2 * (heads + 2), 2.6))
+    axes[0].imshow(_as_display(x[0]), cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("image", fontsize=8)
+    for hd in range(heads):
+        axes[hd + 1].imshow(att[hd].numpy(), cmap="inferno", extent=(0, size, size, 0))
+        axes[hd + 1].set_title(f"head {hd}", fontsize=8)
+    axes[-1].imshow(pca.numpy(), extent=(0, size, size, 0))
+    axes[-1].set_title("patch PCA", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

@@ -1,0 +1,95 @@
+"""Figures, report and export on a tiny checkpoint: decodable PNG/HTML, timm round trip to 1e-5."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import pwself
+from pwself.cli import main
+from pwself.export import export_checkpoint
+from pwself.viz import cls_attention, patch_pca_rgb
+
+from test_cli import TINY
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["pretrain", "--out-dir", str(out), "--epochs", "1", "--batch-size", "32", "--no-progress", *TINY,
+                 "knn_at_end=false"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for k in range(2):
+        arr = (torch.rand(40, 50, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"img{k}.png")
+        paths.append(str(d / f"img{k}.png"))
+    return paths
+
+
+def _decodable_png(path):
+    with Image.open(path) as im:
+        im.load()
+        assert im.size[0] > 100 and im.size[1] > 100
+        assert len(np.unique(np.asarray(im.convert("L")))) > 10  # not a blank canvas
+
+
+@pytest.mark.parametrize("fmt,suffix", [("safetensors", ".safetensors"), ("timm", ".pth")])
+def test_export_loads_in_timm_with_identical_features(run_dir, tmp_path, fmt, suffix):
+    path, code = export_checkpoint(run_dir, tmp_path / f"bb{suffix}", fmt)
+    assert "pretrained_cfg_overlay" in code
+    cfg_kwargs = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0,
+                      num_classes=0, dynamic_img_size=True)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **cfg_kwargs)  # strict loading: a missing or unexpected key raises
+    ours = pwself.load(run_dir)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().forward_features(x), ours.forward_features(x), rtol=0, atol=1e-5)
+
+
+def test_report_html_and_figures(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 7  # curves + 3 match + 3 attention figures
+    for name in ("training_curves.png", "matches_0.png", "attention_0.png"):
+        _decodable_png(run_dir / name)
+
+
+def test_viz_matches_and_attention_cli(run_dir, image_files, tmp_path):
+    assert main(["viz-matches", *image_files, "--out-dir", str(tmp_path / "m")]) == 0
+    for name in ("img0_matches.png", "img1_matches.png", "grid.png"):
+        _decodable_png(tmp_path / "m" / name)
+    assert main(["viz-attention", str(run_dir), *image_files, "--out-dir", str(tmp_path / "a")]) == 0
+    for name in ("img0_attention.png", "grid.png"):
+        _decodable_png(tmp_path / "a" / name)
+
+
+def test_viz_bad_input_one_line(tmp_path, capsys):
+    assert main(["viz-matches", str(tmp_path / "nope.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["viz-matches", str(tmp_path / "bad.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["viz-matches", str(tmp_path / "bad.png"), "--global-size", "50"]) == 2
+    assert "not a multiple of --patch-size" in capsys.readouterr().err
+
+
+def test_attention_rows_are_distributions_and_pca_range(run_dir):
+    model = pwself.load(run_dir)
+    x = torch.randn(2, 1, 16, 16)
+    att = cls_attention(model, x)
+    assert att.shape == (2, 2, 4, 4)
+    # CLS attention over patches is the softmax row minus the CLS->CLS weight: sums to < 1, > 0.
+    s = att.sum((-2, -1))
+    assert (s > 0).all() and (s < 1).all()
+    rgb = patch_pca_rgb(torch.randn(16, 32))
+    assert rgb.shape == (16, 3) and rgb.min() == 0 and rgb.max() == 1
