@@ -152,6 +152,8 @@ class PatchWiseDistillationLoss(nn.Module):
         student_patch: Tensor | None = None,
         teacher_patch: Tensor | None = None,
         patch_pair_index: Tensor | None = None,
+        student_patch_index: Tensor | None = None,
+        teacher_patch_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss and its terms.
 
@@ -160,9 +162,13 @@ class PatchWiseDistillationLoss(nn.Module):
             teacher_cls: ``[G, B, K]`` teacher CLS logits of the global views.
             pairs: The ``P`` (teacher view, student view) pairs, e.g. :func:`view_pairs`.
             teacher_temp: Teacher temperature for this step.
-            student_patch: ``[N, K]`` student logits of matched patch tokens, flat over all pairs.
-            teacher_patch: ``[N, K]`` teacher logits of the matching teacher patch tokens.
+            student_patch: ``[Us, K]`` student logits of matched patch tokens: one row per matched pair
+                (``Us = N``), or one per distinct token with ``student_patch_index`` mapping pairs to rows.
+            teacher_patch: ``[Ut, K]`` teacher logits of the matching teacher patch tokens, likewise.
             patch_pair_index: ``[N]`` long, ``p * B + b`` for each matched patch pair.
+            student_patch_index: ``[N]`` long row of ``student_patch`` for each matched pair (default:
+                row ``n`` for pair ``n``). Softmaxes then run once per distinct token.
+            teacher_patch_index: ``[N]`` long row of ``teacher_patch`` for each matched pair.
 
         Returns:
             ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over
@@ -179,8 +185,13 @@ class PatchWiseDistillationLoss(nn.Module):
         n_patch = torch.zeros(n_pairs * batch, dtype=torch.long, device=h_cls.device)
         if self.uses_patches and student_patch is not None and student_patch.shape[0] > 0:
             assert teacher_patch is not None and patch_pair_index is not None
-            t_patch = self.teacher_probs(teacher_patch, self.patch_center, teacher_temp)
-            h_patch = soft_cross_entropy(t_patch, student_patch, self.student_temp)  # [N]
+            t_probs_patch = self.teacher_probs(teacher_patch, self.patch_center, teacher_temp)
+            log_p = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
+            if teacher_patch_index is not None:
+                t_probs_patch = t_probs_patch[teacher_patch_index]
+            if student_patch_index is not None:
+                log_p = log_p[student_patch_index]
+            h_patch = -(t_probs_patch.float() * log_p).sum(-1)  # [N]
             patch_sum = patch_sum.index_add(0, patch_pair_index, h_patch)
             n_patch = torch.bincount(patch_pair_index, minlength=n_pairs * batch)
         patch_sum, n_patch = patch_sum.view(n_pairs, batch), n_patch.view(n_pairs, batch)
@@ -198,7 +209,7 @@ class PatchWiseDistillationLoss(nn.Module):
     @torch.no_grad()
     def update_centers(self, teacher_cls: Tensor, teacher_patch: Tensor | None = None) -> None:
         """EMA-update the CLS center from ``[..., K]`` teacher CLS logits and the patch center from the
-        ``[N, K]`` teacher logits of the patch tokens that entered the loss."""
+        ``[U, K]`` teacher logits of the patch tokens that entered the loss (each token once)."""
         self.cls_center.update(teacher_cls.reshape(-1, teacher_cls.shape[-1]))
         if self.uses_patches and teacher_patch is not None:
             self.patch_center.update(teacher_patch)

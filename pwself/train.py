@@ -127,7 +127,8 @@ def distill_step(
     patch token once (gathered before the head, as dinov2 does for iBOT), however many pairs use it.
 
     Returns:
-        ``(terms, teacher CLS logits [G, B, K], teacher logits of matched patch tokens [N, K] or None)``;
+        ``(terms, teacher CLS logits [G, B, K], teacher logits [U, K] of the distinct matched teacher patch
+        tokens, or None)``;
         ``terms["loss"]`` carries the graph.
     """
     g, n_loc, b = views.n_global, views.n_local, views.batch_size
@@ -166,9 +167,9 @@ def distill_step(
     s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
     with torch.no_grad():
         t_out = teacher.head(torch.cat([t.cls, t.patches.flatten(0, 1)[t_unique]]))
-    s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:][s_inverse]
-    t_cls, t_patch = t_out[: g * b].unflatten(0, (g, b)), t_out[g * b :][t_inverse]
-    terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_patch, pair_idx)
+    s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:]
+    t_cls, t_patch = t_out[: g * b].unflatten(0, (g, b)), t_out[g * b :]
+    terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_patch, pair_idx, s_inverse, t_inverse)
     return terms, t_cls, t_patch
 
 

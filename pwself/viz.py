@@ -121,8 +121,9 @@ def write_report(run_dir: str | Path) -> Path:
     history = read_metrics(run_dir / "knn_history.jsonl")
 
     md = [f"# pwself run `{run_dir}`", ""]
-    md.append(f"objective **{objective}**, {rows[-1]['step'] if rows else 0} steps, "
-              f"final loss {rows[-1]['loss']:.4f}" if rows else "no metrics logged")
+    summary = (f"objective {objective}, {rows[-1]['step']} steps, final loss {rows[-1]['loss']:.4f}"
+               if rows else "no metrics logged")
+    md.append(summary)
     md.append("")
     if knn:
         md += ["## kNN on frozen teacher CLS features (weighted, T = 0.07)", "", knn_markdown(knn, objective), ""]
@@ -152,7 +153,7 @@ def write_report(run_dir: str | Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pwself report {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style></head>
-<body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(md[2])}</p>{table}
+<body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(summary)}</p>{table}
 <h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{img}" style="max-width:100%">
 {figure_html}<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
     out = run_dir / "report.html"
