@@ -120,6 +120,7 @@ class OptimConfig:
         clip_grad: Max gradient norm (0: off).
         freeze_last_layer_epochs: Epochs during which the head's last layer does not learn.
         momentum_teacher: EMA momentum at the start (cosine to 1).
+        max_nonfinite_steps: Non-finite losses in a row that are skipped before the run stops.
     """
 
     lr: float = 5e-4
@@ -130,6 +131,7 @@ class OptimConfig:
     clip_grad: float = 3.0
     freeze_last_layer_epochs: float = 1.0
     momentum_teacher: float = 0.996
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -148,6 +150,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/pwself"
     device: str = "cpu"
+    precision: str = "fp32"
     log_every: int = 10
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
@@ -174,6 +177,8 @@ class TrainConfig:
             raise ConfigError(f"photometric.mode={self.photometric.mode!r}: use image, patch or none")
         if self.data.kind not in ("idx", "cifar", "folder", "synthetic"):
             raise ConfigError(f"data.kind={self.data.kind!r}: use idx, cifar, folder or synthetic")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 (CPU or CUDA) or fp16 (CUDA)")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be at least 1")
         if self.backbone.embed_dim % self.backbone.num_heads:
@@ -287,7 +292,8 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 # Keys that may change between a checkpoint and its resumption without changing what is learned.
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
-                    "knn_every_epochs", "epochs", "data.num_workers", "data.root", "data.on_bad_image")
+                    "knn_every_epochs", "epochs", "data.num_workers", "data.root", "data.on_bad_image",
+                    "optim.max_nonfinite_steps")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

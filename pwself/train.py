@@ -315,12 +315,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     std = torch.tensor(cfg.data.std, device=device).view(1, -1, 1, 1)
     metrics_path = run_dir / "metrics.jsonl"
 
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision=fp16 needs a CUDA device: use precision=bf16 on CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    n_skipped, bad_in_a_row = 0, 0
+
     step = 0
     if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         opt.load_state_dict(ckpt["optimizer"])
         crit.load_state_dict(ckpt["criterion"])
+        scaler.load_state_dict(ckpt["scaler"])
+        n_skipped = int(ckpt.get("skipped_steps", 0))
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = int(ckpt["step"])
@@ -347,22 +355,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 (augment(views.local_crops, gen) - mean) / std,
                 views.boxes, views.flips, views.n_global, views.n_local,
             )
-            terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step])
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step])
             loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step} (epoch {epoch}): lower optim.lr or raise "
-                    f"loss.teacher_temp; the last good checkpoint is {last_ckpt}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad))
-                if cfg.optim.clip_grad > 0 else float("nan")
-            )
-            opt.step()
-            ema_update(teacher, student, sch.momentum[step])
-            crit.update_centers(t_cls, t_patch)
+            grad_norm = float("nan")
+            if torch.isfinite(loss):
+                bad_in_a_row = 0
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                if cfg.optim.clip_grad > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad))
+                scaler.step(opt)
+                scaler.update()
+                ema_update(teacher, student, sch.momentum[step])
+                crit.update_centers(t_cls, t_patch)
+            else:
+                # Skip the update (no backward, no EMA, no centers); stop when it keeps happening.
+                n_skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row > cfg.optim.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} for {bad_in_a_row} steps in a row (step {step}, epoch {epoch}): "
+                        f"lower optim.lr or raise loss.teacher_temp; the last good checkpoint is {last_ckpt}"
+                    )
             step += 1
             n_imgs += x.shape[0]
             bar.update(1)
@@ -374,7 +390,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                     **{k: round(float(v.detach()), 6) for k, v in terms.items()},
                     "lr": sch.lr[step - 1], "weight_decay": sch.weight_decay[step - 1],
                     "momentum": sch.momentum[step - 1], "teacher_temp": sch.teacher_temp[step - 1],
-                    "grad_norm": round(grad_norm, 4), "teacher_entropy": round(ent, 4),
+                    "grad_norm": round(grad_norm, 4), "skipped_steps": n_skipped, "teacher_entropy": round(ent, 4),
                     "teacher_mean_entropy": round(ent_mean, 4), "images_per_s": round(n_imgs / (now - t_last), 2),
                 }
                 _write_metrics(metrics_path, [row])  # a resumed run truncates rows past its checkpoint
@@ -384,7 +400,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             if end_of_epoch or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 state = {
                     "student": student.state_dict(), "teacher": teacher.state_dict(),
-                    "optimizer": opt.state_dict(), "criterion": crit.state_dict(),
+                    "optimizer": opt.state_dict(), "criterion": crit.state_dict(), "scaler": scaler.state_dict(),
+                    "skipped_steps": n_skipped,
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                     "step": step, "epoch": step // steps_per_epoch, "config": config_to_dict(cfg),
                 }

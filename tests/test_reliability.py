@@ -1,0 +1,70 @@
+"""Non-finite losses are skipped, then stop the run with the last good checkpoint intact; bf16 on CPU."""
+
+import json
+
+import pytest
+import torch
+
+import pwself.train as train_mod
+from pwself.checkpoint import load_checkpoint
+from pwself.cli import main
+
+from test_cli import TINY
+
+
+def _nan_at(monkeypatch, bad_steps):
+    real = train_mod.distill_step
+    calls = {"n": 0}
+
+    def fake(*args, **kwargs):
+        terms, t_cls, t_patch = real(*args, **kwargs)
+        if bad_steps == "all" or calls["n"] in bad_steps:
+            terms = dict(terms, loss=terms["loss"] * float("nan"))
+        calls["n"] += 1
+        return terms, t_cls, t_patch
+
+    monkeypatch.setattr(train_mod, "distill_step", fake)
+
+
+def _run(out, *extra):
+    flags = [x for x in extra if "=" not in x]
+    over = [x for x in extra if "=" in x]
+    return main(["pretrain", "--out-dir", str(out), "--batch-size", "32", "--no-progress", *flags, *TINY,
+                 "knn_at_end=false", *over])
+
+
+@pytest.mark.slow
+def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {1, 4})
+    assert _run(tmp_path / "r", "--epochs", "2") == 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["skipped_steps"] == 2
+    assert load_checkpoint(tmp_path / "r")["skipped_steps"] == 2
+
+
+@pytest.mark.slow
+def test_nan_in_a_row_stops_with_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    assert _run(out, "--epochs", "1") == 0
+    good = load_checkpoint(out / "checkpoint_00000003.pt")
+    _nan_at(monkeypatch, "all")
+    assert _run(out, "--epochs", "2", "--resume", "optim.max_nonfinite_steps=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "2 steps in a row" in err and "checkpoint_00000003.pt" in err and len(err.splitlines()) == 1
+    after = load_checkpoint(out)
+    assert after["step"] == 3
+    for k, v in good["student"].items():
+        assert torch.equal(v, after["student"][k])
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    assert _run(tmp_path / "b", "--epochs", "1", "precision=bf16") == 0
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["skipped_steps"] == 0
+
+
+def test_fp16_needs_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert _run(tmp_path / "f", "--epochs", "1", "precision=fp16") == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
