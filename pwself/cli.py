@@ -99,6 +99,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = apply_overrides(cfg, overrides)
     cfg.validate()
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        is_main = dist.get_rank() == 0
+        dist.barrier()
+        dist.destroy_process_group()
+        if not is_main:
+            return 0
     report = write_report(result.run_dir)
     if result.knn:
         print(knn_markdown(result.knn, cfg.loss.objective))

@@ -23,6 +23,7 @@ from pwself.augment import PhotometricAugment
 from pwself.checkpoint import CheckpointError, export_backbone, latest_checkpoint, load_checkpoint, save_checkpoint
 from pwself.config import TrainConfig, config_diff, config_from_dict, config_to_dict, save_config
 from pwself.data import TensorImageDataset, build_dataset, channel_stats, iterate_batches
+from pwself.distributed import all_true, allreduce_gradients, gather_objects, init_distributed
 from pwself.losses import PatchWiseDistillationLoss, view_pairs
 from pwself.matching import match_views
 from pwself.models import DINOHead, ema_update, forward_tokens, make_vit
@@ -63,11 +64,11 @@ class Schedules:
     last_layer_on: list[bool]
 
 
-def make_schedules(cfg: TrainConfig, steps_per_epoch: int) -> Schedules:
-    """DINO's schedules for ``cfg.epochs * steps_per_epoch`` steps (lr scaled by batch/256)."""
+def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world_size: int = 1) -> Schedules:
+    """DINO's schedules for ``cfg.epochs * steps_per_epoch`` steps (lr scaled by the global batch / 256)."""
     total = cfg.epochs * steps_per_epoch
     o, lc = cfg.optim, cfg.loss
-    peak = o.lr * cfg.batch_size / 256
+    peak = o.lr * cfg.batch_size * world_size / 256
     lr = cosine_schedule(peak, o.min_lr, total, int(o.warmup_epochs * steps_per_epoch))
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
     mom = cosine_schedule(o.momentum_teacher, 1.0, total)
@@ -215,9 +216,12 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[Tensor]:
+def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[Tensor]:
+    """This rank's index batches of one epoch: a seeded permutation cut into global batches of
+    ``batch * world_size`` (last partial one dropped), rank ``r`` taking the ``r``-th slice of each."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return list(perm[: (n // batch) * batch].split(batch))
+    glob = batch * world_size
+    return [chunk[rank * batch : (rank + 1) * batch] for chunk in perm[: (n // glob) * glob].split(glob)]
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -256,7 +260,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     """
     cfg.validate()
     run_dir = Path(cfg.out_dir)
+    info = init_distributed(cfg.device)
     device = _resolve_device(cfg.device)
+    if device.type == "cuda" and info.world_size > 1:
+        device = torch.device("cuda", info.local_rank)
     dataset = open_dataset(cfg, "train")
     image = dataset[0][0]
     if image.shape[0] != cfg.backbone.in_chans:
@@ -271,9 +278,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         )
     if cfg.data.subset:
         dataset = take_subset(dataset, cfg.data.subset)
-    steps_per_epoch = len(dataset) // cfg.batch_size
+    steps_per_epoch = len(dataset) // (cfg.batch_size * info.world_size)
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images): lower it")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} x {info.world_size} process(es) is larger than the dataset "
+            f"({len(dataset)} images): lower it"
+        )
 
     ckpt = None
     if resume:
@@ -282,6 +292,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             raise CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume")
         ckpt = load_checkpoint(found)
         saved = ckpt["config"]
+        if len(ckpt["generators"]) != info.world_size:
+            raise CheckpointError(
+                f"cannot resume {found}: it was written by {len(ckpt['generators'])} process(es), this run has "
+                f"{info.world_size}; resume with the same number of processes"
+            )
         if not cfg.data.mean and saved["data"]["mean"]:
             cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
         diff = config_diff(saved, config_to_dict(cfg))
@@ -292,8 +307,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             )
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(cfg.seed)
     student = build_student(cfg).to(device)
@@ -302,13 +318,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         cfg.head.out_dim, cfg.loss.objective, cfg.loss.lam, cfg.loss.student_temp, cfg.loss.center_momentum
     ).to(device)
     opt = torch.optim.AdamW(param_groups(student))
-    sch = make_schedules(cfg, steps_per_epoch)
+    sch = make_schedules(cfg, steps_per_epoch, info.world_size)
     multicrop = MultiCrop(
         cfg.views.n_global, cfg.views.n_local, cfg.views.global_size, cfg.views.local_size,
         cfg.views.global_scale, cfg.views.local_scale, flip_p=cfg.views.flip_p,
     )
     augment = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000003 * info.rank)  # rank 0 = single-process run
     p = cfg.backbone.patch_size
     grids = [(cfg.views.global_size // p,) * 2] * cfg.views.n_global + [(cfg.views.local_size // p,) * 2] * cfg.views.n_local
     mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
@@ -329,23 +345,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         crit.load_state_dict(ckpt["criterion"])
         scaler.load_state_dict(ckpt["scaler"])
         n_skipped = int(ckpt.get("skipped_steps", 0))
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        gen.set_state(ckpt["generators"][info.rank])
+        torch.set_rng_state(ckpt["torch_rngs"][info.rank])
         step = int(ckpt["step"])
         _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
+    elif metrics_path.exists() and info.is_main:
         metrics_path.unlink()
 
     total = cfg.epochs * steps_per_epoch
     student.train()
     teacher.train()  # no dropout/BN in the ViT; drop_path is inactive in the copy's eval-free forward
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"pretrain {cfg.loss.objective}", unit="step")
+    bar = tqdm(total=total, initial=step, disable=not progress or not info.is_main, desc=f"pretrain {cfg.loss.objective}", unit="step")
     t_last, n_imgs = time.perf_counter(), 0
     last_ckpt = latest_checkpoint(run_dir) if ckpt is not None else None
-    knn_history: list[dict[str, Any]] = []
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch)[start:]
+        batches = _epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)[start:]
         for images, _ in iterate_batches(dataset, batches, cfg.data.num_workers):
             apply_schedules(opt, sch, step)
             x = images.to(device, non_blocking=True).float() / 255
@@ -359,10 +374,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step])
             loss = terms["loss"]
             grad_norm = float("nan")
-            if torch.isfinite(loss):
+            if all_true(bool(torch.isfinite(loss)), device):  # every rank takes the same branch
                 bad_in_a_row = 0
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                allreduce_gradients(student)
                 scaler.unscale_(opt)
                 if cfg.optim.clip_grad > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad))
@@ -380,7 +396,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                         f"lower optim.lr or raise loss.teacher_temp; the last good checkpoint is {last_ckpt}"
                     )
             step += 1
-            n_imgs += x.shape[0]
+            n_imgs += x.shape[0] * info.world_size
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
@@ -393,34 +409,40 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                     "grad_norm": round(grad_norm, 4), "skipped_steps": n_skipped, "teacher_entropy": round(ent, 4),
                     "teacher_mean_entropy": round(ent_mean, 4), "images_per_s": round(n_imgs / (now - t_last), 2),
                 }
-                _write_metrics(metrics_path, [row])  # a resumed run truncates rows past its checkpoint
+                if info.is_main:
+                    _write_metrics(metrics_path, [row])  # a resumed run truncates rows past its checkpoint
                 bar.set_postfix(loss=f"{row['loss']:.3f}", n_match=f"{row['n_match']:.1f}")
                 t_last, n_imgs = now, 0
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
-                state = {
-                    "student": student.state_dict(), "teacher": teacher.state_dict(),
-                    "optimizer": opt.state_dict(), "criterion": crit.state_dict(), "scaler": scaler.state_dict(),
-                    "skipped_steps": n_skipped,
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "step": step, "epoch": step // steps_per_epoch, "config": config_to_dict(cfg),
-                }
-                last_ckpt = save_checkpoint(state, run_dir, step, cfg.keep_checkpoints)
+                generators, torch_rngs = gather_objects(gen.get_state()), gather_objects(torch.get_rng_state())
+                if info.is_main:
+                    state = {
+                        "student": student.state_dict(), "teacher": teacher.state_dict(),
+                        "optimizer": opt.state_dict(), "criterion": crit.state_dict(), "scaler": scaler.state_dict(),
+                        "skipped_steps": n_skipped, "generators": generators, "torch_rngs": torch_rngs,
+                        "step": step, "epoch": step // steps_per_epoch, "config": config_to_dict(cfg),
+                        "world_size": info.world_size,
+                    }
+                    last_ckpt = save_checkpoint(state, run_dir, step, cfg.keep_checkpoints)
                 if end_of_epoch and cfg.knn_every_epochs and (step // steps_per_epoch) % cfg.knn_every_epochs == 0 \
                         and step < total:
                     res = evaluate_knn_run(teacher.backbone, cfg, progress=False)
-                    knn_history.append({"step": step, "epoch": step // steps_per_epoch, "knn": res})
-                    _write_metrics(run_dir / "knn_history.jsonl", knn_history[-1:])
+                    if info.is_main:
+                        _write_metrics(run_dir / "knn_history.jsonl", [{"step": step, "epoch": step // steps_per_epoch,
+                                                                        "knn": res}])
             if step >= total:
                 break
     bar.close()
-    backbone_path = export_backbone(teacher.backbone, run_dir / "teacher_backbone.safetensors")
+    backbone_path = run_dir / "teacher_backbone.safetensors"
+    if info.is_main:
+        export_backbone(teacher.backbone, backbone_path)
     knn = None
     if cfg.knn_at_end:
-        knn = evaluate_knn_run(teacher.backbone, cfg, progress=progress)
-        (run_dir / "knn.json").write_text(json.dumps({"step": step, "knn": knn}, indent=2))
-    assert last_ckpt is not None
-    return TrainResult(run_dir, Path(last_ckpt), backbone_path, knn)
+        knn = evaluate_knn_run(teacher.backbone, cfg, progress=progress and info.is_main)
+        if info.is_main:
+            (run_dir / "knn.json").write_text(json.dumps({"step": step, "knn": knn}, indent=2))
+    return TrainResult(run_dir, Path(last_ckpt or latest_checkpoint(run_dir) or run_dir), backbone_path, knn)
 
 
 def evaluate_knn_run(

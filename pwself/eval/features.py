@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pwself.data import iterate_batches
+from pwself.distributed import gather_rows, shard_indices
 from pwself.models import forward_tokens
 
 __all__ = ["extract_features", "normalize_images"]
@@ -59,7 +60,8 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     n = len(dataset)
-    batches = list(torch.arange(n).split(batch_size))
+    mine = shard_indices(n)  # under torchrun each rank extracts its share, then all rows are gathered
+    batches = list(mine.split(batch_size))
     feats, labels = [], []
     for images, y in tqdm(iterate_batches(dataset, batches, num_workers), total=len(batches), desc=desc,
                           disable=not progress, leave=False):
@@ -76,4 +78,4 @@ def extract_features(
         feats.append(F.normalize(f.float(), dim=1).cpu())
         labels.append(torch.as_tensor(y).long())
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return gather_rows(torch.cat(feats), mine, n), gather_rows(torch.cat(labels), mine, n)

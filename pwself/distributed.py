@@ -1,0 +1,117 @@
+"""Data parallelism under ``torchrun`` (NCCL on GPUs, gloo on CPU), and no-ops in a single process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+__all__ = ["DistInfo", "init_distributed", "allreduce_gradients", "all_true", "gather_rows", "gather_objects", "shard_indices"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the ``torchrun`` job described by the environment, if any (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def allreduce_gradients(model: nn.Module) -> None:
+    """Average gradients over ranks in one flat all-reduce (no-op in a single process).
+
+    Every rank must hold a gradient for the same parameters; parameters without a gradient on a rank
+    count as zeros there.
+    """
+    if not _active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """``flag`` on every rank (so that all ranks take the same branch)."""
+    if not _active():
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def gather_rows(x: Tensor, index: Tensor, n_total: int) -> Tensor:
+    """Reassemble a tensor whose rows ``index`` were computed on this rank (no duplicates, no padding).
+
+    Args:
+        x: ``[n_local, ...]`` rows computed here.
+        index: ``[n_local]`` their positions in the full tensor.
+        n_total: Rows of the full tensor (every position computed by exactly one rank).
+
+    Returns:
+        The ``[n_total, ...]`` tensor, on every rank.
+    """
+    if not _active():
+        out = x.new_empty((n_total, *x.shape[1:]))
+        out[index] = x
+        return out
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (x.cpu(), index.cpu()))
+    out = x.new_empty((n_total, *x.shape[1:])).cpu()
+    seen = torch.zeros(n_total, dtype=torch.bool)
+    for rows, idx in parts:
+        out[idx] = rows
+        seen[idx] = True
+    if not seen.all():
+        raise RuntimeError(f"gather_rows: {int((~seen).sum())} of {n_total} rows computed by no rank")
+    return out.to(x.device)
+
+
+def gather_objects(obj: object) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not _active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_indices(n: int) -> Tensor:
+    """Indices ``rank, rank + world, ...`` of ``range(n)``: every index on exactly one rank, no padding."""
+    if not _active():
+        return torch.arange(n)
+    return torch.arange(dist.get_rank(), n, dist.get_world_size())

@@ -1,0 +1,23 @@
+"""Run under torchrun by tests/test_distributed.py: one data-parallel step on this rank's half-batch."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pwself.distributed import allreduce_gradients, gather_rows, init_distributed, shard_indices
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_distributed import one_step, setup  # noqa: E402
+
+info = init_distributed("cpu")
+student, teacher, crit, opt = setup()
+one_step(student, teacher, crit, opt, ranks=[info.rank], sync=allreduce_gradients)
+# Sharded rows come back complete and in order (no duplicates, no padding) for an odd count.
+rows = shard_indices(7)
+full = gather_rows(rows.float()[:, None] * 10, rows, 7)
+assert torch.equal(full[:, 0], torch.arange(7).float() * 10), full
+if info.rank == 0:
+    torch.save({k: v.detach() for k, v in student.state_dict().items()}, sys.argv[1])
+dist.barrier()
+dist.destroy_process_group()

@@ -1,0 +1,104 @@
+"""Data parallelism on CPU with gloo: a 2-process step equals one step on the combined batch."""
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pwself.losses import PatchWiseDistillationLoss
+from pwself.train import build_student, distill_step, param_groups
+from pwself.views import MultiCrop, MultiCropViews
+
+HERE = Path(__file__).parent
+GRIDS = [(4, 4)] * 2 + [(2, 2)] * 3
+
+
+def setup():
+    from test_train import tiny_config
+
+    torch.manual_seed(0)
+    student = build_student(tiny_config())
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, "pwml")
+    # SGD, not AdamW: Adam's first step is about lr * sign(grad), which turns rounding noise in gradients
+    # that are zero in exact arithmetic (the key bias) into full-size differences.
+    opt = torch.optim.SGD(param_groups(student), lr=0.5)
+    return student, teacher, crit, opt
+
+
+def half_views(rank: int) -> MultiCropViews:
+    """The views of rank ``rank``'s half of the batch (3 images each), from a generator seeded by rank."""
+    g = torch.Generator().manual_seed(100 + rank)
+    images = torch.rand(3, 1, 16, 16, generator=g)
+    return MultiCrop(2, 3, 16, 8)(images, g)
+
+
+def concat_views(parts: list[MultiCropViews]) -> MultiCropViews:
+    """Join per-rank views along the batch (fields are view-major)."""
+    g, n_loc = parts[0].n_global, parts[0].n_local
+
+    def join(name: str, n_views: int) -> torch.Tensor:
+        return torch.cat([torch.cat([getattr(p, name).unflatten(0, (n_views, -1))[v] for p in parts])
+                          for v in range(n_views)])
+
+    return MultiCropViews(join("global_crops", g), join("local_crops", n_loc),
+                          torch.cat([p.boxes for p in parts], 1), torch.cat([p.flips for p in parts], 1), g, n_loc)
+
+
+def one_step(student, teacher, crit, opt, ranks, sync=None):
+    views = concat_views([half_views(r) for r in ranks])
+    terms, _, _ = distill_step(student, teacher, crit, views, GRIDS, 0.04)
+    opt.zero_grad()
+    terms["loss"].backward()
+    if sync is not None:
+        sync(student)
+    opt.step()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", *args]
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_process_step_equals_single_process_step_on_combined_batch(tmp_path):
+    out = _torchrun([str(HERE / "ddp_worker.py"), str(tmp_path / "ddp.pt")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    student, teacher, crit, opt = setup()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    one_step(student, teacher, crit, opt, ranks=[0, 1])
+    changed = 0
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        changed += not torch.equal(before[k], v)
+    assert changed > 10  # the step really moved the parameters
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_writes_once_and_evaluates(tmp_path):
+    from test_cli import TINY
+
+    out = _torchrun(["-m", "pwself.cli", "pretrain", "--out-dir", "run", "--epochs", "1", "--batch-size", "16",
+                     "--no-progress", *TINY], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "run"
+    ckpts = sorted(p.name for p in run.glob("checkpoint_0*.pt"))
+    assert ckpts == ["checkpoint_00000003.pt"]  # 96 images / (16 x 2 ranks) = 3 steps
+    state = torch.load(run / "checkpoint_00000003.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["generators"]) == 2
+    assert not torch.equal(state["generators"][0], state["generators"][1])
+    assert out.stdout.count("report:") == 1 and (run / "knn.json").exists()
