@@ -177,6 +177,8 @@ class TrainConfig:
             raise ConfigError(f"photometric.mode={self.photometric.mode!r}: use image, patch or none")
         if self.data.kind not in ("idx", "cifar", "folder", "synthetic"):
             raise ConfigError(f"data.kind={self.data.kind!r}: use idx, cifar, folder or synthetic")
+        if self.data.on_bad_image not in ("fail", "skip"):
+            raise ConfigError(f"data.on_bad_image={self.data.on_bad_image!r}: use fail or skip")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 (CPU or CUDA) or fp16 (CUDA)")
         if self.batch_size < 1 or self.epochs < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -434,6 +435,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             if step >= total:
                 break
     bar.close()
+    skipped = getattr(dataset, "skipped", None) or getattr(getattr(dataset, "dataset", None), "skipped", None)
+    if skipped and info.is_main:
+        print(f"skipped {len(skipped)} unreadable image(s) (data.on_bad_image=skip), listed above", file=sys.stderr)
     backbone_path = run_dir / "teacher_backbone.safetensors"
     if info.is_main:
         export_backbone(teacher.backbone, backbone_path)

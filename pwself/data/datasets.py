@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -234,6 +235,7 @@ class ImageFolderDataset(Dataset):
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}: check the path or the file types"
             )
         self.skipped: list[Path] = []
+        self.on_bad_image = on_bad_image
         good = []
         for p in files:
             try:
@@ -246,13 +248,13 @@ class ImageFolderDataset(Dataset):
             except DatasetError:
                 if on_bad_image != "skip":
                     raise
-                self.skipped.append(p)
+                self._report_skip(p)
             except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
                 if on_bad_image != "skip":
                     raise DatasetError(
                         f"corrupt or unreadable image {p} ({type(e).__name__}): delete it or use --data.on_bad_image skip"
                     ) from e
-                self.skipped.append(p)
+                self._report_skip(p)
         if not good:
             raise DatasetError(f"every image under {self.root} is unreadable: check the files")
         self.files = good
@@ -269,7 +271,25 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return _decode(self.files[i], self.size, self.channels), int(self.labels[i])
+        # A file can pass the header check and still fail to decode (truncated data). In skip mode the
+        # next readable image stands in, so batches keep their size; the file is reported once.
+        for k in range(len(self.files)):
+            j = (i + k) % len(self.files)
+            try:
+                return _decode(self.files[j], self.size, self.channels), int(self.labels[j])
+            except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+                if self.on_bad_image != "skip":
+                    raise DatasetError(
+                        f"corrupt or unreadable image {self.files[j]} ({type(e).__name__}): delete it or use "
+                        "--data.on_bad_image skip"
+                    ) from e
+                self._report_skip(self.files[j])
+        raise DatasetError(f"every image under {self.root} is unreadable: check the files")
+
+    def _report_skip(self, path: Path) -> None:
+        if path not in self.skipped:
+            self.skipped.append(path)
+            warnings.warn(f"skipping unreadable image {path}", stacklevel=3)
 
 
 def make_synthetic(
