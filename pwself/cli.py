@@ -42,21 +42,62 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
 
 
+EVAL_HELP = """\
+Evaluate frozen features of one or more models side by side. A model is a pwself checkpoint (file or run
+directory) or a timm model name (random init: the floor to beat). Features are cached in --cache-dir,
+keyed by the weights' SHA-256, the dataset, the transform and the pooling. Results: JSON + Markdown table
+(--output PREFIX writes PREFIX.json and PREFIX.md).
+"""
+
+
+def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
+    p.add_argument("models", nargs="+", help="checkpoint files / run directories / timm model names")
+    if labelled:
+        p.add_argument("--data-kind", help="idx, cifar, folder or synthetic (default: the first checkpoint's)")
+        p.add_argument("--data-root", help="dataset directory (default: the first checkpoint's)")
+        p.add_argument("--pooling", default="cls", help="cls, mean-patch, cls+mean, last4 (comma-separated for several)")
+    p.add_argument("--in-chans", type=int, help="input channels of a timm model (default: from the data)")
+    p.add_argument("--img-size", type=int, help="input side of a timm model (default: from the data)")
+    p.add_argument("--cache-dir", default=".pwself_cache", help="feature cache ('' to disable)")
+    p.add_argument("--output", help="write PREFIX.json and PREFIX.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_eval_knn(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval-knn",
-        help="weighted kNN accuracy of a checkpoint's frozen teacher features",
-        description="Weighted kNN (cosine, T=0.07) on frozen teacher features of the train (bank) and test "
-        "splits of the checkpoint's dataset (or --data-kind/--data-root).",
-    )
-    p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("eval-knn", help="weighted kNN (T=0.07, k grid) on frozen features", description=EVAL_HELP,
+                       formatter_class=fmt)
+    _add_eval_common(p)
     p.add_argument("--ks", default="10,20,100,200", help="comma-separated k values (default 10,20,100,200)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
-    p.add_argument("--pooling", default="cls", choices=["cls", "mean-patch", "cls+mean"], help="feature pooling")
-    p.add_argument("--data-kind", help="dataset kind (default: the checkpoint's)")
-    p.add_argument("--data-root", help="dataset directory (default: the checkpoint's)")
-    p.add_argument("--output", help="write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("eval-linear", help="linear probe on frozen features (lr x wd grid, chosen on held-out train)",
+                       description=EVAL_HELP, formatter_class=fmt)
+    _add_eval_common(p)
+    p.add_argument("--epochs", type=int, default=30, help="epochs of each linear head (default 30)")
+    p = sub.add_parser("eval-copydetect", help="copy detection mAP (Copydays layout, CLS+GeM, PCA whitening)",
+                       description=EVAL_HELP, formatter_class=fmt)
+    _add_eval_common(p, labelled=False)
+    p.add_argument("--data-path", required=True, help="Copydays-layout folder (original/, strong/, ...)")
+    p.add_argument("--generate-from", help="first build the set at --data-path from this image folder")
+    p.add_argument("--imsize", type=int, help="square input side (default: the model's global size)")
+    p.add_argument("--no-whitening", action="store_true", help="skip PCA whitening")
+    p = sub.add_parser("eval-retrieval", help="revisited Oxford/Paris retrieval mAP (E/M/H)", description=EVAL_HELP,
+                       formatter_class=fmt)
+    _add_eval_common(p, labelled=False)
+    p.add_argument("--gnd", required=True, help="gnd_<ds>.pkl (or .json with imlist/qimlist/gnd)")
+    p.add_argument("--images", help="image folder (default: jpg/ beside the gnd file)")
+    p.add_argument("--imsize", type=int, default=224, help="longest side (thumbnail, default 224)")
+    p.add_argument("--no-crop-queries", action="store_true", help="use full query images (dino's numbers)")
+    p.add_argument("--multiscale", action="store_true", help="average descriptors over scales 1, 1/sqrt2, 1/2")
+    p = sub.add_parser("eval", help="every protocol that the given data allows", description=EVAL_HELP,
+                       formatter_class=fmt)
+    _add_eval_common(p)
+    p.add_argument("--ks", default="10,20,100,200", help="kNN k values")
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--epochs", type=int, default=30, help="linear probe epochs")
+    p.add_argument("--copydetect-path", help="Copydays-layout folder: adds copy detection")
+    p.add_argument("--gnd", help="retrieval ground truth: adds image retrieval")
+    p.add_argument("--images", help="retrieval image folder")
 
 
 def _add_viz(sub: argparse._SubParsersAction) -> None:
@@ -116,34 +157,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_knn(args: argparse.Namespace) -> int:
-    import torch
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pwself.eval import suite
 
-    from pwself.checkpoint import load_checkpoint
-    from pwself.eval import extract_features, knn_classify
-    from pwself.train import build_student, config_of_checkpoint, open_dataset
-    from pwself.viz import knn_markdown
-
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = config_of_checkpoint(ckpt)
-    if args.data_kind:
-        cfg.data.kind = args.data_kind
-    if args.data_root:
-        cfg.data.root = args.data_root
-    model = build_student(cfg)
-    model.load_state_dict(ckpt["teacher"])
-    ks = [int(k) for k in args.ks.split(",") if k.strip()]
-    kw = dict(mean=cfg.data.mean, std=cfg.data.std, size=cfg.views.global_size, pooling=args.pooling,
-              progress=not args.no_progress, num_workers=cfg.data.num_workers)
-    with torch.inference_mode():
-        f_tr, y_tr = extract_features(model.backbone, open_dataset(cfg, "train"), desc="features train", **kw)
-        f_te, y_te = extract_features(model.backbone, open_dataset(cfg, "test"), desc="features test", **kw)
-    ks = [k for k in ks if k <= len(f_tr)]
-    res = knn_classify(f_tr, y_tr, f_te, y_te, ks=ks, temperature=args.temperature)
-    print(knn_markdown(res, f"{cfg.loss.objective} step {ckpt['step']} ({args.pooling})"))
+    protocols = {"eval-knn": ["knn"], "eval-linear": ["linear"], "eval-copydetect": ["copydetect"],
+                 "eval-retrieval": ["retrieval"]}.get(args.command)
+    if protocols is None:  # `pwself eval`: all that apply
+        protocols = ["knn", "linear"] + (["copydetect"] if args.copydetect_path else []) + (
+            ["retrieval"] if args.gnd else [])
+    results = suite.run(args.models, protocols, args)
+    print(suite.markdown(results))
     if args.output:
-        Path(args.output).write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt["step"],
-                                                 "pooling": args.pooling, "knn": res}, indent=2))
+        suite.write(results, args.output)
+        print(f"wrote {args.output}.json and {args.output}.md")
     return 0
 
 
@@ -253,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     _add_report(sub)
     args = parser.parse_args(argv)
-    handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval_knn, "report": cmd_report,
+    handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval, "eval-linear": cmd_eval, "eval": cmd_eval,
+                "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
                 "viz-matches": cmd_viz_matches, "viz-attention": cmd_viz_attention, "export": cmd_export}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError

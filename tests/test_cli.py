@@ -40,9 +40,11 @@ def test_smoke_two_epochs_then_resume_is_exact(tmp_path, capsys):
     assert "<table>" in (out / "report.html").read_text()
 
     # eval-knn on the run reproduces the numbers the run printed (same teacher, same features).
-    assert main(["eval-knn", str(out), "--ks", "10,20", "--no-progress", "--output", str(tmp_path / "k.json")]) == 0
+    assert main(["eval-knn", str(out), "--ks", "10,20", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                 "--output", str(tmp_path / "k")]) == 0
     at_end = json.loads((out / "knn.json").read_text())["knn"]
-    again = json.loads((tmp_path / "k.json").read_text())["knn"]
+    again = json.loads((tmp_path / "k.json").read_text())["knn"]["cls"][str(out)]
+    assert "| k=10 | k=20 |" in (tmp_path / "k.md").read_text()
     assert again["10"] == at_end["10"] and again["20"] == at_end["20"]
 
     # Simulate a run killed after epoch 1: drop what came later, then resume.

@@ -10,9 +10,37 @@ from tqdm.auto import tqdm
 
 from pwself.data import iterate_batches
 from pwself.distributed import gather_rows, shard_indices
+from pwself.eval.metrics import gem
 from pwself.models import forward_tokens
 
-__all__ = ["extract_features", "normalize_images"]
+__all__ = ["POOLINGS", "extract_features", "normalize_images", "pool_features"]
+
+POOLINGS = ("cls", "mean-patch", "cls+mean", "last4", "cls+gem")
+
+
+def pool_features(backbone: nn.Module, x: Tensor, pooling: str) -> Tensor:
+    """One image descriptor per input from a timm ViT's normalized tokens.
+
+    * ``cls``: CLS token of the last block.
+    * ``mean-patch``: mean of the last block's patch tokens.
+    * ``cls+mean``: both concatenated (BagSSL's aggregation; dinov2's linear input with avgpool).
+    * ``last4``: CLS tokens of the last 4 blocks concatenated, each after the final norm (dino/dinov2).
+    * ``cls+gem``: CLS concatenated with GeM (p = 4) over patch tokens (dino's copy-detection descriptor).
+    """
+    if pooling == "last4":
+        inter = backbone.forward_intermediates(x, indices=4, norm=True, output_fmt="NLC",
+                                               return_prefix_tokens=True, intermediates_only=True)
+        return torch.cat([prefix[:, 0] for _, prefix in inter], 1)
+    tok = forward_tokens(backbone, x)
+    if pooling == "cls":
+        return tok.cls
+    if pooling == "mean-patch":
+        return tok.patches.mean(1)
+    if pooling == "cls+mean":
+        return torch.cat([tok.cls, tok.patches.mean(1)], 1)
+    if pooling == "cls+gem":
+        return torch.cat([tok.cls, gem(tok.patches, p=4.0)], 1)
+    raise ValueError(f"pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
 
 
 def normalize_images(images: Tensor, mean: list[float], std: list[float], size: int | None = None) -> Tensor:
@@ -38,6 +66,7 @@ def extract_features(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "features",
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """L2-normalized features and labels of a whole dataset.
 
@@ -47,15 +76,16 @@ def extract_features(
         mean: Normalization mean.
         std: Normalization std.
         size: Input side (images are resized when they differ); ``None`` keeps them.
-        pooling: ``cls``, ``mean-patch`` or ``cls+mean`` (concatenation, BagSSL's aggregation).
+        pooling: One of :data:`POOLINGS` (see :func:`pool_features`).
         batch_size: Images per forward.
         num_workers: Decoding workers for folder datasets.
         device: Where the backbone runs.
         progress: Show a progress bar.
         desc: Progress bar label.
+        normalize: L2-normalize each feature (off for descriptors that are whitened first).
 
     Returns:
-        ``([N, D'] float32 features with unit L2 norm, [N] long labels)``.
+        ``([N, D'] float32 features (unit L2 norm if ``normalize``), [N] long labels)``.
     """
     was_training = backbone.training
     backbone.eval()
@@ -66,16 +96,8 @@ def extract_features(
     for images, y in tqdm(iterate_batches(dataset, batches, num_workers), total=len(batches), desc=desc,
                           disable=not progress, leave=False):
         x = normalize_images(images.to(device), mean, std, size)
-        tok = forward_tokens(backbone, x)
-        if pooling == "cls":
-            f = tok.cls
-        elif pooling == "mean-patch":
-            f = tok.patches.mean(1)
-        elif pooling == "cls+mean":
-            f = torch.cat([tok.cls, tok.patches.mean(1)], 1)
-        else:
-            raise ValueError(f"pooling {pooling!r}: use cls, mean-patch or cls+mean")
-        feats.append(F.normalize(f.float(), dim=1).cpu())
+        f = pool_features(backbone, x, pooling)
+        feats.append((F.normalize(f.float(), dim=1) if normalize else f.float()).cpu())
         labels.append(torch.as_tensor(y).long())
     backbone.train(was_training)
     return gather_rows(torch.cat(feats), mine, n), gather_rows(torch.cat(labels), mine, n)

@@ -1,0 +1,132 @@
+"""What to evaluate (a pwself checkpoint, or a timm model name with random init as a floor), and cached features."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from pwself.eval.features import extract_features
+
+__all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256"]
+
+
+@dataclass
+class FeatureSource:
+    """A frozen backbone and how to feed it.
+
+    Attributes:
+        name: Label in tables (the checkpoint path or the timm name).
+        backbone: timm ViT in eval mode.
+        mean: Input normalization mean.
+        std: Input normalization std.
+        size: Input side for classification-style protocols (kNN, linear).
+        key: Identity of the weights, for the feature cache (checkpoint SHA-256, or timm name + seed).
+        config: The pwself config dict of a checkpoint (empty for a timm model).
+    """
+
+    name: str
+    backbone: nn.Module
+    mean: list[float]
+    std: list[float]
+    size: int
+    key: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_source(
+    spec: str,
+    *,
+    in_chans: int = 3,
+    img_size: int = 224,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    seed: int = 0,
+) -> FeatureSource:
+    """Open a checkpoint file / run directory, or build a timm model by name with random weights.
+
+    Args:
+        spec: Path of a pwself checkpoint or run directory, or a timm model name (``vit_tiny_patch16_224``).
+        in_chans: Input channels for a timm model.
+        img_size: Input side for a timm model.
+        mean: Normalization mean for a timm model (default ImageNet's, repeated per channel).
+        std: Normalization std for a timm model.
+        seed: Seed of a timm model's random init.
+    """
+    from pwself.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = Path(spec)
+    if path.exists():
+        file = latest_checkpoint(path) if path.is_dir() else path
+        if file is None:
+            raise FileNotFoundError(f"no checkpoint in {path}: pass a checkpoint file or a run directory")
+        from pwself.export import teacher_backbone
+
+        ckpt = load_checkpoint(file)
+        cfg = ckpt.get("config") or {}
+        backbone = teacher_backbone(ckpt)
+        return FeatureSource(str(spec), backbone, list(cfg["data"]["mean"]), list(cfg["data"]["std"]),
+                             int(cfg["views"]["global_size"]), file_sha256(file), cfg)
+    import timm
+
+    if spec not in timm.list_models():
+        raise FileNotFoundError(f"{spec!r} is neither an existing checkpoint path nor a timm model name")
+    torch.manual_seed(seed)
+    backbone = timm.create_model(spec, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size,
+                                 dynamic_img_size=True).eval()
+    m = mean or ([0.485, 0.456, 0.406] if in_chans == 3 else [0.5] * in_chans)
+    s = std or ([0.229, 0.224, 0.225] if in_chans == 3 else [0.5] * in_chans)
+    return FeatureSource(f"{spec} (random init)", backbone, list(m), list(s), img_size,
+                         f"timm:{spec}:{in_chans}:{img_size}:seed{seed}")
+
+
+def cached_features(
+    source: FeatureSource,
+    dataset: Dataset,
+    dataset_id: dict[str, Any],
+    pooling: str = "cls",
+    cache_dir: str | Path | None = None,
+    normalize: bool = True,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """:func:`extract_features` once per (weights, dataset, transform, pooling); later calls read the cache.
+
+    Args:
+        source: The model.
+        dataset: Images to encode.
+        dataset_id: What identifies the dataset (kind, root, split, ...); part of the cache key.
+        pooling: Pooling (see :data:`pwself.eval.features.POOLINGS`).
+        cache_dir: Cache directory (``None``: no cache).
+        normalize: L2-normalize the features.
+        **kwargs: Passed to :func:`extract_features` (batch size, workers, progress, ...).
+    """
+    key_dict = {"weights": source.key, "data": dataset_id, "n": len(dataset), "size": source.size,
+                "mean": source.mean, "std": source.std, "pooling": pooling, "normalize": normalize}
+    key = hashlib.sha256(json.dumps(key_dict, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"features_{key}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        cached = torch.load(path, weights_only=True)
+        return cached["features"], cached["labels"]
+    feats, labels = extract_features(source.backbone, dataset, source.mean, source.std, size=source.size,
+                                     pooling=pooling, normalize=normalize, **kwargs)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"features": feats, "labels": labels, "key": key_dict}, tmp)
+        tmp.replace(path)
+    return feats, labels
