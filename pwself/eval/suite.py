@@ -42,12 +42,8 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
     out: dict[str, Any] = {"models": list(models)}
     if {"knn", "linear"} & set(protocols):
         ds_cfg = _data_settings(args, first)
-        train = build_dataset(ds_cfg["kind"], ds_cfg["root"], "train", image_size=ds_cfg["image_size"],
-                              channels=ds_cfg["channels"], synthetic_size=ds_cfg["synthetic_size"],
-                              synthetic_classes=ds_cfg["synthetic_classes"], seed=ds_cfg["seed"])
-        test = build_dataset(ds_cfg["kind"], ds_cfg["root"], "test", image_size=ds_cfg["image_size"],
-                             channels=ds_cfg["channels"], synthetic_size=ds_cfg["synthetic_size"],
-                             synthetic_classes=ds_cfg["synthetic_classes"], seed=ds_cfg["seed"])
+        opts = {k: ds_cfg[k] for k in ("image_size", "channels", "synthetic_size", "synthetic_classes", "seed")}
+        train, test = (build_dataset(ds_cfg["kind"], ds_cfg["root"], split, **opts) for split in ("train", "test"))
         image = train[0][0]
         sources = _open_sources(models, args, image.shape[0], image.shape[-1])
         out["data"] = ds_cfg
