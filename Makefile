@@ -27,3 +27,6 @@ test: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/run.py

@@ -235,6 +235,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 1 minute")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--only", help="comma-separated subset: step_ratio,matching,augment,pipeline,memory,scaling")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -256,12 +257,18 @@ def main() -> None:
         ("memory", lambda: bench_memory(32 if q else 64, 2 if q else 4)),
         ("scaling", lambda: bench_scaling(q)),
     ]
+    only = set(args.only.split(",")) if args.only else None
     for name, fn in steps:
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         results[name] = fn()
         print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     Path(args.output).write_text(json.dumps(results, indent=2))
-    print_table(results)
+    if only is None:
+        print_table(results)
+    else:
+        print(json.dumps({k: v for k, v in results.items() if k in only}, indent=2))
     print(f"\nwrote {args.output}")
 
 

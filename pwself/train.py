@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -239,6 +242,32 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def _collapse_kind(entropy: float, mean_entropy: float, out_dim: int) -> str:
+    """'' or which DINO collapse the teacher CLS statistics show (entropies in nats)."""
+    log_k = math.log(out_dim)
+    if mean_entropy < 0.1 * log_k:
+        return "one dimension dominates every image: entropy of the batch mean is near 0"
+    if entropy > 0.98 * log_k:
+        return "uniform outputs: every image's distribution is near uniform"
+    return ""
+
+
+def _host_rng() -> dict[str, Any]:
+    """Python and numpy global RNG states as plain lists (loadable with ``weights_only=True``).
+
+    pwself draws nothing from them, but user datasets and transforms may."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [version, list(state), gauss], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_host_rng(s: dict[str, Any]) -> None:
+    version, state, gauss = s["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
 def _entropies(t_cls: Tensor, center: Tensor, temp: float) -> tuple[float, float]:
     """Mean per-sample entropy and entropy of the batch-mean of the teacher CLS distribution (nats)."""
     p = torch.softmax((t_cls.reshape(-1, t_cls.shape[-1]).float() - center) / temp, -1)
@@ -336,7 +365,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA device: use precision=bf16 on CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    n_skipped, bad_in_a_row = 0, 0
+    n_skipped, bad_in_a_row, warned_collapse = 0, 0, False
 
     step = 0
     if ckpt is not None:
@@ -348,6 +377,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         n_skipped = int(ckpt.get("skipped_steps", 0))
         gen.set_state(ckpt["generators"][info.rank])
         torch.set_rng_state(ckpt["torch_rngs"][info.rank])
+        _set_host_rng(ckpt["host_rngs"][info.rank])
         step = int(ckpt["step"])
         _truncate_metrics(metrics_path, step)
     elif metrics_path.exists() and info.is_main:
@@ -402,13 +432,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 ent, ent_mean = _entropies(t_cls, crit.cls_center.center, sch.teacher_temp[step - 1])
+                collapse = _collapse_kind(ent, ent_mean, cfg.head.out_dim)
+                if collapse and not warned_collapse and step > steps_per_epoch and info.is_main:
+                    warnings.warn(f"step {step}: the teacher looks collapsed ({collapse}); try a lower "
+                                  "loss.teacher_temp, a higher optim.lr warm-up or a lower momentum", stacklevel=2)
+                    warned_collapse = True
                 row = {
                     "step": step, "epoch": step / steps_per_epoch,
                     **{k: round(float(v.detach()), 6) for k, v in terms.items()},
                     "lr": sch.lr[step - 1], "weight_decay": sch.weight_decay[step - 1],
                     "momentum": sch.momentum[step - 1], "teacher_temp": sch.teacher_temp[step - 1],
                     "grad_norm": round(grad_norm, 4), "skipped_steps": n_skipped, "teacher_entropy": round(ent, 4),
-                    "teacher_mean_entropy": round(ent_mean, 4), "images_per_s": round(n_imgs / (now - t_last), 2),
+                    "teacher_mean_entropy": round(ent_mean, 4),
+                    "kl_mean_to_uniform": round(math.log(cfg.head.out_dim) - ent_mean, 4), "images_per_s": round(n_imgs / (now - t_last), 2),
                 }
                 if info.is_main:
                     _write_metrics(metrics_path, [row])  # a resumed run truncates rows past its checkpoint
@@ -417,11 +453,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 generators, torch_rngs = gather_objects(gen.get_state()), gather_objects(torch.get_rng_state())
+                host_rngs = gather_objects(_host_rng())
                 if info.is_main:
                     state = {
                         "student": student.state_dict(), "teacher": teacher.state_dict(),
                         "optimizer": opt.state_dict(), "criterion": crit.state_dict(), "scaler": scaler.state_dict(),
                         "skipped_steps": n_skipped, "generators": generators, "torch_rngs": torch_rngs,
+                        "host_rngs": host_rngs,
                         "step": step, "epoch": step // steps_per_epoch, "config": config_to_dict(cfg),
                         "world_size": info.world_size,
                     }

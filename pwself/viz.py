@@ -127,10 +127,12 @@ def write_report(run_dir: str | Path) -> Path:
     md.append("")
     if knn:
         md += ["## kNN on frozen teacher CLS features (weighted, T = 0.07)", "", knn_markdown(knn, objective), ""]
-    if history:
-        md += ["## kNN during training", "", "| epoch | k=10 top-1 |", "|---|---|"]
-        md += [f"| {h['epoch']} | {h['knn'].get('10', h['knn'].get(10, {})).get('top1', float('nan')):.2f} |"
-               for h in history]
+    history_rows = [(h["epoch"], h["knn"].get("10", {}).get("top1", float("nan"))) for h in history]
+    if knn:
+        history_rows.append((rows[-1]["epoch"] if rows else "end", knn.get("10", {}).get("top1", float("nan"))))
+    if len(history_rows) > 1:
+        md += ["## kNN (k = 10, top-1 %) per evaluated epoch", "", "| epoch | top-1 |", "|---|---|"]
+        md += [f"| {e:g} | {a:.2f} |" if isinstance(e, (int, float)) else f"| {e} | {a:.2f} |" for e, a in history_rows]
         md.append("")
     md += ["![training curves](training_curves.png)", ""]
     figures, figure_note = _run_figures(run_dir, cfg)
@@ -150,6 +152,10 @@ def write_report(run_dir: str | Path) -> Path:
             for k, v in sorted(knn.items(), key=lambda kv: int(kv[0]))
         )
         table = f"<h2>kNN (frozen teacher CLS, T = 0.07)</h2><table><tr><th>k</th><th>top-1 %</th><th>top-5 %</th></tr>{cells}</table>"
+    if len(history_rows) > 1:
+        cells = "".join(f"<tr><td>{e if isinstance(e, str) else f'{e:g}'}</td><td>{a:.2f}</td></tr>"
+                        for e, a in history_rows)
+        table += f"<h2>kNN (k = 10) per evaluated epoch</h2><table><tr><th>epoch</th><th>top-1 %</th></tr>{cells}</table>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pwself report {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style></head>

@@ -25,8 +25,9 @@ def _run(out, *extra):
 @pytest.mark.slow
 def test_smoke_two_epochs_then_resume_is_exact(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _run(out, "--epochs", "2") == 0
+    assert _run(out, "--epochs", "2", "knn_every_epochs=1") == 0
     printed = capsys.readouterr().out
+    assert "per evaluated epoch" in (out / "report.md").read_text()  # epoch 1 (during) + end of run
     assert "report:" in printed and "| pwml | 10 |" in printed
     for name in ("config.yaml", "metrics.jsonl", "checkpoint_00000003.pt", "checkpoint_00000006.pt",
                  "teacher_backbone.safetensors", "knn.json", "training_curves.png", "report.html", "report.md"):

@@ -68,3 +68,29 @@ def test_fp16_needs_cuda(tmp_path, capsys):
         pytest.skip("CUDA present")
     assert _run(tmp_path / "f", "--epochs", "1", "precision=fp16") == 2
     assert "fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_collapse_monitor_names_both_collapses():
+    import math
+
+    from pwself.train import _collapse_kind
+
+    k = 256
+    assert "uniform" in _collapse_kind(0.99 * math.log(k), 0.99 * math.log(k), k)
+    assert "one dimension" in _collapse_kind(0.01, 0.05, k)
+    assert _collapse_kind(2.0, 5.0, k) == ""
+
+
+def test_host_rng_state_survives_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from pwself.train import _host_rng, _set_host_rng
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.save({"s": _host_rng()}, tmp_path / "s.pt")
+    expected = (random.random(), np.random.rand())
+    _set_host_rng(torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    assert (random.random(), np.random.rand()) == expected
