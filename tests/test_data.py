@@ -111,7 +111,8 @@ def test_image_folder_bad_input(tmp_path):
     (tmp_path / "f" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(DatasetError, match="corrupt or unreadable image .*bad.png"):
         ImageFolderDataset(tmp_path / "f", 8)
-    assert len(ImageFolderDataset(tmp_path / "f", 8, on_bad_image="skip")) == 1
+    with pytest.warns(UserWarning, match="skipping unreadable image .*bad.png"):
+        assert len(ImageFolderDataset(tmp_path / "f", 8, on_bad_image="skip")) == 1
     _save(tmp_path / "g" / "tiny.png", size=(3, 3))
     with pytest.raises(DatasetError, match="smaller than 8 px"):
         ImageFolderDataset(tmp_path / "g", 8, min_size=8)
