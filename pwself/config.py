@@ -96,6 +96,8 @@ class LossConfig:
         warmup_teacher_temp: Teacher temperature at the start.
         warmup_teacher_temp_epochs: Linear warm-up length of the teacher temperature.
         center_momentum: EMA momentum of the CLS and patch centers.
+        matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
+            teacher patch, EsViT style; to measure what geometry buys).
     """
 
     objective: str = "pwml"
@@ -105,6 +107,7 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
+    matcher: str = "geometric"
 
 
 @dataclass
@@ -173,6 +176,8 @@ class TrainConfig:
             raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
         if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll"):
             raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl or pwll")
+        if self.loss.matcher not in ("geometric", "feature-nn"):
+            raise ConfigError(f"loss.matcher={self.loss.matcher!r}: use geometric or feature-nn")
         if self.photometric.mode not in ("image", "patch", "none"):
             raise ConfigError(f"photometric.mode={self.photometric.mode!r}: use image, patch or none")
         if self.data.kind not in ("idx", "cifar", "folder", "synthetic"):

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["match_pair", "match_patches", "match_views", "axis_run", "pair_runs"]
+__all__ = ["match_pair", "match_patches", "match_views", "match_features", "match_views_by_features", "axis_run",
+           "pair_runs"]
 
 
 def axis_run(lo_a: float, hi_a: float, n_cells: int, lo_i: float, hi_i: float) -> tuple[int, int]:
@@ -234,4 +235,44 @@ def match_views(
     if not pairs:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, empty, empty
+    return torch.cat(t_tok), torch.cat(s_tok), torch.cat(pair_idx), torch.cat(sample)
+
+
+@torch.no_grad()
+def match_features(teacher_tokens: Tensor, student_tokens: Tensor) -> Tensor:
+    """EsViT-style matching by content: each student patch's most cosine-similar teacher patch.
+
+    Args:
+        teacher_tokens: ``[B, Tt, D]`` teacher patch tokens of one view.
+        student_tokens: ``[B, Ts, D]`` student patch tokens of another view.
+
+    Returns:
+        ``[B, Ts]`` long index of the teacher patch matched to every student patch (ties: lowest index).
+    """
+    t = torch.nn.functional.normalize(teacher_tokens.float(), dim=-1)
+    s = torch.nn.functional.normalize(student_tokens.float(), dim=-1)
+    return torch.bmm(s, t.transpose(1, 2)).argmax(-1)
+
+
+def match_views_by_features(
+    teacher_tokens: Sequence[Tensor], student_tokens: Sequence[Tensor], pairs: Sequence[tuple[int, int]]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`match_views` for the ``feature-nn`` matcher: every student patch of every pair is matched.
+
+    Args:
+        teacher_tokens: Per teacher view ``[B, Tt, D]`` patch tokens.
+        student_tokens: Per student view ``[B, Ts_j, D]`` patch tokens.
+        pairs: ``(i, j)`` pairs.
+
+    Returns:
+        ``(teacher_token, student_token, pair_index, sample)`` as in :func:`match_views`.
+    """
+    t_tok, s_tok, pair_idx, sample = [], [], [], []
+    for p, (i, j) in enumerate(pairs):
+        idx = match_features(teacher_tokens[i], student_tokens[j])  # [B, Ts]
+        b, ts = idx.shape
+        t_tok.append(idx.flatten())
+        s_tok.append(torch.arange(ts, device=idx.device).repeat(b))
+        sample.append(torch.arange(b, device=idx.device).repeat_interleave(ts))
+        pair_idx.append(sample[-1] + p * b)
     return torch.cat(t_tok), torch.cat(s_tok), torch.cat(pair_idx), torch.cat(sample)

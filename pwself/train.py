@@ -29,7 +29,7 @@ from pwself.config import TrainConfig, config_diff, config_from_dict, config_to_
 from pwself.data import TensorImageDataset, build_dataset, channel_stats, iterate_batches
 from pwself.distributed import all_true, allreduce_gradients, gather_objects, init_distributed
 from pwself.losses import PatchWiseDistillationLoss, view_pairs
-from pwself.matching import match_views
+from pwself.matching import match_views, match_views_by_features
 from pwself.models import DINOHead, ema_update, forward_tokens, make_vit
 from pwself.views import MultiCrop, MultiCropViews
 
@@ -125,6 +125,7 @@ def distill_step(
     views: MultiCropViews,
     grids: list[tuple[int, int]],
     teacher_temp: float,
+    matcher: str = "geometric",
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
     """Forward both networks on the views and compute the loss.
 
@@ -153,7 +154,13 @@ def distill_step(
         return criterion(s_cls, t_cls, pairs, teacher_temp), t_cls, None
 
     dev = views.global_crops.device
-    t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in match_views(views.boxes, views.flips, grids, pairs))
+    if matcher == "geometric":
+        t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in match_views(views.boxes, views.flips, grids, pairs))
+    elif matcher == "feature-nn":  # content instead of geometry, to measure what geometry buys
+        s_views = list(s_g.patches.unflatten(0, (g, b))) + (list(s_l.patches.unflatten(0, (n_loc, b))) if n_loc else [])
+        t_tok, s_tok, pair_idx, sample = match_views_by_features(list(t.patches.unflatten(0, (g, b))), s_views, pairs)
+    else:
+        raise ValueError(f"matcher {matcher!r}: use geometric or feature-nn")
     view_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_idx // b]
     view_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
     # Every patch token of a network gets one flat key; a token matched in several pairs (a local view
@@ -402,7 +409,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 views.boxes, views.flips, views.n_global, views.n_local,
             )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step])
+                terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step],
+                                                     cfg.loss.matcher)
             loss = terms["loss"]
             grad_norm = float("nan")
             if all_true(bool(torch.isfinite(loss)), device):  # every rank takes the same branch

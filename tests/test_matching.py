@@ -183,3 +183,15 @@ def test_one_row_runs_and_flips(flip_a, flip_b):
         cb = 5 - cb if flip_b else cb
         assert rb == 1 and ca == cb
     assert _batched(strip, flip_a, (1, 6), block, flip_b, (3, 6)) == pairs
+
+
+def test_feature_nn_matches_most_similar_teacher_token():
+    from pwself.matching import match_features, match_views_by_features
+
+    t = torch.randn(2, 5, 8)
+    perm = torch.tensor([3, 0, 4])
+    s = t[:, perm] + 0.01 * torch.randn(2, 3, 8)  # student tokens are noisy copies of teacher tokens 3, 0, 4
+    assert torch.equal(match_features(t, s), perm.expand(2, 3))
+    t_tok, s_tok, pair_idx, sample = match_views_by_features([t], [t, s], [(0, 1)])
+    assert torch.equal(t_tok, perm.repeat(2)) and torch.equal(s_tok, torch.arange(3).repeat(2))
+    assert torch.equal(sample, torch.tensor([0, 0, 0, 1, 1, 1])) and torch.equal(pair_idx, sample)

@@ -104,3 +104,18 @@ def test_schedules_and_last_layer_freeze():
     names = {n for n, p in student.named_parameters() if p.requires_grad}
     grouped = sum(len(g["params"]) for g in opt.param_groups)
     assert grouped == len(names)
+
+
+def test_feature_nn_matcher_step_matches_every_student_patch():
+    cfg = tiny_config(**{"loss.matcher": "feature-nn"})
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, "pwml")
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
+    terms, _, _ = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, "feature-nn")
+    # 2 teachers x (1 other global of 16 patches + 3 locals of 4 patches) / 8 pairs = 7 matches per pair.
+    assert terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
+    terms["loss"].backward()
+    with pytest.raises(ValueError, match="matcher"):
+        distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, "nearest")
