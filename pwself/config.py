@@ -89,7 +89,7 @@ class LossConfig:
     """Objective and temperatures (SPEC §4).
 
     Attributes:
-        objective: ``dino``, ``pwml``, ``pwsl`` or ``pwll``.
+        objective: ``dino``, ``pwml``, ``pwsl``, ``pwll`` or ``cossl``.
         lam: CLS weight of ``pwll``.
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after warm-up.
@@ -174,8 +174,8 @@ class TrainConfig:
             )
         if v.n_global < 1 or v.n_global + v.n_local < 2:
             raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
-        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll"):
-            raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl or pwll")
+        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll", "cossl"):
+            raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl, pwll or cossl")
         if self.loss.matcher not in ("geometric", "feature-nn"):
             raise ConfigError(f"loss.matcher={self.loss.matcher!r}: use geometric or feature-nn")
         if self.photometric.mode not in ("image", "patch", "none"):

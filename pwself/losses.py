@@ -11,6 +11,9 @@ with ``H(t, s) = -sum softmax((t - C) / tau_t) * log_softmax(s / tau_s)``. Then,
 * ``pwml``: ``(H_cls + S) / (1 + n)`` (mean over the CLS pair and the matched patch pairs)
 * ``pwsl``: ``H_cls + S``
 * ``pwll``: ``lam * H_cls + (1 - lam) * S / n``, and ``H_cls`` alone when ``n == 0``
+* ``cossl`` (CO-SSL, seed 004): as ``pwml``, but every student patch token of view ``j`` is paired with
+  the teacher's CLS of view ``i`` (local, pre-pooling representations aligned with the global one);
+  those targets are CLS outputs, so they are centred with the CLS center
 
 and the loss is the mean over all pairs and samples. Centering uses one EMA center for CLS outputs and
 one for patch outputs; the centers are updated by an explicit call, never as a side effect of the loss.
@@ -34,8 +37,8 @@ __all__ = [
     "view_pairs",
 ]
 
-Objective = Literal["dino", "pwml", "pwsl", "pwll"]
-OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll")
+Objective = Literal["dino", "pwml", "pwsl", "pwll", "cossl"]
+OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll", "cossl")
 
 
 def view_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
@@ -95,7 +98,7 @@ def combine_terms(
     n = n_patch.to(h_cls.dtype)
     if objective == "dino":
         per = h_cls
-    elif objective == "pwml":
+    elif objective in ("pwml", "cossl"):
         per = (h_cls + patch_sum) / (1 + n)
     elif objective == "pwsl":
         per = h_cls + patch_sum
@@ -185,7 +188,8 @@ class PatchWiseDistillationLoss(nn.Module):
         n_patch = torch.zeros(n_pairs * batch, dtype=torch.long, device=h_cls.device)
         if self.uses_patches and student_patch is not None and student_patch.shape[0] > 0:
             assert teacher_patch is not None and patch_pair_index is not None
-            t_probs_patch = self.teacher_probs(teacher_patch, self.patch_center, teacher_temp)
+            center = self.cls_center if self.objective == "cossl" else self.patch_center
+            t_probs_patch = self.teacher_probs(teacher_patch, center, teacher_temp)
             log_p = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
             if teacher_patch_index is not None:
                 t_probs_patch = t_probs_patch[teacher_patch_index]
@@ -211,5 +215,5 @@ class PatchWiseDistillationLoss(nn.Module):
         """EMA-update the CLS center from ``[..., K]`` teacher CLS logits and the patch center from the
         ``[U, K]`` teacher logits of the patch tokens that entered the loss (each token once)."""
         self.cls_center.update(teacher_cls.reshape(-1, teacher_cls.shape[-1]))
-        if self.uses_patches and teacher_patch is not None:
+        if self.uses_patches and self.objective != "cossl" and teacher_patch is not None:
             self.patch_center.update(teacher_patch)

@@ -154,6 +154,29 @@ def distill_step(
         return criterion(s_cls, t_cls, pairs, teacher_temp), t_cls, None
 
     dev = views.global_crops.device
+    s_patches = [s_g.patches.flatten(0, 1)] + ([s_l.patches.flatten(0, 1)] if s_l is not None else [])
+    tokens_per_view = torch.tensor([s_g.patches.shape[1]] * g + ([s_l.patches.shape[1]] * n_loc if n_loc else []),
+                                   device=dev)
+    view_offset = torch.cumsum(tokens_per_view * b, 0) - tokens_per_view * b
+    n_s_cls = n_views * b
+    if criterion.objective == "cossl":
+        # Every student patch token of view j is pulled towards the teacher CLS of view i: the head runs
+        # on all student patch tokens, the teacher targets are its CLS outputs.
+        s_idx, t_idx, pair_idx = [], [], []
+        for p, (i, j) in enumerate(pairs):
+            n_tok = int(tokens_per_view[j])
+            sample = torch.arange(b, device=dev).repeat_interleave(n_tok)
+            s_idx.append(view_offset[j] + torch.arange(b * n_tok, device=dev))
+            t_idx.append(i * b + sample)
+            pair_idx.append(p * b + sample)
+        s_out = student.head(torch.cat([s_cls_tokens, *s_patches]))
+        with torch.no_grad():
+            t_cls = teacher.head(t.cls).unflatten(0, (g, b))
+        s_cls = s_out[:n_s_cls].unflatten(0, (n_views, b))
+        terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_out[n_s_cls:], t_cls.flatten(0, 1), torch.cat(pair_idx),
+                          torch.cat(s_idx), torch.cat(t_idx))
+        return terms, t_cls, None
+
     if matcher == "geometric":
         t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in match_views(views.boxes, views.flips, grids, pairs))
     elif matcher == "feature-nn":  # content instead of geometry, to measure what geometry buys
@@ -165,17 +188,12 @@ def distill_step(
     view_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
     # Every patch token of a network gets one flat key; a token matched in several pairs (a local view
     # seen by both teachers) goes through the head once: unique keys, then expand with the inverse.
-    s_patches = [s_g.patches.flatten(0, 1)] + ([s_l.patches.flatten(0, 1)] if s_l is not None else [])
-    tokens_per_view = torch.tensor([s_g.patches.shape[1]] * g + ([s_l.patches.shape[1]] * n_loc if n_loc else []),
-                                   device=dev)
-    view_offset = torch.cumsum(tokens_per_view * b, 0) - tokens_per_view * b
     s_key = view_offset[view_s] + sample * tokens_per_view[view_s] + s_tok
     t_key = (view_t * b + sample) * t.patches.shape[1] + t_tok
     s_unique, s_inverse = torch.unique(s_key, return_inverse=True)
     t_unique, t_inverse = torch.unique(t_key, return_inverse=True)
 
     # One head call per network over CLS + the unique matched patch tokens (gathered before the head).
-    n_s_cls = n_views * b
     s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
     with torch.no_grad():
         t_out = teacher.head(torch.cat([t.cls, t.patches.flatten(0, 1)[t_unique]]))

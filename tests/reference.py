@@ -42,3 +42,20 @@ def reference_loss(s_cls, t_cls, s_patch, t_patch, boxes, flips, grids, objectiv
                 total = total + term
                 count += 1
     return total / count
+
+
+def reference_cossl(s_cls, t_cls, s_patch, cls_center, t_temp, s_temp):
+    """CO-SSL as pwself defines it: per pair (i, j != i) and sample, the mean of H over the CLS pair and
+    the pairs (teacher CLS of i, each student patch token of j), the teacher centred with the CLS center."""
+    g_n, b_n = t_cls.shape[0], t_cls.shape[1]
+    total, count = 0.0, 0
+    for i in range(g_n):
+        for j in range(s_cls.shape[0]):
+            if j == i:
+                continue
+            for b in range(b_n):
+                terms = [h(t_cls[i, b], cls_center, t_temp, s_cls[j, b], s_temp)]
+                terms += [h(t_cls[i, b], cls_center, t_temp, tok, s_temp) for tok in s_patch[j][b]]
+                total = total + sum(terms) / len(terms)
+                count += 1
+    return total / count

@@ -119,3 +119,42 @@ def test_feature_nn_matcher_step_matches_every_student_patch():
     terms["loss"].backward()
     with pytest.raises(ValueError, match="matcher"):
         distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, "nearest")
+
+
+def test_cossl_step_equals_reference():
+    from reference import reference_cossl
+
+    cfg = tiny_config(**{"loss.objective": "cossl"})
+    torch.manual_seed(0)
+    student = build_student(cfg).double()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, "cossl").double()
+    crit.cls_center.center.normal_()
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    terms, t_cls, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
+    assert t_patch is None and terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
+    with torch.no_grad():
+        t_all = teacher.head(forward_tokens(teacher.backbone, views.global_crops).cls).view(2, 3, 7)
+        sg = forward_tokens(student.backbone, views.global_crops)
+        sl = forward_tokens(student.backbone, views.local_crops)
+        s_g = student.head(torch.cat([sg.cls[:, None], sg.patches], 1)).view(2, 3, 17, 7)
+        s_l = student.head(torch.cat([sl.cls[:, None], sl.patches], 1)).view(3, 3, 5, 7)
+    s_cls = torch.cat([s_g[:, :, 0], s_l[:, :, 0]])
+    s_patch = [s_g[0, :, 1:], s_g[1, :, 1:]] + [s_l[k, :, 1:] for k in range(3)]
+    ref = reference_cossl(s_cls, t_all, s_patch, crit.cls_center.center[0], 0.05, 0.1)
+    torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cossl_patch_term_vanishes_when_patches_match_a_sharp_teacher_cls():
+    # One-hot teacher CLS and student patch logits that put all mass on the same class: H ~ 0.
+    crit = PatchWiseDistillationLoss(3, "cossl", student_temp=0.1)
+    t_cls = torch.tensor([[[50.0, 0.0, 0.0]]])  # [G=1, B=1, K]
+    s_cls = torch.tensor([[[50.0, 0, 0]], [[50.0, 0, 0]]])  # [V=2, B=1, K]
+    s_patch = torch.tensor([[50.0, 0, 0]] * 4)
+    out = crit(s_cls, t_cls, [(0, 1)], 0.04, s_patch, t_cls.flatten(0, 1), torch.zeros(4, dtype=torch.long),
+               torch.arange(4), torch.zeros(4, dtype=torch.long))
+    assert out["patch"].item() < 1e-6 and out["loss"].item() < 1e-6
+    s_patch_far = torch.tensor([[0.0, 50.0, 0]] * 4)
+    far = crit(s_cls, t_cls, [(0, 1)], 0.04, s_patch_far, t_cls.flatten(0, 1), torch.zeros(4, dtype=torch.long),
+               torch.arange(4), torch.zeros(4, dtype=torch.long))
+    assert far["patch"].item() > 100
