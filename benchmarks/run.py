@@ -126,9 +126,12 @@ def bench_matching(batch: int, repeat: int) -> dict:
     grids = [(14, 14)] * 2 + [(6, 6)] * 8
     pairs = view_pairs(2, 10)
 
-    def vectorized() -> None:
+    def per_pair() -> None:
         for i, j in pairs:
             match_patches(boxes[i], flips[i], grids[i], boxes[j], flips[j], grids[j])
+
+    def vectorized() -> None:  # what training calls
+        match_views(boxes, flips, grids, pairs)
 
     box_list, flip_list = boxes.tolist(), flips.tolist()
 
@@ -138,9 +141,10 @@ def bench_matching(batch: int, repeat: int) -> dict:
                 match_pair(box_list[i][b], flip_list[i][b], grids[i], box_list[j][b], flip_list[j][b], grids[j])
 
     t_vec = timeit(vectorized, repeat)
+    t_pair = timeit(per_pair, repeat)
     t_loop = timeit(loop, max(1, repeat // 3))
-    return {"batch": batch, "pairs": len(pairs), "vectorized_s": t_vec, "loop_s": t_loop,
-            "speedup": t_loop / t_vec, "target": ">= 100x"}
+    return {"batch": batch, "pairs": len(pairs), "vectorized_s": t_vec, "per_pair_calls_s": t_pair,
+            "loop_s": t_loop, "speedup": t_loop / t_vec, "target": ">= 100x"}
 
 
 def bench_augment(batch: int, repeat: int) -> dict:
@@ -194,8 +198,12 @@ def bench_memory(batch: int, steps: int) -> dict:
         out = subprocess.run([sys.executable, __file__, "--memory-child", obj, "--batch", str(batch),
                               "--steps", str(steps)], capture_output=True, text=True, check=True)
         res[obj] = json.loads(out.stdout.strip().splitlines()[-1])
+    # The process's peak RSS is dominated by torch's libraries (about 2 GB for the CUDA build), so the
+    # ratio is taken on the growth of the peak during the steps: what the objective itself costs.
     return {"batch": batch, "dino_peak_rss_mb": res["dino"]["peak_rss_mb"], "pwml_peak_rss_mb": res["pwml"]["peak_rss_mb"],
-            "ratio_pwml_over_dino": res["pwml"]["peak_rss_mb"] / res["dino"]["peak_rss_mb"], "target": "<= 1.10"}
+            "dino_step_growth_mb": res["dino"]["rss_growth_mb"], "pwml_step_growth_mb": res["pwml"]["rss_growth_mb"],
+            "ratio_pwml_over_dino": res["pwml"]["rss_growth_mb"] / max(res["dino"]["rss_growth_mb"], 1e-9),
+            "target": "<= 1.10"}
 
 
 def bench_scaling(quick: bool) -> dict:
@@ -282,8 +290,9 @@ def print_table(r: dict) -> None:
         ("photometric patch / image", f"{r['augment']['ratio_patch_over_image']:.2f}", "<= 1.3", ""),
         ("pipeline / model images/s", f"{r['pipeline']['ratio_pipeline_over_model']:.1f}", ">= 1",
          f"{r['pipeline']['pipeline_images_per_s']:.0f} vs {r['pipeline']['model_images_per_s']:.0f} img/s"),
-        ("peak RSS pwml / dino", f"{r['memory']['ratio_pwml_over_dino']:.3f}", "<= 1.10",
-         f"{r['memory']['dino_peak_rss_mb']:.0f} vs {r['memory']['pwml_peak_rss_mb']:.0f} MB"),
+        ("peak-RSS growth pwml / dino", f"{r['memory']['ratio_pwml_over_dino']:.3f}", "<= 1.10",
+         f"+{r['memory']['dino_step_growth_mb']:.0f} vs +{r['memory']['pwml_step_growth_mb']:.0f} MB over "
+         f"{r['memory']['dino_peak_rss_mb']:.0f}/{r['memory']['pwml_peak_rss_mb']:.0f} MB peaks"),
     ]
     for v in r["scaling"]["vit"]:
         rows.append((f"{v['arch']} 224/96 p16 pwml / dino", f"{v['ratio_pwml_over_dino']:.3f}", "<= 1.05",
