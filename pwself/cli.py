@@ -175,14 +175,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _read_images(paths: list[str], size: int, channels: int) -> list:
-    from pwself.data.datasets import DatasetError, _decode
+    from pwself.data.datasets import DatasetError, decode_image
 
     out = []
     for p in paths:
         if not Path(p).is_file():
             raise DatasetError(f"image {p} does not exist: check the path")
         try:
-            out.append(_decode(Path(p), size, channels).float() / 255)
+            out.append(decode_image(Path(p), size, channels).float() / 255)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             raise DatasetError(f"cannot read image {p} ({type(e).__name__}): is it a valid image file?") from e
     return out

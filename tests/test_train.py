@@ -21,6 +21,24 @@ def tiny_config(**over) -> TrainConfig:
     return load_config(None, items)
 
 
+def all_token_logits(student, teacher, views):
+    """Head on EVERY token (the reference the gather-before-head step must equal), views of 16 and 8 px.
+
+    Returns ``(s_cls [5, B, K], s_patch per view [B, T, K], t_cls [2, B, K], t_patch per global view)``.
+    """
+    b = views.batch_size
+    with torch.no_grad():
+        tg = forward_tokens(teacher.backbone, views.global_crops)
+        t_all = teacher.head(torch.cat([tg.cls[:, None], tg.patches], 1)).view(2, b, 17, -1)
+        sg = forward_tokens(student.backbone, views.global_crops)
+        sl = forward_tokens(student.backbone, views.local_crops)
+        s_g = student.head(torch.cat([sg.cls[:, None], sg.patches], 1)).view(2, b, 17, -1)
+        s_l = student.head(torch.cat([sl.cls[:, None], sl.patches], 1)).view(3, b, 5, -1)
+    s_cls = torch.cat([s_g[:, :, 0], s_l[:, :, 0]])
+    s_patch = [s_g[0, :, 1:], s_g[1, :, 1:]] + [s_l[k, :, 1:] for k in range(3)]
+    return s_cls, s_patch, t_all[:, :, 0], [t_all[0, :, 1:], t_all[1, :, 1:]]
+
+
 @pytest.mark.parametrize("objective", ["dino", "pwml", "pwsl", "pwll"])
 def test_distill_step_equals_reference_on_all_tokens(objective):
     cfg = tiny_config(**{"loss.objective": objective})
@@ -36,16 +54,8 @@ def test_distill_step_equals_reference_on_all_tokens(objective):
     terms, _, _ = distill_step(student, teacher, crit, views, grids, 0.05)
 
     # Reference: head on EVERY token, then the loop loss picks what it needs.
-    with torch.no_grad():
-        tg = forward_tokens(teacher.backbone, views.global_crops)
-        t_all = teacher.head(torch.cat([tg.cls[:, None], tg.patches], 1)).view(2, 3, 17, 7)
-        sg = forward_tokens(student.backbone, views.global_crops)
-        sl = forward_tokens(student.backbone, views.local_crops)
-        s_g = student.head(torch.cat([sg.cls[:, None], sg.patches], 1)).view(2, 3, 17, 7)
-        s_l = student.head(torch.cat([sl.cls[:, None], sl.patches], 1)).view(3, 3, 5, 7)
-    s_cls = torch.cat([s_g[:, :, 0], s_l[:, :, 0]])
-    s_patch = [s_g[0, :, 1:], s_g[1, :, 1:]] + [s_l[k, :, 1:] for k in range(3)]
-    ref = reference_loss(s_cls, t_all[:, :, 0], s_patch, [t_all[0, :, 1:], t_all[1, :, 1:]], views.boxes,
+    s_cls, s_patch, t_cls, t_patch = all_token_logits(student, teacher, views)
+    ref = reference_loss(s_cls, t_cls, s_patch, t_patch, views.boxes,
                          views.flips, grids, objective, 0.3, crit.cls_center.center[0], crit.patch_center.center[0],
                          0.05, 0.1)
     torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)  # loss runs in fp32
@@ -131,17 +141,10 @@ def test_cossl_step_equals_reference():
     crit = PatchWiseDistillationLoss(7, "cossl").double()
     crit.cls_center.center.normal_()
     views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
-    terms, t_cls, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
+    terms, _, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
     assert t_patch is None and terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
-    with torch.no_grad():
-        t_all = teacher.head(forward_tokens(teacher.backbone, views.global_crops).cls).view(2, 3, 7)
-        sg = forward_tokens(student.backbone, views.global_crops)
-        sl = forward_tokens(student.backbone, views.local_crops)
-        s_g = student.head(torch.cat([sg.cls[:, None], sg.patches], 1)).view(2, 3, 17, 7)
-        s_l = student.head(torch.cat([sl.cls[:, None], sl.patches], 1)).view(3, 3, 5, 7)
-    s_cls = torch.cat([s_g[:, :, 0], s_l[:, :, 0]])
-    s_patch = [s_g[0, :, 1:], s_g[1, :, 1:]] + [s_l[k, :, 1:] for k in range(3)]
-    ref = reference_cossl(s_cls, t_all, s_patch, crit.cls_center.center[0], 0.05, 0.1)
+    s_cls, s_patch, t_cls, _ = all_token_logits(student, teacher, views)
+    ref = reference_cossl(s_cls, t_cls, s_patch, crit.cls_center.center[0], 0.05, 0.1)
     torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -180,7 +180,11 @@ def load_cifar(root: str | Path, split: str = "train") -> TensorImageDataset:
     return TensorImageDataset(torch.from_numpy(np.concatenate(data)), torch.tensor(labels), classes)
 
 
-def _decode(path: Path, size: int, channels: int) -> Tensor:
+def decode_image(path: Path, size: int, channels: int) -> Tensor:
+    """Decode an image file to uint8 ``[channels, size, size]``: shorter side to ``size``, centre crop.
+
+    16-bit images are rescaled to 8 bits; EXIF orientation is applied; RGBA/P/L convert to L or RGB.
+    """
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
@@ -276,7 +280,7 @@ class ImageFolderDataset(Dataset):
         for k in range(len(self.files)):
             j = (i + k) % len(self.files)
             try:
-                return _decode(self.files[j], self.size, self.channels), int(self.labels[j])
+                return decode_image(self.files[j], self.size, self.channels), int(self.labels[j])
             except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
                 if self.on_bad_image != "skip":
                     raise DatasetError(
