@@ -124,6 +124,22 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="output file (default: beside the checkpoint)")
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train and evaluate several objectives on the same data/model/budget/seeds; table + bar plot",
+        description="Runs every objective x seed sequentially into OUT/<objective>_seed<seed>/ (finished runs are "
+        "skipped, interrupted ones resume), evaluates kNN and a linear probe, and writes comparison.md/.json/.png. "
+        "An objective may carry overrides after ':' joined by '+', e.g. pwml:photometric.mode=none.",
+    )
+    p.add_argument("--objectives", default="dino,pwml,pwsl,pwll,cossl", help="comma-separated objectives")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--config", help="base YAML config (same for every run)")
+    p.add_argument("--out-dir", default="runs/compare")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the HTML/Markdown report of a run directory")
     p.add_argument("run_dir", help="run directory of pwself pretrain")
@@ -261,6 +277,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pwself.compare import comparison_table, run_comparison
+    from pwself.config import load_config
+
+    base = load_config(args.config, list(args.overrides))
+    objectives = [o for o in args.objectives.split(",") if o]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress)
+    print(comparison_table(results))
+    print(f"wrote {Path(args.out_dir) / 'comparison.md'} and comparison.png")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pwself.viz import write_report
 
@@ -278,11 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_knn(sub)
     _add_viz(sub)
     _add_export(sub)
+    _add_compare(sub)
     _add_report(sub)
     args = parser.parse_args(argv)
     handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval, "eval-linear": cmd_eval, "eval": cmd_eval,
                 "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
-                "viz-matches": cmd_viz_matches, "viz-attention": cmd_viz_attention, "export": cmd_export}
+                "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention, "export": cmd_export}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

@@ -1,0 +1,109 @@
+"""Fair comparison of objectives: same data, backbone, views, budget and seeds; a table and a bar plot.
+
+Runs go to ``OUT/<objective>_seed<seed>/`` one after the other; a run whose ``knn.json`` exists is
+finished and skipped, an interrupted one resumes from its checkpoint. Each finished run is evaluated with
+kNN (k = 10, 20 on the teacher CLS) and a linear probe, and the results are aggregated as mean ± std
+over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pwself.checkpoint import latest_checkpoint
+from pwself.config import TrainConfig, apply_overrides
+
+__all__ = ["run_comparison", "comparison_table", "plot_comparison"]
+
+
+def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
+    from pwself.eval.linear import linear_probe
+    from pwself.eval.source import cached_features, open_source
+    from pwself.train import open_dataset, train
+
+    run_dir = Path(cfg.out_dir)
+    if not (run_dir / "knn.json").exists():
+        train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress)
+    knn = json.loads((run_dir / "knn.json").read_text())["knn"]
+    linear_path = run_dir / "linear.json"
+    if not linear_path.exists():
+        src = open_source(str(run_dir))
+        data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
+        feats = {split: cached_features(src, open_dataset(cfg, split), {**data_id, "split": split},
+                                        cache_dir=run_dir / "features", progress=progress)
+                 for split in ("train", "test")}
+        res = linear_probe(*feats["train"], *feats["test"])
+        linear_path.write_text(json.dumps(res, indent=2))
+    linear = json.loads(linear_path.read_text())
+    return {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
+            "linear": linear["top1"]}
+
+
+def run_comparison(
+    base: TrainConfig, objectives: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True
+) -> dict[str, Any]:
+    """Train and evaluate every (objective, seed); only ``loss.objective`` and ``seed`` differ between runs.
+
+    An objective may carry overrides after a colon, e.g. ``pwml:photometric.mode=none`` or
+    ``pwml:loss.matcher=feature-nn`` (several separated by ``+``); the label is the whole string.
+    """
+    out_dir = Path(out_dir)
+    results: dict[str, Any] = {"objectives": objectives, "seeds": seeds, "runs": {}}
+    for label in objectives:
+        objective, _, extra = label.partition(":")
+        overrides = [f"loss.objective={objective}"] + [o for o in extra.split("+") if o]
+        for seed in seeds:
+            name = f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}_seed{seed}"
+            cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true"])
+            cfg.validate()
+            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress)
+    (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "comparison.md").write_text(comparison_table(results))
+    plot_comparison(results, out_dir / "comparison.png")
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def comparison_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per objective, mean ± std over seeds of kNN k=10, k=20 and linear top-1."""
+    seeds = results["seeds"]
+    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; top-1 % on the test split.", "",
+             "| objective | kNN k=10 | kNN k=20 | linear |", "|---|---|---|---|"]
+    for label, per_seed in results["runs"].items():
+        cells = []
+        for key in ("knn10", "knn20", "linear"):
+            m, s = _mean_std([r[key] for r in per_seed.values()])
+            cells.append(f"{m:.2f} ± {s:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bar plot (kNN k=10 and linear) with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results["runs"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels) + 2), 4))
+    width = 0.38
+    for k, (key, name) in enumerate((("knn10", "kNN k=10"), ("linear", "linear"))):
+        stats = [_mean_std([r[key] for r in results["runs"][lab].values()]) for lab in labels]
+        xs = [i + (k - 0.5) * width for i in range(len(labels))]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"objectives, {len(results['seeds'])} seed(s) each")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,37 @@
+"""`pwself compare`: same budget for every objective, table and plot, finished runs skipped on rerun."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import pwself.compare as compare_mod
+from pwself.cli import main
+
+from test_cli import TINY
+
+
+@pytest.mark.slow
+def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, capsys, monkeypatch):
+    args = ["compare", "--objectives", "dino,pwml:photometric.mode=none", "--seeds", "0", "--out-dir",
+            str(tmp_path), "--no-progress", *TINY, "epochs=1", "batch_size=32"]
+    assert main(args) == 0
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| dino |" in md and "| pwml:photometric.mode=none |" in md and "±" in md
+    res = json.loads((tmp_path / "comparison.json").read_text())
+    for label in ("dino", "pwml:photometric.mode=none"):
+        r = res["runs"][label]["0"]
+        assert 0 <= r["knn10"] <= 100 and 0 <= r["linear"] <= 100
+    cfg_dino = (tmp_path / "dino_seed0" / "config.yaml").read_text()
+    cfg_pwml = (tmp_path / "pwml_photometric.mode-none_seed0" / "config.yaml").read_text()
+    diff = {a for a, b in zip(cfg_dino.splitlines(), cfg_pwml.splitlines()) if a != b}
+    assert {d.split(":")[0].strip() for d in diff} <= {"objective", "mode", "out_dir"}  # same budget, same model
+    with Image.open(tmp_path / "comparison.png") as im:
+        assert im.size[0] > 300
+
+    # Rerun: nothing is trained again.
+    monkeypatch.setattr("pwself.train.train", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "| dino |" in capsys.readouterr().out
+    assert compare_mod.comparison_table(res) == md
