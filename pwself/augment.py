@@ -141,7 +141,6 @@ class PhotometricAugment:
         """Apply independently drawn operators to each of the ``N`` samples of ``[N, C, h, w]``."""
         n, c, h, w = x.shape
         prm = {k: v.to(x.device) for k, v in self.draw(n, c, generator).items()}
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
 
         # Colour jitter (fixed order brightness, contrast, saturation, hue), only where it fires.
         jit = _per_sample(prm["jitter"])
@@ -157,12 +156,16 @@ class PhotometricAugment:
         if c == 3:
             x = torch.where(_per_sample(prm["grayscale"]), _gray(x).expand_as(x), x)
 
-        if prm["blur"].any():
-            k = min(2 * math.ceil(2 * self.config.blur_sigma[1]) + 1, 2 * ((min(h, w) - 1) // 2) + 1)
-            if k >= 3:
-                sigma = prm["sigma"][:, None].expand(n, 2).to(x.dtype)
-                x = torch.where(_per_sample(prm["blur"]), gaussian_blur2d(x, (k, k), sigma), x)
+        # Blur and noise only on the samples where they fire (p ~ 0.2), not on all and then `where`.
+        blur_idx = prm["blur"].nonzero()[:, 0]
+        k = min(2 * math.ceil(2 * self.config.blur_sigma[1]) + 1, 2 * ((min(h, w) - 1) // 2) + 1)
+        if len(blur_idx) and k >= 3:
+            sigma = prm["sigma"][blur_idx, None].expand(-1, 2).to(x.dtype)
+            x[blur_idx] = gaussian_blur2d(x[blur_idx], (k, k), sigma)
 
         x = torch.where(_per_sample(prm["solarize"]) & (x >= 0.5), 1 - x, x)
-        x = torch.where(_per_sample(prm["noise"]), (x + noise * _per_sample(prm["noise_std"])).clamp(0, 1), x)
+        noise_idx = prm["noise"].nonzero()[:, 0]
+        if len(noise_idx):
+            noise = torch.randn((len(noise_idx), c, h, w), generator=generator).to(x.device)
+            x[noise_idx] = (x[noise_idx] + noise * _per_sample(prm["noise_std"][noise_idx])).clamp(0, 1)
         return x

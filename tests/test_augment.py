@@ -57,3 +57,15 @@ def test_all_ops_on_stay_in_range_and_differ_between_patches():
 def test_patch_mode_rejects_sizes_not_multiple_of_patch():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         PhotometricAugment(PhotometricConfig(mode="patch"), 4)(torch.rand(1, 1, 10, 10))
+
+
+@pytest.mark.parametrize("mode", ["image", "patch"])
+def test_blur_and_noise_fire_only_where_drawn_and_leave_input_untouched(mode):
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    cfg = PhotometricConfig(mode=mode, **{**OFF, "blur_p": 0.5, "noise_p": 0.5})
+    y = PhotometricAugment(cfg, 4)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(x, before)
+    units = (to_patches(y, 4), to_patches(x, 4)) if mode == "patch" else (y, x)
+    changed = (units[0] != units[1]).flatten(1).any(1)
+    assert 0 < int(changed.sum()) < len(changed)  # some samples/patches untouched, some augmented
