@@ -89,7 +89,7 @@ class LossConfig:
     """Objective and temperatures (SPEC §4).
 
     Attributes:
-        objective: ``dino``, ``pwml``, ``pwsl``, ``pwll`` or ``cossl``.
+        objective: ``dino``, ``pwml``, ``pwsl``, ``pwll``, ``cossl`` or ``logo``.
         lam: CLS weight of ``pwll``.
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after warm-up.
@@ -98,6 +98,7 @@ class LossConfig:
         center_momentum: EMA momentum of the CLS and patch centers.
         matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
             teacher patch, EsViT style; to measure what geometry buys).
+        logo_weight: Weight of LoGo's local-local affinity term.
     """
 
     objective: str = "pwml"
@@ -108,6 +109,7 @@ class LossConfig:
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
     matcher: str = "geometric"
+    logo_weight: float = 0.5
 
 
 @dataclass
@@ -174,8 +176,10 @@ class TrainConfig:
             )
         if v.n_global < 1 or v.n_global + v.n_local < 2:
             raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
-        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll", "cossl"):
-            raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl, pwll or cossl")
+        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll", "cossl", "logo"):
+            raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl, pwll, cossl or logo")
+        if self.loss.objective == "logo" and self.views.n_local < 2:
+            raise ConfigError("loss.objective=logo needs views.n_local >= 2 (it pushes local views apart)")
         if self.loss.matcher not in ("geometric", "feature-nn"):
             raise ConfigError(f"loss.matcher={self.loss.matcher!r}: use geometric or feature-nn")
         if self.photometric.mode not in ("image", "patch", "none"):

@@ -35,10 +35,11 @@ __all__ = [
     "combine_terms",
     "PatchWiseDistillationLoss",
     "view_pairs",
+    "LoGoAffinity",
 ]
 
-Objective = Literal["dino", "pwml", "pwsl", "pwll", "cossl"]
-OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll", "cossl")
+Objective = Literal["dino", "pwml", "pwsl", "pwll", "cossl", "logo"]
+OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll", "cossl", "logo")
 
 
 def view_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
@@ -96,7 +97,7 @@ def combine_terms(
         Scalar loss.
     """
     n = n_patch.to(h_cls.dtype)
-    if objective == "dino":
+    if objective in ("dino", "logo"):  # logo adds its local-local term outside (LoGoAffinity)
         per = h_cls
     elif objective in ("pwml", "cossl"):
         per = (h_cls + patch_sum) / (1 + n)
@@ -140,7 +141,7 @@ class PatchWiseDistillationLoss(nn.Module):
 
     @property
     def uses_patches(self) -> bool:
-        return self.objective != "dino"
+        return self.objective not in ("dino", "logo")
 
     def teacher_probs(self, logits: Tensor, center: Center, teacher_temp: float) -> Tensor:
         """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, no gradient."""
@@ -217,3 +218,49 @@ class PatchWiseDistillationLoss(nn.Module):
         self.cls_center.update(teacher_cls.reshape(-1, teacher_cls.shape[-1]))
         if self.uses_patches and self.objective != "cossl" and teacher_patch is not None:
             self.patch_center.update(teacher_patch)
+
+
+class LoGoAffinity(nn.Module):
+    """LoGo's learned affinity between two local representations (seed 003), trained against the encoder.
+
+    ``phi(z_a, z_b) = MLP([z_a * z_b, |z_a - z_b|])`` with spectrally normalized layers, so its gradient
+    with respect to the representations is bounded. The affinity network learns to tell local views of
+    the same image from local views of different images (logistic loss on detached representations);
+    the encoder minimizes the affinity of same-image local pairs (through a copy of ``phi`` whose
+    parameters are detached), which pushes local views of one image apart while the DINO terms keep
+    global–global and local–global pairs together.
+
+    Args:
+        dim: Representation width.
+        hidden: Hidden width of the MLP.
+    """
+
+    def __init__(self, dim: int, hidden: int = 256) -> None:
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.net = nn.Sequential(sn(nn.Linear(2 * dim, hidden)), nn.GELU(), sn(nn.Linear(hidden, 1)))
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """``[N, D]``, ``[N, D]`` -> ``[N]`` affinity logits."""
+        z_a, z_b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
+        return self.net(torch.cat([z_a * z_b, (z_a - z_b).abs()], -1))[:, 0]
+
+    def terms(self, local: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder term and affinity-network loss from ``[L, B, D]`` local representations (L >= 2).
+
+        Returns:
+            ``(encoder_term, affinity_loss)``: the mean same-image affinity (gradient to the
+            representations only) and the discriminator loss (gradient to the affinity network only).
+        """
+        n_local = local.shape[0]
+        if n_local < 2:
+            raise ValueError("LoGo needs at least 2 local views (views.n_local)")
+        ia, ib = torch.triu_indices(n_local, n_local, offset=1)
+        same_a, same_b = local[ia].flatten(0, 1), local[ib].flatten(0, 1)
+        other_b = local[ib].roll(1, dims=1).flatten(0, 1)  # the same view index of the next image
+        frozen = {k: v.detach() for k, v in self.named_parameters()}
+        encoder_term = torch.func.functional_call(self, frozen, (same_a, same_b)).mean()
+        logits_same = self(same_a.detach(), same_b.detach())
+        logits_other = self(same_a.detach(), other_b.detach())
+        affinity_loss = F.softplus(-logits_same).mean() + F.softplus(logits_other).mean()
+        return encoder_term, affinity_loss

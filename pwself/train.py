@@ -28,7 +28,7 @@ from pwself.checkpoint import CheckpointError, export_backbone, latest_checkpoin
 from pwself.config import TrainConfig, config_diff, config_from_dict, config_to_dict, save_config
 from pwself.data import TensorImageDataset, build_dataset, channel_stats, iterate_batches
 from pwself.distributed import all_true, allreduce_gradients, gather_objects, init_distributed
-from pwself.losses import PatchWiseDistillationLoss, view_pairs
+from pwself.losses import LoGoAffinity, PatchWiseDistillationLoss, view_pairs
 from pwself.matching import match_views, match_views_by_features
 from pwself.models import DINOHead, ema_update, forward_tokens, make_vit
 from pwself.views import MultiCrop, MultiCropViews
@@ -92,6 +92,8 @@ class Student(nn.Module):
         super().__init__()
         self.backbone = make_vit(cfg.backbone)
         self.head = DINOHead(cfg.backbone.embed_dim, cfg.head)
+        # LoGo's affinity network trains with the student (its own loss) and is ignored by the teacher.
+        self.affinity = LoGoAffinity(cfg.backbone.embed_dim) if cfg.loss.objective == "logo" else None
 
 
 def build_student(cfg: TrainConfig) -> Student:
@@ -126,6 +128,7 @@ def distill_step(
     grids: list[tuple[int, int]],
     teacher_temp: float,
     matcher: str = "geometric",
+    logo_weight: float = 0.5,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
     """Forward both networks on the views and compute the loss.
 
@@ -151,7 +154,14 @@ def distill_step(
         s_cls = student.head(s_cls_tokens).unflatten(0, (n_views, b))
         with torch.no_grad():
             t_cls = teacher.head(t.cls).unflatten(0, (g, b))
-        return criterion(s_cls, t_cls, pairs, teacher_temp), t_cls, None
+        terms = criterion(s_cls, t_cls, pairs, teacher_temp)
+        if criterion.objective == "logo":
+            if student.affinity is None or s_l is None:
+                raise ValueError("objective logo needs the student's affinity network and local views")
+            encoder_term, affinity_loss = student.affinity.terms(s_l.cls.unflatten(0, (n_loc, b)))
+            terms = {**terms, "loss": terms["loss"] + logo_weight * encoder_term + affinity_loss,
+                     "local_affinity": encoder_term.detach(), "affinity_loss": affinity_loss.detach()}
+        return terms, t_cls, None
 
     dev = views.global_crops.device
     s_patches = [s_g.patches.flatten(0, 1)] + ([s_l.patches.flatten(0, 1)] if s_l is not None else [])
@@ -428,7 +438,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step],
-                                                     cfg.loss.matcher)
+                                                     cfg.loss.matcher, cfg.loss.logo_weight)
             loss = terms["loss"]
             grad_norm = float("nan")
             if all_true(bool(torch.isfinite(loss)), device):  # every rank takes the same branch

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pwself.losses import Center, PatchWiseDistillationLoss, combine_terms, view_pairs
 from pwself.matching import match_views
@@ -106,3 +107,46 @@ def test_bad_objective_and_lambda():
         PatchWiseDistillationLoss(3, "pwxx")
     with pytest.raises(ValueError, match="lambda"):
         PatchWiseDistillationLoss(3, "pwll", lam=1.5)
+
+
+def test_logo_local_term_alone_pushes_same_image_local_views_apart():
+    from pwself.losses import LoGoAffinity
+
+    torch.manual_seed(0)
+    # 2 local views x 8 images: the two views of an image start close, images differ from each other.
+    base = torch.randn(1, 8, 16)
+    local = (base + 0.1 * torch.randn(2, 8, 16)).requires_grad_(True)
+    phi = LoGoAffinity(16, hidden=64)
+    opt_z = torch.optim.SGD([local], lr=0.5)
+    opt_phi = torch.optim.Adam(phi.parameters(), lr=1e-2)
+
+    def same_image_cos():
+        return F.cosine_similarity(local[0], local[1], dim=-1).mean().item()
+
+    before = same_image_cos()
+    for _ in range(150):
+        encoder_term, affinity_loss = phi.terms(local)
+        opt_z.zero_grad()
+        opt_phi.zero_grad()
+        (encoder_term + affinity_loss).backward()
+        opt_z.step()
+        opt_phi.step()
+    assert same_image_cos() < before - 0.2
+
+
+def test_logo_terms_route_gradients_to_their_own_side():
+    from pwself.losses import LoGoAffinity
+
+    phi = LoGoAffinity(8, hidden=16)
+    local = torch.randn(3, 4, 8, requires_grad=True)
+    encoder_term, affinity_loss = phi.terms(local)
+    grads_phi = torch.autograd.grad(encoder_term, list(phi.parameters()), allow_unused=True)
+    assert all(g is None for g in grads_phi)  # the encoder term does not train the affinity network
+    assert torch.autograd.grad(encoder_term, local)[0].abs().sum() > 0
+    local2 = torch.randn(3, 4, 8, requires_grad=True)
+    _, affinity_loss = phi.terms(local2)
+    affinity_loss.backward()
+    assert local2.grad is None  # the affinity loss does not move the representations
+    assert all(p.grad is not None for p in phi.parameters())
+    with pytest.raises(ValueError, match="at least 2 local views"):
+        phi.terms(torch.randn(1, 4, 8))

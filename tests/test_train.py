@@ -161,3 +161,19 @@ def test_cossl_patch_term_vanishes_when_patches_match_a_sharp_teacher_cls():
     far = crit(s_cls, t_cls, [(0, 1)], 0.04, s_patch_far, t_cls.flatten(0, 1), torch.zeros(4, dtype=torch.long),
                torch.arange(4), torch.zeros(4, dtype=torch.long))
     assert far["patch"].item() > 100
+
+
+def test_logo_step_trains_encoder_and_affinity():
+    cfg = tiny_config(**{"loss.objective": "logo"})
+    torch.manual_seed(0)
+    student = build_student(cfg)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, "logo")
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
+    terms, _, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, logo_weight=0.5)
+    assert t_patch is None and {"local_affinity", "affinity_loss"} <= set(terms)
+    torch.testing.assert_close(terms["loss"].detach(),
+                               terms["cls"] + 0.5 * terms["local_affinity"] + terms["affinity_loss"])
+    terms["loss"].backward()
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
