@@ -414,7 +414,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         torch.set_rng_state(ckpt["torch_rngs"][info.rank])
         _set_host_rng(ckpt["host_rngs"][info.rank])
         step = int(ckpt["step"])
-        _truncate_metrics(metrics_path, step)
+        if info.is_main:
+            _truncate_metrics(metrics_path, step)
     elif metrics_path.exists() and info.is_main:
         metrics_path.unlink()
 
