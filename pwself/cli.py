@@ -34,7 +34,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", help="run directory (default runs/pwself)")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--objective", choices=["dino", "pwml", "pwsl", "pwll", "cossl", "logo"],
+    p.add_argument("--objective", choices=["dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl"],
                    help="loss (default pwml)")
     p.add_argument("--seed", type=int, help="seed of the whole run")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")

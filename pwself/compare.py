@@ -2,7 +2,7 @@
 
 Runs go to ``OUT/<objective>_seed<seed>/`` one after the other; a run whose ``knn.json`` exists is
 finished and skipped, an interrupted one resumes from its checkpoint. Each finished run is evaluated with
-kNN (k = 10, 20 on the teacher CLS) and a linear probe, and the results are aggregated as mean ± std
+kNN (k = 10, 20 on the teacher CLS, or BagSSL's bag of tiles for ``bagssl``) and a linear probe, and the results are aggregated as mean ± std
 over seeds.
 """
 
@@ -32,8 +32,11 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
     if not linear_path.exists():
         src = open_source(str(run_dir))
         data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
+        pooling = "cls"
+        if cfg.loss.objective == "bagssl":  # its own aggregation: tiles of the image at native resolution
+            pooling, src.size = "bag", int(open_dataset(cfg, "train")[0][0].shape[-1])
         feats = {split: cached_features(src, open_dataset(cfg, split), {**data_id, "split": split},
-                                        cache_dir=run_dir / "features", progress=progress)
+                                        pooling=pooling, cache_dir=run_dir / "features", progress=progress)
                  for split in ("train", "test")}
         res = linear_probe(*feats["train"], *feats["test"])
         linear_path.write_text(json.dumps(res, indent=2))

@@ -89,7 +89,7 @@ class LossConfig:
     """Objective and temperatures (SPEC §4).
 
     Attributes:
-        objective: ``dino``, ``pwml``, ``pwsl``, ``pwll``, ``cossl`` or ``logo``.
+        objective: ``dino``, ``pwml``, ``pwsl``, ``pwll``, ``cossl``, ``logo`` or ``bagssl``.
         lam: CLS weight of ``pwll``.
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after warm-up.
@@ -176,8 +176,10 @@ class TrainConfig:
             )
         if v.n_global < 1 or v.n_global + v.n_local < 2:
             raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
-        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll", "cossl", "logo"):
-            raise ConfigError(f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl, pwll, cossl or logo")
+        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl"):
+            raise ConfigError(
+                f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl, pwll, cossl, logo or bagssl"
+            )
         if self.loss.objective == "logo" and self.views.n_local < 2:
             raise ConfigError("loss.objective=logo needs views.n_local >= 2 (it pushes local views apart)")
         if self.loss.matcher not in ("geometric", "feature-nn"):

@@ -11,6 +11,9 @@ with ``H(t, s) = -sum softmax((t - C) / tau_t) * log_softmax(s / tau_s)``. Then,
 * ``pwml``: ``(H_cls + S) / (1 + n)`` (mean over the CLS pair and the matched patch pairs)
 * ``pwsl``: ``H_cls + S``
 * ``pwll``: ``lam * H_cls + (1 - lam) * S / n``, and ``H_cls`` alone when ``n == 0``
+* ``bagssl`` (BagSSL, seed 002): the teacher target of an image is the bag, its head applied to the mean
+  of the CLS tokens of all teacher views; every student view (a fixed-size patch of the image when the
+  views are configured so) predicts it: pairs are (bag, view j) for every j, ``H_cls`` only
 * ``cossl`` (CO-SSL, seed 004): as ``pwml``, but every student patch token of view ``j`` is paired with
   the teacher's CLS of view ``i`` (local, pre-pooling representations aligned with the global one);
   those targets are CLS outputs, so they are centred with the CLS center
@@ -38,8 +41,8 @@ __all__ = [
     "LoGoAffinity",
 ]
 
-Objective = Literal["dino", "pwml", "pwsl", "pwll", "cossl", "logo"]
-OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll", "cossl", "logo")
+Objective = Literal["dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl"]
+OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl")
 
 
 def view_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
@@ -97,7 +100,7 @@ def combine_terms(
         Scalar loss.
     """
     n = n_patch.to(h_cls.dtype)
-    if objective in ("dino", "logo"):  # logo adds its local-local term outside (LoGoAffinity)
+    if objective in ("dino", "logo", "bagssl"):  # logo adds its local-local term outside (LoGoAffinity)
         per = h_cls
     elif objective in ("pwml", "cossl"):
         per = (h_cls + patch_sum) / (1 + n)
@@ -141,7 +144,7 @@ class PatchWiseDistillationLoss(nn.Module):
 
     @property
     def uses_patches(self) -> bool:
-        return self.objective not in ("dino", "logo")
+        return self.objective not in ("dino", "logo", "bagssl")
 
     def teacher_probs(self, logits: Tensor, center: Center, teacher_temp: float) -> Tensor:
         """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, no gradient."""

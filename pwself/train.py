@@ -150,6 +150,12 @@ def distill_step(
     s_l = forward_tokens(student.backbone, views.local_crops) if n_loc else None
 
     s_cls_tokens = torch.cat([s_g.cls] + ([s_l.cls] if s_l is not None else []))
+    if criterion.objective == "bagssl":
+        # Co-occurrence: every view predicts the bag (mean of the teacher's view representations).
+        s_cls = student.head(s_cls_tokens).unflatten(0, (n_views, b))
+        with torch.no_grad():
+            t_bag = teacher.head(t.cls.unflatten(0, (g, b)).mean(0))[None]  # [1, B, K]
+        return criterion(s_cls, t_bag, [(0, j) for j in range(n_views)], teacher_temp), t_bag, None
     if not criterion.uses_patches:
         s_cls = student.head(s_cls_tokens).unflatten(0, (n_views, b))
         with torch.no_grad():
@@ -534,6 +540,8 @@ def evaluate_knn_run(
     train_set, test_set = open_dataset(cfg, "train"), open_dataset(cfg, "test")
     kw = dict(mean=cfg.data.mean, std=cfg.data.std, size=cfg.views.global_size, device=device, progress=progress,
               num_workers=cfg.data.num_workers)
+    if cfg.loss.objective == "bagssl":  # BagSSL's own aggregation: tiles of the image at native resolution
+        kw["pooling"], kw["size"] = "bag", None
     f_tr, y_tr = extract_features(backbone, train_set, desc="features train", **kw)
     f_te, y_te = extract_features(backbone, test_set, desc="features test", **kw)
     ks = tuple(k for k in ks if k <= len(f_tr)) or (len(f_tr),)

@@ -59,3 +59,13 @@ def reference_cossl(s_cls, t_cls, s_patch, cls_center, t_temp, s_temp):
                 total = total + sum(terms) / len(terms)
                 count += 1
     return total / count
+
+
+def reference_bagssl(s_cls, t_cls_bag, cls_center, t_temp, s_temp):
+    """BagSSL as pwself defines it: every student view j predicts the teacher bag of its image."""
+    total, count = 0.0, 0
+    for j in range(s_cls.shape[0]):
+        for b in range(s_cls.shape[1]):
+            total = total + h(t_cls_bag[b], cls_center, t_temp, s_cls[j, b], s_temp)
+            count += 1
+    return total / count

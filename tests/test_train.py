@@ -177,3 +177,31 @@ def test_logo_step_trains_encoder_and_affinity():
     terms["loss"].backward()
     missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+def test_bagssl_step_equals_reference_and_bag_pooling_is_mean_of_tiles():
+    from reference import reference_bagssl
+
+    from pwself.eval.features import pool_features
+
+    cfg = tiny_config(**{"loss.objective": "bagssl"})
+    torch.manual_seed(0)
+    student = build_student(cfg).double()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, "bagssl").double()
+    crit.cls_center.center.normal_()
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    terms, t_bag, _ = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
+    s_cls, _, _, _ = all_token_logits(student, teacher, views)
+    with torch.no_grad():
+        bag = teacher.head(forward_tokens(teacher.backbone, views.global_crops).cls.view(2, 3, -1).mean(0))
+    torch.testing.assert_close(t_bag[0], bag)
+    ref = reference_bagssl(s_cls, bag, crit.cls_center.center[0], 0.05, 0.1)
+    torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    tiles = [x[..., :8, :8], x[..., :8, 8:], x[..., 8:, :8], x[..., 8:, 8:]]
+    expected = torch.stack([forward_tokens(student.backbone, t).cls for t in tiles]).mean(0)
+    torch.testing.assert_close(pool_features(student.backbone, x, "bag"), expected)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pool_features(student.backbone, torch.rand(1, 1, 12, 12, dtype=torch.float64), "bag")

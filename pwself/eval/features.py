@@ -15,7 +15,7 @@ from pwself.models import forward_tokens
 
 __all__ = ["POOLINGS", "extract_features", "normalize_images", "pool_features"]
 
-POOLINGS = ("cls", "mean-patch", "cls+mean", "last4", "cls+gem")
+POOLINGS = ("cls", "mean-patch", "cls+mean", "last4", "cls+gem", "bag")
 
 
 def pool_features(backbone: nn.Module, x: Tensor, pooling: str) -> Tensor:
@@ -26,7 +26,16 @@ def pool_features(backbone: nn.Module, x: Tensor, pooling: str) -> Tensor:
     * ``cls+mean``: both concatenated (BagSSL's aggregation; dinov2's linear input with avgpool).
     * ``last4``: CLS tokens of the last 4 blocks concatenated, each after the final norm (dino/dinov2).
     * ``cls+gem``: CLS concatenated with GeM (p = 4) over patch tokens (dino's copy-detection descriptor).
+    * ``bag``: BagSSL's aggregation, the mean of the CLS tokens of the 2x2 grid of half-size tiles
+      (each tile at its native resolution).
     """
+    if pooling == "bag":
+        h, w = x.shape[-2:]
+        p = backbone.patch_embed.patch_size[0]
+        if h % (2 * p) or w % (2 * p):
+            raise ValueError(f"bag pooling cuts {h}x{w} inputs into 2x2 tiles: the side must be a multiple of {2 * p}")
+        tiles = [x[..., i * h // 2 : (i + 1) * h // 2, j * w // 2 : (j + 1) * w // 2] for i in range(2) for j in range(2)]
+        return torch.stack([forward_tokens(backbone, tile).cls for tile in tiles]).mean(0)
     if pooling == "last4":
         inter = backbone.forward_intermediates(x, indices=4, norm=True, output_fmt="NLC",
                                                return_prefix_tokens=True, intermediates_only=True)
