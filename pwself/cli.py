@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pwself.config import load_config
 
     base = load_config(args.config, list(args.overrides))
-    objectives = [o for o in args.objectives.split(",") if o]
+    objectives = [o for o in re.split(r",(?![^\[]*\])", args.objectives) if o]  # commas inside [..] are values
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress)

@@ -35,3 +35,17 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
     assert main(args) == 0
     assert "| dino |" in capsys.readouterr().out
     assert compare_mod.comparison_table(res) == md
+
+
+def test_objective_list_keeps_commas_inside_brackets(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(base, objectives, seeds, out_dir, progress=True):
+        seen["objectives"], seen["seeds"] = objectives, seeds
+        return {"objectives": objectives, "seeds": seeds, "runs": {}}
+
+    monkeypatch.setattr("pwself.compare.run_comparison", fake)
+    spec = "dino,bagssl:views.n_local=0+views.global_scale=[0.25,0.25],pwml"
+    assert main(["compare", "--objectives", spec, "--seeds", "0,1", "--out-dir", str(tmp_path), *TINY]) == 0
+    assert seen["objectives"] == ["dino", "bagssl:views.n_local=0+views.global_scale=[0.25,0.25]", "pwml"]
+    assert seen["seeds"] == [0, 1]
