@@ -30,7 +30,7 @@ def test_linear_probe_separable_100_and_random_labels_chance():
     x, y = _clusters(400)
     xt, yt = _clusters(200, seed=1)
     res = linear_probe(x, y, xt, yt, epochs=10)
-    assert res["top1"] == 100.0 and len(res["grid"]) == 14
+    assert res["top1"] == 100.0 and len(res["grid"]) == 16
     assert res["best"]["val_top1"] == max(r["val_top1"] for r in res["grid"])
     rand = linear_probe(x, y[torch.randperm(400, generator=torch.Generator().manual_seed(0))], xt, yt, epochs=10)
     assert rand["top1"] < 45  # chance is 25%

@@ -3,7 +3,8 @@
 Like dinov2's ``eval/linear.py``: every (lr, weight decay) head is its own SGD group (momentum 0.9), the
 heads share each batch, the learning rate follows a per-iteration cosine, the best head is picked on a
 validation split carved from train (strict ``>``, first wins a tie) and only that head is reported on test.
-Features are cached, so no augmentation (dinov2's ``log_regression`` protocol, with SGD).
+Features are cached, so no augmentation (dinov2's ``log_regression`` protocol, with SGD); they are
+standardized with the statistics of the train part first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def linear_probe(
     train_labels: Tensor,
     test_features: Tensor,
     test_labels: Tensor,
-    lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+    lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0),
     weight_decays: Sequence[float] = (0.0, 1e-4),
     epochs: int = 30,
     batch_size: int = 256,
@@ -63,8 +64,12 @@ def linear_probe(
     perm = torch.randperm(n, generator=g)
     n_val = max(1, int(round(val_fraction * n)))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    x_tr, y_tr = train_features[tr_idx].float(), train_labels[tr_idx]
-    x_val, y_val = train_features[val_idx].float(), train_labels[val_idx]
+    # Standardize with statistics of the train part: L2-normalized features have tiny coordinates, which
+    # would otherwise push the best learning rate to the edge of any fixed grid.
+    mu = train_features[tr_idx].float().mean(0)
+    sd = train_features[tr_idx].float().std(0).clamp(min=1e-6)
+    x_tr, y_tr = (train_features[tr_idx].float() - mu) / sd, train_labels[tr_idx]
+    x_val, y_val = (train_features[val_idx].float() - mu) / sd, train_labels[val_idx]
     c = int(max(train_labels.max(), test_labels.max())) + 1
     d = x_tr.shape[1]
     grid = [(lr, wd) for lr in lrs for wd in weight_decays]
@@ -100,7 +105,7 @@ def linear_probe(
         for k in range(1, h):
             if val_top1[k] > val_top1[best]:
                 best = k
-        test_logits = test_features.float() @ weight[best] + bias[best]
+        test_logits = ((test_features.float() - mu) / sd) @ weight[best] + bias[best]
         top1, top5 = _accuracy(test_logits, test_labels)
     return {
         "top1": top1,
