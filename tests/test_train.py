@@ -131,16 +131,21 @@ def test_feature_nn_matcher_step_matches_every_student_patch():
         distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, "nearest")
 
 
+def float64_setup(objective: str):
+    """Tiny float64 student/teacher, a criterion with a random CLS center, and 3 images' views (2 + 3)."""
+    torch.manual_seed(0)
+    student = build_student(tiny_config(**{"loss.objective": objective})).double()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, objective).double()
+    crit.cls_center.center.normal_()
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    return student, teacher, crit, views
+
+
 def test_cossl_step_equals_reference():
     from reference import reference_cossl
 
-    cfg = tiny_config(**{"loss.objective": "cossl"})
-    torch.manual_seed(0)
-    student = build_student(cfg).double()
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    crit = PatchWiseDistillationLoss(7, "cossl").double()
-    crit.cls_center.center.normal_()
-    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    student, teacher, crit, views = float64_setup("cossl")
     terms, _, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
     assert t_patch is None and terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
     s_cls, s_patch, t_cls, _ = all_token_logits(student, teacher, views)
@@ -184,13 +189,7 @@ def test_bagssl_step_equals_reference_and_bag_pooling_is_mean_of_tiles():
 
     from pwself.eval.features import pool_features
 
-    cfg = tiny_config(**{"loss.objective": "bagssl"})
-    torch.manual_seed(0)
-    student = build_student(cfg).double()
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    crit = PatchWiseDistillationLoss(7, "bagssl").double()
-    crit.cls_center.center.normal_()
-    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    student, teacher, crit, views = float64_setup("bagssl")
     terms, t_bag, _ = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
     s_cls, _, _, _ = all_token_logits(student, teacher, views)
     with torch.no_grad():
