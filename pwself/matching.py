@@ -144,29 +144,11 @@ def _pair_runs_batched(
     return cell_a, cell_b, i < n
 
 
-def match_patches(
-    boxes_a: Tensor,
-    flips_a: Tensor,
-    grid_a: tuple[int, int],
-    boxes_b: Tensor,
-    flips_b: Tensor,
-    grid_b: tuple[int, int],
+def _match_grid(
+    boxes_a: Tensor, flips_a: Tensor, grid_a: tuple[int, int], boxes_b: Tensor, flips_b: Tensor, grid_b: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Matched patch tokens for a batch of view pairs, vectorized over the batch.
-
-    Args:
-        boxes_a: ``[B, 4]`` crop boxes ``(x0, y0, x1, y1)`` of the a views.
-        flips_a: ``[B]`` bool, horizontal flip of the a views.
-        grid_a: Patch grid ``(rows, cols)`` shared by all a views.
-        boxes_b: ``[B, 4]`` crop boxes of the b views.
-        flips_b: ``[B]`` bool flips of the b views.
-        grid_b: Patch grid shared by all b views.
-
-    Returns:
-        ``(idx_a, idx_b, valid)``: ``[B, M]`` long token indices into the patch tokens of a and b and
-        a ``[B, M]`` bool mask. Valid pairs come first in each row, in the order of :func:`match_pair`;
-        ``M`` is the largest count in the batch; padding is index 0 with ``valid=False``.
-    """
+    """Uncompacted matches: ``[B, R*C]`` tokens of a, tokens of b and validity, in :func:`match_pair` order
+    among the valid entries of each row (R, C: the largest row and column run counts)."""
     rows_a, cols_a = grid_a
     rows_b, cols_b = grid_b
     a = boxes_a.to(torch.float64)
@@ -194,6 +176,33 @@ def match_patches(
     tok_b = (rb[:, :, None] * cols_b + cb[:, None, :]).flatten(1)
     valid = (rv[:, :, None] & cv[:, None, :]).flatten(1)
 
+    return tok_a, tok_b, valid
+
+
+def match_patches(
+    boxes_a: Tensor,
+    flips_a: Tensor,
+    grid_a: tuple[int, int],
+    boxes_b: Tensor,
+    flips_b: Tensor,
+    grid_b: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Matched patch tokens for a batch of view pairs, vectorized over the batch.
+
+    Args:
+        boxes_a: ``[B, 4]`` crop boxes ``(x0, y0, x1, y1)`` of the a views.
+        flips_a: ``[B]`` bool, horizontal flip of the a views.
+        grid_a: Patch grid ``(rows, cols)`` shared by all a views.
+        boxes_b: ``[B, 4]`` crop boxes of the b views.
+        flips_b: ``[B]`` bool flips of the b views.
+        grid_b: Patch grid shared by all b views.
+
+    Returns:
+        ``(idx_a, idx_b, valid)``: ``[B, M]`` long token indices into the patch tokens of a and b and
+        a ``[B, M]`` bool mask. Valid pairs come first in each row, in the order of :func:`match_pair`;
+        ``M`` is the largest count in the batch; padding is index 0 with ``valid=False``.
+    """
+    tok_a, tok_b, valid = _match_grid(boxes_a, flips_a, grid_a, boxes_b, flips_b, grid_b)
     # Move valid pairs to the front, keeping their order, and cut to the largest count.
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
     m = int(valid.sum(1).max().item()) if valid.numel() else 0
@@ -221,21 +230,33 @@ def match_views(
     Returns:
         ``(teacher_token, student_token, pair_index, sample)``, each ``[N]`` long over the ``N`` matched
         patch pairs of the batch: token indices into view ``i``'s and view ``j``'s patch tokens,
-        ``p * B + b`` and ``b``. Ordered by pair, then sample, then :func:`match_pair` order.
+        ``p * B + b`` and ``b``. The matches of one (pair, sample) are contiguous and in
+        :func:`match_pair` order; pairs are grouped by kind (teacher grid, student grid), in ``pairs``
+        order inside a kind.
     """
     batch = boxes.shape[1]
-    t_tok, s_tok, pair_idx, sample = [], [], [], []
-    for p, (i, j) in enumerate(pairs):
-        idx_t, idx_s, valid = match_patches(boxes[i], flips[i], grids[i], boxes[j], flips[j], grids[j])
-        b = valid.nonzero()[:, 0]
-        t_tok.append(idx_t[valid])
-        s_tok.append(idx_s[valid])
-        sample.append(b)
-        pair_idx.append(b + p * batch)
     if not pairs:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, empty, empty
-    return torch.cat(t_tok), torch.cat(s_tok), torch.cat(pair_idx), torch.cat(sample)
+    # One vectorized call per distinct (teacher grid, student grid): all pairs of a kind (e.g. the 16
+    # global-local pairs) are stacked along the batch axis, so the cost is a few dozen tensor ops per
+    # step whatever the number of views.
+    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
+    for p, (i, j) in enumerate(pairs):
+        groups.setdefault((tuple(grids[i]), tuple(grids[j])), []).append(p)
+    t_idx = torch.tensor([i for i, _ in pairs])
+    s_idx = torch.tensor([j for _, j in pairs])
+    samples = torch.arange(batch)
+    out = []
+    for (grid_t, grid_s), members in groups.items():
+        sel = torch.tensor(members)
+        tok_t, tok_s, valid = _match_grid(boxes[t_idx[sel]].flatten(0, 1), flips[t_idx[sel]].flatten(), grid_t,
+                                          boxes[s_idx[sel]].flatten(0, 1), flips[s_idx[sel]].flatten(), grid_s)
+        # masked_select walks rows in order: (member, sample), then match_pair order within a row.
+        row_pair = (sel[:, None] * batch + samples).flatten()[:, None].expand_as(valid)
+        row_sample = samples.repeat(len(members))[:, None].expand_as(valid)
+        out.append([x.masked_select(valid) for x in (tok_t, tok_s, row_pair, row_sample)])
+    return tuple(torch.cat(x) for x in zip(*out))  # type: ignore[return-value]
 
 
 @torch.no_grad()

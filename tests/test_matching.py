@@ -195,3 +195,29 @@ def test_feature_nn_matches_most_similar_teacher_token():
     t_tok, s_tok, pair_idx, sample = match_views_by_features([t], [t, s], [(0, 1)])
     assert torch.equal(t_tok, perm.repeat(2)) and torch.equal(s_tok, torch.arange(3).repeat(2))
     assert torch.equal(sample, torch.tensor([0, 0, 0, 1, 1, 1])) and torch.equal(pair_idx, sample)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_match_views_equals_match_pair_for_every_pair_and_sample(batch):
+    from pwself.losses import view_pairs
+    from pwself.matching import match_views
+    from pwself.views import sample_boxes
+
+    g = torch.Generator().manual_seed(batch)
+    boxes = torch.stack([sample_boxes(batch, 40, 40, (0.4, 1.0), (3 / 4, 4 / 3), g) for _ in range(2)]
+                        + [sample_boxes(batch, 40, 40, (0.05, 0.4), (3 / 4, 4 / 3), g) for _ in range(4)])
+    flips = torch.rand(6, batch, generator=g) < 0.5
+    grids = [(7, 7)] * 2 + [(3, 3)] * 3 + [(2, 4)]  # three kinds of pair: global-global and two local grids
+    pairs = view_pairs(2, 6)
+    t_tok, s_tok, pair_idx, sample = match_views(boxes, flips, grids, pairs)
+    assert torch.equal(sample, pair_idx % batch)
+    for p, (i, j) in enumerate(pairs):
+        for b in range(batch):
+            sel = pair_idx == p * batch + b
+            got = list(zip(t_tok[sel].tolist(), s_tok[sel].tolist()))
+            expected = match_pair(boxes[i, b].tolist(), bool(flips[i, b]), grids[i],
+                                  boxes[j, b].tolist(), bool(flips[j, b]), grids[j])
+            assert got == expected
+    assert len(t_tok) > 0
+    empty = match_views(boxes, flips, grids, [])
+    assert all(len(x) == 0 for x in empty)
