@@ -76,7 +76,8 @@ class StepRunner:
 
     def step(self) -> None:
         views = self.views()
-        terms, t_cls, t_patch = distill_step(self.student, self.teacher, self.crit, views, self.grids, 0.04)
+        terms, t_cls, t_patch = distill_step(self.student, self.teacher, self.crit, views, self.grids, 0.04,
+                                             patch_fraction=self.cfg.loss.patch_fraction, generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
@@ -95,9 +96,17 @@ def config(objective: str, extra: list[str] = ()) -> TrainConfig:
     return cfg
 
 
+SAMPLED = "pwml_f0.25"  # pwml with loss.patch_fraction=0.25: a quarter of the matched pairs per step
+
+
+def runner_for(name: str, batch: int) -> StepRunner:
+    """A :class:`StepRunner` for ``dino``, ``pwml`` or :data:`SAMPLED`."""
+    return StepRunner(config(name.split("_")[0], ["loss.patch_fraction=0.25"] if name == SAMPLED else []), batch)
+
+
 def bench_step_ratio(batch: int, repeat: int) -> dict:
-    """1. Step time pwml / dino, interleaved so machine noise hits both alike."""
-    runners = {o: StepRunner(config(o), batch) for o in ("dino", "pwml")}
+    """1. Step time pwml / dino (and pwml with patch_fraction 0.25), interleaved so machine noise hits all alike."""
+    runners = {o: runner_for(o, batch) for o in ("dino", "pwml", SAMPLED)}
     times: dict[str, list[float]] = {o: [] for o in runners}
     for r in runners.values():
         r.step()
@@ -112,6 +121,7 @@ def bench_step_ratio(batch: int, repeat: int) -> dict:
     return {
         "batch": batch, "dino_step_s": med["dino"], "pwml_step_s": med["pwml"],
         "ratio_pwml_over_dino": med["pwml"] / med["dino"], "target": "<= 1.05",
+        "pwml_f025_step_s": med[SAMPLED], "ratio_pwml_f025_over_dino": med[SAMPLED] / med["dino"],
         "matching_s": max(match, 0.0), "matching_share_of_step": max(match, 0.0) / med["pwml"],
         "images_per_s_pwml": batch / med["pwml"], "images_per_s_dino": batch / med["dino"],
     }
@@ -187,7 +197,7 @@ def bench_pipeline(batch: int, repeat: int) -> dict:
 
 
 def _peak_memory_child(objective: str, batch: int, steps: int) -> None:
-    runner = StepRunner(config(objective), batch)
+    runner = runner_for(objective, batch)
     for _ in range(steps):
         runner.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -198,7 +208,7 @@ def _peak_memory_child(objective: str, batch: int, steps: int) -> None:
 def saved_activation_bytes(objective: str, batch: int) -> int:
     """Bytes of the tensors autograd saves for backward in one step: the activation memory, which is
     what differs between objectives (weights and optimizer state are the same)."""
-    runner = StepRunner(config(objective), batch)
+    runner = runner_for(objective, batch)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -207,14 +217,15 @@ def saved_activation_bytes(objective: str, batch: int) -> int:
 
     views = runner.views()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms, _, _ = distill_step(runner.student, runner.teacher, runner.crit, views, runner.grids, 0.04)
+        terms, _, _ = distill_step(runner.student, runner.teacher, runner.crit, views, runner.grids, 0.04,
+                                   patch_fraction=runner.cfg.loss.patch_fraction, generator=runner.gen)
     terms["loss"].backward()
     return sum(seen.values())
 
 
 def bench_memory(batch: int, steps: int) -> dict:
     """5. Activation memory (bytes saved for backward, exact) and peak RSS of fresh processes, pwml vs dino."""
-    act = {obj: saved_activation_bytes(obj, batch) for obj in ("dino", "pwml")}
+    act = {obj: saved_activation_bytes(obj, batch) for obj in ("dino", "pwml", SAMPLED)}
     res = {}
     for obj in ("dino", "pwml"):
         out = subprocess.run([sys.executable, __file__, "--memory-child", obj, "--batch", str(batch),
@@ -222,6 +233,7 @@ def bench_memory(batch: int, steps: int) -> dict:
         res[obj] = json.loads(out.stdout.strip().splitlines()[-1])
     return {"batch": batch, "dino_saved_mb": act["dino"] / 2**20, "pwml_saved_mb": act["pwml"] / 2**20,
             "ratio_pwml_over_dino": act["pwml"] / act["dino"], "target": "<= 1.10",
+            "pwml_f025_saved_mb": act[SAMPLED] / 2**20, "ratio_pwml_f025_over_dino": act[SAMPLED] / act["dino"],
             "dino_peak_rss_mb": res["dino"]["peak_rss_mb"], "pwml_peak_rss_mb": res["pwml"]["peak_rss_mb"],
             "peak_rss_ratio": res["pwml"]["peak_rss_mb"] / res["dino"]["peak_rss_mb"]}
 
@@ -234,14 +246,17 @@ def bench_scaling(quick: bool) -> dict:
         if quick and name == "vit_small":
             continue
         row = {"arch": name}
-        for obj in ("dino", "pwml"):
-            cfg = config(obj, ["views.global_size=224", "views.local_size=96", "backbone.img_size=224",
-                               "backbone.patch_size=16", "backbone.in_chans=3", f"backbone.embed_dim={dim}",
-                               "backbone.depth=12", f"backbone.num_heads={heads}", "views.n_local=8",
-                               "head.out_dim=65536", "head.hidden_dim=2048", "head.bottleneck_dim=256"])
+        for obj in ("dino", "pwml", SAMPLED):
+            sampled = ["loss.patch_fraction=0.25"] if obj == SAMPLED else []
+            cfg = config(obj.split("_")[0], [*sampled, "views.global_size=224", "views.local_size=96",
+                                             "backbone.img_size=224", "backbone.patch_size=16", "backbone.in_chans=3",
+                                             f"backbone.embed_dim={dim}", "backbone.depth=12",
+                                             f"backbone.num_heads={heads}", "views.n_local=8", "head.out_dim=65536",
+                                             "head.hidden_dim=2048", "head.bottleneck_dim=256"])
             runner = StepRunner(cfg, 4 if quick else 8, channels=3, image=256)
             row[f"{obj}_step_s"] = timeit(runner.step, 1 if quick else 2)
         row["ratio_pwml_over_dino"] = row["pwml_step_s"] / row["dino_step_s"]
+        row["ratio_pwml_f025_over_dino"] = row[f"{SAMPLED}_step_s"] / row["dino_step_s"]
         out["vit"].append(row)
     bs = (32, 128) if quick else (32, 128, 512)
     for b in bs:
@@ -304,6 +319,8 @@ def print_table(r: dict) -> None:
     rows = [
         ("step time pwml / dino", f"{r['step_ratio']['ratio_pwml_over_dino']:.3f}", "<= 1.05",
          f"dino {r['step_ratio']['dino_step_s']*1e3:.0f} ms, pwml {r['step_ratio']['pwml_step_s']*1e3:.0f} ms (B={r['step_ratio']['batch']})"),
+        ("step time pwml(patch_fraction 0.25) / dino", f"{r['step_ratio']['ratio_pwml_f025_over_dino']:.3f}", "<= 1.05",
+         f"pwml_f0.25 {r['step_ratio']['pwml_f025_step_s']*1e3:.0f} ms"),
         ("matching share of a pwml step", f"{100*r['step_ratio']['matching_share_of_step']:.2f}%", "< 2%", ""),
         ("matching: loop / vectorized", f"{r['matching']['speedup']:.0f}x", ">= 100x",
          f"B=256, 18 pairs: {r['matching']['vectorized_s']*1e3:.1f} ms vs {r['matching']['loop_s']*1e3:.0f} ms"),
@@ -313,10 +330,13 @@ def print_table(r: dict) -> None:
         ("activation memory pwml / dino", f"{r['memory']['ratio_pwml_over_dino']:.3f}", "<= 1.10",
          f"{r['memory']['dino_saved_mb']:.0f} vs {r['memory']['pwml_saved_mb']:.0f} MB saved for backward; "
          f"peak RSS {r['memory']['dino_peak_rss_mb']:.0f} vs {r['memory']['pwml_peak_rss_mb']:.0f} MB"),
+        ("activation memory pwml(patch_fraction 0.25) / dino", f"{r['memory']['ratio_pwml_f025_over_dino']:.3f}",
+         "<= 1.10", f"{r['memory']['pwml_f025_saved_mb']:.0f} MB saved for backward"),
     ]
     for v in r["scaling"]["vit"]:
         rows.append((f"{v['arch']} 224/96 p16 pwml / dino", f"{v['ratio_pwml_over_dino']:.3f}", "<= 1.05",
-                     f"dino {v['dino_step_s']:.2f} s, pwml {v['pwml_step_s']:.2f} s"))
+                     f"dino {v['dino_step_s']:.2f} s, pwml {v['pwml_step_s']:.2f} s, "
+                     f"pwml_f0.25 {v[SAMPLED + '_step_s']:.2f} s ({v['ratio_pwml_f025_over_dino']:.2f})"))
     w = [max(len(str(x[i])) for x in rows) for i in range(4)]
     header = ("benchmark", "value", "target", "detail")
     w = [max(a, len(b)) for a, b in zip(w, header)]

@@ -161,6 +161,8 @@ class PatchWiseDistillationLoss(nn.Module):
         patch_pair_index: Tensor | None = None,
         student_patch_index: Tensor | None = None,
         teacher_patch_index: Tensor | None = None,
+        patch_count: Tensor | None = None,
+        patch_weight: float = 1.0,
     ) -> dict[str, Tensor]:
         """Compute the loss and its terms.
 
@@ -176,6 +178,10 @@ class PatchWiseDistillationLoss(nn.Module):
             student_patch_index: ``[N]`` long row of ``student_patch`` for each matched pair (default:
                 row ``n`` for pair ``n``). Softmaxes then run once per distinct token.
             teacher_patch_index: ``[N]`` long row of ``teacher_patch`` for each matched pair.
+            patch_count: ``[P * B]`` long number of matched pairs of each (pair, sample) when the ``N``
+                given are a random subset of them (default: counted from ``patch_pair_index``).
+            patch_weight: Factor on every patch cross-entropy: ``1 / fraction`` for a subset drawn with
+                probability ``fraction``, which keeps the patch sums unbiased.
 
         Returns:
             ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over
@@ -200,8 +206,10 @@ class PatchWiseDistillationLoss(nn.Module):
             if student_patch_index is not None:
                 log_p = log_p[student_patch_index]
             h_patch = -(t_probs_patch.float() * log_p).sum(-1)  # [N]
-            patch_sum = patch_sum.index_add(0, patch_pair_index, h_patch)
+            patch_sum = patch_sum.index_add(0, patch_pair_index, h_patch * patch_weight)
             n_patch = torch.bincount(patch_pair_index, minlength=n_pairs * batch)
+        if self.uses_patches and patch_count is not None:
+            n_patch = patch_count.to(n_patch.device)
         patch_sum, n_patch = patch_sum.view(n_pairs, batch), n_patch.view(n_pairs, batch)
 
         loss = combine_terms(h_cls, patch_sum, n_patch, self.objective, self.lam)

@@ -129,11 +129,15 @@ def distill_step(
     teacher_temp: float,
     matcher: str = "geometric",
     logo_weight: float = 0.5,
+    patch_fraction: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
     """Forward both networks on the views and compute the loss.
 
     The head runs only on the tokens the loss uses: CLS tokens, and for patch objectives each matched
     patch token once (gathered before the head, as dinov2 does for iBOT), however many pairs use it.
+    With ``patch_fraction < 1`` each patch pair is kept with that probability (drawn from the CPU
+    ``generator``) and reweighted (see :class:`pwself.config.LossConfig`).
 
     Returns:
         ``(terms, teacher CLS logits [G, B, K], teacher logits [U, K] of the distinct matched teacher patch
@@ -175,47 +179,55 @@ def distill_step(
                                    device=dev)
     view_offset = torch.cumsum(tokens_per_view * b, 0) - tokens_per_view * b
     n_s_cls = n_views * b
+    # Every patch pair of the loss is (teacher key, student key, p * B + b); a key is a flat token index.
     if criterion.objective == "cossl":
-        # Every student patch token of view j is pulled towards the teacher CLS of view i: the head runs
-        # on all student patch tokens, the teacher targets are its CLS outputs.
-        s_idx, t_idx, pair_idx = [], [], []
+        # Every student patch token of view j is pulled towards the teacher CLS of view i: the teacher
+        # keys are rows of the teacher CLS outputs.
+        s_key, t_key, pair_idx = [], [], []
         for p, (i, j) in enumerate(pairs):
             n_tok = int(tokens_per_view[j])
             sample = torch.arange(b, device=dev).repeat_interleave(n_tok)
-            s_idx.append(view_offset[j] + torch.arange(b * n_tok, device=dev))
-            t_idx.append(i * b + sample)
+            s_key.append(view_offset[j] + torch.arange(b * n_tok, device=dev))
+            t_key.append(i * b + sample)
             pair_idx.append(p * b + sample)
-        s_out = student.head(torch.cat([s_cls_tokens, *s_patches]))
+        s_key, t_key, pair_idx = torch.cat(s_key), torch.cat(t_key), torch.cat(pair_idx)
+    else:
+        if matcher == "geometric":
+            t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in match_views(views.boxes, views.flips, grids, pairs))
+        elif matcher == "feature-nn":  # content instead of geometry, to measure what geometry buys
+            s_views = list(s_g.patches.unflatten(0, (g, b))) + (list(s_l.patches.unflatten(0, (n_loc, b))) if n_loc else [])
+            t_tok, s_tok, pair_idx, sample = match_views_by_features(list(t.patches.unflatten(0, (g, b))), s_views, pairs)
+        else:
+            raise ValueError(f"matcher {matcher!r}: use geometric or feature-nn")
+        view_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_idx // b]
+        view_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
+        s_key = view_offset[view_s] + sample * tokens_per_view[view_s] + s_tok
+        t_key = (view_t * b + sample) * t.patches.shape[1] + t_tok
+
+    patch_count, patch_weight = None, 1.0
+    if patch_fraction < 1.0:  # a random subset of the pairs, reweighted: an unbiased, cheaper loss
+        patch_count = torch.bincount(pair_idx, minlength=len(pairs) * b)
+        keep = (torch.rand(len(pair_idx), generator=generator) < patch_fraction).to(dev)
+        s_key, t_key, pair_idx = s_key[keep], t_key[keep], pair_idx[keep]
+        patch_weight = 1.0 / patch_fraction
+
+    # A token used by several pairs (a local view seen by both teachers) goes through the head once:
+    # unique keys, gathered before the head (as dinov2 does for iBOT), expanded back with the inverse.
+    s_unique, s_inverse = torch.unique(s_key, return_inverse=True)
+    s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
+    s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:]
+    if criterion.objective == "cossl":
         with torch.no_grad():
             t_cls = teacher.head(t.cls).unflatten(0, (g, b))
-        s_cls = s_out[:n_s_cls].unflatten(0, (n_views, b))
-        terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_out[n_s_cls:], t_cls.flatten(0, 1), torch.cat(pair_idx),
-                          torch.cat(s_idx), torch.cat(t_idx))
+        terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_cls.flatten(0, 1), pair_idx, s_inverse, t_key,
+                          patch_count, patch_weight)
         return terms, t_cls, None
-
-    if matcher == "geometric":
-        t_tok, s_tok, pair_idx, sample = (x.to(dev) for x in match_views(views.boxes, views.flips, grids, pairs))
-    elif matcher == "feature-nn":  # content instead of geometry, to measure what geometry buys
-        s_views = list(s_g.patches.unflatten(0, (g, b))) + (list(s_l.patches.unflatten(0, (n_loc, b))) if n_loc else [])
-        t_tok, s_tok, pair_idx, sample = match_views_by_features(list(t.patches.unflatten(0, (g, b))), s_views, pairs)
-    else:
-        raise ValueError(f"matcher {matcher!r}: use geometric or feature-nn")
-    view_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_idx // b]
-    view_s = torch.tensor([j for _, j in pairs], device=dev)[pair_idx // b]
-    # Every patch token of a network gets one flat key; a token matched in several pairs (a local view
-    # seen by both teachers) goes through the head once: unique keys, then expand with the inverse.
-    s_key = view_offset[view_s] + sample * tokens_per_view[view_s] + s_tok
-    t_key = (view_t * b + sample) * t.patches.shape[1] + t_tok
-    s_unique, s_inverse = torch.unique(s_key, return_inverse=True)
     t_unique, t_inverse = torch.unique(t_key, return_inverse=True)
-
-    # One head call per network over CLS + the unique matched patch tokens (gathered before the head).
-    s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
     with torch.no_grad():
         t_out = teacher.head(torch.cat([t.cls, t.patches.flatten(0, 1)[t_unique]]))
-    s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:]
     t_cls, t_patch = t_out[: g * b].unflatten(0, (g, b)), t_out[g * b :]
-    terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_patch, pair_idx, s_inverse, t_inverse)
+    terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_patch, pair_idx, s_inverse, t_inverse,
+                      patch_count, patch_weight)
     return terms, t_cls, t_patch
 
 
@@ -445,7 +457,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step],
-                                                     cfg.loss.matcher, cfg.loss.logo_weight)
+                                                     cfg.loss.matcher, cfg.loss.logo_weight, cfg.loss.patch_fraction, gen)
             loss = terms["loss"]
             grad_norm = float("nan")
             if all_true(bool(torch.isfinite(loss)), device):  # every rank takes the same branch

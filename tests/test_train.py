@@ -204,3 +204,56 @@ def test_bagssl_step_equals_reference_and_bag_pooling_is_mean_of_tiles():
     torch.testing.assert_close(pool_features(student.backbone, x, "bag"), expected)
     with pytest.raises(ValueError, match="multiple of 8"):
         pool_features(student.backbone, torch.rand(1, 1, 12, 12, dtype=torch.float64), "bag")
+
+
+@pytest.mark.parametrize("objective", ["pwml", "pwsl", "pwll", "cossl"])
+def test_patch_subset_loss_is_unbiased_exactly(objective):
+    # Enumerate every subset of 8 patch pairs with its probability: E[loss] must equal the full loss.
+    import itertools
+
+    g = torch.Generator().manual_seed(1)
+    crit = PatchWiseDistillationLoss(5, objective, lam=0.3).double()
+    s_cls, t_cls = torch.randn(3, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, generator=g, dtype=torch.float64)
+    pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
+    s_patch, t_patch = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    pair_idx = torch.tensor([0, 0, 1, 3, 3, 3, 6, 7])  # p * B + b with B = 2
+    full = crit(s_cls, t_cls, pairs, 0.05, s_patch, t_patch, pair_idx)["loss"]
+    count = torch.bincount(pair_idx, minlength=8)
+    f, expected = 0.3, torch.zeros((), dtype=torch.float64)
+    for keep in itertools.product([False, True], repeat=8):
+        k = torch.tensor(keep)
+        prob = f ** int(k.sum()) * (1 - f) ** int((~k).sum())
+        out = crit(s_cls, t_cls, pairs, 0.05, s_patch[k], t_patch[k], pair_idx[k], patch_count=count, patch_weight=1 / f)
+        expected += prob * out["loss"]
+        assert out["n_match"] == count.double().mean()
+    torch.testing.assert_close(expected, full.double(), rtol=1e-5, atol=1e-6)  # the loss runs in float32
+
+
+@pytest.mark.parametrize("objective", ["pwml", "cossl"])
+def test_patch_fraction_runs_the_head_on_fewer_tokens_and_is_seeded(objective):
+    student, teacher, crit, views = float64_setup(objective)
+    grids = [(4, 4)] * 2 + [(2, 2)] * 3
+    rows = {}
+
+    def head_rows(module, inputs, output):
+        rows.setdefault(module, []).append(inputs[0].shape[0])
+
+    handle = student.head.register_forward_hook(head_rows)
+    with torch.no_grad():
+        full, _, _ = distill_step(student, teacher, crit, views, grids, 0.05)
+        a, _, _ = distill_step(student, teacher, crit, views, grids, 0.05, patch_fraction=0.25,
+                               generator=torch.Generator().manual_seed(0))
+        b, _, _ = distill_step(student, teacher, crit, views, grids, 0.05, patch_fraction=0.25,
+                               generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    n_full, n_a, n_b = rows[student.head]
+    assert n_a == n_b < n_full  # fewer student tokens through the head, the same subset for one seed
+    assert a["loss"] == b["loss"] and a["loss"] != full["loss"]
+    assert a["n_match"] == full["n_match"]
+
+
+def test_patch_fraction_is_validated():
+    from pwself.config import ConfigError
+
+    with pytest.raises(ConfigError, match="patch_fraction"):
+        tiny_config(**{"loss.patch_fraction": 0}).validate()
