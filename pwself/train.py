@@ -400,7 +400,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     crit = PatchWiseDistillationLoss(
         cfg.head.out_dim, cfg.loss.objective, cfg.loss.lam, cfg.loss.student_temp, cfg.loss.center_momentum
     ).to(device)
-    opt = torch.optim.AdamW(param_groups(student))
+    # The fused kernel (CPU and CUDA) is one op for all parameters: ~5x faster than the per-tensor loop.
+    opt = torch.optim.AdamW(param_groups(student), fused=device.type in ("cpu", "cuda"))
     sch = make_schedules(cfg, steps_per_epoch, info.world_size)
     multicrop = MultiCrop(
         cfg.views.n_global, cfg.views.n_local, cfg.views.global_size, cfg.views.local_size,
