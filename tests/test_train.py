@@ -39,6 +39,19 @@ def all_token_logits(student, teacher, views):
     return s_cls, s_patch, t_all[:, :, 0], [t_all[0, :, 1:], t_all[1, :, 1:]]
 
 
+def float32_setup(objective: str = "pwml", **over):
+    """Tiny float32 student/teacher of :func:`tiny_config`, a criterion and 4 images' views (2 + 3)."""
+    torch.manual_seed(0)
+    student = build_student(tiny_config(**{"loss.objective": objective}, **over))
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    crit = PatchWiseDistillationLoss(7, objective)
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
+    return student, teacher, crit, views
+
+
+GRIDS = [(4, 4)] * 2 + [(2, 2)] * 3
+
+
 @pytest.mark.parametrize("objective", ["dino", "pwml", "pwsl", "pwll"])
 def test_distill_step_equals_reference_on_all_tokens(objective):
     cfg = tiny_config(**{"loss.objective": objective})
@@ -50,7 +63,7 @@ def test_distill_step_equals_reference_on_all_tokens(objective):
     crit = PatchWiseDistillationLoss(7, objective, lam=0.3).double()
     crit.patch_center.center.normal_()
     views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
-    grids = [(4, 4)] * 2 + [(2, 2)] * 3
+    grids = GRIDS
     terms, _, _ = distill_step(student, teacher, crit, views, grids, 0.05)
 
     # Reference: head on EVERY token, then the loop loss picks what it needs.
@@ -62,13 +75,8 @@ def test_distill_step_equals_reference_on_all_tokens(objective):
 
 
 def test_one_step_gives_grads_to_every_student_param_and_none_to_teacher():
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    student = build_student(cfg)
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    crit = PatchWiseDistillationLoss(7, "pwml")
-    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
-    terms, t_cls, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04)
+    student, teacher, crit, views = float32_setup()
+    terms, t_cls, t_patch = distill_step(student, teacher, crit, views, GRIDS, 0.04)
     assert torch.isfinite(terms["loss"]) and terms["n_match"] > 0
     terms["loss"].backward()
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
@@ -117,18 +125,13 @@ def test_schedules_and_last_layer_freeze():
 
 
 def test_feature_nn_matcher_step_matches_every_student_patch():
-    cfg = tiny_config(**{"loss.matcher": "feature-nn"})
-    torch.manual_seed(0)
-    student = build_student(cfg)
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    crit = PatchWiseDistillationLoss(7, "pwml")
-    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
-    terms, _, _ = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, "feature-nn")
+    student, teacher, crit, views = float32_setup(**{"loss.matcher": "feature-nn"})
+    terms, _, _ = distill_step(student, teacher, crit, views, GRIDS, 0.04, "feature-nn")
     # 2 teachers x (1 other global of 16 patches + 3 locals of 4 patches) / 8 pairs = 7 matches per pair.
     assert terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
     terms["loss"].backward()
     with pytest.raises(ValueError, match="matcher"):
-        distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, "nearest")
+        distill_step(student, teacher, crit, views, GRIDS, 0.04, "nearest")
 
 
 def float64_setup(objective: str):
@@ -146,7 +149,7 @@ def test_cossl_step_equals_reference():
     from reference import reference_cossl
 
     student, teacher, crit, views = float64_setup("cossl")
-    terms, _, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
+    terms, _, t_patch = distill_step(student, teacher, crit, views, GRIDS, 0.05)
     assert t_patch is None and terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
     s_cls, s_patch, t_cls, _ = all_token_logits(student, teacher, views)
     ref = reference_cossl(s_cls, t_cls, s_patch, crit.cls_center.center[0], 0.05, 0.1)
@@ -169,13 +172,8 @@ def test_cossl_patch_term_vanishes_when_patches_match_a_sharp_teacher_cls():
 
 
 def test_logo_step_trains_encoder_and_affinity():
-    cfg = tiny_config(**{"loss.objective": "logo"})
-    torch.manual_seed(0)
-    student = build_student(cfg)
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    crit = PatchWiseDistillationLoss(7, "logo")
-    views = MultiCrop(2, 3, 16, 8)(torch.rand(4, 1, 16, 16), torch.Generator().manual_seed(0))
-    terms, _, t_patch = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.04, logo_weight=0.5)
+    student, teacher, crit, views = float32_setup("logo")
+    terms, _, t_patch = distill_step(student, teacher, crit, views, GRIDS, 0.04, logo_weight=0.5)
     assert t_patch is None and {"local_affinity", "affinity_loss"} <= set(terms)
     torch.testing.assert_close(terms["loss"].detach(),
                                terms["cls"] + 0.5 * terms["local_affinity"] + terms["affinity_loss"])
@@ -190,7 +188,7 @@ def test_bagssl_step_equals_reference_and_bag_pooling_is_mean_of_tiles():
     from pwself.eval.features import pool_features
 
     student, teacher, crit, views = float64_setup("bagssl")
-    terms, t_bag, _ = distill_step(student, teacher, crit, views, [(4, 4)] * 2 + [(2, 2)] * 3, 0.05)
+    terms, t_bag, _ = distill_step(student, teacher, crit, views, GRIDS, 0.05)
     s_cls, _, _, _ = all_token_logits(student, teacher, views)
     with torch.no_grad():
         bag = teacher.head(forward_tokens(teacher.backbone, views.global_crops).cls.view(2, 3, -1).mean(0))
@@ -232,7 +230,7 @@ def test_patch_subset_loss_is_unbiased_exactly(objective):
 @pytest.mark.parametrize("objective", ["pwml", "cossl"])
 def test_patch_fraction_runs_the_head_on_fewer_tokens_and_is_seeded(objective):
     student, teacher, crit, views = float64_setup(objective)
-    grids = [(4, 4)] * 2 + [(2, 2)] * 3
+    grids = GRIDS
     rows = {}
 
     def head_rows(module, inputs, output):
