@@ -104,6 +104,20 @@ def runner_for(name: str, batch: int) -> StepRunner:
     return StepRunner(config(name.split("_")[0], ["loss.patch_fraction=0.25"] if name == SAMPLED else []), batch)
 
 
+def step_flops(runner: StepRunner) -> int:
+    """Matmul/conv FLOPs of one forward + backward (torch's FlopCounterMode): the work a step cannot avoid,
+    so the measured time ratio can be read against the compute ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    views = runner.views()
+    with FlopCounterMode(display=False) as counter:
+        terms, _, _ = distill_step(runner.student, runner.teacher, runner.crit, views, runner.grids, 0.04,
+                                   patch_fraction=runner.cfg.loss.patch_fraction, generator=runner.gen)
+        terms["loss"].backward()
+    runner.opt.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def bench_step_ratio(batch: int, repeat: int) -> dict:
     """1. Step time pwml / dino (and pwml with patch_fraction 0.25), interleaved so machine noise hits all alike."""
     runners = {o: runner_for(o, batch) for o in ("dino", "pwml", SAMPLED)}
@@ -116,12 +130,15 @@ def bench_step_ratio(batch: int, repeat: int) -> dict:
             r.step()
             times[o].append(time.perf_counter() - t0)
     med = {o: statistics.median(t) for o, t in times.items()}
+    flops = {o: step_flops(r) for o, r in runners.items()}
     match = timeit(runners["pwml"].matching_only, repeat) - timeit(lambda: runners["pwml"].mc(
         runners["pwml"].images, runners["pwml"].gen), repeat)
     return {
         "batch": batch, "dino_step_s": med["dino"], "pwml_step_s": med["pwml"],
         "ratio_pwml_over_dino": med["pwml"] / med["dino"], "target": "<= 1.05",
         "pwml_f025_step_s": med[SAMPLED], "ratio_pwml_f025_over_dino": med[SAMPLED] / med["dino"],
+        "flops": flops, "flop_ratio_pwml_over_dino": flops["pwml"] / flops["dino"],
+        "flop_ratio_pwml_f025_over_dino": flops[SAMPLED] / flops["dino"],
         "matching_s": max(match, 0.0), "matching_share_of_step": max(match, 0.0) / med["pwml"],
         "images_per_s_pwml": batch / med["pwml"], "images_per_s_dino": batch / med["dino"],
     }
@@ -319,6 +336,8 @@ def print_table(r: dict) -> None:
     rows = [
         ("step time pwml / dino", f"{r['step_ratio']['ratio_pwml_over_dino']:.3f}", "<= 1.05",
          f"dino {r['step_ratio']['dino_step_s']*1e3:.0f} ms, pwml {r['step_ratio']['pwml_step_s']*1e3:.0f} ms (B={r['step_ratio']['batch']})"),
+        ("FLOPs pwml / dino (forward + backward)", f"{r['step_ratio']['flop_ratio_pwml_over_dino']:.3f}", "",
+         f"pwml_f0.25 / dino {r['step_ratio']['flop_ratio_pwml_f025_over_dino']:.3f}: the compute floor of the time ratio"),
         ("step time pwml(patch_fraction 0.25) / dino", f"{r['step_ratio']['ratio_pwml_f025_over_dino']:.3f}", "<= 1.05",
          f"pwml_f0.25 {r['step_ratio']['pwml_f025_step_s']*1e3:.0f} ms"),
         ("matching share of a pwml step", f"{100*r['step_ratio']['matching_share_of_step']:.2f}%", "< 2%", ""),
