@@ -16,7 +16,37 @@ from typing import Any
 from pwself.checkpoint import latest_checkpoint
 from pwself.config import TrainConfig, apply_overrides
 
-__all__ = ["run_comparison", "comparison_table", "plot_comparison"]
+__all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor"]
+
+MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
+
+
+def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
+    """kNN (k = 10, 20) of raw, L2-normalized pixels with the same bank and queries as the runs: the floor
+    that learned features must beat. ``None`` for unlabelled data or images above :data:`MAX_PIXEL_DIM`."""
+    import torch
+    import torch.nn.functional as F
+
+    from pwself.data import iterate_batches
+    from pwself.eval.knn import knn_classify
+    from pwself.train import open_dataset
+
+    if cache.exists():
+        return json.loads(cache.read_text())
+    data = {}
+    for split in ("train", "test"):
+        ds = open_dataset(cfg, split)
+        images, labels = zip(*iterate_batches(ds, list(torch.arange(len(ds)).split(1024)), cfg.data.num_workers))
+        x = torch.cat(images).flatten(1)
+        if x.shape[1] > MAX_PIXEL_DIM:
+            return None
+        data[split] = (F.normalize(x.float(), dim=1), torch.cat(labels))
+    if (data["train"][1] < 0).any() or (data["test"][1] < 0).any():
+        return None
+    knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))
+    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    cache.write_text(json.dumps(floor))
+    return floor
 
 
 def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
@@ -63,6 +93,7 @@ def run_comparison(
             cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true"])
             cfg.validate()
             results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress)
+    results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json")
     (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))
     (out_dir / "comparison.md").write_text(comparison_table(results))
     plot_comparison(results, out_dir / "comparison.png")
@@ -84,6 +115,9 @@ def comparison_table(results: dict[str, Any]) -> str:
             m, s = _mean_std([r[key] for r in per_seed.values()])
             cells.append(f"{m:.2f} ± {s:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    floor = results.get("pixel_floor")
+    if floor:
+        lines.append(f"| *raw pixels (floor)* | {floor['knn10']:.2f} | {floor['knn20']:.2f} | — |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,6 +135,9 @@ def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
         stats = [_mean_std([r[key] for r in results["runs"][lab].values()]) for lab in labels]
         xs = [i + (k - 0.5) * width for i in range(len(labels))]
         ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=name)
+    floor = results.get("pixel_floor")
+    if floor:
+        ax.axhline(floor["knn10"], color="gray", linestyle="--", linewidth=1, label="raw pixels kNN k=10")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.set_ylabel("top-1 %")
     ax.set_title(f"objectives, {len(results['seeds'])} seed(s) each")

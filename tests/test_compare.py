@@ -49,3 +49,26 @@ def test_objective_list_keeps_commas_inside_brackets(tmp_path, monkeypatch):
     assert main(["compare", "--objectives", spec, "--seeds", "0,1", "--out-dir", str(tmp_path), *TINY]) == 0
     assert seen["objectives"] == ["dino", "bagssl:views.n_local=0+views.global_scale=[0.25,0.25]", "pwml"]
     assert seen["seeds"] == [0, 1]
+
+
+def test_pixel_floor_is_knn_on_raw_pixels_and_joins_the_table(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from pwself.config import load_config
+    from pwself.eval.knn import knn_classify
+    from pwself.train import open_dataset
+
+    cfg = load_config(None, [t for t in TINY if "=" in t])
+    floor = compare_mod.pixel_floor(cfg, tmp_path / "floor.json")
+    tr, te = open_dataset(cfg, "train"), open_dataset(cfg, "test")
+    x_tr = F.normalize(torch.stack([tr[i][0] for i in range(len(tr))]).flatten(1).float(), dim=1)
+    x_te = F.normalize(torch.stack([te[i][0] for i in range(len(te))]).flatten(1).float(), dim=1)
+    y_tr = torch.tensor([int(tr[i][1]) for i in range(len(tr))])
+    y_te = torch.tensor([int(te[i][1]) for i in range(len(te))])
+    ref = knn_classify(x_tr, y_tr, x_te, y_te, ks=(10, 20))
+    assert floor == {"knn10": ref[10]["top1"], "knn20": ref[20]["top1"]}
+    assert compare_mod.pixel_floor(cfg, tmp_path / "floor.json") == floor  # cached
+    table = compare_mod.comparison_table({"seeds": [0], "runs": {"dino": {"0": {"knn10": 1.0, "knn20": 2.0, "linear": 3.0}}},
+                                          "pixel_floor": floor})
+    assert f"| *raw pixels (floor)* | {floor['knn10']:.2f} | {floor['knn20']:.2f} | — |" in table
