@@ -77,7 +77,8 @@ class StepRunner:
     def step(self) -> None:
         views = self.views()
         terms, t_cls, t_patch = distill_step(self.student, self.teacher, self.crit, views, self.grids, 0.04,
-                                             patch_fraction=self.cfg.loss.patch_fraction, generator=self.gen)
+                                             patch_fraction=self.cfg.loss.patch_fraction, generator=self.gen,
+                                             recompute_head=self.cfg.loss.recompute_head)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.opt.step()
@@ -97,11 +98,15 @@ def config(objective: str, extra: list[str] = ()) -> TrainConfig:
 
 
 SAMPLED = "pwml_f0.25"  # pwml with loss.patch_fraction=0.25: a quarter of the matched pairs per step
+RECOMPUTE = "pwml_recompute"  # pwml with loss.recompute_head=true: the head on patch tokens checkpointed
+VARIANTS = {"dino": ("dino", []), "pwml": ("pwml", []), SAMPLED: ("pwml", ["loss.patch_fraction=0.25"]),
+            RECOMPUTE: ("pwml", ["loss.recompute_head=true"])}
 
 
 def runner_for(name: str, batch: int) -> StepRunner:
-    """A :class:`StepRunner` for ``dino``, ``pwml`` or :data:`SAMPLED`."""
-    return StepRunner(config(name.split("_")[0], ["loss.patch_fraction=0.25"] if name == SAMPLED else []), batch)
+    """A :class:`StepRunner` for one of :data:`VARIANTS`."""
+    objective, extra = VARIANTS[name]
+    return StepRunner(config(objective, extra), batch)
 
 
 def step_flops(runner: StepRunner) -> dict[str, int]:
@@ -121,7 +126,7 @@ def step_flops(runner: StepRunner) -> dict[str, int]:
 
 def bench_step_ratio(batch: int, repeat: int) -> dict:
     """1. Step time pwml / dino (and pwml with patch_fraction 0.25), interleaved so machine noise hits all alike."""
-    runners = {o: runner_for(o, batch) for o in ("dino", "pwml", SAMPLED)}
+    runners = {o: runner_for(o, batch) for o in VARIANTS}
     times: dict[str, list[float]] = {o: [] for o in runners}
     for r in runners.values():
         r.step()
@@ -141,6 +146,7 @@ def bench_step_ratio(batch: int, repeat: int) -> dict:
         "flops": flops, "flop_ratio_pwml_over_dino": flops["pwml"]["total"] / flops["dino"]["total"],
         "flop_ratio_pwml_f025_over_dino": flops[SAMPLED]["total"] / flops["dino"]["total"],
         "head_flop_share": {o: f["head"] / f["total"] for o, f in flops.items()},
+        "pwml_recompute_step_s": med[RECOMPUTE], "ratio_pwml_recompute_over_dino": med[RECOMPUTE] / med["dino"],
         "matching_s": max(match, 0.0), "matching_share_of_step": max(match, 0.0) / med["pwml"],
         "images_per_s_pwml": batch / med["pwml"], "images_per_s_dino": batch / med["dino"],
     }
@@ -237,14 +243,15 @@ def saved_activation_bytes(objective: str, batch: int) -> int:
     views = runner.views()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         terms, _, _ = distill_step(runner.student, runner.teacher, runner.crit, views, runner.grids, 0.04,
-                                   patch_fraction=runner.cfg.loss.patch_fraction, generator=runner.gen)
+                                   patch_fraction=runner.cfg.loss.patch_fraction, generator=runner.gen,
+                                   recompute_head=runner.cfg.loss.recompute_head)
     terms["loss"].backward()
     return sum(seen.values())
 
 
 def bench_memory(batch: int, steps: int) -> dict:
     """5. Activation memory (bytes saved for backward, exact) and peak RSS of fresh processes, pwml vs dino."""
-    act = {obj: saved_activation_bytes(obj, batch) for obj in ("dino", "pwml", SAMPLED)}
+    act = {obj: saved_activation_bytes(obj, batch) for obj in VARIANTS}
     res = {}
     for obj in ("dino", "pwml"):
         out = subprocess.run([sys.executable, __file__, "--memory-child", obj, "--batch", str(batch),
@@ -253,6 +260,8 @@ def bench_memory(batch: int, steps: int) -> dict:
     return {"batch": batch, "dino_saved_mb": act["dino"] / 2**20, "pwml_saved_mb": act["pwml"] / 2**20,
             "ratio_pwml_over_dino": act["pwml"] / act["dino"], "target": "<= 1.10",
             "pwml_f025_saved_mb": act[SAMPLED] / 2**20, "ratio_pwml_f025_over_dino": act[SAMPLED] / act["dino"],
+            "pwml_recompute_saved_mb": act[RECOMPUTE] / 2**20,
+            "ratio_pwml_recompute_over_dino": act[RECOMPUTE] / act["dino"],
             "dino_peak_rss_mb": res["dino"]["peak_rss_mb"], "pwml_peak_rss_mb": res["pwml"]["peak_rss_mb"],
             "peak_rss_ratio": res["pwml"]["peak_rss_mb"] / res["dino"]["peak_rss_mb"]}
 
@@ -343,6 +352,8 @@ def print_table(r: dict) -> None:
          + ", ".join(f"{o} {100 * v:.0f}%" for o, v in r['step_ratio']['head_flop_share'].items())),
         ("step time pwml(patch_fraction 0.25) / dino", f"{r['step_ratio']['ratio_pwml_f025_over_dino']:.3f}", "<= 1.05",
          f"pwml_f0.25 {r['step_ratio']['pwml_f025_step_s']*1e3:.0f} ms"),
+        ("step time pwml(recompute_head) / dino", f"{r['step_ratio']['ratio_pwml_recompute_over_dino']:.3f}", "<= 1.05",
+         f"pwml_recompute {r['step_ratio']['pwml_recompute_step_s']*1e3:.0f} ms"),
         ("matching share of a pwml step", f"{100*r['step_ratio']['matching_share_of_step']:.2f}%", "< 2%", ""),
         ("matching: loop / vectorized", f"{r['matching']['speedup']:.0f}x", ">= 100x",
          f"B=256, 18 pairs: {r['matching']['vectorized_s']*1e3:.1f} ms vs {r['matching']['loop_s']*1e3:.0f} ms"),
@@ -354,6 +365,8 @@ def print_table(r: dict) -> None:
          f"peak RSS {r['memory']['dino_peak_rss_mb']:.0f} vs {r['memory']['pwml_peak_rss_mb']:.0f} MB"),
         ("activation memory pwml(patch_fraction 0.25) / dino", f"{r['memory']['ratio_pwml_f025_over_dino']:.3f}",
          "<= 1.10", f"{r['memory']['pwml_f025_saved_mb']:.0f} MB saved for backward"),
+        ("activation memory pwml(recompute_head) / dino", f"{r['memory']['ratio_pwml_recompute_over_dino']:.3f}",
+         "<= 1.10", f"{r['memory']['pwml_recompute_saved_mb']:.0f} MB saved for backward"),
     ]
     for v in r["scaling"]["vit"]:
         rows.append((f"{v['arch']} 224/96 p16 pwml / dino", f"{v['ratio_pwml_over_dino']:.3f}", "<= 1.05",

@@ -104,6 +104,10 @@ class LossConfig:
             the fraction and the counts stay exact, so the loss is an unbiased estimate of the full
             one while the head runs on about that fraction of the patch tokens. 1.0 (default) is the
             paper's objective; lower trades gradient noise for step time (see benchmarks).
+        recompute_head: Recompute the student head and the patch cross-entropies in backward
+            (activation checkpointing) instead of keeping their activations: the same loss and
+            gradients with about DINO's activation memory, for a little more time per step. Worth it
+            with a large ``head.out_dim`` on a GPU, where ``[tokens, out_dim]`` logits fill memory.
     """
 
     objective: str = "pwml"
@@ -116,6 +120,7 @@ class LossConfig:
     matcher: str = "geometric"
     logo_weight: float = 0.5
     patch_fraction: float = 1.0
+    recompute_head: bool = False
 
 
 @dataclass
@@ -314,7 +319,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 # Keys that may change between a checkpoint and its resumption without changing what is learned.
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
                     "knn_every_epochs", "epochs", "data.num_workers", "data.root", "data.on_bad_image",
-                    "optim.max_nonfinite_steps")
+                    "optim.max_nonfinite_steps", "loss.recompute_head")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

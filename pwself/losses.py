@@ -24,12 +24,14 @@ one for patch outputs; the centers are updated by an explicit call, never as a s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "OBJECTIVES",
@@ -163,6 +165,7 @@ class PatchWiseDistillationLoss(nn.Module):
         teacher_patch_index: Tensor | None = None,
         patch_count: Tensor | None = None,
         patch_weight: float = 1.0,
+        recompute_head: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss and its terms.
 
@@ -182,6 +185,10 @@ class PatchWiseDistillationLoss(nn.Module):
                 given are a random subset of them (default: counted from ``patch_pair_index``).
             patch_weight: Factor on every patch cross-entropy: ``1 / fraction`` for a subset drawn with
                 probability ``fraction``, which keeps the patch sums unbiased.
+            recompute_head: When given, ``student_patch`` holds the student's patch *tokens* (before the
+                head) and ``recompute_head`` is the head: head and patch cross-entropies run under
+                activation checkpointing, so their activations (``[Us, K]`` logits and more) are
+                recomputed in backward instead of kept. Same loss and gradients, less memory.
 
         Returns:
             ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over
@@ -200,13 +207,20 @@ class PatchWiseDistillationLoss(nn.Module):
             assert teacher_patch is not None and patch_pair_index is not None
             center = self.cls_center if self.objective == "cossl" else self.patch_center
             t_probs_patch = self.teacher_probs(teacher_patch, center, teacher_temp)
-            log_p = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
             if teacher_patch_index is not None:
                 t_probs_patch = t_probs_patch[teacher_patch_index]
-            if student_patch_index is not None:
-                log_p = log_p[student_patch_index]
-            h_patch = -(t_probs_patch.float() * log_p).sum(-1)  # [N]
-            patch_sum = patch_sum.index_add(0, patch_pair_index, h_patch * patch_weight)
+
+            def sums(student_logits: Tensor) -> Tensor:
+                log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+                if student_patch_index is not None:
+                    log_p = log_p[student_patch_index]
+                h_patch = -(t_probs_patch.float() * log_p).sum(-1)  # [N]
+                return h_cls.new_zeros(n_pairs * batch).index_add(0, patch_pair_index, h_patch * patch_weight)
+
+            if recompute_head is None:
+                patch_sum = sums(student_patch)
+            else:
+                patch_sum = checkpoint(lambda tokens: sums(recompute_head(tokens)), student_patch, use_reentrant=False)
             n_patch = torch.bincount(patch_pair_index, minlength=n_pairs * batch)
         if self.uses_patches and patch_count is not None:
             n_patch = patch_count.to(n_patch.device)

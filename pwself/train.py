@@ -131,13 +131,15 @@ def distill_step(
     logo_weight: float = 0.5,
     patch_fraction: float = 1.0,
     generator: torch.Generator | None = None,
+    recompute_head: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
     """Forward both networks on the views and compute the loss.
 
     The head runs only on the tokens the loss uses: CLS tokens, and for patch objectives each matched
     patch token once (gathered before the head, as dinov2 does for iBOT), however many pairs use it.
     With ``patch_fraction < 1`` each patch pair is kept with that probability (drawn from the CPU
-    ``generator``) and reweighted (see :class:`pwself.config.LossConfig`).
+    ``generator``) and reweighted (see :class:`pwself.config.LossConfig`). With ``recompute_head`` the
+    student head on the patch tokens runs under activation checkpointing.
 
     Returns:
         ``(terms, teacher CLS logits [G, B, K], teacher logits [U, K] of the distinct matched teacher patch
@@ -214,20 +216,25 @@ def distill_step(
     # A token used by several pairs (a local view seen by both teachers) goes through the head once:
     # unique keys, gathered before the head (as dinov2 does for iBOT), expanded back with the inverse.
     s_unique, s_inverse = torch.unique(s_key, return_inverse=True)
-    s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
-    s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:]
+    head_fn = None
+    if recompute_head:  # the criterion runs the head on the patch tokens under checkpointing
+        s_cls = student.head(s_cls_tokens).unflatten(0, (n_views, b))
+        s_patch, head_fn = torch.cat(s_patches)[s_unique], student.head
+    else:
+        s_out = student.head(torch.cat([s_cls_tokens, torch.cat(s_patches)[s_unique]]))
+        s_cls, s_patch = s_out[:n_s_cls].unflatten(0, (n_views, b)), s_out[n_s_cls:]
     if criterion.objective == "cossl":
         with torch.no_grad():
             t_cls = teacher.head(t.cls).unflatten(0, (g, b))
         terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_cls.flatten(0, 1), pair_idx, s_inverse, t_key,
-                          patch_count, patch_weight)
+                          patch_count, patch_weight, head_fn)
         return terms, t_cls, None
     t_unique, t_inverse = torch.unique(t_key, return_inverse=True)
     with torch.no_grad():
         t_out = teacher.head(torch.cat([t.cls, t.patches.flatten(0, 1)[t_unique]]))
     t_cls, t_patch = t_out[: g * b].unflatten(0, (g, b)), t_out[g * b :]
     terms = criterion(s_cls, t_cls, pairs, teacher_temp, s_patch, t_patch, pair_idx, s_inverse, t_inverse,
-                      patch_count, patch_weight)
+                      patch_count, patch_weight, head_fn)
     return terms, t_cls, t_patch
 
 
@@ -458,7 +465,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
             )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 terms, t_cls, t_patch = distill_step(student, teacher, crit, views, grids, sch.teacher_temp[step],
-                                                     cfg.loss.matcher, cfg.loss.logo_weight, cfg.loss.patch_fraction, gen)
+                                                     cfg.loss.matcher, cfg.loss.logo_weight, cfg.loss.patch_fraction, gen,
+                                                     cfg.loss.recompute_head)
             loss = terms["loss"]
             grad_norm = float("nan")
             if all_true(bool(torch.isfinite(loss)), device):  # every rank takes the same branch

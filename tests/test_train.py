@@ -255,3 +255,28 @@ def test_patch_fraction_is_validated():
 
     with pytest.raises(ConfigError, match="patch_fraction"):
         tiny_config(**{"loss.patch_fraction": 0}).validate()
+
+
+@pytest.mark.parametrize("objective", ["pwml", "pwll", "cossl"])
+def test_recompute_head_gives_the_same_loss_and_grads_with_less_saved_memory(objective):
+    student, teacher, crit, views = float64_setup(objective)
+    crit.patch_center.center.normal_()
+    results = {}
+    for recompute in (False, True):
+        student.zero_grad(set_to_none=True)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            terms, _, _ = distill_step(student, teacher, crit, views, GRIDS, 0.05, recompute_head=recompute)
+        terms["loss"].backward()
+        results[recompute] = (terms["loss"].detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None],
+                              sum(saved.values()))
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert len(results[True][1]) == len(results[False][1])
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b)
+    assert results[True][2] < results[False][2]  # head activations and patch logits were not kept
