@@ -38,6 +38,9 @@ __all__ = [
     "Center",
     "soft_cross_entropy",
     "combine_terms",
+    "term_weights",
+    "pair_targets",
+    "target_cross_entropy",
     "PatchWiseDistillationLoss",
     "view_pairs",
     "LoGoAffinity",
@@ -86,6 +89,35 @@ def soft_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_te
     return -(teacher_probs.float() * log_p).sum(-1)
 
 
+def term_weights(n_patch: Tensor, objective: Objective, lam: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Weights ``(a, c)`` with which each objective combines ``H_cls`` and the patch sum ``S`` per (pair, sample).
+
+    Every objective is ``a * H_cls + c * S`` with ``a`` and ``c`` depending on the match count only; the
+    efficient patch loss relies on that (each patch cross-entropy enters with a weight known in advance).
+
+    Args:
+        n_patch: ``[P, B]`` number of matched patch pairs.
+        objective: One of :data:`OBJECTIVES`.
+        lam: Weight of the CLS term for ``pwll``.
+
+    Returns:
+        ``[P, B]`` float weights of ``H_cls`` and of ``S``.
+    """
+    n = n_patch.float()
+    one, zero = torch.ones_like(n), torch.zeros_like(n)
+    if objective in ("dino", "logo", "bagssl"):  # logo adds its local-local term outside (LoGoAffinity)
+        return one, zero
+    if objective in ("pwml", "cossl"):  # the mean over the CLS pair and the matched patch pairs
+        w = 1 / (1 + n)
+        return w, w
+    if objective == "pwsl":
+        return one, one
+    if objective == "pwll":  # H_cls alone when nothing matched
+        has = n_patch > 0
+        return torch.where(has, lam, one), torch.where(has, (1 - lam) / n.clamp(min=1), zero)
+    raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+
+
 def combine_terms(
     h_cls: Tensor, patch_sum: Tensor, n_patch: Tensor, objective: Objective, lam: float = 0.5
 ) -> Tensor:
@@ -101,19 +133,79 @@ def combine_terms(
     Returns:
         Scalar loss.
     """
-    n = n_patch.to(h_cls.dtype)
-    if objective in ("dino", "logo", "bagssl"):  # logo adds its local-local term outside (LoGoAffinity)
-        per = h_cls
-    elif objective in ("pwml", "cossl"):
-        per = (h_cls + patch_sum) / (1 + n)
-    elif objective == "pwsl":
-        per = h_cls + patch_sum
-    elif objective == "pwll":
-        patch_mean = patch_sum / n.clamp(min=1)
-        per = torch.where(n_patch > 0, lam * h_cls + (1 - lam) * patch_mean, h_cls)
-    else:
-        raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
-    return per.mean()
+    cls_w, patch_w = term_weights(n_patch, objective, lam)
+    return (cls_w * h_cls + patch_w * patch_sum).mean()
+
+
+def pair_targets(
+    teacher_probs: Tensor, student_rows: Tensor, teacher_rows: Tensor, weights: Tensor, n_student: int
+) -> Tensor:
+    """Weighted teacher distributions summed per student row: ``Q[u] = sum_{n: s_n = u} weights[n] * t[t_n]``.
+
+    Every pair ``n`` contributes ``weights[n] * H(t[t_n], s[s_n])`` to a sum that is linear in the
+    student's log-probabilities, so ``sum_n weights[n] * H_n = -sum_u <Q[u], log_softmax(s[u])>``: one
+    ``[U, K]`` product instead of ``[N, K]`` gathered copies. One ``embedding_bag`` (a bag per student
+    row), without gradient.
+
+    Args:
+        teacher_probs: ``[Ut, K]`` teacher distributions.
+        student_rows: ``[N]`` long student row of each pair.
+        teacher_rows: ``[N]`` long teacher row of each pair.
+        weights: ``[N]`` weight of each pair.
+        n_student: Number ``U`` of student rows.
+
+    Returns:
+        ``[U, K]`` float32 targets.
+    """
+    order = torch.argsort(student_rows, stable=True)  # a bag is a contiguous run of the input
+    counts = torch.bincount(student_rows, minlength=n_student)
+    with torch.no_grad(), torch.autocast(teacher_probs.device.type, enabled=False):
+        return F.embedding_bag(teacher_rows[order], teacher_probs.float(), torch.cumsum(counts, 0) - counts,
+                               mode="sum", per_sample_weights=weights[order].float())
+
+
+class _TargetCrossEntropy(torch.autograd.Function):
+    """``-sum_u <Q_u, log_softmax(z_u / tau)>`` with a hand-written backward,
+    ``dz = g (softmax(z / tau) * sum_k Q - Q) / tau``: it keeps the logits and ``Q`` where autograd through
+    log_softmax keeps more ``[U, K]`` buffers, and those dominate a PW-Self step on the CPU. The same sum
+    for further targets is reported without gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, temp: float, *reported: Tensor) -> tuple[Tensor, ...]:  # noqa: ANN001
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 at least; float64 stays
+        with torch.autocast(logits.device.type, enabled=False):  # a bf16 sum of thousands of terms is too coarse
+            z = logits.to(dtype) / temp
+            lse = torch.logsumexp(z, -1)
+            sums = [t.to(dtype).sum(-1) @ lse - t.to(dtype).flatten() @ z.flatten() for t in (target, *reported)]
+        ctx.save_for_backward(logits, target, lse)
+        ctx.temp = temp
+        ctx.mark_non_differentiable(*sums[1:])
+        return tuple(sums)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        logits, target, lse = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False):
+            target = target.to(lse.dtype)
+            g = logits.to(lse.dtype) / ctx.temp
+            g.sub_(lse[:, None]).exp_().mul_(target.sum(-1, keepdim=True)).sub_(target)
+            g.mul_(grad.to(lse.dtype) / ctx.temp)
+        return (g.to(logits.dtype), None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def target_cross_entropy(logits: Tensor, target: Tensor, temp: float, *reported: Tensor) -> tuple[Tensor, ...]:
+    """``-sum_u <target[u], log_softmax(logits[u] / temp)>`` in float32 (at least), differentiable in ``logits``.
+
+    Args:
+        logits: ``[U, K]`` student logits.
+        target: ``[U, K]`` summed teacher distributions (:func:`pair_targets`).
+        temp: Student temperature.
+        *reported: More ``[U, K]`` targets whose sums are returned too, without gradient (a metric).
+
+    Returns:
+        ``(loss, *reported_sums)``, scalars.
+    """
+    return _TargetCrossEntropy.apply(logits, target, temp, *reported)
 
 
 class PatchWiseDistillationLoss(nn.Module):
@@ -195,40 +287,44 @@ class PatchWiseDistillationLoss(nn.Module):
             pairs and samples with a match of the mean patch cross-entropy) and ``n_match`` (mean
             matched patch pairs per pair and sample).
         """
-        n_pairs, batch = len(pairs), student_cls.shape[1]
+        n_pairs, batch, dev = len(pairs), student_cls.shape[1], student_cls.device
         t_idx = torch.tensor([i for i, _ in pairs], device=student_cls.device)
         s_idx = torch.tensor([j for _, j in pairs], device=student_cls.device)
         t_probs = self.teacher_probs(teacher_cls, self.cls_center, teacher_temp)
         h_cls = soft_cross_entropy(t_probs[t_idx], student_cls[s_idx], self.student_temp)  # [P, B]
 
-        patch_sum = h_cls.new_zeros(n_pairs * batch)
         n_patch = torch.zeros(n_pairs * batch, dtype=torch.long, device=h_cls.device)
-        if self.uses_patches and student_patch is not None and student_patch.shape[0] > 0:
+        matched = self.uses_patches and student_patch is not None and student_patch.shape[0] > 0
+        if matched:
             assert teacher_patch is not None and patch_pair_index is not None
-            center = self.cls_center if self.objective == "cossl" else self.patch_center
-            t_probs_patch = self.teacher_probs(teacher_patch, center, teacher_temp)
-            if teacher_patch_index is not None:
-                t_probs_patch = t_probs_patch[teacher_patch_index]
-
-            def sums(student_logits: Tensor) -> Tensor:
-                log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-                if student_patch_index is not None:
-                    log_p = log_p[student_patch_index]
-                h_patch = -(t_probs_patch.float() * log_p).sum(-1)  # [N]
-                return h_cls.new_zeros(n_pairs * batch).index_add(0, patch_pair_index, h_patch * patch_weight)
-
-            if recompute_head is None:
-                patch_sum = sums(student_patch)
-            else:
-                patch_sum = checkpoint(lambda tokens: sums(recompute_head(tokens)), student_patch, use_reentrant=False)
             n_patch = torch.bincount(patch_pair_index, minlength=n_pairs * batch)
         if self.uses_patches and patch_count is not None:
             n_patch = patch_count.to(n_patch.device)
-        patch_sum, n_patch = patch_sum.view(n_pairs, batch), n_patch.view(n_pairs, batch)
-
-        loss = combine_terms(h_cls, patch_sum, n_patch, self.objective, self.lam)
-        has = n_patch > 0
-        patch_mean = (patch_sum[has] / n_patch[has]).mean() if has.any() else h_cls.new_zeros(())
+        cls_w, patch_w = term_weights(n_patch.view(n_pairs, batch), self.objective, self.lam)
+        loss = (cls_w * h_cls).mean()
+        patch_mean = h_cls.new_zeros(())
+        if matched:
+            center = self.cls_center if self.objective == "cossl" else self.patch_center
+            t_probs_patch = self.teacher_probs(teacher_patch, center, teacher_temp)
+            n_match = patch_pair_index.shape[0]
+            s_rows = student_patch_index if student_patch_index is not None else torch.arange(n_match, device=dev)
+            t_rows = teacher_patch_index if teacher_patch_index is not None else torch.arange(n_match, device=dev)
+            # The loss is linear in every patch cross-entropy, with weights known from the counts: the
+            # teacher targets of all pairs sharing a student token are summed first (pair_targets), so
+            # the graph holds one [Us, K] product, not [N, K] gathered copies. The second weight row gives
+            # the reported mean over (pair, sample) with a match of (sum of patch H) / count.
+            has = n_patch > 0
+            w_loss = patch_w.flatten()[patch_pair_index] * (patch_weight / (n_pairs * batch))
+            w_report = patch_weight / (has.sum() * n_patch[patch_pair_index]).float()
+            n_s = student_patch.shape[0]
+            target, report = (pair_targets(t_probs_patch, s_rows, t_rows, w, n_s) for w in (w_loss, w_report))
+            if recompute_head is None:
+                patch_term, patch_mean = target_cross_entropy(student_patch, target, self.student_temp, report)
+            else:
+                patch_term, patch_mean = checkpoint(
+                    lambda tokens: target_cross_entropy(recompute_head(tokens), target, self.student_temp, report),
+                    student_patch, use_reentrant=False)
+            loss = loss + patch_term
         return {
             "loss": loss,
             "cls": h_cls.mean().detach(),

@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pwself.losses import Center, PatchWiseDistillationLoss, combine_terms, view_pairs
+from pwself.losses import (
+    Center,
+    PatchWiseDistillationLoss,
+    combine_terms,
+    pair_targets,
+    target_cross_entropy,
+    view_pairs,
+)
 from pwself.matching import match_views
 from pwself.views import MultiCrop
 
@@ -70,6 +77,37 @@ def test_combine_terms_hand_values():
     assert combine_terms(h_cls, s, n, "pwml").item() == pytest.approx(((1 + 3) / 3 + 2) / 2)
     assert combine_terms(h_cls, s, n, "pwsl").item() == pytest.approx((4 + 2) / 2)
     assert combine_terms(h_cls, s, n, "pwll", 0.2).item() == pytest.approx((0.2 * 1 + 0.8 * 1.5 + 2) / 2)
+
+
+def test_pair_targets_sum_weighted_teacher_rows_per_student_row():
+    g = torch.Generator().manual_seed(0)
+    t_probs = torch.softmax(torch.randn(4, 6, generator=g), -1)
+    s_rows, t_rows = torch.tensor([0, 2, 0, 1, 2, 2]), torch.tensor([3, 0, 1, 1, 0, 2])
+    weights = torch.rand(6, generator=g)
+    out = pair_targets(t_probs, s_rows, t_rows, weights, 4)  # student row 3 has no pair: zeros
+    expected = torch.zeros(4, 6)
+    for n in range(6):
+        expected[s_rows[n]] += weights[n] * t_probs[t_rows[n]]
+    torch.testing.assert_close(out, expected)
+    # The identity the loss relies on: sum_n w_n H_n = -sum_u <Q_u, log_softmax(s_u)>.
+    log_p = F.log_softmax(torch.randn(4, 6, generator=g), -1)
+    h = -(t_probs[t_rows] * log_p[s_rows]).sum(-1)
+    torch.testing.assert_close(-(out * log_p).sum(), (weights * h).sum())
+
+
+def test_target_cross_entropy_value_and_handwritten_backward():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    target, other = torch.rand(2, 4, 7, generator=g, dtype=torch.float64)
+    expected = [-(t * F.log_softmax(logits / 0.3, -1)).sum() for t in (target, other)]
+    loss, reported = target_cross_entropy(logits, target, 0.3, other)
+    torch.testing.assert_close(torch.stack([loss, reported]), torch.stack(expected))
+    assert not reported.requires_grad
+    assert torch.autograd.gradcheck(lambda z: target_cross_entropy(z, target, 0.3)[0], (logits,))
+    # float32 logits and targets (as pair_targets gives them) go through the same path
+    (loss32,) = target_cross_entropy(logits.detach().float(), target.float(), 0.3)
+    assert loss32.dtype == torch.float32
+    torch.testing.assert_close(loss32, expected[0].float())
 
 
 def test_no_match_gives_finite_loss_with_graph():
