@@ -16,7 +16,7 @@ from typing import Any
 from pwself.checkpoint import latest_checkpoint
 from pwself.config import TrainConfig, apply_overrides
 
-__all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor"]
+__all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
 
@@ -45,6 +45,37 @@ def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
         return None
     knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))
     floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    cache.write_text(json.dumps(floor))
+    return floor
+
+
+def random_init_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
+    """kNN (k = 10, 20) and linear probe of the configured backbone at its random initialization (the same
+    init a run with ``cfg.seed`` starts from), CLS features at the global view size: what pretraining adds
+    is the distance to this row. ``None`` for unlabelled data."""
+    import torch
+
+    from pwself.data import channel_stats
+    from pwself.eval import extract_features, knn_classify
+    from pwself.eval.linear import linear_probe
+    from pwself.train import build_student, open_dataset, take_subset
+
+    if cache.exists():
+        return json.loads(cache.read_text())
+    splits = {split: open_dataset(cfg, split) for split in ("train", "test")}
+    mean, std = cfg.data.mean, cfg.data.std
+    if not mean:  # as train() computes them: over the training subset
+        train_set = splits["train"]
+        mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
+    torch.manual_seed(cfg.seed)
+    backbone = build_student(cfg).backbone
+    feats = {split: extract_features(backbone, ds, mean, std, size=cfg.views.global_size, progress=False,
+                                     num_workers=cfg.data.num_workers) for split, ds in splits.items()}
+    if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
+        return None
+    knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
+    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"],
+             "linear": linear_probe(*feats["train"], *feats["test"])["top1"]}
     cache.write_text(json.dumps(floor))
     return floor
 
@@ -94,6 +125,10 @@ def run_comparison(
             cfg.validate()
             results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress)
     results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json")
+    floors = {str(seed): random_init_floor(apply_overrides(base, [f"seed={seed}"]), out_dir / f"random_init_seed{seed}.json")
+              for seed in seeds}
+    if all(floors.values()):
+        results["random_init"] = floors
     (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))
     (out_dir / "comparison.md").write_text(comparison_table(results))
     plot_comparison(results, out_dir / "comparison.png")
@@ -110,15 +145,22 @@ def comparison_table(results: dict[str, Any]) -> str:
     lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; top-1 % on the test split.", "",
              "| objective | kNN k=10 | kNN k=20 | linear |", "|---|---|---|---|"]
     for label, per_seed in results["runs"].items():
-        cells = []
-        for key in ("knn10", "knn20", "linear"):
-            m, s = _mean_std([r[key] for r in per_seed.values()])
-            cells.append(f"{m:.2f} ± {s:.2f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + _cells(per_seed) + " |")
+    if results.get("random_init"):
+        lines.append("| *random init (same backbone, CLS)* | " + _cells(results["random_init"]) + " |")
     floor = results.get("pixel_floor")
     if floor:
         lines.append(f"| *raw pixels (floor)* | {floor['knn10']:.2f} | {floor['knn20']:.2f} | — |")
     return "\n".join(lines) + "\n"
+
+
+def _cells(per_seed: dict[str, dict[str, float]]) -> str:
+    """``mean ± std`` over seeds of kNN k=10, k=20 and linear top-1, as table cells."""
+    cells = []
+    for key in ("knn10", "knn20", "linear"):
+        m, s = _mean_std([r[key] for r in per_seed.values()])
+        cells.append(f"{m:.2f} ± {s:.2f}")
+    return " | ".join(cells)
 
 
 def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
@@ -138,6 +180,9 @@ def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
     floor = results.get("pixel_floor")
     if floor:
         ax.axhline(floor["knn10"], color="gray", linestyle="--", linewidth=1, label="raw pixels kNN k=10")
+    if results.get("random_init"):
+        m, _ = _mean_std([r["knn10"] for r in results["random_init"].values()])
+        ax.axhline(m, color="gray", linestyle=":", linewidth=1, label="random init kNN k=10")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.set_ylabel("top-1 %")
     ax.set_title(f"objectives, {len(results['seeds'])} seed(s) each")

@@ -18,6 +18,7 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
     assert main(args) == 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| dino |" in md and "| pwml:photometric.mode=none |" in md and "±" in md
+    assert "| *random init (same backbone, CLS)* |" in md and "| *raw pixels (floor)* |" in md
     res = json.loads((tmp_path / "comparison.json").read_text())
     for label in ("dino", "pwml:photometric.mode=none"):
         r = res["runs"][label]["0"]
@@ -72,3 +73,22 @@ def test_pixel_floor_is_knn_on_raw_pixels_and_joins_the_table(tmp_path):
     table = compare_mod.comparison_table({"seeds": [0], "runs": {"dino": {"0": {"knn10": 1.0, "knn20": 2.0, "linear": 3.0}}},
                                           "pixel_floor": floor})
     assert f"| *raw pixels (floor)* | {floor['knn10']:.2f} | {floor['knn20']:.2f} | — |" in table
+
+
+def test_random_init_floor_is_the_runs_knn_protocol_on_the_seeded_init(tmp_path):
+    import torch
+
+    from pwself.config import load_config
+    from pwself.data import channel_stats
+    from pwself.train import build_student, evaluate_knn_run, open_dataset
+
+    cfg = load_config(None, [t for t in TINY if "=" in t] + ["seed=3"])
+    floor = compare_mod.random_init_floor(cfg, tmp_path / "random.json")
+    cfg.data.mean, cfg.data.std = channel_stats(open_dataset(cfg, "train"))
+    torch.manual_seed(3)  # what train() does before building the student
+    ref = evaluate_knn_run(build_student(cfg).backbone, cfg, progress=False)
+    assert (floor["knn10"], floor["knn20"]) == (ref[10]["top1"], ref[20]["top1"])
+    assert 0 <= floor["linear"] <= 100
+    assert compare_mod.random_init_floor(cfg, tmp_path / "random.json") == floor  # cached
+    table = compare_mod.comparison_table({"seeds": [3], "runs": {}, "random_init": {"3": floor}})
+    assert f"| *random init (same backbone, CLS)* | {floor['knn10']:.2f} ± 0.00 |" in table
