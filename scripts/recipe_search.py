@@ -1,0 +1,42 @@
+"""Small-scale recipe search: each argument is ``NAME [key=value ...]`` (quoted), trained from
+``configs/fmnist_demo.yaml`` at the comparison budget (``epochs=1``: 600 steps) and scored by kNN (k = 10,
+full 60k bank) of the teacher's CLS token and of its mean patch token. Finished runs are read back.
+
+    python scripts/recipe_search.py "base" "lr2x optim.lr=8e-3" "loc views.local_scale=[0.2,0.5]"
+
+Results go to ``runs/search/NAME/search.json`` and one line per run on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pwself
+from pwself.config import load_config
+from pwself.eval import extract_features, knn_classify
+from pwself.train import open_dataset, train
+
+OUT = Path("runs/search")
+
+
+def main(specs: list[str]) -> None:
+    for spec in specs:
+        name, *overrides = spec.split()
+        result_path = OUT / name / "search.json"
+        if not result_path.exists():
+            cfg = load_config("configs/fmnist_demo.yaml", ["epochs=1", f"out_dir={OUT / name}", *overrides])
+            run = train(cfg, progress=False)
+            model = pwself.load(str(OUT / name))
+            feats = {split: extract_features(model, open_dataset(cfg, split), cfg.data.mean, cfg.data.std,
+                                             size=cfg.views.global_size, pooling="mean-patch", progress=False)
+                     for split in ("train", "test")}
+            mean_patch = knn_classify(*feats["train"], *feats["test"], ks=(10,))[10]["top1"]
+            result_path.write_text(json.dumps({"overrides": overrides, "cls": run.knn[10]["top1"],
+                                               "mean-patch": mean_patch}))
+        print(name, json.loads(result_path.read_text()), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
