@@ -288,8 +288,8 @@ class PatchWiseDistillationLoss(nn.Module):
             matched patch pairs per pair and sample).
         """
         n_pairs, batch, dev = len(pairs), student_cls.shape[1], student_cls.device
-        t_idx = torch.tensor([i for i, _ in pairs], device=student_cls.device)
-        s_idx = torch.tensor([j for _, j in pairs], device=student_cls.device)
+        t_idx = torch.tensor([i for i, _ in pairs], device=dev)
+        s_idx = torch.tensor([j for _, j in pairs], device=dev)
         t_probs = self.teacher_probs(teacher_cls, self.cls_center, teacher_temp)
         h_cls = soft_cross_entropy(t_probs[t_idx], student_cls[s_idx], self.student_temp)  # [P, B]
 
@@ -311,8 +311,8 @@ class PatchWiseDistillationLoss(nn.Module):
             t_rows = teacher_patch_index if teacher_patch_index is not None else torch.arange(n_match, device=dev)
             # The loss is linear in every patch cross-entropy, with weights known from the counts: the
             # teacher targets of all pairs sharing a student token are summed first (pair_targets), so
-            # the graph holds one [Us, K] product, not [N, K] gathered copies. The second weight row gives
-            # the reported mean over (pair, sample) with a match of (sum of patch H) / count.
+            # the graph holds one [Us, K] product, not [N, K] gathered copies. The reported metric, the
+            # mean over (pair, sample) with a match of (sum of patch H) / count, is another such sum.
             has = n_patch > 0
             w_loss = patch_w.flatten()[patch_pair_index] * (patch_weight / (n_pairs * batch))
             w_report = patch_weight / (has.sum() * n_patch[patch_pair_index]).float()
