@@ -163,32 +163,49 @@ def _cells(per_seed: dict[str, dict[str, float]]) -> str:
     return " | ".join(cells)
 
 
+def _tick_label(label: str) -> str:
+    """An objective label for an axis: the objective, then its overrides wrapped on short lines."""
+    import textwrap
+
+    objective, _, extra = label.partition(":")
+    lines = [objective] + [line for o in extra.split("+") if o for line in textwrap.wrap(o, 24, break_long_words=False)]
+    return "\n".join(lines)
+
+
 def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
-    """Grouped bar plot (kNN k=10 and linear) with std error bars."""
+    """Grouped bar plot (kNN k=10 and linear) with std error bars, values on the bars, and the floors
+    (raw pixels, random init) as horizontal lines; the y range fits the values so that gaps of a point show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(results["runs"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels) + 3), 4.5))
     width = 0.38
+    shown = []
     for k, (key, name) in enumerate((("knn10", "kNN k=10"), ("linear", "linear"))):
         stats = [_mean_std([r[key] for r in results["runs"][lab].values()]) for lab in labels]
         xs = [i + (k - 0.5) * width for i in range(len(labels))]
-        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=name)
+        bars = ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=name)
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m, _ in stats], padding=2, fontsize=7)
+        shown += [m for m, _ in stats]
     floor = results.get("pixel_floor")
     if floor:
         ax.axhline(floor["knn10"], color="gray", linestyle="--", linewidth=1, label="raw pixels kNN k=10")
+        shown.append(floor["knn10"])
     if results.get("random_init"):
         m, _ = _mean_std([r["knn10"] for r in results["random_init"].values()])
-        ax.axhline(m, color="gray", linestyle=":", linewidth=1, label="random init kNN k=10")
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set_ylabel("top-1 %")
-    ax.set_title(f"objectives, {len(results['seeds'])} seed(s) each")
-    ax.legend()
+        ax.axhline(m, color="black", linestyle=":", linewidth=1, label="random init kNN k=10")
+        shown.append(m)
+    if shown:
+        ax.set_ylim(max(0.0, 5 * (min(shown) // 5) - 5), min(100.0, max(shown) + 4))
+    ax.set_xticks(range(len(labels)), [_tick_label(lab) for lab in labels], fontsize=8)
+    ax.set_ylabel("top-1 % (test)")
+    ax.set_title(f"objectives, same budget, {len(results['seeds'])} seed(s) each: mean ± std")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
