@@ -164,11 +164,12 @@ def _cells(per_seed: dict[str, dict[str, float]]) -> str:
 
 
 def _tick_label(label: str) -> str:
-    """An objective label for an axis: the objective, then its overrides wrapped on short lines."""
-    import textwrap
-
+    """An objective label for an axis: the objective, then one override a line, long ones broken after ``=``."""
     objective, _, extra = label.partition(":")
-    lines = [objective] + [line for o in extra.split("+") if o for line in textwrap.wrap(o, 24, break_long_words=False)]
+    lines = [objective]
+    for override in filter(None, extra.split("+")):
+        key, eq, value = override.partition("=")
+        lines += [key + eq, value] if len(override) > 16 and eq else [override]
     return "\n".join(lines)
 
 
@@ -181,7 +182,7 @@ def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     labels = list(results["runs"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels) + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 3), 4.8))
     width = 0.38
     shown = []
     for k, (key, name) in enumerate((("knn10", "kNN k=10"), ("linear", "linear"))):
