@@ -1,6 +1,7 @@
 """Small-scale recipe search: each argument is ``NAME [key=value ...]`` (quoted), trained from
 ``configs/fmnist_demo.yaml`` at the comparison budget (``epochs=1``: 600 steps) and scored by kNN (k = 10,
-full 60k bank) of the teacher's CLS token and of its mean patch token. Finished runs are read back.
+full 60k bank) of the teacher's CLS token and of its mean patch token. Finished runs are read back,
+interrupted ones resume from their last checkpoint.
 
     python scripts/recipe_search.py "base" "lr2x optim.lr=8e-3" "loc views.local_scale=[0.2,0.5]"
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pwself
+from pwself.checkpoint import latest_checkpoint
 from pwself.config import load_config
 from pwself.eval import extract_features, knn_classify
 from pwself.train import open_dataset, train
@@ -27,7 +29,7 @@ def main(specs: list[str]) -> None:
         result_path = OUT / name / "search.json"
         if not result_path.exists():
             cfg = load_config("configs/fmnist_demo.yaml", ["epochs=1", f"out_dir={OUT / name}", *overrides])
-            run = train(cfg, progress=False)
+            run = train(cfg, resume=latest_checkpoint(OUT / name) is not None, progress=False)
             model = pwself.load(str(OUT / name))
             feats = {split: extract_features(model, open_dataset(cfg, split), cfg.data.mean, cfg.data.std,
                                              size=cfg.views.global_size, pooling="mean-patch", progress=False)
