@@ -24,7 +24,7 @@ one for patch outputs; the centers are updated by an explicit call, never as a s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -138,30 +138,31 @@ def combine_terms(
 
 
 def pair_targets(
-    teacher_probs: Tensor, student_rows: Tensor, teacher_rows: Tensor, weights: Tensor, n_student: int
-) -> Tensor:
-    """Weighted teacher distributions summed per student row: ``Q[u] = sum_{n: s_n = u} weights[n] * t[t_n]``.
+    teacher_probs: Tensor, student_rows: Tensor, teacher_rows: Tensor, weights: Sequence[Tensor], n_student: int
+) -> list[Tensor]:
+    """Weighted teacher distributions summed per student row: ``Q[u] = sum_{n: s_n = u} w[n] * t[t_n]``.
 
-    Every pair ``n`` contributes ``weights[n] * H(t[t_n], s[s_n])`` to a sum that is linear in the
-    student's log-probabilities, so ``sum_n weights[n] * H_n = -sum_u <Q[u], log_softmax(s[u])>``: one
-    ``[U, K]`` product instead of ``[N, K]`` gathered copies. One ``embedding_bag`` (a bag per student
-    row), without gradient.
+    Every pair ``n`` contributes ``w[n] * H(t[t_n], s[s_n])`` to a sum that is linear in the student's
+    log-probabilities, so ``sum_n w[n] * H_n = -sum_u <Q[u], log_softmax(s[u])>``: one ``[U, K]`` product
+    instead of ``[N, K]`` gathered copies. One ``embedding_bag`` (a bag per student row) per weight vector,
+    the bags laid out once, without gradient.
 
     Args:
         teacher_probs: ``[Ut, K]`` teacher distributions.
         student_rows: ``[N]`` long student row of each pair.
         teacher_rows: ``[N]`` long teacher row of each pair.
-        weights: ``[N]`` weight of each pair.
+        weights: ``[N]`` weight vectors, one target wanted for each.
         n_student: Number ``U`` of student rows.
 
     Returns:
-        ``[U, K]`` float32 targets.
+        One ``[U, K]`` float32 target per weight vector (separate tensors, so each can be freed alone).
     """
     order = torch.argsort(student_rows, stable=True)  # a bag is a contiguous run of the input
     counts = torch.bincount(student_rows, minlength=n_student)
+    offsets, rows = torch.cumsum(counts, 0) - counts, teacher_rows[order]
     with torch.no_grad(), torch.autocast(teacher_probs.device.type, enabled=False):
-        return F.embedding_bag(teacher_rows[order], teacher_probs.float(), torch.cumsum(counts, 0) - counts,
-                               mode="sum", per_sample_weights=weights[order].float())
+        table = teacher_probs.float()
+        return [F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=w[order].float()) for w in weights]
 
 
 class _TargetCrossEntropy(torch.autograd.Function):
@@ -317,7 +318,7 @@ class PatchWiseDistillationLoss(nn.Module):
             w_loss = patch_w.flatten()[patch_pair_index] * (patch_weight / (n_pairs * batch))
             w_report = patch_weight / (has.sum() * n_patch[patch_pair_index]).float()
             n_s = student_patch.shape[0]
-            target, report = (pair_targets(t_probs_patch, s_rows, t_rows, w, n_s) for w in (w_loss, w_report))
+            target, report = pair_targets(t_probs_patch, s_rows, t_rows, (w_loss, w_report), n_s)
             if recompute_head is None:
                 patch_term, patch_mean = target_cross_entropy(student_patch, target, self.student_temp, report)
             else:

@@ -83,12 +83,13 @@ def test_pair_targets_sum_weighted_teacher_rows_per_student_row():
     g = torch.Generator().manual_seed(0)
     t_probs = torch.softmax(torch.randn(4, 6, generator=g), -1)
     s_rows, t_rows = torch.tensor([0, 2, 0, 1, 2, 2]), torch.tensor([3, 0, 1, 1, 0, 2])
-    weights = torch.rand(6, generator=g)
-    out = pair_targets(t_probs, s_rows, t_rows, weights, 4)  # student row 3 has no pair: zeros
-    expected = torch.zeros(4, 6)
-    for n in range(6):
-        expected[s_rows[n]] += weights[n] * t_probs[t_rows[n]]
-    torch.testing.assert_close(out, expected)
+    weights, other = torch.rand(2, 6, generator=g)
+    out, out_other = pair_targets(t_probs, s_rows, t_rows, (weights, other), 4)  # row 3 has no pair: zeros
+    for w, got in ((weights, out), (other, out_other)):
+        expected = torch.zeros(4, 6)
+        for n in range(6):
+            expected[s_rows[n]] += w[n] * t_probs[t_rows[n]]
+        torch.testing.assert_close(got, expected)
     # The identity the loss relies on: sum_n w_n H_n = -sum_u <Q_u, log_softmax(s_u)>.
     log_p = F.log_softmax(torch.randn(4, 6, generator=g), -1)
     h = -(t_probs[t_rows] * log_p[s_rows]).sum(-1)
