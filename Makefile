@@ -23,6 +23,7 @@ demo: $(VENV)/.installed $(FMNIST)
 	$(VENV)/bin/pwself pretrain --config configs/fmnist_demo.yaml --out-dir $(DEMO_OUT)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 clean:

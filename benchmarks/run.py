@@ -3,15 +3,15 @@
     python benchmarks/run.py            # full (about 10 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # about 1 minute
 
-Prints a table and writes ``benchmarks/results.json`` (or ``--output``). Targets (issue 6):
-step time pwml/dino <= 1.05; vectorized matching >= 100x the loop and < 2% of a step; patch/image
+Prints a table and writes ``benchmarks/results.json`` (or ``--output``). Every step is built by
+:func:`pwself.step.build_step` with the run's own loss settings, as training builds it. Targets: step time
+pwml/dino <= 1.05; vectorized matching >= 100x the loop and < 2% of a step; patch/image
 photometric augmentation <= 1.3x; loader faster than the model; peak memory pwml/dino <= 1.10.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
@@ -27,13 +27,13 @@ import torch
 from pwself.augment import PhotometricAugment, PhotometricConfig
 from pwself.config import TrainConfig, apply_overrides
 from pwself.data import iterate_batches, make_synthetic
-from pwself.losses import PatchWiseDistillationLoss, view_pairs
+from pwself.losses import view_pairs
 from pwself.matching import match_pair, match_patches, match_views
-from pwself.models import ema_update
-from pwself.train import build_student, distill_step, param_groups
-from pwself.views import MultiCrop, MultiCropViews, sample_boxes
+from pwself.objectives.base import view_grids
+from pwself.step import StepOutput, build_step
+from pwself.views import MultiCrop, sample_boxes
 
-SMALL = ["views.global_size=28", "views.local_size=16", "views.n_local=6", "backbone.img_size=28",
+SMALL = ["views.global_size=28", "views.local_size=16", "views.n_local=6",
          "backbone.in_chans=1", "backbone.embed_dim=128", "backbone.depth=4", "backbone.num_heads=4",
          "head.out_dim=1024"]
 
@@ -51,44 +51,28 @@ def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
 
 
 class StepRunner:
-    """One full training step (views, aug, forward, loss, backward, AdamW, EMA) for a config."""
+    """One full training step (views, aug, forward, loss, backward, AdamW, EMA, centers), built by
+    :func:`pwself.step.build_step` from the config exactly as training builds it."""
 
     def __init__(self, cfg: TrainConfig, batch: int, channels: int = 1, image: int = 28) -> None:
-        torch.manual_seed(0)
         self.cfg = cfg
-        self.student = build_student(cfg)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.crit = PatchWiseDistillationLoss(cfg.head.out_dim, cfg.loss.objective)
-        self.opt = torch.optim.AdamW(param_groups(self.student), lr=1e-4, fused=True)  # as train() does
-        v = cfg.views
-        self.mc = MultiCrop(v.n_global, v.n_local, v.global_size, v.local_size)
-        self.aug = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
-        p = cfg.backbone.patch_size
-        self.grids = [(v.global_size // p,) * 2] * v.n_global + [(v.local_size // p,) * 2] * v.n_local
+        self.step = build_step(cfg, torch.device("cpu"), [0.5] * channels, [0.25] * channels)
+        for g in self.step.optimizer.param_groups:
+            g["lr"], g["weight_decay"] = 1e-4, 0.04 if g["decay"] else 0.0
         self.images = torch.rand(batch, channels, image, image)
         self.gen = torch.Generator().manual_seed(0)
-        self.match_time = 0.0
 
-    def views(self) -> MultiCropViews:
-        views = self.mc(self.images, self.gen)
-        return MultiCropViews(self.aug(views.global_crops, self.gen), self.aug(views.local_crops, self.gen),
-                              views.boxes, views.flips, views.n_global, views.n_local)
+    def forward(self) -> StepOutput:
+        return self.step.forward(self.images, self.cfg.loss.teacher_temp, self.gen)
 
-    def step(self) -> None:
-        views = self.views()
-        terms, t_cls, t_patch = distill_step(self.student, self.teacher, self.crit, views, self.grids, 0.04,
-                                             patch_fraction=self.cfg.loss.patch_fraction, generator=self.gen,
-                                             recompute_head=self.cfg.loss.recompute_head)
-        self.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.opt.step()
-        ema_update(self.teacher, self.student, 0.996)
-        self.crit.update_centers(t_cls, t_patch)
+    def step_once(self) -> None:
+        self.step(self.images, self.cfg.loss.teacher_temp, self.cfg.optim.momentum_teacher, self.gen)
 
     def matching_only(self) -> None:
+        views = self.step.views.multicrop(self.images, self.gen)
         v = self.cfg.views
-        views = self.mc(self.images, self.gen)
-        match_views(views.boxes, views.flips, self.grids, view_pairs(v.n_global, v.n_global + v.n_local))
+        grids = view_grids(views, self.cfg.backbone.patch_size)
+        match_views(views.boxes, views.flips, grids, view_pairs(v.n_global, v.n_global + v.n_local))
 
 
 def config(objective: str, extra: list[str] = ()) -> TrainConfig:
@@ -111,18 +95,23 @@ def runner_for(name: str, batch: int) -> StepRunner:
 
 
 def step_flops(runner: StepRunner) -> dict[str, int]:
-    """Matmul/conv FLOPs of one forward + backward (torch's FlopCounterMode), in total and inside the DINO
-    head: the work a step cannot avoid, to read the measured time ratio against."""
+    """Matmul/conv FLOPs of one forward + backward (torch's FlopCounterMode), in total and outside the
+    backbones (the DINO head and the loss): the work a step cannot avoid, to read the measured time ratio
+    against. The head share is the total minus a backbone-only pass over the same views (the counter's
+    per-module attribution is unreliable in backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    views = runner.views()
     with FlopCounterMode(display=False) as counter:
-        terms, _, _ = distill_step(runner.student, runner.teacher, runner.crit, views, runner.grids, 0.04,
-                                   patch_fraction=runner.cfg.loss.patch_fraction, generator=runner.gen)
-        terms["loss"].backward()
-    runner.opt.zero_grad(set_to_none=True)
-    counts = counter.get_flop_counts()
-    return {"total": counter.get_total_flops(), "head": sum(counts.get("DINOHead", {}).values())}
+        runner.forward().terms["loss"].backward()
+    views = runner.step.views(runner.images, runner.gen)
+    with FlopCounterMode(display=False) as backbones:
+        with torch.no_grad():
+            runner.step.teacher.encode([views.global_crops])
+        tokens = runner.step.model.encode([views.global_crops, views.local_crops])
+        sum(t.cls.sum() + t.patches.sum() for t in tokens).backward()
+    runner.step.optimizer.zero_grad(set_to_none=True)
+    total = counter.get_total_flops()
+    return {"total": total, "head": total - backbones.get_total_flops()}
 
 
 def bench_step_ratio(batch: int, repeat: int) -> dict:
@@ -131,16 +120,16 @@ def bench_step_ratio(batch: int, repeat: int) -> dict:
     runners = {o: runner_for(o, batch) for o in VARIANTS}
     times: dict[str, list[float]] = {o: [] for o in runners}
     for r in runners.values():
-        r.step()
+        r.step_once()
     for _ in range(repeat):
         for o, r in runners.items():
             t0 = time.perf_counter()
-            r.step()
+            r.step_once()
             times[o].append(time.perf_counter() - t0)
     med = {o: statistics.median(t) for o, t in times.items()}
     flops = {o: step_flops(r) for o, r in runners.items()}
-    match = timeit(runners["pwml"].matching_only, repeat) - timeit(lambda: runners["pwml"].mc(
-        runners["pwml"].images, runners["pwml"].gen), repeat)
+    pw = runners["pwml"]
+    match = timeit(pw.matching_only, repeat) - timeit(lambda: pw.step.views.multicrop(pw.images, pw.gen), repeat)
     return {
         "batch": batch, "dino_step_s": med["dino"], "pwml_step_s": med["pwml"],
         "ratio_pwml_over_dino": med["pwml"] / med["dino"], "target": "<= 1.05",
@@ -214,13 +203,10 @@ def bench_pipeline(batch: int, repeat: int) -> dict:
     t0 = time.perf_counter()
     n = 0
     for images, _ in iterate_batches(ds, batches):
-        x = images.float() / 255
-        v = runner.mc(x, g)
-        runner.aug(v.global_crops, g)
-        runner.aug(v.local_crops, g)
+        runner.step.views(images.float() / 255, g)
         n += len(images)
     loader_ips = n / (time.perf_counter() - t0)
-    step = timeit(runner.step, repeat)
+    step = timeit(runner.step_once, repeat)
     return {"batch": batch, "pipeline_images_per_s": loader_ips, "model_images_per_s": batch / step,
             "ratio_pipeline_over_model": loader_ips / (batch / step), "target": ">= 1 (loader not the bottleneck)"}
 
@@ -228,7 +214,7 @@ def bench_pipeline(batch: int, repeat: int) -> dict:
 def _peak_memory_child(objective: str, batch: int, steps: int) -> None:
     runner = runner_for(objective, batch)
     for _ in range(steps):
-        runner.step()
+        runner.step_once()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     print(json.dumps({"peak_rss_mb": peak / 1024, "cuda_max_alloc": cuda}))
@@ -244,12 +230,9 @@ def saved_activation_bytes(objective: str, batch: int) -> int:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # shared storage counted once
         return t
 
-    views = runner.views()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        terms, _, _ = distill_step(runner.student, runner.teacher, runner.crit, views, runner.grids, 0.04,
-                                   patch_fraction=runner.cfg.loss.patch_fraction, generator=runner.gen,
-                                   recompute_head=runner.cfg.loss.recompute_head)
-    terms["loss"].backward()
+        out = runner.forward()
+    out.terms["loss"].backward()
     return sum(seen.values())
 
 
@@ -281,12 +264,12 @@ def bench_scaling(quick: bool) -> dict:
         for obj in ("dino", "pwml", SAMPLED):
             sampled = ["loss.patch_fraction=0.25"] if obj == SAMPLED else []
             cfg = config(obj.split("_")[0], [*sampled, "views.global_size=224", "views.local_size=96",
-                                             "backbone.img_size=224", "backbone.patch_size=16", "backbone.in_chans=3",
+                                             "backbone.patch_size=16", "backbone.in_chans=3",
                                              f"backbone.embed_dim={dim}", "backbone.depth=12",
                                              f"backbone.num_heads={heads}", "views.n_local=8", "head.out_dim=65536",
                                              "head.hidden_dim=2048", "head.bottleneck_dim=256"])
             runner = StepRunner(cfg, 4 if quick else 8, channels=3, image=256)
-            row[f"{obj}_step_s"] = timeit(runner.step, 1 if quick else 2)
+            row[f"{obj}_step_s"] = timeit(runner.step_once, 1 if quick else 2)
         row["ratio_pwml_over_dino"] = row["pwml_step_s"] / row["dino_step_s"]
         row["ratio_pwml_f025_over_dino"] = row[f"{SAMPLED}_step_s"] / row["dino_step_s"]
         out["vit"].append(row)
@@ -302,7 +285,8 @@ def bench_scaling(quick: bool) -> dict:
             t_match = timeit(lambda: match_views(views.boxes, views.flips, grids, pairs), 3)
             aug = PhotometricAugment(PhotometricConfig(mode="patch"), 4)
             t_aug = timeit(lambda: (aug(views.global_crops, g), aug(views.local_crops, g)), 3)
-            out["grid"].append({"batch": b, "n_local": n_loc, "matching_ms": 1e3 * t_match, "patch_aug_ms": 1e3 * t_aug})
+            out["grid"].append({"batch": b, "n_local": n_loc, "matching_ms": 1e3 * t_match,
+                                "patch_aug_ms": 1e3 * t_aug})
     return out
 
 
@@ -348,9 +332,10 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
+    sr = r["step_ratio"]
     rows = [
         ("step time pwml / dino", f"{r['step_ratio']['ratio_pwml_over_dino']:.3f}", "<= 1.05",
-         f"dino {r['step_ratio']['dino_step_s']*1e3:.0f} ms, pwml {r['step_ratio']['pwml_step_s']*1e3:.0f} ms (B={r['step_ratio']['batch']})"),
+         f"dino {sr['dino_step_s']*1e3:.0f} ms, pwml {sr['pwml_step_s']*1e3:.0f} ms (B={sr['batch']})"),
         ("FLOPs pwml / dino (forward + backward)", f"{r['step_ratio']['flop_ratio_pwml_over_dino']:.3f}", "",
          f"pwml_f0.25 / dino {r['step_ratio']['flop_ratio_pwml_f025_over_dino']:.3f}; head share of the step: "
          + ", ".join(f"{o} {100 * v:.0f}%" for o, v in r['step_ratio']['head_flop_share'].items())),

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "export_backbone"]
+if TYPE_CHECKING:
+    from pwself.config import TrainConfig
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint",
+           "config_of_checkpoint", "export_backbone"]
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +71,34 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"cannot load checkpoint {path} ({type(e).__name__}): it is corrupt or not a pwself checkpoint"
         ) from e
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Bring a checkpoint written before objectives owned their state (format 1) to the current layout.
+
+    Format 1 kept the centers under ``criterion`` and LoGo's affinity network inside the student (and a copy
+    in the teacher); format 2 keeps both in ``objective``, where LoGo's network is ``local_terms.affinity``.
+    """
+    if "objective" in ckpt or "criterion" not in ckpt:
+        return ckpt
+    ckpt = dict(ckpt)
+    objective = dict(ckpt.pop("criterion"))  # every objective had a patch center then, used or not
+    for part in ("student", "teacher"):
+        weights = dict(ckpt[part])
+        for key in [k for k in weights if k.startswith("affinity.")]:
+            value = weights.pop(key)
+            if part == "student":
+                objective["local_terms." + key] = value
+        ckpt[part] = weights
+    ckpt["objective"], ckpt["format"] = objective, 1
+    return ckpt
+
+
+def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
+    """The :class:`~pwself.config.TrainConfig` stored in a checkpoint."""
+    from pwself.config import config_from_dict
+
+    return config_from_dict(ckpt["config"])
 
 
 def export_backbone(backbone: nn.Module, path: str | Path) -> Path:

@@ -6,10 +6,11 @@ The only module that reads config files; everything else takes typed arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
+
+from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 
 __all__ = ["main"]
 
@@ -35,8 +36,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", help="run directory (default runs/pwself)")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--objective", choices=["dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl"],
-                   help="loss (default pwml)")
+    p.add_argument("--objective", choices=list(OBJECTIVES), help=f"loss (default {DEFAULT_OBJECTIVE})")
     p.add_argument("--seed", type=int, help="seed of the whole run")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
@@ -57,7 +57,8 @@ def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
     if labelled:
         p.add_argument("--data-kind", help="idx, cifar, folder or synthetic (default: the first checkpoint's)")
         p.add_argument("--data-root", help="dataset directory (default: the first checkpoint's)")
-        p.add_argument("--pooling", default="cls", help="cls, mean-patch, cls+mean, last4 (comma-separated for several)")
+        p.add_argument("--pooling", default="cls",
+                       help="cls, mean-patch, cls+mean, last4 (comma-separated for several)")
     p.add_argument("--in-chans", type=int, help="input channels of a timm model (default: from the data)")
     p.add_argument("--img-size", type=int, help="input side of a timm model (default: from the data)")
     p.add_argument("--cache-dir", default=".pwself_cache", help="feature cache ('' to disable)")
@@ -133,7 +134,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "skipped, interrupted ones resume), evaluates kNN and a linear probe, and writes comparison.md/.json/.png. "
         "An objective may carry overrides after ':' joined by '+', e.g. pwml:photometric.mode=none.",
     )
-    p.add_argument("--objectives", default="dino,pwml,pwsl,pwll,cossl", help="comma-separated objectives")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"comma-separated, from {', '.join(OBJECTIVES)} "
+                   "(default: all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--config", help="base YAML config (same for every run)")
     p.add_argument("--out-dir", default="runs/compare")
@@ -246,9 +248,8 @@ def cmd_viz_matches(args: argparse.Namespace) -> int:
 def cmd_viz_attention(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    from pwself.checkpoint import load_checkpoint
+    from pwself.checkpoint import config_of_checkpoint, load_checkpoint
     from pwself.export import teacher_backbone
-    from pwself.train import config_of_checkpoint
     from pwself.viz import draw_attention
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval, "eval-linear": cmd_eval, "eval": cmd_eval,
                 "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
-                "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention, "export": cmd_export}
+                "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention,
+                "export": cmd_export}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

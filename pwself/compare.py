@@ -2,8 +2,8 @@
 
 Runs go to ``OUT/<objective>_seed<seed>/`` one after the other; a run whose ``knn.json`` exists is
 finished and skipped, an interrupted one resumes from its checkpoint. Each finished run is evaluated with
-kNN (k = 10, 20 on the teacher CLS, or BagSSL's bag of tiles for ``bagssl``) and a linear probe, and the results are aggregated as mean ± std
-over seeds.
+kNN (k = 10, 20 on the teacher features pooled as the objective says: the CLS token, or BagSSL's bag of
+tiles) and a linear probe, and the results are aggregated as mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ __all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
 
 
+def _open(cfg: TrainConfig, split: str):  # noqa: ANN202 - a torch Dataset
+    from pwself.data import open_dataset
+
+    return open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
+
+
 def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
     """kNN (k = 10, 20) of raw, L2-normalized pixels with the same bank and queries as the runs: the floor
     that learned features must beat. ``None`` for unlabelled data or images above :data:`MAX_PIXEL_DIM`."""
@@ -29,13 +35,11 @@ def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
 
     from pwself.data import iterate_batches
     from pwself.eval.knn import knn_classify
-    from pwself.train import open_dataset
-
     if cache.exists():
         return json.loads(cache.read_text())
     data = {}
     for split in ("train", "test"):
-        ds = open_dataset(cfg, split)
+        ds = _open(cfg, split)
         images, labels = zip(*iterate_batches(ds, list(torch.arange(len(ds)).split(1024)), cfg.data.num_workers))
         x = torch.cat(images).flatten(1)
         if x.shape[1] > MAX_PIXEL_DIM:
@@ -55,20 +59,20 @@ def random_init_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
     is the distance to this row. ``None`` for unlabelled data."""
     import torch
 
-    from pwself.data import channel_stats
+    from pwself.data import channel_stats, take_subset
     from pwself.eval import extract_features, knn_classify
     from pwself.eval.linear import linear_probe
-    from pwself.train import build_student, open_dataset, take_subset
+    from pwself.models import make_vit
 
     if cache.exists():
         return json.loads(cache.read_text())
-    splits = {split: open_dataset(cfg, split) for split in ("train", "test")}
+    splits = {split: _open(cfg, split) for split in ("train", "test")}
     mean, std = cfg.data.mean, cfg.data.std
     if not mean:  # as train() computes them: over the training subset
         train_set = splits["train"]
         mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
-    torch.manual_seed(cfg.seed)
-    backbone = build_student(cfg).backbone
+    torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
+    backbone = make_vit(cfg.backbone, cfg.views.global_size)
     feats = {split: extract_features(backbone, ds, mean, std, size=cfg.views.global_size, progress=False,
                                      num_workers=cfg.data.num_workers) for split, ds in splits.items()}
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
@@ -83,7 +87,8 @@ def random_init_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
 def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
     from pwself.eval.linear import linear_probe
     from pwself.eval.source import cached_features, open_source
-    from pwself.train import open_dataset, train
+    from pwself.objectives import objective_class
+    from pwself.train import train
 
     run_dir = Path(cfg.out_dir)
     if not (run_dir / "knn.json").exists():
@@ -93,10 +98,10 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
     if not linear_path.exists():
         src = open_source(str(run_dir))
         data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
-        pooling = "cls"
-        if cfg.loss.objective == "bagssl":  # its own aggregation: tiles of the image at native resolution
-            pooling, src.size = "bag", int(open_dataset(cfg, "train")[0][0].shape[-1])
-        feats = {split: cached_features(src, open_dataset(cfg, split), {**data_id, "split": split},
+        pooling = objective_class(cfg.loss.objective).pooling
+        if pooling == "bag":  # BagSSL's own aggregation: tiles of the image at native resolution
+            src.size = int(_open(cfg, "train")[0][0].shape[-1])
+        feats = {split: cached_features(src, _open(cfg, split), {**data_id, "split": split},
                                         pooling=pooling, cache_dir=run_dir / "features", progress=progress)
                  for split in ("train", "test")}
         res = linear_probe(*feats["train"], *feats["test"])
@@ -125,8 +130,8 @@ def run_comparison(
             cfg.validate()
             results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress)
     results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json")
-    floors = {str(seed): random_init_floor(apply_overrides(base, [f"seed={seed}"]), out_dir / f"random_init_seed{seed}.json")
-              for seed in seeds}
+    floors = {str(seed): random_init_floor(apply_overrides(base, [f"seed={seed}"]),
+                                           out_dir / f"random_init_seed{seed}.json") for seed in seeds}
     if all(floors.values()):
         results["random_init"] = floors
     (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))

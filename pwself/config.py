@@ -1,12 +1,14 @@
 """Run configuration: typed dataclasses, YAML files and ``key=value`` overrides.
 
-Library functions take explicit arguments; only the CLI and :func:`pwself.train.train` read a
-:class:`TrainConfig`. The config is saved as ``config.yaml`` beside the checkpoints of every run.
+A run reads the whole :class:`TrainConfig` where it composes its parts (:func:`pwself.train.train`,
+:func:`pwself.step.build_step`, the CLI, ``compare``); each part takes only its own section (``loss``,
+``data``, ``views``, ...). The config is saved as ``config.yaml`` beside the checkpoints of every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,9 @@ import yaml
 from pwself.augment import PhotometricConfig
 from pwself.data.datasets import FASHION_MNIST_DIR
 from pwself.models import BackboneConfig, HeadConfig
+from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
@@ -48,7 +53,7 @@ class DataConfig:
             recursively; ``train/`` and ``val/`` or ``test/`` sub-folders for evaluation) or ``synthetic``.
         root: Dataset directory (default: the Debian package ``dataset-fashion-mnist``).
         image_size: Side images of a ``folder`` are resized to (``idx``/``cifar`` keep their native size).
-        channels: 1 or 3 for ``folder`` and ``synthetic`` (others are fixed by the format).
+            Images are read with ``backbone.in_chans`` channels.
         subset: Train on the first ``subset`` images only (0: all).
         num_workers: Decoding workers for ``folder``.
         on_bad_image: ``fail`` or ``skip`` for corrupt/too-small images of a ``folder``.
@@ -61,7 +66,6 @@ class DataConfig:
     kind: str = "idx"
     root: str = FASHION_MNIST_DIR
     image_size: int = 32
-    channels: int = 3
     subset: int = 0
     num_workers: int = 2
     on_bad_image: str = "fail"
@@ -89,7 +93,7 @@ class LossConfig:
     """Objective and temperatures (SPEC §4).
 
     Attributes:
-        objective: ``dino``, ``pwml``, ``pwsl``, ``pwll``, ``cossl``, ``logo`` or ``bagssl``.
+        objective: A name of :data:`pwself.objectives.OBJECTIVES` (PW-Self's PWML by default).
         lam: CLS weight of ``pwll``.
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after warm-up.
@@ -110,7 +114,7 @@ class LossConfig:
             with a large ``head.out_dim`` on a GPU, where ``[tokens, out_dim]`` logits fill memory.
     """
 
-    objective: str = "pwml"
+    objective: str = DEFAULT_OBJECTIVE
     lam: float = 0.5
     student_temp: float = 0.1
     teacher_temp: float = 0.04
@@ -187,14 +191,15 @@ class TrainConfig:
             )
         if v.n_global < 1 or v.n_global + v.n_local < 2:
             raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
-        if self.loss.objective not in ("dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl"):
-            raise ConfigError(
-                f"loss.objective={self.loss.objective!r}: use dino, pwml, pwsl, pwll, cossl, logo or bagssl"
-            )
-        if self.loss.objective == "logo" and self.views.n_local < 2:
-            raise ConfigError("loss.objective=logo needs views.n_local >= 2 (it pushes local views apart)")
+        if self.loss.objective not in OBJECTIVES:
+            raise ConfigError(f"loss.objective={self.loss.objective!r}: use one of {', '.join(OBJECTIVES)}")
+        problem = OBJECTIVES[self.loss.objective].config_problem(self.views)
+        if problem:
+            raise ConfigError(f"loss.objective={self.loss.objective}: {problem}")
         if self.loss.matcher not in ("geometric", "feature-nn"):
             raise ConfigError(f"loss.matcher={self.loss.matcher!r}: use geometric or feature-nn")
+        if not 0.0 <= self.loss.lam <= 1.0:
+            raise ConfigError(f"loss.lam={self.loss.lam} is outside [0, 1]: it is the CLS weight of the loss")
         if not 0.0 < self.loss.patch_fraction <= 1.0:
             raise ConfigError(f"loss.patch_fraction={self.loss.patch_fraction} must be in (0, 1]")
         if self.photometric.mode not in ("image", "patch", "none"):
@@ -258,10 +263,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+# Keys of earlier versions, dropped when read (saved configs of old runs still load): why each went.
+REMOVED_KEYS = {
+    "backbone.img_size": "the backbone's input size is views.global_size",
+    "data.channels": "images are read with backbone.in_chans channels",
+}
+
+
 def config_from_dict(d: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
     """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    removed = {k for k in d if prefix + k in REMOVED_KEYS}
+    for k in sorted(removed):
+        log.info("config key %s%s is ignored: %s", prefix, k, REMOVED_KEYS[prefix + k])
+    d = {k: v for k, v in d.items() if k not in removed}
     unknown = set(d) - names
     if unknown:
         raise ConfigError(
@@ -285,6 +301,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"unknown config section {part!r} in {key!r}")
             node = node[part]
+        if key.strip() in REMOVED_KEYS:
+            raise ConfigError(f"{key.strip()} is no longer a key: {REMOVED_KEYS[key.strip()]}")
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key {key!r}; valid here: {', '.join(sorted(node))}")
         node[parts[-1]] = value
@@ -316,9 +334,11 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     tmp.replace(path)
 
 
-# Keys that may change between a checkpoint and its resumption without changing what is learned.
+# Keys that may change between a checkpoint and its resumption without changing what is learned. `epochs` is
+# not one: it sets the length of every cosine schedule, so a resumed run with other epochs would not continue
+# the run it resumes (train a new run instead).
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
-                    "knn_every_epochs", "epochs", "data.num_workers", "data.root", "data.on_bad_image",
+                    "knn_every_epochs", "data.num_workers", "data.root", "data.on_bad_image",
                     "optim.max_nonfinite_steps", "loss.recompute_head")
 
 

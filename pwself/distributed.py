@@ -1,4 +1,8 @@
-"""Data parallelism under ``torchrun`` (NCCL on GPUs, gloo on CPU), and no-ops in a single process."""
+"""Data parallelism under ``torchrun`` (NCCL on GPUs, gloo on CPU), and no-ops in a single process.
+
+Gradients are averaged by ``DistributedDataParallel`` (see :func:`pwself.step.build_step`); these helpers
+cover the rest: a common branch on every rank, and gathering rows and objects.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import Tensor
 
-__all__ = ["DistInfo", "init_distributed", "allreduce_gradients", "all_true", "gather_rows", "gather_objects", "shard_indices"]
+__all__ = ["DistInfo", "init_distributed", "all_true", "gather_rows", "gather_objects", "shard_indices"]
 
 
 @dataclass(frozen=True)
@@ -42,27 +45,6 @@ def init_distributed(device: str) -> DistInfo:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def allreduce_gradients(model: nn.Module) -> None:
-    """Average gradients over ranks in one flat all-reduce (no-op in a single process).
-
-    Every rank must hold a gradient for the same parameters; parameters without a gradient on a rank
-    count as zeros there.
-    """
-    if not _active():
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

@@ -9,8 +9,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pwself.checkpoint import CheckpointError, export_backbone, load_checkpoint
-from pwself.config import config_from_dict
-from pwself.models import BackboneConfig, make_vit
+from pwself.config import TrainConfig, config_from_dict
+from pwself.models import make_vit
 
 __all__ = ["TIMM_BASE_NAME", "timm_create_kwargs", "teacher_backbone", "export_checkpoint", "load"]
 
@@ -18,10 +18,11 @@ __all__ = ["TIMM_BASE_NAME", "timm_create_kwargs", "teacher_backbone", "export_c
 TIMM_BASE_NAME = "vit_tiny_patch16_224"
 
 
-def timm_create_kwargs(backbone: BackboneConfig) -> dict[str, Any]:
-    """Keyword arguments that make ``timm.create_model(TIMM_BASE_NAME, ...)`` build this backbone."""
+def timm_create_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments that make ``timm.create_model(TIMM_BASE_NAME, ...)`` build a run's backbone."""
+    backbone = cfg.backbone
     return {
-        "img_size": backbone.img_size,
+        "img_size": cfg.views.global_size,
         "patch_size": backbone.patch_size,
         "in_chans": backbone.in_chans,
         "embed_dim": backbone.embed_dim,
@@ -33,14 +34,16 @@ def timm_create_kwargs(backbone: BackboneConfig) -> dict[str, Any]:
     }
 
 
-def _backbone_config(ckpt: dict[str, Any]) -> BackboneConfig:
+def _run_config(ckpt: dict[str, Any]) -> TrainConfig:
     if "config" not in ckpt or "teacher" not in ckpt:
         raise CheckpointError("not a pwself checkpoint (no config/teacher): pass a checkpoint_*.pt of pwself pretrain")
-    return config_from_dict(ckpt["config"]).backbone
+    return config_from_dict(ckpt["config"])
 
 
 def teacher_backbone(ckpt: dict[str, Any]) -> VisionTransformer:
-    model = make_vit(_backbone_config(ckpt))
+    """The teacher's backbone of a loaded checkpoint, in eval mode."""
+    cfg = _run_config(ckpt)
+    model = make_vit(cfg.backbone, cfg.views.global_size)
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
@@ -69,7 +72,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "sa
         tmp.replace(output)
     else:
         raise ValueError(f"export format {fmt!r}: use safetensors or timm")
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_create_kwargs(_backbone_config(ckpt)).items())
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_create_kwargs(_run_config(ckpt)).items())
     code = (f"timm.create_model({TIMM_BASE_NAME!r}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={str(output)!r}), {kwargs})")
     return output, code

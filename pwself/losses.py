@@ -1,31 +1,21 @@
-"""Self-distillation objectives over CLS and matched patch tokens (SPEC §4).
+"""Building blocks of the self-distillation losses (SPEC §4), shared by every objective in
+:mod:`pwself.objectives`.
 
-Pairs are (teacher global view ``i``, student view ``j``) with ``j != i``. For pair ``p`` and sample ``b``:
+Pairs are (teacher view ``i``, student view ``j``) with ``j != i``. For pair ``p`` and sample ``b``:
 
 * ``H_cls[p, b] = H(t_cls[i, b], s_cls[j, b])``
-* ``S[p, b]`` = the sum of ``H`` over the matched patch pairs, ``n[p, b]`` their count.
+* ``S[p, b]`` = the sum of ``H`` over the matched patch pairs, ``n[p, b]`` their count,
 
-with ``H(t, s) = -sum softmax((t - C) / tau_t) * log_softmax(s / tau_s)``. Then, per pair and sample:
-
-* ``dino``: ``H_cls``
-* ``pwml``: ``(H_cls + S) / (1 + n)`` (mean over the CLS pair and the matched patch pairs)
-* ``pwsl``: ``H_cls + S``
-* ``pwll``: ``lam * H_cls + (1 - lam) * S / n``, and ``H_cls`` alone when ``n == 0``
-* ``bagssl`` (BagSSL, seed 002): the teacher target of an image is the bag, its head applied to the mean
-  of the CLS tokens of all teacher views; every student view (a fixed-size patch of the image when the
-  views are configured so) predicts it: pairs are (bag, view j) for every j, ``H_cls`` only
-* ``cossl`` (CO-SSL, seed 004): as ``pwml``, but every student patch token of view ``j`` is paired with
-  the teacher's CLS of view ``i`` (local, pre-pooling representations aligned with the global one);
-  those targets are CLS outputs, so they are centred with the CLS center
-
-and the loss is the mean over all pairs and samples. Centering uses one EMA center for CLS outputs and
-one for patch outputs; the centers are updated by an explicit call, never as a side effect of the loss.
+with ``H(t, s) = -sum softmax((t - C) / tau_t) * log_softmax(s / tau_s)``. An objective is
+``a * H_cls + c * S`` per (pair, sample) with weights ``(a, c)`` that depend on ``n`` only (its
+``term_weights``), averaged over pairs and samples: :func:`distillation_loss` computes exactly that.
+Centers are EMA buffers updated by an explicit call, never as a side effect of the loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,20 +24,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "OBJECTIVES",
     "Center",
     "soft_cross_entropy",
-    "combine_terms",
-    "term_weights",
+    "teacher_probs",
     "pair_targets",
     "target_cross_entropy",
-    "PatchWiseDistillationLoss",
+    "PairRows",
+    "PatchInputs",
+    "TermWeights",
+    "distillation_loss",
     "view_pairs",
-    "LoGoAffinity",
 ]
 
-Objective = Literal["dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl"]
-OBJECTIVES: tuple[str, ...] = ("dino", "pwml", "pwsl", "pwll", "cossl", "logo", "bagssl")
+TermWeights = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""``[P, B]`` match counts -> ``[P, B]`` float weights of ``H_cls`` and of the patch sum ``S``."""
 
 
 def view_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
@@ -87,54 +77,6 @@ def soft_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_te
     """``-sum_k t_k log softmax(s / tau_s)_k`` over the last axis, computed in float32."""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
     return -(teacher_probs.float() * log_p).sum(-1)
-
-
-def term_weights(n_patch: Tensor, objective: Objective, lam: float = 0.5) -> tuple[Tensor, Tensor]:
-    """Weights ``(a, c)`` with which each objective combines ``H_cls`` and the patch sum ``S`` per (pair, sample).
-
-    Every objective is ``a * H_cls + c * S`` with ``a`` and ``c`` depending on the match count only; the
-    efficient patch loss relies on that (each patch cross-entropy enters with a weight known in advance).
-
-    Args:
-        n_patch: ``[P, B]`` number of matched patch pairs.
-        objective: One of :data:`OBJECTIVES`.
-        lam: Weight of the CLS term for ``pwll``.
-
-    Returns:
-        ``[P, B]`` float weights of ``H_cls`` and of ``S``.
-    """
-    n = n_patch.float()
-    one, zero = torch.ones_like(n), torch.zeros_like(n)
-    if objective in ("dino", "logo", "bagssl"):  # logo adds its local-local term outside (LoGoAffinity)
-        return one, zero
-    if objective in ("pwml", "cossl"):  # the mean over the CLS pair and the matched patch pairs
-        w = 1 / (1 + n)
-        return w, w
-    if objective == "pwsl":
-        return one, one
-    if objective == "pwll":  # H_cls alone when nothing matched
-        has = n_patch > 0
-        return torch.where(has, lam, one), torch.where(has, (1 - lam) / n.clamp(min=1), zero)
-    raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
-
-
-def combine_terms(
-    h_cls: Tensor, patch_sum: Tensor, n_patch: Tensor, objective: Objective, lam: float = 0.5
-) -> Tensor:
-    """Per-(pair, sample) objective, averaged over pairs and samples.
-
-    Args:
-        h_cls: ``[P, B]`` CLS cross-entropies.
-        patch_sum: ``[P, B]`` sums of the matched patch cross-entropies.
-        n_patch: ``[P, B]`` number of matched patch pairs.
-        objective: ``dino``, ``pwml``, ``pwsl`` or ``pwll``.
-        lam: Weight of the CLS term for ``pwll``.
-
-    Returns:
-        Scalar loss.
-    """
-    cls_w, patch_w = term_weights(n_patch, objective, lam)
-    return (cls_w * h_cls + patch_w * patch_sum).mean()
 
 
 def pair_targets(
@@ -209,180 +151,108 @@ def target_cross_entropy(logits: Tensor, target: Tensor, temp: float, *reported:
     return _TargetCrossEntropy.apply(logits, target, temp, *reported)
 
 
-class PatchWiseDistillationLoss(nn.Module):
-    """DINO and the PW-Self losses (PWML, PWSL, PWLL) with separate CLS and patch centers.
+def teacher_probs(logits: Tensor, center: Center, temp: float) -> Tensor:
+    """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, float32, no gradient."""
+    return F.softmax((logits.detach().float() - center.center) / temp, dim=-1)
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """Matched patch pairs as rows of the tensors the loss reads.
+
+    Attributes:
+        student_row: ``[N]`` long row of the student patch outputs of each pair.
+        teacher_row: ``[N]`` long row of the teacher target distributions of each pair.
+        pair_index: ``[N]`` long ``p * B + b`` of each pair.
+        count: ``[P * B]`` long matches of every (view pair, sample): all of them, also when the ``N`` rows
+            are a random subset.
+        weight: Factor on every patch cross-entropy: ``1 / fraction`` for a subset drawn with probability
+            ``fraction``, which keeps the patch sums unbiased.
+    """
+
+    student_row: Tensor
+    teacher_row: Tensor
+    pair_index: Tensor
+    count: Tensor
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PatchInputs:
+    """The patch half of a loss: student outputs, teacher targets and how they pair.
+
+    Attributes:
+        student: ``[Us, K]`` student logits of the distinct patch tokens in the loss, or their ``[Us, D]``
+            tokens when ``head`` is given.
+        teacher_probs: ``[Ut, K]`` teacher target distributions.
+        rows: The pairs, as rows of ``student`` and ``teacher_probs``.
+        head: When given, the head runs on ``student`` inside the loss under activation checkpointing:
+            the ``[Us, K]`` logits are recomputed in backward instead of kept (same loss and gradients).
+    """
+
+    student: Tensor
+    teacher_probs: Tensor
+    rows: PairRows
+    head: Callable[[Tensor], Tensor] | None = None
+
+
+def _patch_term(patch: PatchInputs, n_patch: Tensor, patch_w: Tensor, student_temp: float) -> tuple[Tensor, Tensor]:
+    """``sum_n w_n H_n`` over the matched pairs and the reported mean patch cross-entropy.
+
+    The loss is linear in every patch cross-entropy, with weights known from the counts: the teacher
+    targets of all pairs sharing a student token are summed first (:func:`pair_targets`), so the graph holds
+    one ``[Us, K]`` product, not ``[N, K]`` gathered copies. The reported metric, the mean over (pair,
+    sample) with a match of (sum of patch H) / count, is another such sum.
+    """
+    rows, n_pb = patch.rows, n_patch.shape[0]
+    has = n_patch > 0
+    w_loss = patch_w.flatten()[rows.pair_index] * (rows.weight / n_pb)
+    w_report = rows.weight / (has.sum() * n_patch[rows.pair_index]).float()
+    target, report = pair_targets(patch.teacher_probs, rows.student_row, rows.teacher_row, (w_loss, w_report),
+                                  patch.student.shape[0])
+    if patch.head is None:
+        return target_cross_entropy(patch.student, target, student_temp, report)
+    head = patch.head
+    return checkpoint(lambda tokens: target_cross_entropy(head(tokens), target, student_temp, report),
+                      patch.student, use_reentrant=False)
+
+
+def distillation_loss(
+    student_cls: Tensor,
+    teacher_cls_probs: Tensor,
+    pairs: Sequence[tuple[int, int]],
+    student_temp: float,
+    weights: TermWeights,
+    patch: PatchInputs | None = None,
+) -> dict[str, Tensor]:
+    """The loss ``mean over (p, b) of a * H_cls + c * S`` and its reported terms.
 
     Args:
-        out_dim: Head output dimension ``K``.
-        objective: ``dino``, ``pwml``, ``pwsl`` or ``pwll``.
-        lam: CLS weight for ``pwll``.
+        student_cls: ``[V, B, K]`` student CLS logits of every view.
+        teacher_cls_probs: ``[G, B, K]`` teacher CLS distributions (:func:`teacher_probs`).
+        pairs: The ``P`` (teacher view, student view) pairs, e.g. :func:`view_pairs`.
         student_temp: Student temperature ``tau_s``.
-        center_momentum: EMA momentum of both centers.
+        weights: The objective's term weights ``(a, c)`` from the match counts.
+        patch: The matched patch pairs (``None`` for CLS-only objectives).
+
+    Returns:
+        ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over pairs and
+        samples with a match of the mean patch cross-entropy) and ``n_match`` (mean matched patch pairs
+        per pair and sample).
     """
-
-    def __init__(
-        self,
-        out_dim: int,
-        objective: Objective = "pwml",
-        lam: float = 0.5,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
-        super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"pwll lambda {lam} is outside [0, 1]")
-        self.objective, self.lam, self.student_temp = objective, lam, student_temp
-        self.cls_center = Center(out_dim, center_momentum)
-        self.patch_center = Center(out_dim, center_momentum)
-
-    @property
-    def uses_patches(self) -> bool:
-        return self.objective not in ("dino", "logo", "bagssl")
-
-    def teacher_probs(self, logits: Tensor, center: Center, teacher_temp: float) -> Tensor:
-        """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, no gradient."""
-        return F.softmax((logits.detach().float() - center.center) / teacher_temp, dim=-1)
-
-    def forward(
-        self,
-        student_cls: Tensor,
-        teacher_cls: Tensor,
-        pairs: list[tuple[int, int]],
-        teacher_temp: float,
-        student_patch: Tensor | None = None,
-        teacher_patch: Tensor | None = None,
-        patch_pair_index: Tensor | None = None,
-        student_patch_index: Tensor | None = None,
-        teacher_patch_index: Tensor | None = None,
-        patch_count: Tensor | None = None,
-        patch_weight: float = 1.0,
-        recompute_head: Callable[[Tensor], Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """Compute the loss and its terms.
-
-        Args:
-            student_cls: ``[V, B, K]`` student CLS logits of every view.
-            teacher_cls: ``[G, B, K]`` teacher CLS logits of the global views.
-            pairs: The ``P`` (teacher view, student view) pairs, e.g. :func:`view_pairs`.
-            teacher_temp: Teacher temperature for this step.
-            student_patch: ``[Us, K]`` student logits of matched patch tokens: one row per matched pair
-                (``Us = N``), or one per distinct token with ``student_patch_index`` mapping pairs to rows.
-            teacher_patch: ``[Ut, K]`` teacher logits of the matching teacher patch tokens, likewise.
-            patch_pair_index: ``[N]`` long, ``p * B + b`` for each matched patch pair.
-            student_patch_index: ``[N]`` long row of ``student_patch`` for each matched pair (default:
-                row ``n`` for pair ``n``). Softmaxes then run once per distinct token.
-            teacher_patch_index: ``[N]`` long row of ``teacher_patch`` for each matched pair.
-            patch_count: ``[P * B]`` long number of matched pairs of each (pair, sample) when the ``N``
-                given are a random subset of them (default: counted from ``patch_pair_index``).
-            patch_weight: Factor on every patch cross-entropy: ``1 / fraction`` for a subset drawn with
-                probability ``fraction``, which keeps the patch sums unbiased.
-            recompute_head: When given, ``student_patch`` holds the student's patch *tokens* (before the
-                head) and ``recompute_head`` is the head: head and patch cross-entropies run under
-                activation checkpointing, so their activations (``[Us, K]`` logits and more) are
-                recomputed in backward instead of kept. Same loss and gradients, less memory.
-
-        Returns:
-            ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over
-            pairs and samples with a match of the mean patch cross-entropy) and ``n_match`` (mean
-            matched patch pairs per pair and sample).
-        """
-        n_pairs, batch, dev = len(pairs), student_cls.shape[1], student_cls.device
-        t_idx = torch.tensor([i for i, _ in pairs], device=dev)
-        s_idx = torch.tensor([j for _, j in pairs], device=dev)
-        t_probs = self.teacher_probs(teacher_cls, self.cls_center, teacher_temp)
-        h_cls = soft_cross_entropy(t_probs[t_idx], student_cls[s_idx], self.student_temp)  # [P, B]
-
+    n_pairs, batch, dev = len(pairs), student_cls.shape[1], student_cls.device
+    t_idx = torch.tensor([i for i, _ in pairs], device=dev)
+    s_idx = torch.tensor([j for _, j in pairs], device=dev)
+    h_cls = soft_cross_entropy(teacher_cls_probs[t_idx], student_cls[s_idx], student_temp)  # [P, B]
+    if patch is not None:
+        n_patch = patch.rows.count.to(h_cls.device)
+    else:
         n_patch = torch.zeros(n_pairs * batch, dtype=torch.long, device=h_cls.device)
-        matched = self.uses_patches and student_patch is not None and student_patch.shape[0] > 0
-        if matched:
-            assert teacher_patch is not None and patch_pair_index is not None
-            n_patch = torch.bincount(patch_pair_index, minlength=n_pairs * batch)
-        if self.uses_patches and patch_count is not None:
-            n_patch = patch_count.to(n_patch.device)
-        cls_w, patch_w = term_weights(n_patch.view(n_pairs, batch), self.objective, self.lam)
-        loss = (cls_w * h_cls).mean()
-        patch_mean = h_cls.new_zeros(())
-        if matched:
-            center = self.cls_center if self.objective == "cossl" else self.patch_center
-            t_probs_patch = self.teacher_probs(teacher_patch, center, teacher_temp)
-            n_match = patch_pair_index.shape[0]
-            s_rows = student_patch_index if student_patch_index is not None else torch.arange(n_match, device=dev)
-            t_rows = teacher_patch_index if teacher_patch_index is not None else torch.arange(n_match, device=dev)
-            # The loss is linear in every patch cross-entropy, with weights known from the counts: the
-            # teacher targets of all pairs sharing a student token are summed first (pair_targets), so
-            # the graph holds one [Us, K] product, not [N, K] gathered copies. The reported metric, the
-            # mean over (pair, sample) with a match of (sum of patch H) / count, is another such sum.
-            has = n_patch > 0
-            w_loss = patch_w.flatten()[patch_pair_index] * (patch_weight / (n_pairs * batch))
-            w_report = patch_weight / (has.sum() * n_patch[patch_pair_index]).float()
-            n_s = student_patch.shape[0]
-            target, report = pair_targets(t_probs_patch, s_rows, t_rows, (w_loss, w_report), n_s)
-            if recompute_head is None:
-                patch_term, patch_mean = target_cross_entropy(student_patch, target, self.student_temp, report)
-            else:
-                patch_term, patch_mean = checkpoint(
-                    lambda tokens: target_cross_entropy(recompute_head(tokens), target, self.student_temp, report),
-                    student_patch, use_reentrant=False)
-            loss = loss + patch_term
-        return {
-            "loss": loss,
-            "cls": h_cls.mean().detach(),
-            "patch": patch_mean.detach(),
-            "n_match": n_patch.float().mean(),
-        }
-
-    @torch.no_grad()
-    def update_centers(self, teacher_cls: Tensor, teacher_patch: Tensor | None = None) -> None:
-        """EMA-update the CLS center from ``[..., K]`` teacher CLS logits and the patch center from the
-        ``[U, K]`` teacher logits of the patch tokens that entered the loss (each token once)."""
-        self.cls_center.update(teacher_cls.reshape(-1, teacher_cls.shape[-1]))
-        if self.uses_patches and self.objective != "cossl" and teacher_patch is not None:
-            self.patch_center.update(teacher_patch)
-
-
-class LoGoAffinity(nn.Module):
-    """LoGo's learned affinity between two local representations (seed 003), trained against the encoder.
-
-    ``phi(z_a, z_b) = MLP([z_a * z_b, |z_a - z_b|])`` with spectrally normalized layers, so its gradient
-    with respect to the representations is bounded. The affinity network learns to tell local views of
-    the same image from local views of different images (logistic loss on detached representations);
-    the encoder minimizes the affinity of same-image local pairs (through a copy of ``phi`` whose
-    parameters are detached), which pushes local views of one image apart while the DINO terms keep
-    global–global and local–global pairs together.
-
-    Args:
-        dim: Representation width.
-        hidden: Hidden width of the MLP.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256) -> None:
-        super().__init__()
-        sn = nn.utils.parametrizations.spectral_norm
-        self.net = nn.Sequential(sn(nn.Linear(2 * dim, hidden)), nn.GELU(), sn(nn.Linear(hidden, 1)))
-
-    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """``[N, D]``, ``[N, D]`` -> ``[N]`` affinity logits."""
-        z_a, z_b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
-        return self.net(torch.cat([z_a * z_b, (z_a - z_b).abs()], -1))[:, 0]
-
-    def terms(self, local: Tensor) -> tuple[Tensor, Tensor]:
-        """Encoder term and affinity-network loss from ``[L, B, D]`` local representations (L >= 2).
-
-        Returns:
-            ``(encoder_term, affinity_loss)``: the mean same-image affinity (gradient to the
-            representations only) and the discriminator loss (gradient to the affinity network only).
-        """
-        n_local = local.shape[0]
-        if n_local < 2:
-            raise ValueError("LoGo needs at least 2 local views (views.n_local)")
-        ia, ib = torch.triu_indices(n_local, n_local, offset=1)
-        same_a, same_b = local[ia].flatten(0, 1), local[ib].flatten(0, 1)
-        other_b = local[ib].roll(1, dims=1).flatten(0, 1)  # the same view index of the next image
-        frozen = {k: v.detach() for k, v in self.named_parameters()}
-        encoder_term = torch.func.functional_call(self, frozen, (same_a, same_b)).mean()
-        logits_same = self(same_a.detach(), same_b.detach())
-        logits_other = self(same_a.detach(), other_b.detach())
-        affinity_loss = F.softplus(-logits_same).mean() + F.softplus(logits_other).mean()
-        return encoder_term, affinity_loss
+    cls_w, patch_w = weights(n_patch.view(n_pairs, batch))
+    loss = (cls_w * h_cls).mean()
+    patch_mean = h_cls.new_zeros(())
+    if patch is not None and patch.student.shape[0] > 0:
+        patch_term, patch_mean = _patch_term(patch, n_patch, patch_w, student_temp)
+        loss = loss + patch_term
+    return {"loss": loss, "cls": h_cls.mean().detach(), "patch": patch_mean.detach(),
+            "n_match": n_patch.float().mean()}

@@ -17,12 +17,13 @@ for bit. Token indices exclude the CLS token: patch token ``k`` is sequence posi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["match_pair", "match_patches", "match_views", "match_features", "match_views_by_features", "axis_run",
-           "pair_runs"]
+__all__ = ["match_pair", "match_patches", "PatchPairs", "match_views", "match_features", "match_views_by_features",
+           "axis_run", "pair_runs"]
 
 
 def axis_run(lo_a: float, hi_a: float, n_cells: int, lo_i: float, hi_i: float) -> tuple[int, int]:
@@ -213,12 +214,47 @@ def match_patches(
     return idx_a, idx_b, valid
 
 
+@dataclass(frozen=True)
+class PatchPairs:
+    """The matched patch pairs of a multi-crop batch, flattened over (view pair, sample, match).
+
+    Attributes:
+        teacher_token: ``[N]`` long patch-token index in teacher view ``i`` of the pair.
+        student_token: ``[N]`` long patch-token index in student view ``j`` of the pair.
+        pair_index: ``[N]`` long ``p * B + b``: view pair ``p`` (index into the pair list) and sample ``b``.
+        n_pairs: ``P``, the number of view pairs.
+        batch: ``B``.
+    """
+
+    teacher_token: Tensor
+    student_token: Tensor
+    pair_index: Tensor
+    n_pairs: int
+    batch: int
+
+    def __len__(self) -> int:
+        return self.pair_index.shape[0]
+
+    @property
+    def sample(self) -> Tensor:
+        """``[N]`` sample ``b`` of each match."""
+        return self.pair_index % self.batch
+
+    def count(self) -> Tensor:
+        """``[P * B]`` long number of matches of every (view pair, sample)."""
+        return torch.bincount(self.pair_index, minlength=self.n_pairs * self.batch)
+
+    def to(self, device: torch.device | str) -> PatchPairs:
+        return PatchPairs(self.teacher_token.to(device), self.student_token.to(device), self.pair_index.to(device),
+                          self.n_pairs, self.batch)
+
+
 def match_views(
     boxes: Tensor,
     flips: Tensor,
     grids: Sequence[tuple[int, int]],
     pairs: Sequence[tuple[int, int]],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> PatchPairs:
     """Matched tokens of every (teacher view, student view) pair of a multi-crop batch, flattened.
 
     Args:
@@ -228,16 +264,14 @@ def match_views(
         pairs: ``P`` pairs ``(i, j)``: teacher view ``i`` against student view ``j``.
 
     Returns:
-        ``(teacher_token, student_token, pair_index, sample)``, each ``[N]`` long over the ``N`` matched
-        patch pairs of the batch: token indices into view ``i``'s and view ``j``'s patch tokens,
-        ``p * B + b`` and ``b``. The matches of one (pair, sample) are contiguous and in
+        The :class:`PatchPairs` of the batch. The matches of one (pair, sample) are contiguous and in
         :func:`match_pair` order; pairs are grouped by kind (teacher grid, student grid), in ``pairs``
         order inside a kind.
     """
     batch = boxes.shape[1]
     if not pairs:
         empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, empty, empty
+        return PatchPairs(empty, empty, empty, 0, batch)
     # One vectorized call per distinct (teacher grid, student grid): all pairs of a kind (e.g. the 16
     # global-local pairs) are stacked along the batch axis, so the cost is a few dozen tensor ops per
     # step whatever the number of views.
@@ -254,9 +288,9 @@ def match_views(
                                           boxes[s_idx[sel]].flatten(0, 1), flips[s_idx[sel]].flatten(), grid_s)
         # masked_select walks rows in order: (member, sample), then match_pair order within a row.
         row_pair = (sel[:, None] * batch + samples).flatten()[:, None].expand_as(valid)
-        row_sample = samples.repeat(len(members))[:, None].expand_as(valid)
-        out.append([x.masked_select(valid) for x in (tok_t, tok_s, row_pair, row_sample)])
-    return tuple(torch.cat(x) for x in zip(*out))  # type: ignore[return-value]
+        out.append([x.masked_select(valid) for x in (tok_t, tok_s, row_pair)])
+    tok_t, tok_s, pair_index = (torch.cat(x) for x in zip(*out))
+    return PatchPairs(tok_t, tok_s, pair_index, len(pairs), batch)
 
 
 @torch.no_grad()
@@ -277,7 +311,7 @@ def match_features(teacher_tokens: Tensor, student_tokens: Tensor) -> Tensor:
 
 def match_views_by_features(
     teacher_tokens: Sequence[Tensor], student_tokens: Sequence[Tensor], pairs: Sequence[tuple[int, int]]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> PatchPairs:
     """:func:`match_views` for the ``feature-nn`` matcher: every student patch of every pair is matched.
 
     Args:
@@ -286,14 +320,13 @@ def match_views_by_features(
         pairs: ``(i, j)`` pairs.
 
     Returns:
-        ``(teacher_token, student_token, pair_index, sample)`` as in :func:`match_views`.
+        The :class:`PatchPairs`, as :func:`match_views` gives them.
     """
-    t_tok, s_tok, pair_idx, sample = [], [], [], []
+    t_tok, s_tok, pair_idx = [], [], []
     for p, (i, j) in enumerate(pairs):
         idx = match_features(teacher_tokens[i], student_tokens[j])  # [B, Ts]
         b, ts = idx.shape
         t_tok.append(idx.flatten())
         s_tok.append(torch.arange(ts, device=idx.device).repeat(b))
-        sample.append(torch.arange(b, device=idx.device).repeat_interleave(ts))
-        pair_idx.append(sample[-1] + p * b)
-    return torch.cat(t_tok), torch.cat(s_tok), torch.cat(pair_idx), torch.cat(sample)
+        pair_idx.append(torch.arange(b, device=idx.device).repeat_interleave(ts) + p * b)
+    return PatchPairs(torch.cat(t_tok), torch.cat(s_tok), torch.cat(pair_idx), len(pairs), teacher_tokens[0].shape[0])

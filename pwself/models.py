@@ -1,8 +1,10 @@
-"""Backbone (timm ViT), DINO projection head, and the EMA teacher update."""
+"""Backbone (timm ViT), DINO projection head, the network that joins them, and the EMA teacher update."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,15 +12,18 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["BackboneConfig", "HeadConfig", "make_vit", "DINOHead", "TokenOutput", "forward_tokens", "ema_update"]
+__all__ = ["BackboneConfig", "HeadConfig", "make_vit", "DINOHead", "TokenOutput", "forward_tokens", "HeadOutput",
+           "DistillNet", "ema_update"]
 
 
 @dataclass
 class BackboneConfig:
     """A timm :class:`VisionTransformer`.
 
+    The nominal input side is the global view size (``views.global_size``), not a key of its own; other
+    sizes work (``dynamic_img_size``).
+
     Attributes:
-        img_size: Nominal input side (the global view size); other sizes work (``dynamic_img_size``).
         patch_size: Patch side ``p``.
         in_chans: Image channels (1 for grayscale data, 3 for RGB).
         embed_dim: Token width.
@@ -28,7 +33,6 @@ class BackboneConfig:
         drop_path_rate: Stochastic depth rate.
     """
 
-    img_size: int = 28
     patch_size: int = 4
     in_chans: int = 1
     embed_dim: int = 128
@@ -49,15 +53,15 @@ class HeadConfig:
     norm_last_layer: bool = True
 
 
-def make_vit(cfg: BackboneConfig) -> VisionTransformer:
-    """Create the timm ViT backbone (no classifier; ``dynamic_img_size`` for multi-crop)."""
-    if cfg.img_size % cfg.patch_size:
+def make_vit(cfg: BackboneConfig, img_size: int) -> VisionTransformer:
+    """Create the timm ViT backbone for ``img_size`` inputs (no classifier; ``dynamic_img_size`` for multi-crop)."""
+    if img_size % cfg.patch_size:
         raise ValueError(
-            f"image size {cfg.img_size} is not a multiple of the patch size {cfg.patch_size}: "
+            f"image size {img_size} is not a multiple of the patch size {cfg.patch_size}: "
             f"use a global size divisible by {cfg.patch_size}"
         )
     return VisionTransformer(
-        img_size=cfg.img_size,
+        img_size=img_size,
         patch_size=cfg.patch_size,
         in_chans=cfg.in_chans,
         embed_dim=cfg.embed_dim,
@@ -128,6 +132,69 @@ def forward_tokens(backbone: VisionTransformer, x: Tensor) -> TokenOutput:
     grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
     n_prefix = backbone.num_prefix_tokens
     return TokenOutput(tokens[:, 0], tokens[:, n_prefix:], grid)
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """What a :class:`DistillNet` gives the objective for one batch of views.
+
+    Attributes:
+        cls: ``[N, K]`` head logits of the CLS tokens, view-major.
+        cls_tokens: ``[N, D]`` backbone CLS tokens (before the head).
+        patch: ``[U, K]`` head logits of the selected patch tokens, or their ``[U, D]`` tokens when ``head``
+            is set; ``None`` when no patch token was selected.
+        selection: The token selection the patches were gathered by (objective-defined).
+        head: Set when ``patch`` holds tokens: the head the loss applies under activation checkpointing.
+    """
+
+    cls: Tensor
+    cls_tokens: Tensor
+    patch: Tensor | None = None
+    selection: Any = None
+    head: nn.Module | None = None
+
+
+Select = Callable[[Sequence[TokenOutput]], Any]
+"""A token selection, or a function of the backbone tokens that makes one (matching by content)."""
+
+
+class DistillNet(nn.Module):
+    """Backbone + DINO head. The head runs only on the tokens the loss uses: the CLS tokens and the selected
+    patch tokens, each once (gathered before the head, as dinov2 does for iBOT).
+
+    Patch tokens are addressed by keys: indices into the patch tokens of all crops flattened crop by crop
+    (view-major, then sample, then token). A selection is any object whose ``student_keys`` attribute holds
+    the ``[U]`` distinct keys of the student's patch tokens in the loss (or ``None``).
+    """
+
+    def __init__(self, backbone: BackboneConfig, head: HeadConfig, img_size: int) -> None:
+        super().__init__()
+        self.backbone = make_vit(backbone, img_size)
+        self.head = DINOHead(backbone.embed_dim, head)
+
+    def encode(self, crops: Sequence[Tensor]) -> list[TokenOutput]:
+        """Backbone tokens of each non-empty batch of crops (one backbone call per crop size)."""
+        return [forward_tokens(self.backbone, x) for x in crops if x.shape[0]]
+
+    def project(self, tokens: Sequence[TokenOutput], keys: Tensor | None = None,
+                recompute_head: bool = False) -> HeadOutput:
+        """The head on every CLS token and on the patch tokens ``keys`` (one head call)."""
+        cls_tokens = torch.cat([t.cls for t in tokens])
+        if keys is None:
+            return HeadOutput(self.head(cls_tokens), cls_tokens)
+        patches = torch.cat([t.patches.flatten(0, 1) for t in tokens])[keys]
+        if recompute_head:
+            return HeadOutput(self.head(cls_tokens), cls_tokens, patches, head=self.head)
+        out = self.head(torch.cat([cls_tokens, patches]))
+        n = cls_tokens.shape[0]
+        return HeadOutput(out[:n], cls_tokens, out[n:])
+
+    def forward(self, crops: Sequence[Tensor], select: Any = None, recompute_head: bool = False) -> HeadOutput:
+        """Backbone, then head. ``select`` is a selection or a function of the tokens that returns one."""
+        tokens = self.encode(crops)
+        selection = select(tokens) if callable(select) else select
+        out = self.project(tokens, getattr(selection, "student_keys", None), recompute_head)
+        return replace(out, selection=selection)
 
 
 @torch.no_grad()

@@ -6,9 +6,15 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["read_metrics", "plot_training_curves", "write_report"]
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from matplotlib.figure import Figure
+
+__all__ = ["read_metrics", "plot_training_curves", "write_report", "draw_matches", "draw_attention", "cls_attention",
+           "patch_pca_rgb"]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -80,11 +86,11 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
 
     try:
         from pwself.config import config_from_dict
+        from pwself.data import open_dataset
         from pwself.export import load
-        from pwself.train import open_dataset
 
         tc = config_from_dict(cfg)
-        dataset = open_dataset(tc, "train")
+        dataset = open_dataset(tc.data, "train", tc.backbone.in_chans, tc.backbone.patch_size, tc.seed)
         images = [dataset[i][0].float() / 255 for i in range(min(n_images, len(dataset)))]
         p, v = tc.backbone.patch_size, tc.views
         figs = []
@@ -151,11 +157,13 @@ def write_report(run_dir: str | Path) -> Path:
             f"<tr><td>{k}</td><td>{v['top1']:.2f}</td><td>{v['top5']:.2f}</td></tr>"
             for k, v in sorted(knn.items(), key=lambda kv: int(kv[0]))
         )
-        table = f"<h2>kNN (frozen teacher CLS, T = 0.07)</h2><table><tr><th>k</th><th>top-1 %</th><th>top-5 %</th></tr>{cells}</table>"
+        head = "<tr><th>k</th><th>top-1 %</th><th>top-5 %</th></tr>"
+        table = f"<h2>kNN (frozen teacher CLS, T = 0.07)</h2><table>{head}{cells}</table>"
     if len(history_rows) > 1:
         cells = "".join(f"<tr><td>{e if isinstance(e, str) else f'{e:g}'}</td><td>{a:.2f}</td></tr>"
                         for e, a in history_rows)
-        table += f"<h2>kNN (k = 10) per evaluated epoch</h2><table><tr><th>epoch</th><th>top-1 %</th></tr>{cells}</table>"
+        head = "<tr><th>epoch</th><th>top-1 %</th></tr>"
+        table += f"<h2>kNN (k = 10) per evaluated epoch</h2><table>{head}{cells}</table>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pwself report {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style></head>
@@ -167,14 +175,14 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:
     return out
 
 
-def _as_display(img: "torch.Tensor") -> "np.ndarray":  # noqa: F821
+def _as_display(img: torch.Tensor) -> np.ndarray:
     """``[C, H, W]`` float in [0, 1] -> HxW or HxWx3 numpy for imshow."""
     x = img.detach().cpu().clamp(0, 1)
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
 
 def draw_matches(
-    image: "torch.Tensor",  # noqa: F821
+    image: torch.Tensor,
     patch_size: int,
     global_size: int,
     local_size: int,
@@ -182,7 +190,7 @@ def draw_matches(
     photometric: str = "patch",
     path: str | Path | None = None,
     title: str = "",
-):  # noqa: ANN201 - returns a matplotlib Figure
+) -> Figure:
     """Figure 2 of the paper for one image: a global and a local view, their patch grids, matched pairs.
 
     Row 1: original image with both crop boxes; row 2: the two views after crop/flip with grid lines
@@ -204,7 +212,7 @@ def draw_matches(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-    from matplotlib.patches import ConnectionPatch, Rectangle
+    from matplotlib.patches import Rectangle
 
     from pwself.augment import PhotometricAugment, PhotometricConfig
     from pwself.matching import match_pair
@@ -231,25 +239,9 @@ def draw_matches(
     ax0.legend(loc="upper right", fontsize=8)
     ax0.set_title(f"original, crop boxes; {len(pairs)} matched patch pairs")
     ax0.axis("off")
-    cmap = plt.get_cmap("hsv")
     for row, imgs, label in ((1, crops, "after crop/flip"), (2, augmented, f"after {photometric} photometric aug")):
         axes = [fig.add_subplot(gs[row, c]) for c in range(2)]
-        for ax, img, size, grid, flip, name in zip(axes, imgs, sizes, grids, flips, ("global", "local")):
-            ax.imshow(_as_display(img), cmap="gray", vmin=0, vmax=1)
-            for k in range(1, grid[0]):
-                ax.axhline(k * patch_size - 0.5, color="white", lw=0.4, alpha=0.6)
-                ax.axvline(k * patch_size - 0.5, color="white", lw=0.4, alpha=0.6)
-            ax.set_title(f"{name} view {label}{' (flipped)' if flip else ''}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        for n, (ta, tb) in enumerate(pairs):
-            (ra, ca), (rb, cb) = divmod(ta, grids[0][1]), divmod(tb, grids[1][1])
-            pa = ((ca + 0.5) * patch_size - 0.5, (ra + 0.5) * patch_size - 0.5)
-            pb = ((cb + 0.5) * patch_size - 0.5, (rb + 0.5) * patch_size - 0.5)
-            color = cmap(n / max(len(pairs), 1))
-            fig.add_artist(ConnectionPatch(pa, pb, "data", "data", axesA=axes[0], axesB=axes[1], color=color, lw=0.8))
-            axes[0].plot(*pa, "o", ms=2.5, color=color)
-            axes[1].plot(*pb, "o", ms=2.5, color=color)
+        _draw_view_pair(fig, axes, imgs, grids, flips, pairs, patch_size, label)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -258,7 +250,32 @@ def draw_matches(
     return fig
 
 
-def cls_attention(backbone: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def _draw_view_pair(fig: Figure, axes: list, imgs: list, grids: list, flips: list, pairs: list, patch_size: int,
+                    label: str) -> None:
+    """Two views with their patch grids and a line joining the centres of every matched pair."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import ConnectionPatch
+
+    cmap = plt.get_cmap("hsv")
+    for ax, img, grid, flip, name in zip(axes, imgs, grids, flips, ("global", "local")):
+        ax.imshow(_as_display(img), cmap="gray", vmin=0, vmax=1)
+        for k in range(1, grid[0]):
+            ax.axhline(k * patch_size - 0.5, color="white", lw=0.4, alpha=0.6)
+            ax.axvline(k * patch_size - 0.5, color="white", lw=0.4, alpha=0.6)
+        ax.set_title(f"{name} view {label}{' (flipped)' if flip else ''}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for n, (ta, tb) in enumerate(pairs):
+        (ra, ca), (rb, cb) = divmod(ta, grids[0][1]), divmod(tb, grids[1][1])
+        pa = ((ca + 0.5) * patch_size - 0.5, (ra + 0.5) * patch_size - 0.5)
+        pb = ((cb + 0.5) * patch_size - 0.5, (rb + 0.5) * patch_size - 0.5)
+        color = cmap(n / max(len(pairs), 1))
+        fig.add_artist(ConnectionPatch(pa, pb, "data", "data", axesA=axes[0], axesB=axes[1], color=color, lw=0.8))
+        axes[0].plot(*pa, "o", ms=2.5, color=color)
+        axes[1].plot(*pb, "o", ms=2.5, color=color)
+
+
+def cls_attention(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Last-block CLS-to-patch attention of a timm ViT: ``[B, heads, rows, cols]``."""
     import torch
 
@@ -279,7 +296,7 @@ def cls_attention(backbone: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tens
     return a[:, :, 0, backbone.num_prefix_tokens :].reshape(b, attn.num_heads, rows, cols)
 
 
-def patch_pca_rgb(tokens: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+def patch_pca_rgb(tokens: torch.Tensor) -> torch.Tensor:
     """First 3 principal components of ``[T, D]`` patch tokens, min-max scaled to ``[0, 1]``: ``[T, 3]``."""
     import torch
 
@@ -292,7 +309,15 @@ def patch_pca_rgb(tokens: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     return (comp - lo) / (hi - lo).clamp(min=1e-8)
 
 
-def draw_attention(backbone, image, mean, std, size, path=None, title=""):  # noqa: ANN001, ANN201
+def draw_attention(
+    backbone: torch.nn.Module,
+    image: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    size: int,
+    path: str | Path | None = None,
+    title: str = "",
+) -> Figure:
     """Per-head last-layer CLS attention maps over the image and a PCA-of-patch-features RGB map."""
     import matplotlib
 

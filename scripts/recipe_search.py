@@ -17,8 +17,9 @@ from pathlib import Path
 import pwself
 from pwself.checkpoint import latest_checkpoint
 from pwself.config import load_config
+from pwself.data import open_dataset
 from pwself.eval import extract_features, knn_classify
-from pwself.train import open_dataset, train
+from pwself.train import train
 
 OUT = Path("runs/search")
 
@@ -31,8 +32,11 @@ def main(specs: list[str]) -> None:
             cfg = load_config("configs/fmnist_demo.yaml", ["epochs=1", f"out_dir={OUT / name}", *overrides])
             run = train(cfg, resume=latest_checkpoint(OUT / name) is not None, progress=False)
             model = pwself.load(str(OUT / name))
-            feats = {split: extract_features(model, open_dataset(cfg, split), cfg.data.mean, cfg.data.std,
-                                             size=cfg.views.global_size, pooling="mean-patch", progress=False)
+            rc = run.config  # with the channel statistics the run measured
+            feats = {split: extract_features(model, open_dataset(rc.data, split, rc.backbone.in_chans,
+                                                                 rc.backbone.patch_size, rc.seed),
+                                             rc.data.mean, rc.data.std, size=rc.views.global_size,
+                                             pooling="mean-patch", progress=False)
                      for split in ("train", "test")}
             mean_patch = knn_classify(*feats["train"], *feats["test"], ks=(10,))[10]["top1"]
             result_path.write_text(json.dumps({"overrides": overrides, "cls": run.knn[10]["top1"],

@@ -12,7 +12,7 @@ from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
 
 TINY = ["data.kind=synthetic", "data.synthetic_size=96", "views.global_size=16", "views.local_size=8",
-        "views.n_local=2", "backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
+        "views.n_local=2", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
         "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "keep_checkpoints=5"]
 
 

@@ -1,6 +1,5 @@
 """Data parallelism on CPU with gloo: a 2-process step equals one step on the combined batch."""
 
-import copy
 import os
 import socket
 import subprocess
@@ -10,25 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from pwself.losses import PatchWiseDistillationLoss
-from pwself.train import build_student, distill_step, param_groups
+from pwself.step import distill_step, param_groups
 from pwself.views import MultiCrop, MultiCropViews
 
 HERE = Path(__file__).parent
-GRIDS = [(4, 4)] * 2 + [(2, 2)] * 3
 
 
 def setup():
-    from test_train import tiny_config
+    from test_train import build_parts, tiny_config
 
-    torch.manual_seed(0)
-    student = build_student(tiny_config())
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    crit = PatchWiseDistillationLoss(7, "pwml")
+    student, teacher, objective = build_parts(tiny_config())
     # SGD, not AdamW: Adam's first step is about lr * sign(grad), which turns rounding noise in gradients
     # that are zero in exact arithmetic (the key bias) into full-size differences.
-    opt = torch.optim.SGD(param_groups(student), lr=0.5)
-    return student, teacher, crit, opt
+    opt = torch.optim.SGD(param_groups(student.named_parameters()), lr=0.5)
+    return student, teacher, objective, opt
 
 
 def half_views(rank: int) -> MultiCropViews:
@@ -50,13 +44,12 @@ def concat_views(parts: list[MultiCropViews]) -> MultiCropViews:
                           torch.cat([p.boxes for p in parts], 1), torch.cat([p.flips for p in parts], 1), g, n_loc)
 
 
-def one_step(student, teacher, crit, opt, ranks, sync=None):
+def one_step(student, teacher, objective, opt, ranks):
+    """One SGD step of ``student`` (a DistillNet, or DDP around one) on the views of ``ranks``."""
     views = concat_views([half_views(r) for r in ranks])
-    terms, _, _ = distill_step(student, teacher, crit, views, GRIDS, 0.04)
+    terms = distill_step(student, teacher, objective, views, 0.04).terms
     opt.zero_grad()
-    terms["loss"].backward()
-    if sync is not None:
-        sync(student)
+    terms["loss"].backward()  # under DDP the gradients are averaged over ranks here
     opt.step()
 
 
@@ -78,9 +71,9 @@ def test_two_process_step_equals_single_process_step_on_combined_batch(tmp_path)
     out = _torchrun([str(HERE / "ddp_worker.py"), str(tmp_path / "ddp.pt")], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    student, teacher, crit, opt = setup()
+    student, teacher, objective, opt = setup()
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    one_step(student, teacher, crit, opt, ranks=[0, 1])
+    one_step(student, teacher, objective, opt, ranks=[0, 1])
     changed = 0
     for k, v in student.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_cli import TINY
 
 import pwself.eval.source as source_mod
 from pwself.cli import main
@@ -15,8 +16,6 @@ from pwself.data import DatasetError
 from pwself.eval.copydetect import copydetect_map, generate_copydetect_set, read_copydays
 from pwself.eval.linear import linear_probe
 from pwself.eval.retrieval import load_ground_truth
-
-from test_cli import TINY
 
 
 def _clusters(n, c=4, d=16, seed=0, noise=0.05):

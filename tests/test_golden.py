@@ -18,7 +18,7 @@ GOLDEN = HERE / "golden_runs.json"
 
 BASE = ["data.kind=synthetic", "data.synthetic_size=48", "data.synthetic_classes=3",
         "backbone.in_chans=1", "views.global_size=16", "views.local_size=8", "views.n_local=3",
-        "backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+        "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
         "head.out_dim=32", "head.hidden_dim=32", "head.bottleneck_dim=16", "batch_size=12", "epochs=1",
         "log_every=1", "knn_at_end=false", "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.5",
         "data.num_workers=0"]
@@ -31,7 +31,7 @@ VARIANTS = {
     "cossl": ["loss.objective=cossl"],
     "logo": ["loss.objective=logo"],
     "bagssl": ["loss.objective=bagssl", "views.n_global=4", "views.n_local=0", "views.global_scale=[0.25,0.25]",
-               "views.global_size=8", "backbone.img_size=8"],
+               "views.global_size=8"],
     "pwml_feature_nn": ["loss.objective=pwml", "loss.matcher=feature-nn"],
     "pwml_patch_fraction": ["loss.objective=pwml", "loss.patch_fraction=0.25"],
     "pwml_recompute_head": ["loss.objective=pwml", "loss.recompute_head=true"],
@@ -56,13 +56,20 @@ def run_variant(name: str, out_dir: Path) -> dict:
         "steps": [{k: r[k] for k in TERMS if k in r} for r in rows],
         "teacher": {k: float(v.double().sum()) for k, v in sorted(ckpt["teacher"].items())},
         "student": {k: float(v.double().sum()) for k, v in sorted(ckpt["student"].items())},
+        "objective": {k: float(v.double().sum()) for k, v in sorted(ckpt.get("objective", {}).items())},
     }
 
 
 def _pick_weights(d: dict, part: str) -> dict:
-    """Fingerprints by parameter name, the backbone and head only (a module that moves, e.g. LoGo's
-    affinity network, keeps its numbers under its new name)."""
-    return {k: v for k, v in d[part].items() if k.startswith(("backbone.", "head."))}
+    """Fingerprints by parameter name of the backbone and head, and of LoGo's affinity network, which the
+    student held before the step redesign (``affinity.*``) and the objective holds now
+    (``objective.local_terms.affinity.*``)."""
+    out = {k: v for k, v in d[part].items() if k.startswith(("backbone.", "head."))}
+    if part == "student":
+        out.update({k: v for k, v in d["student"].items() if k.startswith("affinity.")})
+        out.update({k.removeprefix("local_terms."): v for k, v in d.get("objective", {}).items()
+                    if k.startswith("local_terms.affinity.")})
+    return out
 
 
 @pytest.mark.slow

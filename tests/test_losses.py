@@ -3,19 +3,39 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import reference_loss
 
+from pwself.config import ConfigError, LossConfig, load_config
 from pwself.losses import (
     Center,
-    PatchWiseDistillationLoss,
-    combine_terms,
+    PairRows,
+    PatchInputs,
+    distillation_loss,
     pair_targets,
     target_cross_entropy,
+    teacher_probs,
     view_pairs,
 )
 from pwself.matching import match_views
+from pwself.objectives import build_objective, objective_class
 from pwself.views import MultiCrop
 
-from reference import reference_loss
+
+def make_objective(objective, k, lam=0.5, student_temp=0.1, center_momentum=0.9):
+    return build_objective(LossConfig(objective=objective, lam=lam, student_temp=student_temp,
+                                      center_momentum=center_momentum), k, 8)
+
+
+def library_loss(obj, s_cls, t_cls, pairs, temp, s_patch=None, t_patch=None, pair_idx=None):
+    """The objective's loss on given logits, patch pair ``n`` being student row ``n`` and teacher row ``n``."""
+    patch = None
+    if s_patch is not None:
+        n = torch.arange(len(pair_idx))
+        count = torch.bincount(pair_idx, minlength=len(pairs) * s_cls.shape[1])
+        patch = PatchInputs(s_patch, teacher_probs(t_patch, obj.patch_center, temp), PairRows(n, n, pair_idx, count))
+    return distillation_loss(s_cls, teacher_probs(t_cls, obj.cls_center, temp), pairs, obj.student_temp,
+                             obj.term_weights, patch)
+
 
 
 def _setup(seed, batch=3, n_global=2, n_local=3, k=5):
@@ -31,31 +51,36 @@ def _setup(seed, batch=3, n_global=2, n_local=3, k=5):
     return views, grids, s_cls, t_cls, s_patch, t_patch
 
 
-def _library_loss(crit, views, grids, s_cls, t_cls, s_patch, t_patch, t_temp):
+def _library_loss(obj, views, grids, s_cls, t_cls, s_patch, t_patch, t_temp):
     pairs = view_pairs(views.n_global, views.n_global + views.n_local)
-    t_tok, s_tok, pair_idx, sample = match_views(views.boxes, views.flips, grids, pairs)
+    matched = match_views(views.boxes, views.flips, grids, pairs)
+    t_tok, s_tok, pair_idx, sample = matched.teacher_token, matched.student_token, matched.pair_index, matched.sample
     pi = torch.tensor([i for i, _ in pairs])[pair_idx // views.batch_size]
     pj = torch.tensor([j for _, j in pairs])[pair_idx // views.batch_size]
     sp = torch.stack([s_patch[j][b, t] for j, b, t in zip(pj.tolist(), sample.tolist(), s_tok.tolist())]) \
         if len(s_tok) else torch.zeros(0, s_cls.shape[-1], dtype=s_cls.dtype)
     tp = torch.stack([t_patch[i][b, t] for i, b, t in zip(pi.tolist(), sample.tolist(), t_tok.tolist())]) \
         if len(t_tok) else torch.zeros(0, s_cls.shape[-1], dtype=s_cls.dtype)
-    return crit(s_cls, t_cls, pairs, t_temp, sp, tp, pair_idx)
+    if not hasattr(obj, "patch_center"):  # CLS only
+        return library_loss(obj, s_cls, t_cls, pairs, t_temp)
+    return library_loss(obj, s_cls, t_cls, pairs, t_temp, sp, tp, pair_idx)
 
 
 @pytest.mark.parametrize("objective,lam", [("dino", 0.5), ("pwml", 0.5), ("pwsl", 0.5), ("pwll", 0.2), ("pwll", 0.9)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_loss_and_gradient_match_reference(objective, lam, seed):
     views, grids, s_cls, t_cls, s_patch, t_patch = _setup(seed)
-    crit = PatchWiseDistillationLoss(5, objective, lam, student_temp=0.1).double()
+    crit = make_objective(objective, 5, lam).double()
     crit.cls_center.center.normal_(generator=torch.Generator().manual_seed(seed + 10))
-    crit.patch_center.center.normal_(generator=torch.Generator().manual_seed(seed + 20))
+    patch_center = torch.zeros(1, 5, dtype=torch.float64).normal_(generator=torch.Generator().manual_seed(seed + 20))
+    if hasattr(crit, "patch_center"):
+        crit.patch_center.center.copy_(patch_center)
     for x in [s_cls, *s_patch]:
         x.requires_grad_(True)
     got = _library_loss(crit, views, grids, s_cls, t_cls, s_patch, t_patch, 0.05)["loss"]
     got_grads = torch.autograd.grad(got, [s_cls, *s_patch], allow_unused=True, materialize_grads=True)
     ref = reference_loss(s_cls, t_cls, s_patch, t_patch, views.boxes, views.flips, grids, objective, lam,
-                         crit.cls_center.center[0], crit.patch_center.center[0], 0.05, 0.1)
+                         crit.cls_center.center[0], patch_center[0], 0.05, 0.1)
     ref_grads = torch.autograd.grad(ref, [s_cls, *s_patch], allow_unused=True, materialize_grads=True)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_grads, ref_grads):
@@ -69,14 +94,19 @@ def test_pair_count_matches_paper():
     assert (0, 0) not in view_pairs(2, 10) and (1, 1) not in view_pairs(2, 10)
 
 
-def test_combine_terms_hand_values():
+def test_term_weights_hand_values():
     h_cls = torch.tensor([[1.0, 2.0]])
     s = torch.tensor([[3.0, 0.0]])
     n = torch.tensor([[2, 0]])
-    assert combine_terms(h_cls, s, n, "dino").item() == pytest.approx(1.5)
-    assert combine_terms(h_cls, s, n, "pwml").item() == pytest.approx(((1 + 3) / 3 + 2) / 2)
-    assert combine_terms(h_cls, s, n, "pwsl").item() == pytest.approx((4 + 2) / 2)
-    assert combine_terms(h_cls, s, n, "pwll", 0.2).item() == pytest.approx((0.2 * 1 + 0.8 * 1.5 + 2) / 2)
+
+    def combined(objective, lam=0.5):
+        a, c = make_objective(objective, 3, lam).term_weights(n)
+        return (a * h_cls + c * s).mean().item()
+
+    assert combined("dino") == pytest.approx(1.5)
+    assert combined("pwml") == pytest.approx(((1 + 3) / 3 + 2) / 2)
+    assert combined("pwsl") == pytest.approx((4 + 2) / 2)
+    assert combined("pwll", 0.2) == pytest.approx((0.2 * 1 + 0.8 * 1.5 + 2) / 2)
 
 
 def test_pair_targets_sum_weighted_teacher_rows_per_student_row():
@@ -112,10 +142,10 @@ def test_target_cross_entropy_value_and_handwritten_backward():
 
 
 def test_no_match_gives_finite_loss_with_graph():
-    crit = PatchWiseDistillationLoss(4, "pwml")
+    crit = make_objective("pwml", 4)
     s = torch.randn(2, 3, 4, requires_grad=True)
-    out = crit(s, torch.randn(1, 3, 4), view_pairs(1, 2), 0.04, torch.zeros(0, 4), torch.zeros(0, 4),
-               torch.zeros(0, dtype=torch.long))
+    out = library_loss(crit, s, torch.randn(1, 3, 4), view_pairs(1, 2), 0.04, torch.zeros(0, 4), torch.zeros(0, 4),
+                       torch.zeros(0, dtype=torch.long))
     assert torch.isfinite(out["loss"]) and out["n_match"] == 0
     out["loss"].backward()
     assert torch.isfinite(s.grad).all()
@@ -131,25 +161,29 @@ def test_center_ema_and_empty_update():
 
 
 def test_centers_are_separate_and_explicit():
-    crit = PatchWiseDistillationLoss(3, "pwml", center_momentum=0.5)
+    from pwself.models import HeadOutput
+
+    crit = make_objective("pwml", 3, center_momentum=0.5)
     t_cls, t_patch = torch.ones(2, 4, 3), torch.full((5, 3), 4.0)
     before = crit.cls_center.center.clone()
-    crit(torch.randn(3, 4, 3), t_cls, view_pairs(2, 3), 0.04)
-    assert torch.equal(crit.cls_center.center, before)  # forward never updates the centers
-    crit.update_centers(t_cls, t_patch)
+    library_loss(crit, torch.randn(3, 4, 3), t_cls, view_pairs(2, 3), 0.04)
+    assert torch.equal(crit.cls_center.center, before)  # the loss never updates the centers
+    crit.update_centers(HeadOutput(t_cls.flatten(0, 1), torch.zeros(8, 2), t_patch))
     torch.testing.assert_close(crit.cls_center.center, torch.full((1, 3), 0.5))
     torch.testing.assert_close(crit.patch_center.center, torch.full((1, 3), 2.0))
 
 
 def test_bad_objective_and_lambda():
     with pytest.raises(ValueError, match="unknown objective"):
-        PatchWiseDistillationLoss(3, "pwxx")
-    with pytest.raises(ValueError, match="lambda"):
-        PatchWiseDistillationLoss(3, "pwll", lam=1.5)
+        objective_class("pwxx")
+    with pytest.raises(ConfigError, match="loss.objective='pwxx'"):
+        load_config(None, ["loss.objective=pwxx"])
+    with pytest.raises(ConfigError, match="loss.lam"):
+        load_config(None, ["loss.objective=pwll", "loss.lam=1.5"])
 
 
 def test_logo_local_term_alone_pushes_same_image_local_views_apart():
-    from pwself.losses import LoGoAffinity
+    from pwself.objectives.logo import LoGoAffinity
 
     torch.manual_seed(0)
     # 2 local views x 8 images: the two views of an image start close, images differ from each other.
@@ -174,7 +208,7 @@ def test_logo_local_term_alone_pushes_same_image_local_views_apart():
 
 
 def test_logo_terms_route_gradients_to_their_own_side():
-    from pwself.losses import LoGoAffinity
+    from pwself.objectives.logo import LoGoAffinity
 
     phi = LoGoAffinity(8, hidden=16)
     local = torch.randn(3, 4, 8, requires_grad=True)

@@ -4,6 +4,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pwself.matching import match_pair, match_patches
 
@@ -192,7 +194,8 @@ def test_feature_nn_matches_most_similar_teacher_token():
     perm = torch.tensor([3, 0, 4])
     s = t[:, perm] + 0.01 * torch.randn(2, 3, 8)  # student tokens are noisy copies of teacher tokens 3, 0, 4
     assert torch.equal(match_features(t, s), perm.expand(2, 3))
-    t_tok, s_tok, pair_idx, sample = match_views_by_features([t], [t, s], [(0, 1)])
+    m = match_views_by_features([t], [t, s], [(0, 1)])
+    t_tok, s_tok, pair_idx, sample = m.teacher_token, m.student_token, m.pair_index, m.sample
     assert torch.equal(t_tok, perm.repeat(2)) and torch.equal(s_tok, torch.arange(3).repeat(2))
     assert torch.equal(sample, torch.tensor([0, 0, 0, 1, 1, 1])) and torch.equal(pair_idx, sample)
 
@@ -209,8 +212,10 @@ def test_match_views_equals_match_pair_for_every_pair_and_sample(batch):
     flips = torch.rand(6, batch, generator=g) < 0.5
     grids = [(7, 7)] * 2 + [(3, 3)] * 3 + [(2, 4)]  # three kinds of pair: global-global and two local grids
     pairs = view_pairs(2, 6)
-    t_tok, s_tok, pair_idx, sample = match_views(boxes, flips, grids, pairs)
-    assert torch.equal(sample, pair_idx % batch)
+    m = match_views(boxes, flips, grids, pairs)
+    t_tok, s_tok, pair_idx = m.teacher_token, m.student_token, m.pair_index
+    assert (m.n_pairs, m.batch) == (len(pairs), batch)
+    assert torch.equal(m.count(), torch.bincount(pair_idx, minlength=len(pairs) * batch))
     for p, (i, j) in enumerate(pairs):
         for b in range(batch):
             sel = pair_idx == p * batch + b
@@ -220,4 +225,31 @@ def test_match_views_equals_match_pair_for_every_pair_and_sample(batch):
             assert got == expected
     assert len(t_tok) > 0
     empty = match_views(boxes, flips, grids, [])
-    assert all(len(x) == 0 for x in empty)
+    assert len(empty) == 0 and empty.n_pairs == 0
+
+
+# Random cases with shrinking: a failure is reported as the smallest boxes and grids that break agreement.
+_coord = st.one_of(st.integers(0, 40).map(float), st.floats(0, 40, allow_nan=False, width=32))
+
+
+@st.composite
+def _box(draw):
+    x0, y0 = draw(_coord), draw(_coord)
+    w = draw(st.one_of(st.integers(1, 40).map(float), st.floats(0.5, 40, width=32)))
+    h = draw(st.one_of(st.integers(1, 40).map(float), st.floats(0.5, 40, width=32)))
+    return [x0, y0, x0 + w, y0 + h]
+
+
+_grid = st.tuples(st.integers(1, 8), st.integers(1, 8))
+
+
+@settings(derandomize=True, max_examples=400, deadline=None)
+@given(box_a=_box(), flip_a=st.booleans(), grid_a=_grid, box_b=_box(), flip_b=st.booleans(), grid_b=_grid)
+def test_vectorized_agrees_with_reference_and_swaps_symmetrically(box_a, flip_a, grid_a, box_b, flip_b, grid_b):
+    expected = match_pair(box_a, flip_a, grid_a, box_b, flip_b, grid_b)
+    idx_a, idx_b, valid = match_patches(torch.tensor([box_a], dtype=torch.float64), torch.tensor([flip_a]), grid_a,
+                                        torch.tensor([box_b], dtype=torch.float64), torch.tensor([flip_b]), grid_b)
+    assert [(int(a), int(b)) for a, b, v in zip(idx_a[0], idx_b[0], valid[0]) if v] == expected
+    assert len(expected) <= min(grid_a[0], grid_b[0]) * min(grid_a[1], grid_b[1])
+    swapped = match_pair(box_b, flip_b, grid_b, box_a, flip_a, grid_a)
+    assert swapped == [(b, a) for a, b in expected]

@@ -4,26 +4,25 @@ import json
 
 import pytest
 import torch
+from test_cli import TINY
 
-import pwself.train as train_mod
+import pwself.step as step_mod
 from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
 
-from test_cli import TINY
-
 
 def _nan_at(monkeypatch, bad_steps):
-    real = train_mod.distill_step
+    real = step_mod.distill_step
     calls = {"n": 0}
 
     def fake(*args, **kwargs):
-        terms, t_cls, t_patch = real(*args, **kwargs)
+        out = real(*args, **kwargs)
         if bad_steps == "all" or calls["n"] in bad_steps:
-            terms = dict(terms, loss=terms["loss"] * float("nan"))
+            out = step_mod.StepOutput(dict(out.terms, loss=out.terms["loss"] * float("nan")), out.teacher)
         calls["n"] += 1
-        return terms, t_cls, t_patch
+        return out
 
-    monkeypatch.setattr(train_mod, "distill_step", fake)
+    monkeypatch.setattr(step_mod, "distill_step", fake)
 
 
 def _run(out, *extra):
@@ -47,10 +46,10 @@ def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:.*teacher looks collapsed")
 def test_nan_in_a_row_stops_with_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
-    assert _run(out, "--epochs", "1") == 0
-    good = load_checkpoint(out / "checkpoint_00000003.pt")
-    _nan_at(monkeypatch, "all")
-    assert _run(out, "--epochs", "2", "--resume", "optim.max_nonfinite_steps=1") == 2
+    assert _run(tmp_path / "clean", "--epochs", "2") == 0
+    good = load_checkpoint(tmp_path / "clean" / "checkpoint_00000003.pt")  # the same run before any NaN
+    _nan_at(monkeypatch, set(range(3, 6)))  # every step of epoch 2 (3 steps an epoch)
+    assert _run(out, "--epochs", "2", "optim.max_nonfinite_steps=1") == 2
     err = capsys.readouterr().err.strip()
     assert "2 steps in a row" in err and "checkpoint_00000003.pt" in err and len(err.splitlines()) == 1
     after = load_checkpoint(out)

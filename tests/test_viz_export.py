@@ -5,13 +5,12 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from test_cli import TINY
 
 import pwself
 from pwself.cli import main
 from pwself.export import export_checkpoint
 from pwself.viz import cls_attention, patch_pca_rgb
-
-from test_cli import TINY
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,12 +20,17 @@ from pwself.data.datasets import (
     make_synthetic,
 )
 
+if TYPE_CHECKING:
+    from pwself.config import DataConfig
+
 __all__ = [
     "FASHION_MNIST_DIR",
     "DatasetError",
     "ImageFolderDataset",
     "TensorImageDataset",
     "build_dataset",
+    "open_dataset",
+    "take_subset",
     "iterate_batches",
     "channel_stats",
 ]
@@ -81,6 +87,29 @@ def build_dataset(
             folder = found[0]
         return ImageFolderDataset(folder, image_size, channels, min_size, on_bad_image)
     raise DatasetError(f"unknown dataset kind {kind!r}: use idx, cifar, folder or synthetic")
+
+
+def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, seed: int = 0) -> Dataset:
+    """Open a split of the dataset a ``data`` config section names.
+
+    Args:
+        data: The ``data`` section of a run config.
+        split: ``train`` or ``test``.
+        channels: Channels the backbone takes (``backbone.in_chans``).
+        min_size: Smallest accepted image side (the patch size).
+        seed: Seed of synthetic data.
+    """
+    return build_dataset(data.kind, data.root, split, image_size=data.image_size, channels=channels,
+                         min_size=min_size, on_bad_image=data.on_bad_image, synthetic_size=data.synthetic_size,
+                         synthetic_classes=data.synthetic_classes, seed=seed)
+
+
+def take_subset(dataset: Dataset, n: int) -> Dataset:
+    """The first ``n`` images of a dataset (in-memory datasets stay in memory)."""
+    n = min(n, len(dataset))
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[:n], dataset.labels[:n], dataset.classes)
+    return torch.utils.data.Subset(dataset, range(n))
 
 
 def iterate_batches(

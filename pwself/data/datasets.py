@@ -133,7 +133,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201
+    def find_class(self, module: str, name: str):  # noqa: ANN202 - a class, or the error
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
@@ -256,7 +256,8 @@ class ImageFolderDataset(Dataset):
             except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
                 if on_bad_image != "skip":
                     raise DatasetError(
-                        f"corrupt or unreadable image {p} ({type(e).__name__}): delete it or use --data.on_bad_image skip"
+                        f"corrupt or unreadable image {p} ({type(e).__name__}): delete it or skip such files "
+                        "with data.on_bad_image=skip"
                     ) from e
                 self._report_skip(p)
         if not good:
@@ -306,7 +307,8 @@ def make_synthetic(
     """
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % n_classes
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    axis = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     theta = labels.float() * torch.pi / n_classes
     freq = 2 * torch.pi / size * (2 + torch.rand(n, generator=g))
     phase = 2 * torch.pi * torch.rand(n, generator=g)

@@ -34,7 +34,8 @@ def pool_features(backbone: nn.Module, x: Tensor, pooling: str) -> Tensor:
         p = backbone.patch_embed.patch_size[0]
         if h % (2 * p) or w % (2 * p):
             raise ValueError(f"bag pooling cuts {h}x{w} inputs into 2x2 tiles: the side must be a multiple of {2 * p}")
-        tiles = [x[..., i * h // 2 : (i + 1) * h // 2, j * w // 2 : (j + 1) * w // 2] for i in range(2) for j in range(2)]
+        tiles = [x[..., i * h // 2 : (i + 1) * h // 2, j * w // 2 : (j + 1) * w // 2]
+                 for i in range(2) for j in range(2)]
         return torch.stack([forward_tokens(backbone, tile).cls for tile in tiles]).mean(0)
     if pooling == "last4":
         inter = backbone.forward_intermediates(x, indices=4, norm=True, output_fmt="NLC",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["knn_classify"]
+if TYPE_CHECKING:
+    from pwself.config import TrainConfig
+
+__all__ = ["knn_classify", "evaluate_knn_run"]
 
 
 @torch.no_grad()
@@ -71,3 +75,24 @@ def knn_classify(
             hits[k][1] += (pred[:, : min(5, k, c)] == y[:, None]).any(1).sum()
     n = len(test_features)
     return {k: {"top1": float(100 * h[0] / n), "top5": float(100 * h[1] / n)} for k, h in hits.items()}
+
+
+def evaluate_knn_run(
+    backbone: nn.Module, cfg: TrainConfig, ks: tuple[int, ...] = (10, 20), progress: bool = True
+) -> dict[int, dict[str, float]]:
+    """kNN of a run's backbone on its dataset's train (bank) and test splits, pooled as its objective says
+    (the CLS token; BagSSL's bag of tiles at native resolution)."""
+    from pwself.data import open_dataset
+    from pwself.eval.features import extract_features
+    from pwself.objectives import objective_class
+
+    device = next(backbone.parameters()).device
+    splits = [open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
+              for split in ("train", "test")]
+    pooling = objective_class(cfg.loss.objective).pooling
+    kw = dict(mean=cfg.data.mean, std=cfg.data.std, size=None if pooling == "bag" else cfg.views.global_size,
+              device=device, progress=progress, num_workers=cfg.data.num_workers, pooling=pooling)
+    f_tr, y_tr = extract_features(backbone, splits[0], desc="features train", **kw)
+    f_te, y_te = extract_features(backbone, splits[1], desc="features test", **kw)
+    ks = tuple(k for k in ks if k <= len(f_tr)) or (len(f_tr),)
+    return knn_classify(f_tr, y_tr, f_te, y_te, ks=ks)

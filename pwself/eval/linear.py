@@ -24,6 +24,36 @@ def _accuracy(logits: Tensor, y: Tensor) -> tuple[float, float]:
     return float(100 * (top[..., 0] == y).float().mean()), float(100 * (top == y[..., None]).any(-1).float().mean())
 
 
+def _train_heads(x_tr: Tensor, y_tr: Tensor, grid: list[tuple[float, float]], n_classes: int, epochs: int,
+                 batch_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One linear head per (lr, wd) of ``grid``, trained together: SGD with momentum 0.9, cosine lr."""
+    h, d = len(grid), x_tr.shape[1]
+    weight = (torch.randn(h, d, n_classes, generator=g) * 0.01).requires_grad_(True)
+    bias = torch.zeros(h, 1, n_classes, requires_grad=True)
+    lr_h = torch.tensor([lr * batch_size / 256 for lr, _ in grid])[:, None, None]
+    wd_h = torch.tensor([wd for _, wd in grid])[:, None, None]
+    mom_w, mom_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    total, it = epochs * max(1, math.ceil(len(x_tr) / batch_size)), 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x_tr), generator=g)
+        for start in range(0, len(x_tr), batch_size):
+            idx = order[start : start + batch_size]
+            logits = torch.einsum("bd,hdc->hbc", x_tr[idx], weight) + bias
+            # Sum over heads of the mean CE: heads share no parameters, so each trains independently.
+            ce = F.cross_entropy(logits.flatten(0, 1), y_tr[idx].repeat(h), reduction="none")
+            loss = ce.view(h, -1).mean(1).sum()
+            gw, gb = torch.autograd.grad(loss, [weight, bias])
+            scale = 0.5 * (1 + math.cos(math.pi * it / total))
+            with torch.no_grad():
+                gw = gw + wd_h * weight
+                mom_w.mul_(0.9).add_(gw)
+                mom_b.mul_(0.9).add_(gb)
+                weight -= lr_h * scale * mom_w
+                bias -= lr_h * scale * mom_b
+            it += 1
+    return weight, bias
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -71,33 +101,9 @@ def linear_probe(
     x_tr, y_tr = (train_features[tr_idx].float() - mu) / sd, train_labels[tr_idx]
     x_val, y_val = (train_features[val_idx].float() - mu) / sd, train_labels[val_idx]
     c = int(max(train_labels.max(), test_labels.max())) + 1
-    d = x_tr.shape[1]
     grid = [(lr, wd) for lr in lrs for wd in weight_decays]
     h = len(grid)
-    weight = (torch.randn(h, d, c, generator=g) * 0.01).requires_grad_(True)
-    bias = torch.zeros(h, 1, c, requires_grad=True)
-    lr_h = torch.tensor([lr * batch_size / 256 for lr, _ in grid])[:, None, None]
-    wd_h = torch.tensor([wd for _, wd in grid])[:, None, None]
-    mom_w, mom_b = torch.zeros_like(weight), torch.zeros_like(bias)
-    steps_per_epoch = max(1, math.ceil(len(x_tr) / batch_size))
-    total, it = epochs * steps_per_epoch, 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x_tr), generator=g)
-        for start in range(0, len(x_tr), batch_size):
-            idx = order[start : start + batch_size]
-            xb, yb = x_tr[idx], y_tr[idx]
-            logits = torch.einsum("bd,hdc->hbc", xb, weight) + bias
-            # Sum over heads of the mean CE: heads share no parameters, so each trains independently.
-            loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(h), reduction="none").view(h, -1).mean(1).sum()
-            gw, gb = torch.autograd.grad(loss, [weight, bias])
-            scale = 0.5 * (1 + math.cos(math.pi * it / total))
-            with torch.no_grad():
-                gw = gw + wd_h * weight
-                mom_w.mul_(0.9).add_(gw)
-                mom_b.mul_(0.9).add_(gb)
-                weight -= lr_h * scale * mom_w
-                bias -= lr_h * scale * mom_b
-            it += 1
+    weight, bias = _train_heads(x_tr, y_tr, grid, c, epochs, batch_size, g)
     with torch.no_grad():
         val_logits = torch.einsum("bd,hdc->hbc", x_val, weight) + bias
         val_top1 = [float(100 * (val_logits[k].argmax(-1) == y_val).float().mean()) for k in range(h)]

@@ -35,7 +35,7 @@ class _GndUnpickler(pickle.Unpickler):
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                ("numpy._core.multiarray", "scalar")}
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201
+    def find_class(self, module: str, name: str):  # noqa: ANN202 - a class, or the error
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a ground-truth file")
@@ -76,7 +76,8 @@ def load_ground_truth(path: str | Path, image_dir: str | Path | None = None, ext
         raise DatasetError(f"{path}: {n_db} database / {len(cfg['qimlist'])} query images, expected "
                            f"{STANDARD_SIZES[name]} for {name}")
     if image_dir is not None:
-        missing = [n for n in list(cfg["imlist"]) + list(cfg["qimlist"]) if not (Path(image_dir) / f"{n}{ext}").exists()]
+        names = list(cfg["imlist"]) + list(cfg["qimlist"])
+        missing = [n for n in names if not (Path(image_dir) / f"{n}{ext}").exists()]
         if missing:
             raise DatasetError(f"{len(missing)} image(s) of the ground truth are missing from {image_dir}, "
                                f"e.g. {missing[0]}{ext}: the ground truth does not match the images")

@@ -1,0 +1,158 @@
+"""The objective protocol, and the token bookkeeping the patch objectives share.
+
+An objective says which patch tokens a step needs (:meth:`Objective.select`, before the forward when the
+matches depend on geometry only), what the teacher outputs (:meth:`Objective.teacher_output`), its loss on
+the head outputs (:meth:`Objective.loss`), how its centers move, how its features are pooled for
+evaluation (:attr:`Objective.pooling`) and which trainable modules it owns besides the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from pwself.losses import Center, PairRows, PatchInputs, distillation_loss, teacher_probs, view_pairs
+from pwself.matching import PatchPairs
+from pwself.models import DistillNet, HeadOutput, TokenOutput
+from pwself.views import MultiCropViews
+
+if TYPE_CHECKING:
+    from pwself.config import LossConfig, ViewConfig
+
+__all__ = ["Objective", "Selection", "view_grids", "patch_key_layout", "select_pairs"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The patch tokens a step's loss uses and how they pair.
+
+    Attributes:
+        student_keys: ``[Us]`` distinct keys of the student patch tokens the head runs on.
+        teacher_keys: ``[Ut]`` distinct keys of the teacher patch tokens the head runs on (``None`` when the
+            targets are CLS outputs).
+        rows: The pairs as rows of the student patch outputs and the teacher targets.
+    """
+
+    student_keys: Tensor
+    teacher_keys: Tensor | None
+    rows: PairRows
+
+
+def view_grids(views: MultiCropViews, patch_size: int) -> list[tuple[int, int]]:
+    """Patch grid ``(rows, cols)`` of every view, globals first."""
+    g, loc = views.global_crops.shape[-2:], views.local_crops.shape[-2:]
+    return ([(g[0] // patch_size, g[1] // patch_size)] * views.n_global
+            + [(loc[0] // patch_size, loc[1] // patch_size)] * views.n_local)
+
+
+def patch_key_layout(grids: Sequence[tuple[int, int]], batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(tokens_per_view [V], view_offset [V])``: a student patch key is ``view_offset[j] + b * T_j + t``."""
+    tokens_per_view = torch.tensor([r * c for r, c in grids], device=device)
+    return tokens_per_view, torch.cumsum(tokens_per_view * batch, 0) - tokens_per_view * batch
+
+
+def select_pairs(
+    student_key: Tensor, teacher_key: Tensor, pair_index: Tensor, n_pb: int, fraction: float,
+    generator: torch.Generator | None, teacher_unique: bool = True,
+) -> Selection:
+    """The :class:`Selection` of pairs given by their flat keys, optionally a random ``fraction`` of them.
+
+    With ``fraction < 1`` each pair is kept with that probability (drawn from the CPU ``generator``) and
+    reweighted by ``1 / fraction``, while the counts stay those of all pairs: an unbiased, cheaper loss. A
+    token used by several pairs (a local view seen by both teachers) goes through the head once: keys
+    are made unique and pairs point at rows. ``teacher_unique=False`` keeps the teacher keys as rows (the
+    targets are then rows of an existing output, e.g. the teacher CLS).
+    """
+    count, weight = torch.bincount(pair_index, minlength=n_pb), 1.0
+    if fraction < 1.0:
+        keep = (torch.rand(len(pair_index), generator=generator) < fraction).to(pair_index.device)
+        student_key, teacher_key, pair_index = student_key[keep], teacher_key[keep], pair_index[keep]
+        weight = 1.0 / fraction
+    s_unique, s_row = torch.unique(student_key, return_inverse=True)
+    t_unique, t_row = torch.unique(teacher_key, return_inverse=True) if teacher_unique else (None, teacher_key)
+    return Selection(s_unique, t_unique, PairRows(s_row, t_row, pair_index, count, weight))
+
+
+def matched_keys(matched: PatchPairs, pairs: Sequence[tuple[int, int]], grids: Sequence[tuple[int, int]]
+                 ) -> tuple[Tensor, Tensor]:
+    """Flat student and teacher patch keys of every match (teacher keys index the global views' tokens)."""
+    dev, b = matched.pair_index.device, matched.batch
+    tokens_per_view, view_offset = patch_key_layout(grids, b, dev)
+    pair_of = matched.pair_index // b
+    view_t = torch.tensor([i for i, _ in pairs], device=dev)[pair_of]
+    view_s = torch.tensor([j for _, j in pairs], device=dev)[pair_of]
+    sample = matched.sample
+    s_key = view_offset[view_s] + sample * tokens_per_view[view_s] + matched.student_token
+    t_key = (view_t * b + sample) * tokens_per_view[0] + matched.teacher_token
+    return s_key, t_key
+
+
+class Objective(nn.Module):
+    """DINO's CLS self-distillation; subclasses add patch terms, other targets or modules of their own.
+
+    Args:
+        loss: The ``loss`` section of the run config.
+        out_dim: Head output dimension ``K``.
+        embed_dim: Backbone token width (for modules an objective owns).
+    """
+
+    pooling: ClassVar[str] = "cls"
+    """Feature pooling of a trained backbone for evaluation (see :func:`pwself.eval.features.pool_features`)."""
+
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.student_temp = loss.student_temp
+        self.recompute_head = False
+        self.cls_center = Center(out_dim, loss.center_momentum)
+
+    @classmethod
+    def config_problem(cls, views: ViewConfig) -> str | None:
+        """Why these views cannot train this objective, or ``None``."""
+        return None
+
+    def pairs(self, n_global: int, n_views: int) -> list[tuple[int, int]]:
+        """The (teacher view, student view) pairs of the loss."""
+        return view_pairs(n_global, n_views)
+
+    def select(
+        self, views: MultiCropViews, grids: Sequence[tuple[int, int]], teacher_tokens: Sequence[TokenOutput],
+        generator: torch.Generator | None,
+    ) -> Selection | Callable[[Sequence[TokenOutput]], Selection] | None:
+        """The patch tokens the loss needs (``None``: CLS only), or a function of the student tokens that
+        gives them when the choice depends on content."""
+        return None
+
+    def teacher_output(self, teacher: DistillNet, tokens: Sequence[TokenOutput], views: MultiCropViews,
+                       selection: Any) -> HeadOutput:
+        """The teacher head on its CLS tokens and the selected teacher patch tokens."""
+        return teacher.project(tokens, getattr(selection, "teacher_keys", None))
+
+    def term_weights(self, n_patch: Tensor) -> tuple[Tensor, Tensor]:
+        """Weights ``(a, c)`` of ``H_cls`` and the patch sum ``S`` per (pair, sample) from ``[P, B]`` counts."""
+        n = n_patch.float()
+        return torch.ones_like(n), torch.zeros_like(n)
+
+    def patch_inputs(self, student: HeadOutput, teacher: HeadOutput, teacher_temp: float) -> PatchInputs | None:
+        """The patch half of the loss (``None`` for CLS-only objectives)."""
+        return None
+
+    def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
+             ) -> dict[str, Tensor]:
+        """Loss and reported terms; ``terms["loss"]`` carries the graph."""
+        b, n_views = views.batch_size, views.n_global + views.n_local
+        t_probs = teacher_probs(teacher.cls.unflatten(0, (-1, b)), self.cls_center, teacher_temp)
+        pairs = self.pairs(views.n_global, n_views)
+        return distillation_loss(student.cls.unflatten(0, (n_views, b)), t_probs, pairs, self.student_temp,
+                                 self.term_weights, self.patch_inputs(student, teacher, teacher_temp))
+
+    @torch.no_grad()
+    def update_centers(self, teacher: HeadOutput) -> None:
+        """EMA-update the centers from the teacher outputs that entered the loss (each token once)."""
+        self.cls_center.update(teacher.cls)
+
+    def wrap_trainable(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run the trainable modules this objective owns through ``wrap`` (``DistributedDataParallel``)."""

@@ -1,0 +1,57 @@
+"""CO-SSL (seed 004): local, pre-pooling representations aligned with the global one.
+
+As PWML, but every student patch token of view ``j`` is paired with the teacher's CLS of view ``i``: no
+matching. The targets are CLS outputs, so they are centred with the CLS center.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from pwself.losses import PatchInputs, teacher_probs
+from pwself.models import HeadOutput, TokenOutput
+from pwself.objectives.base import Objective, Selection, patch_key_layout, select_pairs
+from pwself.views import MultiCropViews
+
+if TYPE_CHECKING:
+    from pwself.config import LossConfig
+
+__all__ = ["COSSL"]
+
+
+class COSSL(Objective):
+    """Student patch tokens of view ``j`` against the teacher CLS of view ``i``, weighted as PWML."""
+
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int) -> None:
+        super().__init__(loss, out_dim, embed_dim)
+        self.patch_fraction, self.recompute_head = loss.patch_fraction, loss.recompute_head
+
+    def select(
+        self, views: MultiCropViews, grids: Sequence[tuple[int, int]], teacher_tokens: Sequence[TokenOutput],
+        generator: torch.Generator | None,
+    ) -> Selection:
+        b, dev = views.batch_size, views.global_crops.device
+        pairs = self.pairs(views.n_global, views.n_global + views.n_local)
+        tokens_per_view, view_offset = patch_key_layout(grids, b, dev)
+        s_key, t_key, pair_idx = [], [], []
+        for p, (i, j) in enumerate(pairs):  # teacher keys are rows of the teacher CLS outputs
+            n_tok = int(tokens_per_view[j])
+            sample = torch.arange(b, device=dev).repeat_interleave(n_tok)
+            s_key.append(view_offset[j] + torch.arange(b * n_tok, device=dev))
+            t_key.append(i * b + sample)
+            pair_idx.append(p * b + sample)
+        return select_pairs(torch.cat(s_key), torch.cat(t_key), torch.cat(pair_idx), len(pairs) * b,
+                            self.patch_fraction, generator, teacher_unique=False)
+
+    def term_weights(self, n_patch: Tensor) -> tuple[Tensor, Tensor]:
+        w = 1 / (1 + n_patch.float())
+        return w, w
+
+    def patch_inputs(self, student: HeadOutput, teacher: HeadOutput, teacher_temp: float) -> PatchInputs:
+        assert student.patch is not None
+        return PatchInputs(student.patch, teacher_probs(teacher.cls, self.cls_center, teacher_temp),
+                           student.selection.rows, student.head)

@@ -1,0 +1,165 @@
+"""One training step, built once from a config and shared by training, benchmarks and scripts:
+views -> photometric augmentation -> matching -> network -> objective -> backward -> EMA.
+
+:func:`build_step` makes every part with the run's own settings (objective, temperatures, centers,
+precision), so what a benchmark measures is exactly what trains.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pwself.augment import PhotometricAugment
+from pwself.config import TrainConfig
+from pwself.distributed import all_true
+from pwself.models import DistillNet, HeadOutput, ema_update
+from pwself.objectives import Objective, build_objective
+from pwself.objectives.base import view_grids
+from pwself.views import MultiCrop, MultiCropViews
+
+__all__ = ["StepOutput", "distill_step", "ViewPipeline", "param_groups", "TrainStep", "build_step", "unwrap"]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The loss terms of a step (``terms["loss"]`` carries the graph) and the teacher outputs (for centers
+    and statistics)."""
+
+    terms: dict[str, Tensor]
+    teacher: HeadOutput
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def distill_step(
+    student: nn.Module, teacher: DistillNet, objective: Objective, views: MultiCropViews, teacher_temp: float,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Forward the teacher and the student (a :class:`DistillNet`, possibly DDP-wrapped) on the views and
+    compute the objective's loss. Random draws (patch subsets) come from the CPU ``generator``."""
+    with torch.no_grad():
+        t_tokens = teacher.encode([views.global_crops])
+    grids = view_grids(views, teacher.backbone.patch_embed.patch_size[0])
+    select = objective.select(views, grids, t_tokens, generator)
+    s_out = student([views.global_crops, views.local_crops], select, objective.recompute_head)
+    with torch.no_grad():
+        t_out = objective.teacher_output(teacher, t_tokens, views, s_out.selection)
+    return StepOutput(objective.loss(s_out, t_out, views, teacher_temp), t_out)
+
+
+class ViewPipeline:
+    """Multi-crop views of a batch, photometric augmentation and normalization, on the training device."""
+
+    def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float], device: torch.device) -> None:
+        v = cfg.views
+        self.multicrop = MultiCrop(v.n_global, v.n_local, v.global_size, v.local_size, v.global_scale, v.local_scale,
+                                   flip_p=v.flip_p)
+        self.augment = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None) -> MultiCropViews:
+        """``[B, C, H, W]`` float images in [0, 1] -> augmented, normalized views."""
+        views = self.multicrop(images, generator)
+        return MultiCropViews(
+            (self.augment(views.global_crops, generator) - self.mean) / self.std,
+            (self.augment(views.local_crops, generator) - self.mean) / self.std,
+            views.boxes, views.flips, views.n_global, views.n_local,
+        )
+
+
+def param_groups(named: Iterator[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
+    """AdamW groups tagged ``decay`` and ``last_layer``: no decay on biases, norms and position/CLS tokens."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token", "reg_token"))
+        last = name.startswith("head.last_layer")
+        groups.setdefault((decay, last), []).append(p)
+    return [{"params": ps, "decay": d, "last_layer": last} for (d, last), ps in sorted(groups.items())]
+
+
+@dataclass
+class TrainStep:
+    """Everything one optimization step touches; :meth:`__call__` runs it."""
+
+    student: nn.Module  # a DistillNet, DDP-wrapped under torchrun
+    teacher: DistillNet
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    views: ViewPipeline
+    clip_grad: float
+    amp_dtype: torch.dtype | None
+
+    @property
+    def model(self) -> DistillNet:
+        """The student network (unwrapped)."""
+        return unwrap(self.student)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Student parameters, then the objective's own (the optimizer's order)."""
+        return [*self.model.parameters(), *self.objective.parameters()]
+
+    def forward(self, images: Tensor, teacher_temp: float, generator: torch.Generator | None) -> StepOutput:
+        """Views, augmentation and the loss of a batch of ``[B, C, H, W]`` float images in [0, 1]."""
+        views = self.views(images, generator)
+        device = views.global_crops.device
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            return distill_step(self.student, self.teacher, self.objective, views, teacher_temp, generator)
+
+    def update(self, out: StepOutput, momentum: float) -> float:
+        """Backward, clip, optimizer step, EMA teacher and centers; the gradient norm (NaN when not clipped)."""
+        grad_norm = float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.terms["loss"]).backward()  # DDP averages gradients over ranks here
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_grad > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable(), self.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        ema_update(self.teacher, self.model, momentum)
+        self.objective.update_centers(out.teacher)
+        return grad_norm
+
+    def __call__(self, images: Tensor, teacher_temp: float, momentum: float, generator: torch.Generator | None
+                 ) -> tuple[StepOutput, float | None]:
+        """One step; ``(output, grad norm)``, the norm ``None`` when a non-finite loss on any rank skipped
+        the update (no backward, no EMA, no centers)."""
+        out = self.forward(images, teacher_temp, generator)
+        if not all_true(bool(torch.isfinite(out.terms["loss"])), images.device):  # every rank takes one branch
+            return out, None
+        return out, self.update(out, momentum)
+
+
+def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: list[float],
+               distributed: bool = False) -> TrainStep:
+    """The step of a run: the seeded student network, its EMA teacher (eval mode: deterministic, no drop
+    path), the objective, AdamW and the view pipeline; DDP-wrapped when ``distributed``."""
+    torch.manual_seed(cfg.seed)
+    model = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size).to(device)
+    objective = build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim).to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    named = [*model.named_parameters(), *objective.named_parameters(prefix="objective")]
+    # The fused kernel (CPU and CUDA) is one op for all parameters, several times faster than the loop.
+    optimizer = torch.optim.AdamW(param_groups(iter(named)), fused=device.type in ("cpu", "cuda"))
+    student: nn.Module = model
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        student = DistributedDataParallel(model, device_ids=ids)
+        objective.wrap_trainable(lambda m: DistributedDataParallel(m, device_ids=ids))
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return TrainStep(student, teacher, objective, optimizer, scaler, ViewPipeline(cfg, mean, std, device),
+                     cfg.optim.clip_grad, amp_dtype)
