@@ -20,7 +20,7 @@ $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 demo: $(VENV)/.installed $(FMNIST)
-	$(VENV)/bin/pwself pretrain --config configs/fmnist_demo.yaml --out-dir $(DEMO_OUT)
+	$(VENV)/bin/pwself pretrain --config fmnist_demo --out-dir $(DEMO_OUT)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

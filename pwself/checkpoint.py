@@ -24,15 +24,25 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 2) -> Path:
     """Write ``checkpoint_{step:08d}.pt`` atomically, point ``checkpoint_last.pt`` at it, keep the last ``keep``.
 
-    A crash mid-write leaves the previous checkpoints untouched: the new file only appears by rename.
+    A crash mid-write leaves the previous checkpoints untouched: the new file only appears by rename. A failed
+    write (a full disk) removes its partial file and raises :class:`CheckpointError` naming the folder and
+    its free space.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / f"checkpoint_{step:08d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as either, depending on where it fails
+        tmp.unlink(missing_ok=True)
+        from pwself.rundir import free_space
+
+        raise CheckpointError(f"cannot write checkpoint {path.name} in {run_dir} ({_reason(e)}; {free_space(run_dir)} "
+                              "free): free some space or choose another --out-dir; earlier checkpoints are intact, "
+                              "continue with --resume") from None
     tmp.replace(path)
     last_tmp = run_dir / "checkpoint_last.pt.tmp"
     if last_tmp.exists() or last_tmp.is_symlink():
@@ -43,6 +53,10 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
         for old in sorted(run_dir.glob("checkpoint_[0-9]*.pt"))[:-keep]:
             old.unlink()
     return path
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0][:120] or type(e).__name__
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -66,11 +80,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated files and foreign pickles fail in many ways
         raise CheckpointError(
             f"cannot load checkpoint {path} ({type(e).__name__}): it is corrupt or not a pwself checkpoint"
         ) from e
+    if not isinstance(ckpt, dict) or not {"config", "teacher", "step"} <= set(ckpt):
+        raise CheckpointError(f"{path} loads but is not a pwself checkpoint (no config/teacher/step): pass a "
+                              "checkpoint_*.pt or run folder of pwself pretrain")
+    return ckpt
 
 
 def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -107,5 +125,8 @@ def export_backbone(backbone: nn.Module, path: str | Path) -> Path:
     tmp = path.with_suffix(".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     save_file(state, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as any other file the run writes (safetensors creates it 0600)
     tmp.replace(path)
     return path

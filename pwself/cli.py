@@ -1,11 +1,14 @@
-"""Command line: ``pwself pretrain``, ``eval-knn``, ``viz-matches``, ``viz-attention``, ``export``, ``report``.
+"""Command line: ``pwself pretrain``, ``compare``, ``eval`` (and ``eval-knn``, ``eval-linear``,
+``eval-copydetect``, ``eval-retrieval``), ``viz-matches``, ``viz-attention``, ``export``, ``report``.
 
-The only module that reads config files; everything else takes typed arguments.
+Reads config files and flags into a :class:`~pwself.config.TrainConfig`; run messages and warnings of the
+package go through :mod:`logging` and are printed to stderr as ``pwself: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -32,7 +35,7 @@ knn.json, training_curves.png, report.md, report.html.
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pretraining (PW-Self / DINO)", description=PRETRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", help="YAML config file, or the name of a shipped config (fmnist_demo)")
     p.add_argument("--out-dir", help="run directory (default runs/pwself)")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--batch-size", type=int, help="images per step")
@@ -40,6 +43,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the whole run")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out-dir that holds another run (that run is moved aside, not deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
 
@@ -120,10 +125,16 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write the teacher backbone with timm key names (safetensors or .pth)")
+    p = sub.add_parser("export", help="the teacher backbone with timm key names: a model folder, safetensors or .pth")
     p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "timm"])
-    p.add_argument("--output", help="output file (default: beside the checkpoint)")
+    p.add_argument("out", nargs="?", help="output file, or folder for --format folder (default: beside the checkpoint)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "timm", "folder"],
+                   help="folder: model.safetensors + config.json + README.md model card, loads with pwself.load")
+    p.add_argument("--output", help="same as OUT")
+    p = sub.add_parser("push-to-hub", help="upload an exported model folder to the Hugging Face Hub (extra [hub])")
+    p.add_argument("folder", help="folder written by pwself export RUN --format folder")
+    p.add_argument("repo_id", help="USER/NAME")
+    p.add_argument("--private", action="store_true")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +154,23 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show every config key with its value and meaning")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    show = verbs.add_parser("show", help="print the config (defaults <- --config <- KEY=VALUE) as commented YAML",
+                            description="Print every key, its value and a one-line description, as YAML you can save "
+                            "and pass back with --config FILE.")
+    show.add_argument("--config", help="YAML file or shipped config name (fmnist_demo)")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. optim.lr=1e-3")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pwself.config import describe_config, load_config
+
+    print(describe_config(load_config(args.config, list(args.overrides))), end="")
+    return 0
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the HTML/Markdown report of a run directory")
     p.add_argument("run_dir", help="run directory of pwself pretrain")
@@ -159,7 +187,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)
     cfg.validate()
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -170,7 +198,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             return 0
     report = write_report(result.run_dir)
     if result.knn:
-        print(knn_markdown(result.knn, cfg.loss.objective))
+        print(knn_markdown(result.knn, cfg.loss.objective, result.floors))
     print(f"checkpoint: {result.checkpoint}")
     print(f"backbone (timm keys, safetensors): {result.backbone}")
     print(f"report: {report}")
@@ -269,13 +297,27 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pwself.export import export_checkpoint
+    from pwself.export import export_checkpoint, export_folder
 
     default = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-    output = args.output or default / ("teacher_backbone.safetensors" if args.format == "safetensors"
-                                       else "teacher_backbone_timm.pth")
+    names = {"safetensors": "teacher_backbone.safetensors", "timm": "teacher_backbone_timm.pth", "folder": "model"}
+    output = Path(args.out or args.output or default / names[args.format]).expanduser()
+    if args.format == "folder":
+        folder = export_folder(args.checkpoint, output)
+        print(f"wrote {folder}/ (model.safetensors, config.json, README.md)\nload it with:\n  import pwself\n"
+              f"  model = pwself.load({str(folder)!r})")
+        return 0
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"export: folder {output.parent} does not exist: create it or choose another output")
     path, code = export_checkpoint(args.checkpoint, output, args.format)
     print(f"wrote {path}\nload it with:\n  import timm\n  model = {code}")
+    return 0
+
+
+def cmd_push_to_hub(args: argparse.Namespace) -> int:
+    from pwself.export import push_to_hub
+
+    print(f"uploaded {args.folder} to {push_to_hub(args.folder, args.repo_id, args.private)}")
     return 0
 
 
@@ -302,9 +344,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to the ``sys.stderr`` of the moment (a handler that kept the stream would miss redirections)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("pwself")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("pwself: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _parse(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction,
+           argv: list[str] | None) -> argparse.Namespace:
+    """Parse with positionals (KEY=VALUE overrides, output paths) anywhere among the flags: the command's own
+    parser runs argparse's intermixed parsing (which the top-level parser, having subcommands, cannot)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = parser.parse_known_args(argv)[0].command
+    own = sub.choices[command]
+    if any(isinstance(a, argparse._SubParsersAction) for a in own._actions):  # `config show`: plain parsing
+        return parser.parse_args(argv)
+    args = own.parse_intermixed_args(argv[argv.index(command) + 1:])
+    args.command = command
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pwself`` command."""
+    from pwself import __version__
+
+    _setup_logging()
     parser = argparse.ArgumentParser(prog="pwself", description="Patch-wise self-supervised pretraining of ViTs.")
+    parser.add_argument("--version", action="version", version=f"pwself {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_eval_knn(sub)
@@ -312,19 +388,27 @@ def main(argv: list[str] | None = None) -> int:
     _add_export(sub)
     _add_compare(sub)
     _add_report(sub)
-    args = parser.parse_args(argv)
+    _add_config(sub)
+    args = _parse(parser, sub, argv)
     handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval, "eval-linear": cmd_eval, "eval": cmd_eval,
                 "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
                 "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention,
-                "export": cmd_export}
+                "export": cmd_export, "config": cmd_config, "push-to-hub": cmd_push_to_hub}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError
+    from pwself.rundir import RunDirError, free_space
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, FileNotFoundError, ValueError,
+            FloatingPointError, ImportError) as e:
         print(f"pwself {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a lost mount: one line naming the file and the space left
+        where = Path(e.filename).parent if e.filename else Path(".")
+        print(f"pwself {args.command}: error: cannot write {e.filename or 'a file'} ({e.strerror}; "
+              f"{free_space(where)} free in {where})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pwself {args.command}: interrupted; resume with --resume (checkpoints are kept)", file=sys.stderr)

@@ -37,6 +37,9 @@ def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
     from pwself.eval.knn import knn_classify
     if cache.exists():
         return json.loads(cache.read_text())
+    first = _open(cfg, "train")[0]
+    if first[0].numel() > MAX_PIXEL_DIM or int(first[1]) < 0:  # too large for a side result, or unlabelled
+        return None
     data = {}
     for split in ("train", "test"):
         ds = _open(cfg, split)
@@ -53,10 +56,10 @@ def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
     return floor
 
 
-def random_init_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
-    """kNN (k = 10, 20) and linear probe of the configured backbone at its random initialization (the same
-    init a run with ``cfg.seed`` starts from), CLS features at the global view size: what pretraining adds
-    is the distance to this row. ``None`` for unlabelled data."""
+def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True) -> dict[str, float] | None:
+    """kNN (k = 10, 20) and (with ``linear``) linear probe of the configured backbone at its random
+    initialization (the same init a run with ``cfg.seed`` starts from), CLS features at the global view size:
+    what pretraining adds is the distance to this row. ``None`` for unlabelled data."""
     import torch
 
     from pwself.data import channel_stats, take_subset
@@ -78,8 +81,9 @@ def random_init_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         return None
     knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
-    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"],
-             "linear": linear_probe(*feats["train"], *feats["test"])["top1"]}
+    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    if linear:
+        floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
     cache.write_text(json.dumps(floor))
     return floor
 
@@ -92,7 +96,8 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
 
     run_dir = Path(cfg.out_dir)
     if not (run_dir / "knn.json").exists():
-        train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress)
+        # A half-started run without a checkpoint is moved aside and started again.
+        train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
     linear_path = run_dir / "linear.json"
     if not linear_path.exists():

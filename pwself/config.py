@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from pwself.models import BackboneConfig, HeadConfig
 from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 
 log = logging.getLogger(__name__)
+_CONFIG_DIR = Path(__file__).parent / "configs"
 
 __all__ = [
     "ConfigError",
@@ -30,13 +33,18 @@ __all__ = [
     "ViewConfig",
     "LossConfig",
     "OptimConfig",
+    "LogConfig",
     "TrainConfig",
     "load_config",
+    "resolve_config",
+    "shipped_configs",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
     "config_diff",
     "save_config",
+    "field_docs",
+    "describe_config",
 ]
 
 
@@ -77,7 +85,17 @@ class DataConfig:
 
 @dataclass
 class ViewConfig:
-    """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size."""
+    """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size.
+
+    Attributes:
+        n_global: Global views (seen by teacher and student).
+        n_local: Local views (student only; 0 for none).
+        global_size: Side of a global view; also the backbone's nominal input size.
+        local_size: Side of a local view.
+        global_scale: Area range of global crops, as fractions of the image.
+        local_scale: Area range of local crops.
+        flip_p: Probability of a horizontal flip per view.
+    """
 
     n_global: int = 2
     n_local: int = 6
@@ -93,7 +111,7 @@ class LossConfig:
     """Objective and temperatures (SPEC §4).
 
     Attributes:
-        objective: A name of :data:`pwself.objectives.OBJECTIVES` (PW-Self's PWML by default).
+        objective: The objective, a name registered in `pwself.objectives` (PW-Self's PWML by default).
         lam: CLS weight of ``pwll``.
         student_temp: Student temperature.
         teacher_temp: Teacher temperature after warm-up.
@@ -155,8 +173,46 @@ class OptimConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where the metrics go besides ``metrics.jsonl`` (always written: the source of truth).
+
+    Attributes:
+        tensorboard: Also write TensorBoard event files to ``OUT_DIR/tensorboard`` (extra ``[tensorboard]``).
+        wandb: Weights & Biases project to log to, empty for none (extra ``[wandb]``; ``WANDB_MODE=offline``
+            is honoured).
+    """
+
+    tensorboard: bool = False
+    wandb: str = ""
+
+
+@dataclass
 class TrainConfig:
-    """Everything that defines a pretraining run."""
+    """Everything that defines a pretraining run.
+
+    Attributes:
+        data: Where the images come from.
+        views: Multi-crop views.
+        photometric: Photometric augmentation.
+        backbone: The ViT.
+        head: The DINO projection head.
+        loss: Objective and temperatures.
+        optim: Optimizer and schedules.
+        log: Metric sinks besides metrics.jsonl.
+        epochs: Passes over the training data (sets the length of every schedule).
+        batch_size: Images per step and process.
+        seed: Seed of the whole run (init, views, augmentation, data order).
+        out_dir: Run directory (config, metrics, checkpoints, exports, report).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with a gradient scaler).
+        log_every: Steps between metric rows.
+        checkpoint_every_steps: Extra checkpoints every N steps (0: at epoch ends only).
+        keep_checkpoints: Newest checkpoints kept (0: all).
+        knn_at_end: Evaluate kNN on the held-out split when training ends.
+        knn_every_epochs: Also evaluate kNN every N epochs during training (0: never).
+        knn_floors: Beside the final kNN, the same protocol on a random init of the backbone and on raw
+            pixels (when small enough): the numbers that give the result meaning.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
@@ -165,6 +221,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
@@ -176,9 +233,25 @@ class TrainConfig:
     keep_checkpoints: int = 2
     knn_at_end: bool = True
     knn_every_epochs: int = 0
+    knn_floors: bool = True
+
+    def _get(self, key: str) -> Any:
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def validate(self) -> None:
-        """Check cross-field constraints; raise :class:`ConfigError` naming the fix."""
+        """Check every value's range and the cross-field constraints; raise :class:`ConfigError` naming the
+        key, the value and what is allowed."""
+        for key, (check, allowed) in _RANGES.items():
+            value = self._get(key)
+            if isinstance(value, float) and not math.isfinite(value) or not check(value):
+                raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+        for key in ("views.global_scale", "views.local_scale"):
+            lo, hi = self._get(key)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"{key}={[lo, hi]} must be [low, high] with 0 < low <= high <= 1")
         p, v = self.backbone.patch_size, self.views
         for name, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
             if size % p:
@@ -216,6 +289,40 @@ class TrainConfig:
             raise ConfigError(
                 f"backbone.embed_dim={self.backbone.embed_dim} is not divisible by num_heads={self.backbone.num_heads}"
             )
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return x >= 0
+
+
+def _fraction(x: float) -> bool:
+    return 0 <= x <= 1
+
+
+_POS, _NONNEG, _FRAC = (_positive, "> 0"), (_non_negative, ">= 0"), (_fraction, "in [0, 1]")
+# Value ranges checked by TrainConfig.validate (finiteness too, for floats).
+_RANGES: dict[str, tuple[Any, str]] = {
+    **{k: _POS for k in ("optim.lr", "loss.teacher_temp", "loss.warmup_teacher_temp", "loss.student_temp",
+                         "backbone.patch_size", "backbone.num_heads", "backbone.embed_dim", "backbone.depth",
+                         "backbone.mlp_ratio", "backbone.in_chans", "head.out_dim", "head.hidden_dim",
+                         "head.bottleneck_dim", "head.n_layers", "data.image_size", "data.synthetic_size",
+                         "data.synthetic_classes", "log_every", "batch_size", "epochs", "views.global_size",
+                         "views.local_size")},
+    **{k: _NONNEG for k in ("optim.min_lr", "optim.clip_grad", "optim.weight_decay", "optim.weight_decay_end",
+                            "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "optim.max_nonfinite_steps",
+                            "loss.warmup_teacher_temp_epochs", "loss.logo_weight", "views.n_local", "data.subset",
+                            "data.num_workers", "checkpoint_every_steps", "keep_checkpoints", "knn_every_epochs")},
+    **{k: _FRAC for k in ("loss.center_momentum", "optim.momentum_teacher", "views.flip_p", "loss.lam",
+                          "photometric.jitter_p", "photometric.grayscale_p", "photometric.blur_p",
+                          "photometric.solarize_p", "photometric.noise_p")},
+    "backbone.drop_path_rate": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "loss.patch_fraction": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "views.n_global": (lambda x: x >= 1, ">= 1"),
+}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -309,14 +416,39 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return config_from_dict(d)
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``pwself/configs/NAME.yaml``)."""
+    return sorted(p.name.removesuffix(".yaml") for p in _CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A YAML file: the path if it exists, else the shipped config of that name (``fmnist_demo``, or an old
+    ``configs/fmnist_demo.yaml`` path from a checkout)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--config {name_or_path} is a folder: pass a YAML file or a shipped config name "
+                          f"({', '.join(shipped_configs())})")
+    if path.is_file():
+        return path
+    shipped = _CONFIG_DIR / (path.name.removesuffix(".yaml").removesuffix(".yml") + ".yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config {name_or_path} does not exist: pass a YAML file or a shipped config name "
+                      f"({', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- overrides, validated."""
+    """Defaults <- YAML file (a path or a shipped config name) <- overrides, validated."""
     cfg = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        d = yaml.safe_load(path.read_text()) or {}
+        path = resolve_config(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}): fix that line") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} must hold a mapping at top level")
         cfg = config_from_dict(d)
@@ -339,7 +471,12 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 # the run it resumes (train a new run instead).
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
                     "knn_every_epochs", "data.num_workers", "data.root", "data.on_bad_image",
-                    "optim.max_nonfinite_steps", "loss.recompute_head")
+                    "optim.max_nonfinite_steps", "loss.recompute_head", "knn_floors", "log.tensorboard",
+                    "log.wandb")
+
+
+# Keys a resume may change when the user gives them explicitly, to recover from a divergence (the run says so).
+DIVERGENCE_FIX_KEYS = ("optim.lr", "optim.min_lr", "optim.clip_grad", "loss.teacher_temp", "loss.warmup_teacher_temp")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -353,3 +490,50 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
         elif va != vb and key not in RESUME_FREE_KEYS:
             out.append(key)
     return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """One-line description of every field of a config dataclass, from its docstring's ``Attributes:``."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, name, first_indent = False, None, 0
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside = True
+            continue
+        if not inside or not stripped:
+            continue
+        head, sep, rest = stripped.partition(": ")
+        indent = len(line) - len(line.lstrip())
+        if sep and head.isidentifier() and (name is None or indent <= first_indent):
+            name, first_indent = head, indent
+            docs[name] = rest
+        elif name is not None:
+            docs[name] += " " + stripped
+    # One line each: the first sentence.
+    return {k: re.split(r"(?<=\.)\s+(?=[A-Z0-9])", v.replace("``", "`"))[0] for k, v in docs.items()}
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
+
+
+def describe_config(cfg: TrainConfig) -> str:
+    """Every key of a config with its value and a one-line description, as YAML a user can save and edit."""
+    out = ["# pwself config: every key, its value and what it means. Save it, edit it, pass it with --config FILE.",
+           "# Any key can also be set on the command line: KEY=VALUE, e.g. optim.lr=1e-3 views.n_local=8."]
+
+    def walk(obj: Any, indent: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value, doc = getattr(obj, f.name), docs.get(f.name, "")
+            comment = f"  # {doc}" if doc else ""
+            if dataclasses.is_dataclass(value):
+                out.append(f"{indent}{f.name}:{comment}")
+                walk(value, indent + "  ")
+            else:
+                out.append(f"{indent}{f.name}: {_yaml_scalar(config_to_dict(value))}{comment}")
+
+    walk(cfg, "")
+    return "\n".join(out) + "\n"

@@ -1,7 +1,9 @@
-"""Teacher backbones out of pwself checkpoints: safetensors/timm files and ready-to-use timm models."""
+"""Teacher backbones out of pwself checkpoints: safetensors/timm files, model folders (weights + ``config.json``
++ model card, the field's convention) and ready-to-use timm models."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ from pwself.checkpoint import CheckpointError, export_backbone, load_checkpoint
 from pwself.config import TrainConfig, config_from_dict
 from pwself.models import make_vit
 
-__all__ = ["TIMM_BASE_NAME", "timm_create_kwargs", "teacher_backbone", "export_checkpoint", "load"]
+__all__ = ["TIMM_BASE_NAME", "timm_create_kwargs", "teacher_backbone", "export_checkpoint", "export_folder",
+           "push_to_hub", "load"]
 
 # Any ViT builder name works: the architecture comes from the keyword arguments.
 TIMM_BASE_NAME = "vit_tiny_patch16_224"
@@ -78,10 +81,123 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "sa
     return output, code
 
 
+def _folder_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """timm ``pretrained_cfg``-style ``config.json``: what builds the model and what its inputs must be."""
+    b, size = cfg.backbone, cfg.views.global_size
+    model_args = timm_create_kwargs(cfg)
+    return {
+        "architecture": TIMM_BASE_NAME, "img_size": size, "patch_size": b.patch_size, "in_chans": b.in_chans,
+        "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0, "num_features": b.embed_dim,
+        "model_args": model_args,
+        "pretrained_cfg": {"input_size": [b.in_chans, size, size], "mean": list(cfg.data.mean),
+                           "std": list(cfg.data.std), "num_classes": 0, "interpolation": "bicubic", "crop_pct": 1.0},
+        "pwself": {"objective": cfg.loss.objective, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
+                   "data": {"kind": cfg.data.kind, "root": cfg.data.root}},
+    }
+
+
+_CARD = """# pwself {objective} ViT (width {width}, depth {depth}, patch {patch})
+
+Self-supervised teacher backbone trained with `pwself` (objective `{objective}`) for {steps} steps of batch
+{batch} on `{kind}` data (`{root}`), seed {seed}.
+
+## Recipe
+
+- views: {n_global} x {global_size} px global (scale {global_scale}) + {n_local} x {local_size} px local
+  (scale {local_scale}); photometric augmentation `{photometric}`
+- head output {out_dim}; teacher temperature {teacher_temp}; lr {lr} (batch 256); teacher momentum {momentum}
+- inputs: {channels} channel(s), normalized with mean {mean} and std {std}
+{results}
+## Load
+
+```python
+import pwself
+model = pwself.load("THIS_FOLDER")  # timm ViT, eval mode; model.forward_features(x): CLS first
+
+# or with timm alone:
+import json, timm
+cfg = json.load(open("THIS_FOLDER/config.json"))
+model = timm.create_model(cfg["architecture"], pretrained=True,
+                          pretrained_cfg_overlay=dict(file="THIS_FOLDER/model.safetensors"), **cfg["model_args"])
+```
+"""
+
+
+def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path) -> str:
+    """README.md of an exported model: what it is, how it was trained, what it scored, how to load it."""
+    rows = []
+    if (run_dir / "knn.json").is_file():
+        knn = json.loads((run_dir / "knn.json").read_text())["knn"]
+        rows += [f"| kNN k={k} (T = 0.07) | {knn[k]['top1']:.2f} |" for k in sorted(knn, key=int)]
+    if (run_dir / "linear.json").is_file():
+        rows.append(f"| linear probe | {json.loads((run_dir / 'linear.json').read_text())['top1']:.2f} |")
+    results = ("\n## Results (frozen features, top-1 %)\n\n| protocol | top-1 |\n|---|---|\n" + "\n".join(rows) + "\n"
+               if rows else "")
+    b, v, d = cfg.backbone, cfg.views, cfg.data
+    return _CARD.format(
+        objective=cfg.loss.objective, width=b.embed_dim, depth=b.depth, patch=b.patch_size,
+        steps=int(ckpt.get("step", 0)), batch=cfg.batch_size, kind=d.kind, root=d.root, seed=cfg.seed,
+        n_global=v.n_global, global_size=v.global_size, global_scale=list(v.global_scale), n_local=v.n_local,
+        local_size=v.local_size, local_scale=list(v.local_scale), photometric=cfg.photometric.mode,
+        out_dim=cfg.head.out_dim, teacher_temp=cfg.loss.teacher_temp, lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum_teacher, channels=b.in_chans, mean=list(d.mean), std=list(d.std), results=results)
+
+
+def export_folder(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write a model folder: ``model.safetensors`` (timm key names), ``config.json`` and a ``README.md`` model card.
+
+    Args:
+        checkpoint: pwself checkpoint file or run directory (its ``knn.json``/``linear.json`` go on the card).
+        output: The folder to write (created; files in it are replaced atomically).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    cfg = _run_config(ckpt)
+    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    export_backbone(teacher_backbone(ckpt), out / "model.safetensors")
+    for name, text in (("config.json", json.dumps(_folder_config(cfg, ckpt), indent=2) + "\n"),
+                       ("README.md", _model_card(cfg, ckpt, run_dir))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return out
+
+
+def _load_folder(folder: Path) -> VisionTransformer:
+    import timm
+
+    cfg = json.loads((folder / "config.json").read_text())
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")), **cfg["model_args"])
+    return model.eval()
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported model folder to a Hugging Face Hub repository (needs the ``[hub]`` extra and a
+    token); returns the repository URL. Nothing else in pwself touches the network."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ImportError("pushing to a model hub needs huggingface_hub: pip install 'pwself[hub]'") from None
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} is not an exported model folder: run pwself export RUN --format folder "
+                                f"{folder} first")
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="pwself export")
+    return str(url)
+
+
 def load(path: str | Path) -> VisionTransformer:
-    """The teacher backbone of a pwself checkpoint (file or run directory) as a timm ViT in eval mode.
+    """The teacher backbone of a pwself checkpoint (file or run directory) or of an exported model folder, as a
+    timm ViT in eval mode.
 
     ``model.forward_features(x)`` gives normalized tokens (CLS first); inputs are normalized with the
-    run's ``data.mean``/``data.std`` (see ``config.yaml`` beside the checkpoint).
+    run's ``data.mean``/``data.std`` (``config.yaml`` beside the checkpoint, or the folder's ``config.json``).
     """
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return _load_folder(path)
     return teacher_backbone(load_checkpoint(path))

@@ -44,7 +44,15 @@ class BackboneConfig:
 
 @dataclass
 class HeadConfig:
-    """DINO projection head: MLP -> L2-normalize -> weight-normalized linear layer to ``out_dim``."""
+    """DINO projection head: MLP -> L2-normalize -> weight-normalized linear layer to ``out_dim``.
+
+    Attributes:
+        out_dim: Output dimension ``K`` (prototypes) of the last layer.
+        hidden_dim: Width of the MLP's hidden layers.
+        bottleneck_dim: Width of the MLP's output, L2-normalized before the last layer.
+        n_layers: Linear layers of the MLP.
+        norm_last_layer: Freeze the norm of the weight-normalized last layer at 1 (DINO's default).
+    """
 
     out_dim: int = 1024
     hidden_dim: int = 512

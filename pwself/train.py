@@ -29,10 +29,12 @@ from pwself.checkpoint import (
     save_checkpoint,
     upgrade_checkpoint,
 )
-from pwself.config import TrainConfig, config_diff, config_from_dict, config_to_dict, save_config
+from pwself.config import DIVERGENCE_FIX_KEYS, TrainConfig, config_diff, config_from_dict, config_to_dict, save_config
 from pwself.data import channel_stats, iterate_batches, open_dataset, take_subset
 from pwself.distributed import DistInfo, gather_objects, init_distributed
 from pwself.eval.knn import evaluate_knn_run
+from pwself.loggers import MetricLoggers, check_loggers
+from pwself.rundir import RunLock, prepare_run_dir
 from pwself.schedules import Schedules, apply_schedules, make_schedules
 from pwself.step import StepOutput, TrainStep, build_step
 
@@ -55,6 +57,7 @@ class TrainResult:
     backbone: Path
     knn: dict[int, dict[str, float]] | None
     config: TrainConfig
+    floors: dict[str, dict[str, float] | None] | None = None
 
 
 @dataclass
@@ -68,13 +71,21 @@ class _Run:
     info: DistInfo
     device: torch.device
     ckpt: dict[str, Any] | None
+    loggers: MetricLoggers | None = None  # rank 0 only
+    lock: RunLock | None = None  # rank 0 only
 
 
 def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
     """``auto`` -> CUDA when available; under torchrun each rank takes its local GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no CUDA GPU is visible here: use --device cpu, or auto to take a GPU "
+                         "when there is one")
     if device.type == "cuda" and info.world_size > 1:
         device = torch.device("cuda", info.local_rank)
     return device
@@ -89,12 +100,29 @@ def _check_data(cfg: TrainConfig, image: Tensor) -> None:
                          f"{cfg.views.local_size}: use smaller views or larger images (data.image_size for folders)")
 
 
-def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[str, Any]:
-    """The newest checkpoint of ``run_dir``, checked against this run; fills in its channel statistics."""
-    found = latest_checkpoint(run_dir)
-    if found is None:
+def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of ``run_dir`` that loads; a corrupt newer one is named and passed over."""
+    found = sorted(run_dir.glob("checkpoint_[0-9]*.pt"), reverse=True)
+    if not found:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume")
-    ckpt = upgrade_checkpoint(load_checkpoint(found))
+    for k, path in enumerate(found):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            if k == len(found) - 1:
+                raise CheckpointError(f"--resume: no checkpoint in {run_dir} loads (the oldest: {e}); start over "
+                                      "with --overwrite") from None
+            log.warning("%s; resuming from the previous checkpoint, %s", e, found[k + 1].name)
+            continue
+        return path, ckpt
+    raise AssertionError("unreachable")
+
+
+def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[str, Any]:
+    """The newest intact checkpoint of ``run_dir``, checked against this run; fills in its channel statistics."""
+    found, ckpt = _newest_intact_checkpoint(run_dir)
+    ckpt = upgrade_checkpoint(ckpt)
+    ckpt["path"] = str(found)
     if len(ckpt["generators"]) != info.world_size:
         raise CheckpointError(f"cannot resume {found}: it was written by {len(ckpt['generators'])} process(es), this "
                               f"run has {info.world_size}; resume with the same number of processes")
@@ -102,21 +130,43 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
     if not cfg.data.mean and saved["data"]["mean"]:
         cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
     diff = config_diff(saved, config_to_dict(cfg))
-    if diff:
-        raise CheckpointError(f"cannot resume {found}: config differs in {', '.join(diff)}; use the saved "
+    refused = [k for k in diff if k not in DIVERGENCE_FIX_KEYS]
+    if refused:
+        raise CheckpointError(f"cannot resume {found}: config differs in {', '.join(refused)}; use the saved "
                               f"{run_dir / 'config.yaml'} or a new out_dir")
+    now = config_to_dict(cfg)
+    for key in diff:  # a divergence fix the user asked for: allowed, and said
+        a, b = key.split(".")
+        log.warning("resuming with %s=%s (the checkpoint's run had %s): the schedules from step %d use it",
+                    key, now[a][b], saved[a][b], int(ckpt["step"]))
     return ckpt
 
 
-def prepare_run(cfg: TrainConfig, resume: bool) -> _Run:
-    """Validate, join torchrun, open the data, load the checkpoint to resume, measure channel statistics
-    and write ``config.yaml``."""
+def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
+    """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
+    channel statistics and write ``config.yaml``."""
     cfg = copy.deepcopy(cfg)
     cfg.validate()
+    check_loggers(cfg.log)
     info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, info)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA device: use precision=bf16 on CPU")
+    run_dir, lock = Path(cfg.out_dir).expanduser(), None
+    if info.is_main:  # before any data is read: a wrong folder fails in a second, not after the scan
+        lock, moved = prepare_run_dir(run_dir, resume, overwrite)
+        if moved is not None:
+            log.warning("--overwrite: the run that was in %s is now in %s", run_dir, moved)
+    try:
+        return _open_run(cfg, resume, info, device, run_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.device, run_dir: Path,
+              lock: RunLock | None) -> _Run:
     dataset = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     _check_data(cfg, dataset[0][0])
     if cfg.data.subset:
@@ -125,14 +175,12 @@ def prepare_run(cfg: TrainConfig, resume: bool) -> _Run:
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} x {info.world_size} process(es) is larger than the dataset "
                          f"({len(dataset)} images): lower it")
-    run_dir = Path(cfg.out_dir)
     ckpt = _resume_checkpoint(cfg, run_dir, info) if resume else None
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt)
+    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, lock=lock)
 
 
 def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[Tensor]:
@@ -143,17 +191,22 @@ def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int = 0, wor
     return [chunk[rank * batch : (rank + 1) * batch] for chunk in perm[: (n // glob) * glob].split(glob)]
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged rows past ``step`` (they were written after the checkpoint we resume from)."""
+    """Drop logged rows past ``step`` (they were written after the checkpoint we resume from) and a torn line
+    (a kill or a full disk during a write), with a notice."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", -1) <= step]
+    keep = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is torn (a write was cut off): dropped", path, n)
+            continue
+        if row.get("step", -1) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -265,27 +318,33 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
     if grad_norm is None:  # non-finite loss: the update was skipped
         prog.skipped, prog.bad_in_a_row = prog.skipped + 1, prog.bad_in_a_row + 1
         if prog.bad_in_a_row > cfg.optim.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"loss is {out.terms['loss'].item()} for {prog.bad_in_a_row} steps in a row (step {prog.step}): "
-                f"lower optim.lr or raise loss.teacher_temp; the last good checkpoint is {prog.last_ckpt}")
+            where = (f"resume from the last good checkpoint, {prog.last_ckpt}, with --resume and a lower optim.lr "
+                     "(or a higher loss.teacher_temp)" if prog.last_ckpt else
+                     "no checkpoint was written before it: start over (--overwrite) with a lower optim.lr")
+            raise NonFiniteLossError(f"loss is {out.terms['loss'].item()} for {prog.bad_in_a_row} steps in a row "
+                                     f"(step {prog.step + 1}): {where}")
     else:
         prog.bad_in_a_row = 0
     prog.step += 1
     row = None
     if prog.step % cfg.log_every == 0 or prog.step == total:
         row = _log_row(run, step, out, sch, prog, float("nan") if grad_norm is None else grad_norm)
-        if run.info.is_main:
-            _write_metrics(run.dir / "metrics.jsonl", [row])  # a resumed run truncates rows past its checkpoint
+        if run.loggers is not None:
+            run.loggers.write(row)  # a resumed run truncates rows past its checkpoint
     end_of_epoch = prog.step % run.steps_per_epoch == 0
-    if end_of_epoch or (cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0):
+    due = end_of_epoch or (cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0)
+    if due and prog.bad_in_a_row:  # weights of a non-finite streak never replace (or rotate out) a good one
+        log.warning("step %d: no checkpoint while the loss is non-finite (the last good one, %s, is kept)",
+                    prog.step, prog.last_ckpt)
+    elif due:
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:
             prog.last_ckpt = save_checkpoint(state, run.dir, prog.step, cfg.keep_checkpoints)
         epoch = prog.step // run.steps_per_epoch
         if end_of_epoch and cfg.knn_every_epochs and epoch % cfg.knn_every_epochs == 0 and prog.step < total:
             res = evaluate_knn_run(step.teacher.backbone, cfg, progress=False)
-            if run.info.is_main:
-                _write_metrics(run.dir / "knn_history.jsonl", [{"step": prog.step, "epoch": epoch, "knn": res}])
+            if run.loggers is not None:
+                run.loggers.knn(prog.step, res, epoch)
     return row
 
 
@@ -298,37 +357,67 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     backbone_path = run.dir / "teacher_backbone.safetensors"
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
-    knn = None
+    knn, floors = None, None
     if run.cfg.knn_at_end:
         knn = evaluate_knn_run(step.teacher.backbone, run.cfg, progress=progress and run.info.is_main)
         if run.info.is_main:
             (run.dir / "knn.json").write_text(json.dumps({"step": prog.step, "knn": knn}, indent=2))
+            run.loggers.knn(prog.step, knn)
+        if run.cfg.knn_floors:
+            floors = _floors(run)
+    if run.loggers is not None:
+        run.loggers.close()
     checkpoint = prog.last_ckpt or latest_checkpoint(run.dir) or run.dir
-    return TrainResult(run.dir, Path(checkpoint), backbone_path, knn, run.cfg)
+    return TrainResult(run.dir, Path(checkpoint), backbone_path, knn, run.cfg, floors)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def _floors(run: _Run) -> dict[str, dict[str, float] | None]:
+    """kNN of the same protocol on a random init of the backbone (the seed's own init) and on raw pixels:
+    what the result must be read against. Cached in the run directory."""
+    from pwself.compare import pixel_floor, random_init_floor
+
+    floors = {"random_init": random_init_floor(run.cfg, run.dir / "floor_random_init.json", linear=False),
+              "pixels": pixel_floor(run.cfg, run.dir / "floor_pixels.json")}
+    if run.info.is_main:
+        (run.dir / "floors.json").write_text(json.dumps(floors, indent=2))
+    return floors
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Pretrain a ViT with the configured objective; checkpoint every epoch; optionally resume.
 
     Args:
         cfg: The run configuration (validated here, never modified).
-        resume: Continue from the newest checkpoint in ``cfg.out_dir`` (error if there is none or if the
-            saved config differs in a key that changes what is learned).
+        resume: Continue from the newest intact checkpoint in ``cfg.out_dir`` (error if there is none or if the
+            saved config differs in a key that changes what is learned, except the divergence fixes
+            :data:`~pwself.config.DIVERGENCE_FIX_KEYS`).
         progress: Show a tqdm progress bar.
+        overwrite: Start over in a folder that holds another run, moving that run aside (without it, such a
+            folder is refused).
 
     Returns:
         The run's :class:`TrainResult`.
     """
-    run = prepare_run(cfg, resume)
+    run = prepare_run(cfg, resume, overwrite)
+    try:
+        return _train(run, progress)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: _Run, progress: bool) -> TrainResult:
     cfg, info = run.cfg, run.info
     step = build_step(cfg, run.device, cfg.data.mean, cfg.data.std, distributed=info.world_size > 1)
     sch = make_schedules(cfg, run.steps_per_epoch, info.world_size)
     gen = torch.Generator().manual_seed(cfg.seed + 1000003 * info.rank)  # rank 0 = single-process run
     metrics_path = run.dir / "metrics.jsonl"
     prog = _Progress()
+    if info.is_main:
+        run.loggers = MetricLoggers(cfg.log, run.dir, config_to_dict(cfg))
     if run.ckpt is not None:
         prog = _restore(step, run.ckpt, gen, info.rank)
-        prog.last_ckpt = latest_checkpoint(run.dir)
+        prog.last_ckpt = Path(run.ckpt["path"])
         if info.is_main:
             _truncate_metrics(metrics_path, prog.step)
     elif metrics_path.exists() and info.is_main:

@@ -18,11 +18,22 @@ __all__ = ["read_metrics", "plot_training_curves", "write_report", "draw_matches
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` file."""
+    """Rows of a ``metrics.jsonl`` file (``null``, a non-finite number, read as NaN; a torn last line, left by
+    a kill during a write, is dropped)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        rows.append({k: float("nan") if v is None else v for k, v in row.items()})
+    return rows
 
 
 def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -72,11 +83,19 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     return path
 
 
-def knn_markdown(knn: dict[Any, dict[str, float]], label: str = "model") -> str:
-    """kNN results as a Markdown table (one row per k)."""
+def knn_markdown(knn: dict[Any, dict[str, float]], label: str = "model",
+                 floors: dict[str, dict[str, float] | None] | None = None) -> str:
+    """kNN results as a Markdown table (one row per k), with the random-init and raw-pixel floors of the same
+    protocol below them when given (top-5 is not measured for the floors)."""
     lines = [f"| {label} | k | top-1 (%) | top-5 (%) |", "|---|---|---|---|"]
     for k, v in sorted(knn.items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {label} | {k} | {v['top1']:.2f} | {v['top5']:.2f} |")
+    names = {"random_init": "*random init, same backbone*", "pixels": "*raw pixels*"}
+    for key, name in names.items():
+        floor = (floors or {}).get(key)
+        for k in sorted(int(str(k)) for k in knn) if floor else ():
+            if f"knn{k}" in floor:
+                lines.append(f"| {name} | {k} | {floor[f'knn{k}']:.2f} | — |")
     return "\n".join(lines)
 
 
@@ -124,6 +143,7 @@ def write_report(run_dir: str | Path) -> Path:
     png = plot_training_curves(rows, run_dir / "training_curves.png", title=f"{run_dir.name} ({objective})")
     knn_path = run_dir / "knn.json"
     knn = json.loads(knn_path.read_text())["knn"] if knn_path.exists() else None
+    floors = json.loads((run_dir / "floors.json").read_text()) if (run_dir / "floors.json").exists() else None
     history = read_metrics(run_dir / "knn_history.jsonl")
 
     md = [f"# pwself run `{run_dir}`", ""]
@@ -132,7 +152,8 @@ def write_report(run_dir: str | Path) -> Path:
     md.append(summary)
     md.append("")
     if knn:
-        md += ["## kNN on frozen teacher CLS features (weighted, T = 0.07)", "", knn_markdown(knn, objective), ""]
+        md += ["## kNN on frozen teacher features (weighted, T = 0.07)", "", knn_markdown(knn, objective, floors),
+               ""]
     history_rows = [(h["epoch"], h["knn"].get("10", {}).get("top1", float("nan"))) for h in history]
     if knn:
         history_rows.append((rows[-1]["epoch"] if rows else "end", knn.get("10", {}).get("top1", float("nan"))))

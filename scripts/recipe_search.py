@@ -1,5 +1,5 @@
 """Small-scale recipe search: each argument is ``NAME [key=value ...]`` (quoted), trained from
-``configs/fmnist_demo.yaml`` at the comparison budget (``epochs=1``: 600 steps) and scored by kNN (k = 10,
+the shipped ``fmnist_demo`` config at the comparison budget (``epochs=1``: 600 steps) and scored by kNN (k = 10,
 full 60k bank) of the teacher's CLS token and of its mean patch token. Finished runs are read back,
 interrupted ones resume from their last checkpoint.
 
@@ -29,8 +29,8 @@ def main(specs: list[str]) -> None:
         name, *overrides = spec.split()
         result_path = OUT / name / "search.json"
         if not result_path.exists():
-            cfg = load_config("configs/fmnist_demo.yaml", ["epochs=1", f"out_dir={OUT / name}", *overrides])
-            run = train(cfg, resume=latest_checkpoint(OUT / name) is not None, progress=False)
+            cfg = load_config("fmnist_demo", ["epochs=1", f"out_dir={OUT / name}", *overrides])
+            run = train(cfg, resume=latest_checkpoint(OUT / name) is not None, progress=False, overwrite=True)
             model = pwself.load(str(OUT / name))
             rc = run.config  # with the channel statistics the run measured
             feats = {split: extract_features(model, open_dataset(rc.data, split, rc.backbone.in_chans,

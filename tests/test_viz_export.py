@@ -1,5 +1,7 @@
 """Figures, report and export on a tiny checkpoint: decodable PNG/HTML, timm round trip to 1e-5."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -92,3 +94,52 @@ def test_attention_rows_are_distributions_and_pca_range(run_dir):
     assert (s > 0).all() and (s < 1).all()
     rgb = patch_pca_rgb(torch.randn(16, 32))
     assert rgb.shape == (16, 3) and rgb.min() == 0 and rgb.max() == 1
+
+
+def test_export_folder_loads_in_timm_and_pwself_with_a_model_card(run_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--format", "folder", str(out)]) == 0
+    assert "pwself.load(" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["img_size"], cfg["patch_size"], cfg["in_chans"], cfg["num_classes"]) == (16, 4, 1, 0)
+    assert len(cfg["mean"]) == len(cfg["std"]) == 1 and cfg["pwself"]["objective"] == "pwml"
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), **cfg["model_args"])
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = pwself.load(run_dir).forward_features(x)
+        torch.testing.assert_close(model.eval().forward_features(x), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pwself.load(out).forward_features(x), ref, rtol=0, atol=1e-5)
+    card = " ".join((out / "README.md").read_text().split())
+    assert "objective `pwml`" in card and "3 steps of batch 32" in card and "pwself.load(" in card
+
+
+def test_push_to_hub_uploads_the_folder_through_huggingface_hub(run_dir, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from pwself.export import export_folder, push_to_hub
+
+    calls = []
+
+    class FakeApi:  # the real client needs a token and the network; its two calls are what matters
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+            return f"https://hub.example/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()), repo_id))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FakeApi))
+    folder = export_folder(run_dir, tmp_path / "m")
+    assert push_to_hub(folder, "me/tiny", private=True) == "https://hub.example/me/tiny"
+    assert calls == [("create", "me/tiny", True, True),
+                     ("upload", ["README.md", "config.json", "model.safetensors"], "me/tiny")]
+    with pytest.raises(FileNotFoundError, match="not an exported model folder"):
+        push_to_hub(tmp_path, "me/x")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ImportError, match=r"pip install 'pwself\[hub\]'"):
+        push_to_hub(folder, "me/tiny")

@@ -130,7 +130,14 @@ def iterate_batches(
         num_workers=num_workers,
         persistent_workers=False,
     )
-    yield from loader
+    try:
+        yield from loader
+    except Exception as e:
+        # A worker's error arrives with its traceback in the message; the last line is the error itself.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if num_workers and len(lines) > 1 and "DataLoader worker" in lines[0]:
+            raise DatasetError(lines[-1].split(": ", 1)[-1]) from None
+        raise
 
 
 def channel_stats(dataset: Dataset, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:

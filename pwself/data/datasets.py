@@ -8,16 +8,22 @@ uint8) and ``labels`` (``[N]`` long) so training can slice whole batches without
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
+import logging
+import os
 import pickle
 import struct
-import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DatasetError",
@@ -113,7 +119,7 @@ def load_idx_dataset(root: str | Path, split: str = "train") -> TensorImageDatas
         hint = (
             "install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu)"
             if str(root) == FASHION_MNIST_DIR
-            else "or pass --data.root pointing at the directory holding them"
+            else "or set data.root=DIR to the directory holding them"
         )
         raise DatasetError(f"no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] in {root}: {hint}")
     images = read_idx(img_path)
@@ -158,7 +164,7 @@ def load_cifar(root: str | Path, split: str = "train") -> TensorImageDataset:
     else:
         raise DatasetError(
             f"no CIFAR batches in {root}: expected data_batch_1..5/test_batch (CIFAR-10) or train/test "
-            "(CIFAR-100) from the python version of the dataset; pass its directory as --data.root"
+            "(CIFAR-100) from the python version of the dataset; set data.root=DIR to its directory"
         )
     data, labels = [], []
     for name in files:
@@ -205,12 +211,75 @@ def decode_image(path: Path, size: int, channels: int) -> Tensor:
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
 
 
+def _show(path: Path) -> str:
+    """A file name fit for a one-line message (quoted when it holds a newline or other control characters)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("PWSELF_CACHE_DIR"):
+        return Path(os.environ["PWSELF_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pwself"
+
+
+def _decode_check(path: Path) -> tuple[int, int]:
+    """Decode the whole file (a truncated JPEG passes a header check but not this); its size."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def scan_images(root: Path, files: list[Path], workers: int = 8) -> dict[Path, tuple[int, int] | str]:
+    """Every file decoded fully, in parallel threads (Pillow decodes without the GIL): its ``(w, h)`` or the
+    error. Results are cached by path, size and mtime under ``~/.cache/pwself`` (``PWSELF_CACHE_DIR``), so a
+    restart or the kNN after training does not decode again."""
+    cache_file = _cache_dir() / "scans" / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:20] + ".json")
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    out: dict[Path, tuple[int, int] | str] = {}
+    todo, stamps = [], {}
+    for p in files:
+        st = p.stat()
+        stamps[p] = [st.st_size, st.st_mtime_ns]
+        hit = cache.get(str(p))
+        if hit and hit[0] == stamps[p]:
+            out[p] = tuple(hit[1]) if isinstance(hit[1], list) else hit[1]
+        else:
+            todo.append(p)
+
+    def check(p: Path) -> tuple[int, int] | str:
+        try:
+            return _decode_check(p)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+    with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
+        for p, res in zip(todo, pool.map(check, todo)):
+            out[p] = res
+    if todo:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache.update({str(p): [stamps[p], list(out[p]) if isinstance(out[p], tuple) else out[p]] for p in files})
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(cache_file)
+        except OSError:
+            log.debug("cannot write the scan cache %s", cache_file)
+    return out
+
+
 class ImageFolderDataset(Dataset):
     """Images found recursively under a folder, decoded with Pillow and resized to ``size x size``.
 
     Labels come from the first-level sub-folders when images live in them (sorted names -> 0..C-1);
-    images directly under ``root`` make the dataset unlabelled (label ``-1``). The constructor checks
-    every file's header, so a corrupt or tiny image fails before training, not an hour into it.
+    images directly under ``root`` make the dataset unlabelled (label ``-1``). The constructor decodes every
+    file fully (:func:`scan_images`: parallel, cached), so a corrupt, truncated or tiny image fails before
+    training, not an hour into it.
 
     Args:
         root: Folder to scan.
@@ -228,11 +297,10 @@ class ImageFolderDataset(Dataset):
         min_size: int = 8,
         on_bad_image: str = "fail",
     ) -> None:
-        from PIL import Image
-
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise DatasetError(f"image folder {self.root} does not exist: pass an existing folder as --data.root")
+            raise DatasetError(f"image folder {_show(self.root)} does not exist: set data.root=DIR to an existing "
+                               "folder")
         files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DatasetError(
@@ -241,25 +309,19 @@ class ImageFolderDataset(Dataset):
         self.skipped: list[Path] = []
         self.on_bad_image = on_bad_image
         good = []
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    im.verify()
-                    w, h = im.size
-                if min(w, h) < min_size:
-                    raise DatasetError(f"image {p} is {w}x{h} px, smaller than {min_size} px: remove or enlarge it")
+        for p, res in scan_images(self.root, files).items():
+            if isinstance(res, str):
+                problem = (f"corrupt or unreadable image {_show(p)} ({res}): delete it or skip such files with "
+                           "data.on_bad_image=skip")
+            elif min(res) < min_size:
+                problem = (f"image {_show(p)} is {res[0]}x{res[1]} px, smaller than {min_size} px: remove or enlarge "
+                           "it, or skip such files with data.on_bad_image=skip")
+            else:
                 good.append(p)
-            except DatasetError:
-                if on_bad_image != "skip":
-                    raise
-                self._report_skip(p)
-            except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-                if on_bad_image != "skip":
-                    raise DatasetError(
-                        f"corrupt or unreadable image {p} ({type(e).__name__}): delete it or skip such files "
-                        "with data.on_bad_image=skip"
-                    ) from e
-                self._report_skip(p)
+                continue
+            if on_bad_image != "skip":
+                raise DatasetError(problem)
+            self._report_skip(p)
         if not good:
             raise DatasetError(f"every image under {self.root} is unreadable: check the files")
         self.files = good
@@ -285,8 +347,8 @@ class ImageFolderDataset(Dataset):
             except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
                 if self.on_bad_image != "skip":
                     raise DatasetError(
-                        f"corrupt or unreadable image {self.files[j]} ({type(e).__name__}): delete it or use "
-                        "--data.on_bad_image skip"
+                        f"corrupt or unreadable image {_show(self.files[j])} ({type(e).__name__}): delete it or skip "
+                        "such files with data.on_bad_image=skip"
                     ) from e
                 self._report_skip(self.files[j])
         raise DatasetError(f"every image under {self.root} is unreadable: check the files")
@@ -294,7 +356,7 @@ class ImageFolderDataset(Dataset):
     def _report_skip(self, path: Path) -> None:
         if path not in self.skipped:
             self.skipped.append(path)
-            warnings.warn(f"skipping unreadable image {path}", stacklevel=3)
+            log.warning("skipping unreadable image %s", _show(path))
 
 
 def make_synthetic(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from torch.utils.data import Dataset
 from pwself.eval.features import extract_features
 
 __all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,8 +123,11 @@ def cached_features(
     key = hashlib.sha256(json.dumps(key_dict, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"features_{key}.pt" if cache_dir else None
     if path is not None and path.exists():
-        cached = torch.load(path, weights_only=True)
-        return cached["features"], cached["labels"]
+        try:
+            cached = torch.load(path, weights_only=True)
+            return cached["features"], cached["labels"]
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways: recompute it
+            log.warning("feature cache %s is unreadable (%s): computing the features again", path, type(e).__name__)
     feats, labels = extract_features(source.backbone, dataset, source.mean, source.std, size=source.size,
                                      pooling=pooling, normalize=normalize, **kwargs)
     if path is not None:

@@ -1,0 +1,94 @@
+"""Metric sinks of a run: ``metrics.jsonl`` (always; the source of truth), TensorBoard and Weights & Biases
+(optional, chosen in the config's ``log`` section), all fed the same rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pwself.config import LogConfig
+
+__all__ = ["MetricLoggers", "json_row", "check_loggers"]
+
+
+def json_row(row: dict[str, Any]) -> str:
+    """One JSON line, non-finite numbers written as ``null`` (``NaN`` is not JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean)
+
+
+def check_loggers(log: LogConfig) -> None:
+    """Fail before training when a chosen logger's package is missing: one line naming the extra."""
+    from pwself.config import ConfigError
+
+    if log.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("log.tensorboard=true needs TensorBoard: pip install 'pwself[tensorboard]' "
+                              "(or set log.tensorboard=false)") from None
+    if log.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"log.wandb={log.wandb} needs Weights & Biases: pip install 'pwself[wandb]' "
+                              "(or set log.wandb='')") from None
+
+
+class MetricLoggers:
+    """Append rows to ``metrics.jsonl`` and send their numbers to the configured loggers.
+
+    Args:
+        log: The ``log`` section of the run config.
+        run_dir: The run directory (TensorBoard events go to ``run_dir/tensorboard``).
+        config: The run config as a dict (recorded by W&B).
+    """
+
+    def __init__(self, log: LogConfig, run_dir: Path, config: dict[str, Any]) -> None:
+        check_loggers(log)
+        self.run_dir = run_dir
+        self.tensorboard = self.wandb = None
+        if log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if log.wandb:
+            import wandb
+
+            # One W&B run per pwself run, resumed with it (WANDB_MODE=offline is read by wandb itself).
+            id_file = run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=log.wandb, dir=str(run_dir), config=config, id=run_id, resume="allow",
+                                    name=run_dir.name)
+
+    def _scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        numbers = {f"{prefix}/{k}": float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for tag, value in numbers.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def write(self, row: dict[str, Any], file: str = "metrics.jsonl") -> None:
+        """Append a training row (``step`` and the scalars of the step)."""
+        with open(self.run_dir / file, "a") as f:
+            f.write(json_row(row) + "\n")
+        self._scalars("train", {k: v for k, v in row.items() if k != "step"}, int(row["step"]))
+
+    def knn(self, step: int, result: dict[int, dict[str, float]], epoch: int | None = None) -> None:
+        """A kNN evaluation: to ``knn_history.jsonl`` during training, and as ``knn/top1_kK`` scalars."""
+        if epoch is not None:
+            with open(self.run_dir / "knn_history.jsonl", "a") as f:
+                f.write(json_row({"step": step, "epoch": epoch, "knn": result}) + "\n")
+        self._scalars("knn", {f"top1_k{k}": r["top1"] for k, r in result.items()}, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

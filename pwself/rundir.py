@@ -1,0 +1,98 @@
+"""Run folders: one run per folder (a new run never writes over an old one), an exclusive lock while a run
+writes, and writability checked before any data is read."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["RunDirError", "holds_run", "prepare_run_dir", "RunLock", "free_space"]
+
+LOCK_NAME = ".pwself.lock"
+
+
+class RunDirError(RuntimeError):
+    """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+def free_space(path: Path) -> str:
+    """Free space of the filesystem holding ``path``, human-readable ('?' when unknown)."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "?"
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a folder already holds (part of) a pwself run."""
+    if not run_dir.is_dir():
+        return False
+    return any((run_dir / n).exists() for n in ("config.yaml", "metrics.jsonl")) or any(run_dir.glob("checkpoint_*.pt"))
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Move everything of the old run (all but the lock) into a sibling ``NAME.replaced-TIME`` folder."""
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside.mkdir()
+    for item in run_dir.iterdir():
+        if item.name != LOCK_NAME:
+            item.rename(aside / item.name)
+    return aside
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.pwself.lock`` for the life of a run, holding the owner's PID."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is in use by another pwself run (PID {holder}): wait for it to "
+                              "finish or choose another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, Path | None]:
+    """Create and lock the run folder; refuse one that holds another run unless resuming it or ``overwrite``
+    (which moves the old run aside, never deletes it). Returns the lock and where an old run was moved."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out-dir {run_dir} is a file, not a folder: choose another --out-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create --out-dir {run_dir} ({e.strerror}): choose a writable folder") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out-dir {run_dir} is not writable: choose a writable folder")
+    lock = RunLock(run_dir)
+    lock.acquire()
+    moved = None
+    if holds_run(run_dir) and not resume:
+        if not overwrite:
+            lock.release()
+            raise RunDirError(f"{run_dir} already holds a run: continue it with --resume, start over with "
+                              "--overwrite (the old run is moved aside, not deleted), or choose another --out-dir")
+        moved = _move_aside(run_dir)
+    return lock, moved

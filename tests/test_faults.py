@@ -1,0 +1,299 @@
+"""Fault suite: what a hostile user or a bad day does to a run (an occupied folder, two runs at once, a cut
+file, a full disk, a divergence, nonsense values, a corrupt checkpoint), and what must hold afterwards."""
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import torch
+from PIL import Image
+from test_cli import TINY, _run
+
+from pwself.checkpoint import load_checkpoint
+from pwself.cli import main
+from pwself.rundir import RunLock
+
+QUIET = ["knn_at_end=false", "knn_floors=false"]
+
+
+def _err(capsys):
+    """The error line a failed command printed (its last stderr line: earlier ones are the run's notices)."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".pwself.lock"}
+
+
+# 1. A new run in a folder that holds a run: refused, nothing touched; --overwrite moves it aside.
+def test_a_new_run_never_writes_over_an_old_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--epochs", "1", *QUIET) == 0
+    before = _snapshot(out)
+    assert _run(out, "--epochs", "1", *QUIET, "seed=5") == 2
+    err = _err(capsys)
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert _snapshot(out) == before  # byte-identical
+    assert _run(out, "--epochs", "1", "--overwrite", *QUIET, "seed=5") == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and _snapshot(aside[0]) == before  # the old run, whole, beside the new one
+    assert load_checkpoint(out)["config"]["seed"] == 5
+
+
+# 2. Two runs in one folder at once: the second is refused, naming the first one's PID.
+def test_a_concurrent_run_is_refused_with_the_holders_pid(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        assert _run(out, "--epochs", "1", *QUIET) == 2
+        err = _err(capsys)
+        assert f"in use by another pwself run (PID {os.getpid()})" in err
+        assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+    finally:
+        lock.release()
+    assert _run(out, "--epochs", "1", *QUIET) == 0  # free again once the holder is gone
+
+
+# 3. A truncated JPEG is named at start, before step 1; a file that breaks later is one line from a worker.
+def _jpeg_folder(root, n=4):
+    g = torch.Generator().manual_seed(0)
+    for k in range(n):
+        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"img{k}.jpg", quality=90)
+
+
+FOLDER = ["data.kind=folder", "data.image_size=16", "backbone.in_chans=3", "views.global_size=16",
+          "views.local_size=8", "views.n_local=2", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
+          "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", *QUIET]
+
+
+def test_a_truncated_jpeg_is_named_before_training(tmp_path, capsys):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _jpeg_folder(root)
+    data = (root / "img2.jpg").read_bytes()
+    (root / "img2.jpg").write_bytes(data[: len(data) // 2])  # header intact, scan data cut
+    out = tmp_path / "run"
+    argv = ["pretrain", "--out-dir", str(out), "--epochs", "1", "--batch-size", "2", "--no-progress",
+            f"data.root={root}", *FOLDER]
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "img2.jpg" in err and "truncated" in err and "data.on_bad_image=skip" in err
+    assert not (out / "metrics.jsonl").exists()  # refused before step 1
+
+
+def test_the_folder_scan_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import pwself.data.datasets as datasets
+
+    _jpeg_folder(tmp_path)
+    calls = []
+    real = datasets._decode_check
+    monkeypatch.setattr(datasets, "_decode_check", lambda p: calls.append(p.name) or real(p))
+    datasets.ImageFolderDataset(tmp_path, 16)
+    assert len(calls) == 4
+    datasets.ImageFolderDataset(tmp_path, 16)
+    assert len(calls) == 4  # a restart does not decode again
+    os.utime(tmp_path / "img1.jpg", ns=(1, 1))
+    datasets.ImageFolderDataset(tmp_path, 16)
+    assert calls[4:] == ["img1.jpg"]  # a changed file is checked again
+
+
+def test_an_error_inside_a_loader_worker_is_one_line(tmp_path, capsys):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _jpeg_folder(root)
+    from pwself.data import ImageFolderDataset, iterate_batches
+
+    ds = ImageFolderDataset(root, 16)  # scanned and cached as good
+    bad = root / "img3.jpg"
+    st = bad.stat()
+    bad.write_bytes(b"\xff\xd8" + b"\x00" * (st.st_size - 2))  # broken behind the cache's back: same size, mtime
+    os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ds = ImageFolderDataset(root, 16)
+    from pwself.data import DatasetError
+
+    with pytest.raises(DatasetError) as info:
+        list(iterate_batches(ds, [torch.arange(4)], num_workers=1))
+    assert "img3.jpg" in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+# 4. A full disk at a checkpoint: one line naming the folder and the free space, no partial file left;
+#    a torn metrics line does not block --resume.
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import pwself.checkpoint as checkpoint
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    out = tmp_path / "full"
+    assert _run(out, "--epochs", "1", *QUIET) == 2
+    err = _err(capsys)
+    assert "No space left on device" in err and str(out) in err and " free)" in err
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    out = tmp_path / "torn"
+    assert _run(out, "--epochs", "2", *QUIET) == 0
+    (out / "checkpoint_00000006.pt").unlink()
+    (out / "checkpoint_last.pt").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.2')  # a write cut off by a kill
+    with caplog.at_level("WARNING", logger="pwself"):
+        assert _run(out, "--epochs", "2", "--resume", *QUIET) == 0
+    assert any("is torn" in r.getMessage() for r in caplog.records)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+# 5. Divergence: the fix a user needs is accepted on --resume, and said.
+def test_resume_accepts_a_lower_learning_rate_and_says_so(tmp_path, caplog):
+    out = tmp_path / "div"
+    assert _run(out, "--epochs", "2", *QUIET) == 0
+    (out / "checkpoint_00000006.pt").unlink()
+    (out / "checkpoint_last.pt").unlink()
+    with caplog.at_level("WARNING", logger="pwself"):
+        assert _run(out, "--epochs", "2", "--resume", *QUIET, "optim.lr=1e-5", "optim.clip_grad=1.0") == 0
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "resuming with optim.lr=1e-05" in said and "resuming with optim.clip_grad=1.0" in said
+    assert load_checkpoint(out)["config"]["optim"]["lr"] == 1e-5
+
+
+def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path, monkeypatch):
+    from test_reliability import _nan_at
+
+    _nan_at(monkeypatch, {2, 3, 4})  # steps 3-5: the end of epoch 1 falls inside the streak
+    out = tmp_path / "streak"
+    assert _run(out, "--epochs", "2", "optim.max_nonfinite_steps=5", *QUIET) == 0
+    assert not (out / "checkpoint_00000003.pt").exists()  # the weights of the streak were never saved
+    assert load_checkpoint(out)["step"] == 6 and load_checkpoint(out)["skipped_steps"] == 3
+
+
+# 6. Values that cannot work: one line each, no traceback, nothing written.
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", "optim.lr=-1.0 is out of range: it must be > 0"),
+    ("optim.lr=nan", "optim.lr=nan is out of range"),
+    ("loss.teacher_temp=0", "loss.teacher_temp=0.0 is out of range"),
+    ("loss.teacher_temp=-1", "loss.teacher_temp=-1.0 is out of range"),
+    ("loss.student_temp=0", "loss.student_temp=0.0 is out of range"),
+    ("loss.center_momentum=2", "loss.center_momentum=2.0 is out of range: it must be in [0, 1]"),
+    ("optim.momentum_teacher=5", "optim.momentum_teacher=5.0 is out of range"),
+    ("optim.clip_grad=-1", "optim.clip_grad=-1.0 is out of range: it must be >= 0"),
+    ("views.flip_p=2", "views.flip_p=2.0 is out of range"),
+    ("views.global_scale=[1.0,0.4]", "views.global_scale=[1.0, 0.4] must be [low, high]"),
+    ("backbone.patch_size=0", "backbone.patch_size=0 is out of range"),
+    ("backbone.num_heads=0", "backbone.num_heads=0 is out of range"),
+    ("backbone.embed_dim=0", "backbone.embed_dim=0 is out of range"),
+    ("data.image_size=0", "data.image_size=0 is out of range"),
+    ("log_every=0", "log_every=0 is out of range"),
+    ("head.out_dim=0", "head.out_dim=0 is out of range"),
+    ("device=cuda", "no CUDA GPU is visible here"),
+])
+def test_invalid_values_are_one_line(tmp_path, capsys, override, message):
+    if override == "device=cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert _run(tmp_path / "bad", "--epochs", "1", *QUIET, override) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+def test_bad_files_and_folders_are_one_line(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("optim:\n  lr: [1, 2\n")
+    cases = [
+        (["pretrain", "--config", str(tmp_path / "broken.yaml")], "is not valid YAML at line"),
+        (["pretrain", "--config", str(tmp_path)], "is a folder: pass a YAML file"),
+        (["export", str(tmp_path / "nothing"), "--output", str(tmp_path / "no" / "such" / "x.safetensors")],
+         "does not exist"),
+    ]
+    (tmp_path / "file").write_text("x")
+    cases.append((["pretrain", "--out-dir", str(tmp_path / "file"), "--epochs", "1", *TINY], "is a file, not a folder"))
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if not os.access(ro, os.W_OK):  # root writes anywhere: nothing to check then
+        cases.append((["pretrain", "--out-dir", str(ro / "run"), "--epochs", "1", *TINY], "cannot create --out-dir"))
+    torch.save({"just": torch.zeros(2)}, tmp_path / "foreign.pt")
+    cases.append((["export", str(tmp_path / "foreign.pt")], "loads but is not a pwself checkpoint"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_an_export_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--epochs", "1", *QUIET) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--output", str(tmp_path / "missing" / "bb.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "folder" in err and "missing" in err and len(err.splitlines()) == 1
+
+
+def test_a_corrupt_feature_cache_is_recomputed(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--epochs", "1", *QUIET) == 0
+    cache = tmp_path / "cache"
+    argv = ["eval-knn", str(out), "--ks", "10", "--no-progress", "--cache-dir", str(cache), "--output",
+            str(tmp_path / "k")]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "k.json").read_text())
+    for f in cache.glob("features_*.pt"):
+        f.write_bytes(b"not a tensor file")
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "k.json").read_text())["knn"] == first["knn"]
+
+
+# 7. A corrupt newest checkpoint: --resume falls back to the newest intact one and says so.
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
+    out = tmp_path / "corrupt"
+    assert _run(out, "--epochs", "2", *QUIET) == 0
+    straight = load_checkpoint(out / "checkpoint_00000006.pt")
+    (out / "checkpoint_00000006.pt").write_bytes(b"\x00" * 100)  # torn by a crash of the disk, not of pwself
+    with caplog.at_level("WARNING", logger="pwself"):
+        assert _run(out, "--epochs", "2", "--resume", *QUIET) == 0
+    assert any("checkpoint_00000006.pt" in r.getMessage() and "checkpoint_00000003.pt" in r.getMessage()
+               for r in caplog.records)
+    again = load_checkpoint(out / "checkpoint_00000006.pt")
+    for name, value in straight["teacher"].items():
+        assert torch.equal(value, again["teacher"][name]), name  # the same run, continued exactly
+
+
+# 8. Small things: file modes, NaN in metrics, odd file names, other epochs on resume.
+def test_exports_are_world_readable_like_checkpoints_and_nan_is_null(tmp_path, monkeypatch):
+    from test_reliability import _nan_at
+
+    _nan_at(monkeypatch, {1})
+    out = tmp_path / "modes"
+    assert _run(out, "--epochs", "1", *QUIET) == 0
+    mode = stat.S_IMODE((out / "teacher_backbone.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((out / "checkpoint_00000003.pt").stat().st_mode)
+    text = (out / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    rows = [json.loads(x) for x in text.splitlines()]  # strict JSON
+    assert rows[1]["loss"] is None and rows[1]["skipped_steps"] == 1
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line(tmp_path):
+    from pwself.data import DatasetError, ImageFolderDataset
+
+    _jpeg_folder(tmp_path, n=2)
+    (tmp_path / "bad\nname.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(DatasetError) as info:
+        ImageFolderDataset(tmp_path, 16)
+    assert len(str(info.value).splitlines()) == 1 and "bad\\nname.jpg" in str(info.value)
+
+
+def test_other_epochs_on_resume_are_refused(tmp_path, capsys):
+    out = tmp_path / "ep"
+    assert _run(out, "--epochs", "1", *QUIET) == 0
+    capsys.readouterr()
+    assert _run(out, "--epochs", "3", "--resume", *QUIET) == 2
+    assert "config differs in epochs" in _err(capsys)
