@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pwself.augment import PhotometricAugment, PhotometricConfig
-from pwself.config import TrainConfig, apply_overrides
+from pwself.config import TrainConfig, apply_backbone_name, apply_overrides
 from pwself.data import iterate_batches, make_synthetic
 from pwself.losses import view_pairs
 from pwself.matching import match_pair, match_patches, match_views
@@ -76,7 +76,7 @@ class StepRunner:
 
 
 def config(objective: str, extra: list[str] = ()) -> TrainConfig:
-    cfg = apply_overrides(TrainConfig(), [*SMALL, f"loss.objective={objective}", *extra])
+    cfg = apply_backbone_name(apply_overrides(TrainConfig(), [*SMALL, f"loss.objective={objective}", *extra]))
     cfg.validate()
     return cfg
 
@@ -290,11 +290,54 @@ def bench_scaling(quick: bool) -> dict:
     return out
 
 
+def bench_folder_loader(quick: bool) -> dict:
+    """7. Images/s of the folder path (decode + 2 x 224 + 8 x 96 crops from 500x375 JPEG originals, in 0, 1
+    and 2 worker processes) beside the images/s of a ViT-S/16 PWML step at the same views on this machine."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
+
+    n, batch = (32, 8) if quick else (96, 16)
+    spec = CropSpec(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
+    out: dict = {"images": n, "batch": batch, "original": "500x375 JPEG", "loader_images_per_s": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        files = []
+        for k in range(n):
+            path = Path(tmp) / f"photo{k}.jpg"
+            Image.fromarray((rng.random((375, 500, 3)) * 255).astype(np.uint8)).save(path, quality=90)
+            files.append(path)
+        batches = list(torch.arange(n).split(batch))
+        for workers in (0, 1, 2):
+            loader = ViewLoader(FolderMultiCrop(files, 3, spec, seed=0), workers, pin_memory=False)
+            for _ in loader.epoch(batches[:1], 0):  # start the workers
+                pass
+            t0 = time.perf_counter()
+            for _ in loader.epoch(batches, 1):
+                pass
+            out["loader_images_per_s"][str(workers)] = n / (time.perf_counter() - t0)
+    cfg = config("pwml", ["views.global_size=224", "views.local_size=96", "views.n_local=8", "backbone.in_chans=3",
+                          "backbone.name=vit_small_patch16_224", "head.out_dim=65536", "head.hidden_dim=2048",
+                          "head.bottleneck_dim=256"])
+    runner = StepRunner(cfg, 2 if quick else 4, channels=3, image=256)
+    step_s = timeit(runner.step_once, 1 if quick else 2)
+    out["model_images_per_s"] = runner.images.shape[0] / step_s
+    default = min(2, len(out["loader_images_per_s"]) - 1)  # data.num_workers defaults to 2
+    loader_ips = out["loader_images_per_s"][str(default)]
+    out["ratio_loader_over_model_default_workers"] = loader_ips / out["model_images_per_s"]
+    out["target"] = ">= 1 with the default workers (the loader is never the bottleneck)"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 1 minute")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
-    parser.add_argument("--only", help="comma-separated subset: step_ratio,matching,augment,pipeline,memory,scaling")
+    parser.add_argument("--only", help="comma-separated subset: step_ratio,matching,augment,pipeline,memory,scaling,"
+                        "folder_loader")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -315,6 +358,7 @@ def main() -> None:
         ("pipeline", lambda: bench_pipeline(64, 3 if q else 8)),
         ("memory", lambda: bench_memory(32 if q else 64, 2 if q else 4)),
         ("scaling", lambda: bench_scaling(q)),
+        ("folder_loader", lambda: bench_folder_loader(q)),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, fn in steps:
@@ -360,6 +404,11 @@ def print_table(r: dict) -> None:
         ("activation memory pwml(recompute_head) / dino", f"{r['memory']['ratio_pwml_recompute_over_dino']:.3f}",
          "<= 1.10", f"{r['memory']['pwml_recompute_saved_mb']:.0f} MB saved for backward"),
     ]
+    if "folder_loader" in r:
+        fl = r["folder_loader"]
+        ips = ", ".join(f"{w} workers {v:.0f}" for w, v in fl["loader_images_per_s"].items())
+        rows.append(("folder loader / ViT-S/16 model images/s", f"{fl['ratio_loader_over_model_default_workers']:.1f}",
+                     ">= 1", f"{ips} img/s vs model {fl['model_images_per_s']:.2f} img/s (224/96, 2+8 views)"))
     for v in r["scaling"]["vit"]:
         rows.append((f"{v['arch']} 224/96 p16 pwml / dino", f"{v['ratio_pwml_over_dino']:.3f}", "<= 1.05",
                      f"dino {v['dino_step_s']:.2f} s, pwml {v['pwml_step_s']:.2f} s, "

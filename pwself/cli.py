@@ -41,7 +41,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--objective", choices=list(OBJECTIVES), help=f"loss (default {DEFAULT_OBJECTIVE})")
     p.add_argument("--seed", type=int, help="seed of the whole run")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out-dir that holds another run (that run is moved aside, not deleted)")
@@ -67,6 +67,8 @@ def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
     p.add_argument("--in-chans", type=int, help="input channels of a timm model (default: from the data)")
     p.add_argument("--img-size", type=int, help="input side of a timm model (default: from the data)")
     p.add_argument("--cache-dir", default=".pwself_cache", help="feature cache ('' to disable)")
+    p.add_argument("--device", default="auto", help="where features are extracted: auto (a GPU when there is one), "
+                   "cpu, cuda, cuda:N")
     p.add_argument("--output", help="write PREFIX.json and PREFIX.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -112,7 +114,8 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("viz-matches", help="draw two views of each image and their matched patches (paper Fig. 2)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out-dir", default="viz_matches", help="where the PNGs go")
-    p.add_argument("--size", type=int, default=64, help="side the image is resized to first (default 64)")
+    p.add_argument("--size", type=int, default=0,
+                   help="side the image is resized to first (default 0: the original, as training crops it)")
     p.add_argument("--global-size", type=int, default=48, help="global view side (default 48)")
     p.add_argument("--local-size", type=int, default=24, help="local view side (default 24)")
     p.add_argument("--patch-size", type=int, default=8, help="patch side (default 8)")
@@ -150,6 +153,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--config", help="base YAML config (same for every run)")
     p.add_argument("--out-dir", default="runs/compare")
+    p.add_argument("--device", help="training and evaluation device (default: the config's, auto)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
 
@@ -222,14 +226,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _read_images(paths: list[str], size: int, channels: int) -> list:
-    from pwself.data.datasets import DatasetError, decode_image
+    import numpy as np
+    import torch
+
+    from pwself.data.datasets import DatasetError, decode_image, open_image
+
+    def full(path: Path) -> torch.Tensor:  # the original, at its own resolution
+        arr = torch.from_numpy(np.asarray(open_image(path, channels), dtype=np.uint8).copy())
+        return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
 
     out = []
     for p in paths:
         if not Path(p).is_file():
             raise DatasetError(f"image {p} does not exist: check the path")
         try:
-            out.append(decode_image(Path(p), size, channels).float() / 255)
+            out.append((full(Path(p)) if size == 0 else decode_image(Path(p), size, channels)).float() / 255)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             raise DatasetError(f"cannot read image {p} ({type(e).__name__}): is it a valid image file?") from e
     return out
@@ -325,7 +336,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pwself.compare import comparison_table, run_comparison
     from pwself.config import load_config
 
-    base = load_config(args.config, list(args.overrides))
+    base = load_config(args.config, list(args.overrides) + ([f"device={args.device}"] if args.device else []))
     objectives = [o for o in re.split(r",(?![^\[]*\])", args.objectives) if o]  # commas inside [..] are values
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)

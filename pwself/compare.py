@@ -66,6 +66,7 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True) -> dic
     from pwself.eval import extract_features, knn_classify
     from pwself.eval.linear import linear_probe
     from pwself.models import make_vit
+    from pwself.train import resolve_device
 
     if cache.exists():
         return json.loads(cache.read_text())
@@ -75,9 +76,10 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True) -> dic
         train_set = splits["train"]
         mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
     torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
-    backbone = make_vit(cfg.backbone, cfg.views.global_size)
+    device = resolve_device(cfg.device)
+    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(device)
     feats = {split: extract_features(backbone, ds, mean, std, size=cfg.views.global_size, progress=False,
-                                     num_workers=cfg.data.num_workers) for split, ds in splits.items()}
+                                     num_workers=cfg.data.num_workers, device=device) for split, ds in splits.items()}
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         return None
     knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
@@ -92,7 +94,7 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
     from pwself.eval.linear import linear_probe
     from pwself.eval.source import cached_features, open_source
     from pwself.objectives import objective_class
-    from pwself.train import train
+    from pwself.train import resolve_device, train
 
     run_dir = Path(cfg.out_dir)
     if not (run_dir / "knn.json").exists():
@@ -102,12 +104,15 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
     linear_path = run_dir / "linear.json"
     if not linear_path.exists():
         src = open_source(str(run_dir))
+        device = resolve_device(cfg.device)
+        src.backbone.to(device)
         data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
         pooling = objective_class(cfg.loss.objective).pooling
         if pooling == "bag":  # BagSSL's own aggregation: tiles of the image at native resolution
             src.size = int(_open(cfg, "train")[0][0].shape[-1])
         feats = {split: cached_features(src, _open(cfg, split), {**data_id, "split": split},
-                                        pooling=pooling, cache_dir=run_dir / "features", progress=progress)
+                                        pooling=pooling, cache_dir=run_dir / "features", progress=progress,
+                                        device=device)
                  for split in ("train", "test")}
         res = linear_probe(*feats["train"], *feats["test"])
         linear_path.write_text(json.dumps(res, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -226,7 +227,7 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     out_dir: str = "runs/pwself"
-    device: str = "cpu"
+    device: str = "auto"
     precision: str = "fp32"
     log_every: int = 10
     checkpoint_every_steps: int = 0
@@ -424,7 +425,7 @@ def shipped_configs() -> list[str]:
 def resolve_config(name_or_path: str | Path) -> Path:
     """A YAML file: the path if it exists, else the shipped config of that name (``fmnist_demo``, or an old
     ``configs/fmnist_demo.yaml`` path from a checkout)."""
-    path = Path(name_or_path).expanduser()
+    path = Path(os.path.expandvars(os.path.expanduser(str(name_or_path))))
     if path.is_dir():
         raise ConfigError(f"--config {name_or_path} is a folder: pass a YAML file or a shipped config name "
                           f"({', '.join(shipped_configs())})")
@@ -435,6 +436,24 @@ def resolve_config(name_or_path: str | Path) -> Path:
         return shipped
     raise ConfigError(f"config {name_or_path} does not exist: pass a YAML file or a shipped config name "
                       f"({', '.join(shipped_configs())})")
+
+
+def apply_backbone_name(cfg: TrainConfig) -> TrainConfig:
+    """Fill the backbone's size keys from ``backbone.name`` (when set), saying so."""
+    if cfg.backbone.name:
+        from pwself.models import named_architecture
+
+        try:
+            sizes = named_architecture(cfg.backbone.name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        changed = {k: v for k, v in sizes.items() if getattr(cfg.backbone, k) != v}
+        for k, v in sizes.items():
+            setattr(cfg.backbone, k, v)
+        if changed:
+            sets = " ".join(f"backbone.{k}={v}" for k, v in changed.items())
+            log.info("backbone.name=%s sets %s", cfg.backbone.name, sets)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -454,6 +473,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = config_from_dict(d)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
+    cfg = apply_backbone_name(cfg)
     cfg.validate()
     return cfg
 

@@ -24,6 +24,9 @@ class BackboneConfig:
     sizes work (``dynamic_img_size``).
 
     Attributes:
+        name: A timm ViT architecture (e.g. ``vit_small_patch16_224``) that sets patch_size, embed_dim, depth,
+            num_heads and mlp_ratio; empty: those keys as given.
+        init: Local weights file or folder to start from (pwself, timm, DINO or dinov2); empty: random init.
         patch_size: Patch side ``p``.
         in_chans: Image channels (1 for grayscale data, 3 for RGB).
         embed_dim: Token width.
@@ -33,6 +36,8 @@ class BackboneConfig:
         drop_path_rate: Stochastic depth rate.
     """
 
+    name: str = ""
+    init: str = ""
     patch_size: int = 4
     in_chans: int = 1
     embed_dim: int = 128
@@ -59,6 +64,24 @@ class HeadConfig:
     bottleneck_dim: int = 128
     n_layers: int = 3
     norm_last_layer: bool = True
+
+
+def named_architecture(name: str) -> dict[str, Any]:
+    """The size keys of a timm ViT architecture, read from the model built on the meta device (no weights, no
+    download). ``ValueError`` for names that are not a plain timm ``VisionTransformer``."""
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"backbone.name={name!r} is not a timm model: use e.g. vit_small_patch16_224 or "
+                         "vit_base_patch16_224 (timm.list_models('vit_*') lists them)")
+    with torch.device("meta"):
+        m = timm.create_model(name, pretrained=False, num_classes=0)
+    if type(m) is not VisionTransformer or m.num_reg_tokens or not isinstance(m.blocks[0].ls1, nn.Identity) \
+            or not m.has_class_token:
+        raise ValueError(f"backbone.name={name!r} is not a plain ViT (class token, no layer scale, no register "
+                         "tokens): use e.g. vit_small_patch16_224")
+    return {"patch_size": m.patch_embed.patch_size[0], "embed_dim": m.embed_dim, "depth": len(m.blocks),
+            "num_heads": m.blocks[0].attn.num_heads, "mlp_ratio": m.blocks[0].mlp.fc1.out_features / m.embed_dim}
 
 
 def make_vit(cfg: BackboneConfig, img_size: int) -> VisionTransformer:

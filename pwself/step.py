@@ -61,6 +61,7 @@ class ViewPipeline:
     """Multi-crop views of a batch, photometric augmentation and normalization, on the training device."""
 
     def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float], device: torch.device) -> None:
+        self.device = device
         v = cfg.views
         self.multicrop = MultiCrop(v.n_global, v.n_local, v.global_size, v.local_size, v.global_scale, v.local_scale,
                                    flip_p=v.flip_p)
@@ -68,9 +69,17 @@ class ViewPipeline:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None) -> MultiCropViews:
-        """``[B, C, H, W]`` float images in [0, 1] -> augmented, normalized views."""
-        views = self.multicrop(images, generator)
+    def __call__(self, batch: Tensor | MultiCropViews, generator: torch.Generator | None) -> MultiCropViews:
+        """``[B, C, H, W]`` float images in [0, 1] (cut here, in one batched call), or views already cut from
+        the originals with uint8 crops (:mod:`pwself.data.crops`) -> augmented, normalized views."""
+        if isinstance(batch, MultiCropViews):
+            def to_unit(x: Tensor) -> Tensor:
+                return x.to(self.device, non_blocking=True).float() / 255
+
+            views = MultiCropViews(to_unit(batch.global_crops), to_unit(batch.local_crops), batch.boxes, batch.flips,
+                                   batch.n_global, batch.n_local)
+        else:
+            views = self.multicrop(batch, generator)
         return MultiCropViews(
             (self.augment(views.global_crops, generator) - self.mean) / self.std,
             (self.augment(views.local_crops, generator) - self.mean) / self.std,
@@ -112,9 +121,10 @@ class TrainStep:
         """Student parameters, then the objective's own (the optimizer's order)."""
         return [*self.model.parameters(), *self.objective.parameters()]
 
-    def forward(self, images: Tensor, teacher_temp: float, generator: torch.Generator | None) -> StepOutput:
-        """Views, augmentation and the loss of a batch of ``[B, C, H, W]`` float images in [0, 1]."""
-        views = self.views(images, generator)
+    def forward(self, batch: Tensor | MultiCropViews, teacher_temp: float, generator: torch.Generator | None
+                ) -> StepOutput:
+        """Views, augmentation and the loss of a batch (float images in [0, 1], or views already cut)."""
+        views = self.views(batch, generator)
         device = views.global_crops.device
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             return distill_step(self.student, self.teacher, self.objective, views, teacher_temp, generator)
@@ -133,22 +143,28 @@ class TrainStep:
         self.objective.update_centers(out.teacher)
         return grad_norm
 
-    def __call__(self, images: Tensor, teacher_temp: float, momentum: float, generator: torch.Generator | None
-                 ) -> tuple[StepOutput, float | None]:
+    def __call__(self, batch: Tensor | MultiCropViews, teacher_temp: float, momentum: float,
+                 generator: torch.Generator | None) -> tuple[StepOutput, float | None]:
         """One step; ``(output, grad norm)``, the norm ``None`` when a non-finite loss on any rank skipped
         the update (no backward, no EMA, no centers)."""
-        out = self.forward(images, teacher_temp, generator)
-        if not all_true(bool(torch.isfinite(out.terms["loss"])), images.device):  # every rank takes one branch
+        out = self.forward(batch, teacher_temp, generator)
+        if not all_true(bool(torch.isfinite(out.terms["loss"])), self.views.device):  # every rank: one branch
             return out, None
         return out, self.update(out, momentum)
 
 
 def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: list[float],
-               distributed: bool = False) -> TrainStep:
-    """The step of a run: the seeded student network, its EMA teacher (eval mode: deterministic, no drop
-    path), the objective, AdamW and the view pipeline; DDP-wrapped when ``distributed``."""
+               distributed: bool = False, load_init: bool = True) -> TrainStep:
+    """The step of a run: the seeded student network (started from ``backbone.init`` when set and
+    ``load_init``), its EMA teacher (eval mode: deterministic, no drop path), the objective, AdamW and the
+    view pipeline; DDP-wrapped when ``distributed``."""
     torch.manual_seed(cfg.seed)
-    model = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size).to(device)
+    model = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size)
+    if cfg.backbone.init and load_init:
+        from pwself.init_weights import load_backbone_weights
+
+        load_backbone_weights(model.backbone, cfg.backbone.init)
+    model = model.to(device)
     objective = build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim).to(device)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
     named = [*model.named_parameters(), *objective.named_parameters(prefix="objective")]

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,24 @@ from pwself.checkpoint import (
     save_checkpoint,
     upgrade_checkpoint,
 )
-from pwself.config import DIVERGENCE_FIX_KEYS, TrainConfig, config_diff, config_from_dict, config_to_dict, save_config
-from pwself.data import channel_stats, iterate_batches, open_dataset, take_subset
+from pwself.config import (
+    DIVERGENCE_FIX_KEYS,
+    TrainConfig,
+    apply_backbone_name,
+    config_diff,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+)
+from pwself.data import channel_stats, expand_path, has_heldout_split, iterate_batches, open_dataset, take_subset
+from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
 from pwself.distributed import DistInfo, gather_objects, init_distributed
 from pwself.eval.knn import evaluate_knn_run
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.schedules import Schedules, apply_schedules, make_schedules
 from pwself.step import StepOutput, TrainStep, build_step
+from pwself.views import MultiCropViews
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_device"]
 
@@ -71,6 +82,8 @@ class _Run:
     info: DistInfo
     device: torch.device
     ckpt: dict[str, Any] | None
+    views: ViewLoader | None = None  # folders: views cut from the originals in worker processes
+    heldout: bool = True  # a labelled held-out split exists: kNN can run
     loggers: MetricLoggers | None = None  # rank 0 only
     lock: RunLock | None = None  # rank 0 only
 
@@ -91,11 +104,11 @@ def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
     return device
 
 
-def _check_data(cfg: TrainConfig, image: Tensor) -> None:
+def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
     if image.shape[0] != cfg.backbone.in_chans:
         raise ValueError(f"the data has {image.shape[0]} channel(s) but backbone.in_chans={cfg.backbone.in_chans}: "
                          f"set backbone.in_chans={image.shape[0]}")
-    if min(image.shape[-2:]) < cfg.views.local_size:
+    if in_memory and min(image.shape[-2:]) < cfg.views.local_size:
         raise ValueError(f"images of {tuple(image.shape[-2:])} px are smaller than views.local_size="
                          f"{cfg.views.local_size}: use smaller views or larger images (data.image_size for folders)")
 
@@ -145,14 +158,14 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
 def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
     """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
     channel statistics and write ``config.yaml``."""
-    cfg = copy.deepcopy(cfg)
+    cfg = apply_backbone_name(copy.deepcopy(cfg))
     cfg.validate()
     check_loggers(cfg.log)
     info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, info)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA device: use precision=bf16 on CPU")
-    run_dir, lock = Path(cfg.out_dir).expanduser(), None
+    run_dir, lock = expand_path(cfg.out_dir), None
     if info.is_main:  # before any data is read: a wrong folder fails in a second, not after the scan
         lock, moved = prepare_run_dir(run_dir, resume, overwrite)
         if moved is not None:
@@ -168,9 +181,10 @@ def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run
 def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.device, run_dir: Path,
               lock: RunLock | None) -> _Run:
     dataset = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-    _check_data(cfg, dataset[0][0])
+    _check_data(cfg, dataset[0][0], in_memory=cfg.data.kind != "folder")
     if cfg.data.subset:
         dataset = take_subset(dataset, cfg.data.subset)
+    views = _folder_views(cfg, dataset, device) if cfg.data.kind == "folder" else None
     steps_per_epoch = len(dataset) // (cfg.batch_size * info.world_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} x {info.world_size} process(es) is larger than the dataset "
@@ -180,7 +194,21 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, lock=lock)
+    heldout = has_heldout_split(cfg.data, int(dataset[0][1]) >= 0)
+    if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
+        log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
+                 "unlabelled images" if int(dataset[0][1]) < 0 else f"no {cfg.data.root}/val or /test folder")
+    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views, heldout, lock=lock)
+
+
+def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: torch.device) -> ViewLoader:
+    """Views of a folder's images cut from the full-resolution originals in DataLoader workers."""
+    base = getattr(dataset, "dataset", dataset)  # a Subset keeps the first images
+    v = cfg.views
+    spec = CropSpec(v.n_global, v.n_local, v.global_size, v.local_size, tuple(v.global_scale), tuple(v.local_scale),
+                    v.flip_p)
+    crops = FolderMultiCrop(base.files[: len(dataset)], cfg.backbone.in_chans, spec, cfg.seed)
+    return ViewLoader(crops, cfg.data.num_workers, pin_memory=device.type == "cuda")
 
 
 def _epoch_batches(n: int, batch: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[Tensor]:
@@ -341,7 +369,8 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         if state is not None:
             prog.last_ckpt = save_checkpoint(state, run.dir, prog.step, cfg.keep_checkpoints)
         epoch = prog.step // run.steps_per_epoch
-        if end_of_epoch and cfg.knn_every_epochs and epoch % cfg.knn_every_epochs == 0 and prog.step < total:
+        knn_due = cfg.knn_every_epochs and epoch % cfg.knn_every_epochs == 0 and prog.step < total
+        if end_of_epoch and knn_due and run.heldout:
             res = evaluate_knn_run(step.teacher.backbone, cfg, progress=False)
             if run.loggers is not None:
                 run.loggers.knn(prog.step, res, epoch)
@@ -358,7 +387,7 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
     knn, floors = None, None
-    if run.cfg.knn_at_end:
+    if run.cfg.knn_at_end and run.heldout:
         knn = evaluate_knn_run(step.teacher.backbone, run.cfg, progress=progress and run.info.is_main)
         if run.info.is_main:
             (run.dir / "knn.json").write_text(json.dumps({"step": prog.step, "knn": knn}, indent=2))
@@ -406,9 +435,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
             run.lock.release()
 
 
+def _batches(run: _Run, batches: list[Tensor], epoch: int) -> Iterator[Tensor | MultiCropViews]:
+    """The epoch's batches: views cut from the originals (folders), or images in [0, 1] on the device."""
+    if run.views is not None:
+        yield from run.views.epoch(batches, epoch)
+        return
+    for images, _ in iterate_batches(run.dataset, batches, run.cfg.data.num_workers):
+        yield images.to(run.device, non_blocking=True).float() / 255
+
+
 def _train(run: _Run, progress: bool) -> TrainResult:
     cfg, info = run.cfg, run.info
-    step = build_step(cfg, run.device, cfg.data.mean, cfg.data.std, distributed=info.world_size > 1)
+    step = build_step(cfg, run.device, cfg.data.mean, cfg.data.std, distributed=info.world_size > 1,
+                      load_init=run.ckpt is None)  # a resumed run takes every weight from its checkpoint
     sch = make_schedules(cfg, run.steps_per_epoch, info.world_size)
     gen = torch.Generator().manual_seed(cfg.seed + 1000003 * info.rank)  # rank 0 = single-process run
     metrics_path = run.dir / "metrics.jsonl"
@@ -429,11 +468,10 @@ def _train(run: _Run, progress: bool) -> TrainResult:
     while prog.step < total:
         epoch, start = divmod(prog.step, run.steps_per_epoch)
         batches = _epoch_batches(len(run.dataset), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)
-        for images, _ in iterate_batches(run.dataset, batches[start:], cfg.data.num_workers):
+        for batch in _batches(run, batches[start:], epoch):
             apply_schedules(step.optimizer, sch, prog.step)
-            x = images.to(run.device, non_blocking=True).float() / 255
-            out, grad_norm = step(x, sch.teacher_temp[prog.step], sch.momentum[prog.step], gen)
-            prog.images += x.shape[0] * info.world_size
+            out, grad_norm = step(batch, sch.teacher_temp[prog.step], sch.momentum[prog.step], gen)
+            prog.images += len(batches[0]) * info.world_size
             row = _after_step(run, step, out, sch, prog, gen, grad_norm)
             bar.update(1)
             if row is not None:

@@ -15,9 +15,11 @@ from pwself.data.datasets import (
     DatasetError,
     ImageFolderDataset,
     TensorImageDataset,
+    expand_path,
     load_cifar,
     load_idx_dataset,
     make_synthetic,
+    worker_error,
 )
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ __all__ = [
     "build_dataset",
     "open_dataset",
     "take_subset",
+    "expand_path",
+    "has_heldout_split",
     "iterate_batches",
     "channel_stats",
 ]
@@ -66,6 +70,7 @@ def build_dataset(
     """
     if split not in ("train", "test"):
         raise DatasetError(f"split {split!r}: use train or test")
+    root = str(expand_path(root))
     if kind == "idx":
         return load_idx_dataset(root, split)
     if kind == "cifar":
@@ -104,6 +109,14 @@ def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, see
                          synthetic_classes=data.synthetic_classes, seed=seed)
 
 
+def has_heldout_split(data: DataConfig, labelled: bool) -> bool:
+    """Whether kNN can run: a labelled training set and a held-out split (folders: ``val/`` or ``test/``)."""
+    if data.kind != "folder":
+        return labelled
+    base = expand_path(data.root)
+    return labelled and any((base / name).is_dir() for name in ("val", "test"))
+
+
 def take_subset(dataset: Dataset, n: int) -> Dataset:
     """The first ``n`` images of a dataset (in-memory datasets stay in memory)."""
     n = min(n, len(dataset))
@@ -132,12 +145,8 @@ def iterate_batches(
     )
     try:
         yield from loader
-    except Exception as e:
-        # A worker's error arrives with its traceback in the message; the last line is the error itself.
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        if num_workers and len(lines) > 1 and "DataLoader worker" in lines[0]:
-            raise DatasetError(lines[-1].split(": ", 1)[-1]) from None
-        raise
+    except Exception as e:  # noqa: BLE001 - re-raised; one line when it came from a worker
+        raise (worker_error(e) or e) from None
 
 
 def channel_stats(dataset: Dataset, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:

@@ -17,11 +17,15 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +190,8 @@ def load_cifar(root: str | Path, split: str = "train") -> TensorImageDataset:
     return TensorImageDataset(torch.from_numpy(np.concatenate(data)), torch.tensor(labels), classes)
 
 
-def decode_image(path: Path, size: int, channels: int) -> Tensor:
-    """Decode an image file to uint8 ``[channels, size, size]``: shorter side to ``size``, centre crop.
+def open_image(path: Path, channels: int) -> PILImage:
+    """Decode an image file to a Pillow image of ``channels`` (1: L, 3: RGB) at its full resolution.
 
     16-bit images are rescaled to 8 bits; EXIF orientation is applied; RGBA/P/L convert to L or RGB.
     """
@@ -198,17 +202,38 @@ def decode_image(path: Path, size: int, channels: int) -> Tensor:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
             im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-        im = im.convert("L" if channels == 1 else "RGB")
-        # Shorter side to `size`, then centre crop: every image gets the same grid of pixels.
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
-    t = torch.from_numpy(arr.copy())
+        return im.convert("L" if channels == 1 else "RGB")
+
+
+def decode_image(path: Path, size: int, channels: int) -> Tensor:
+    """Decode an image file to uint8 ``[channels, size, size]``: shorter side to ``size``, centre crop (the
+    evaluation transform; training views are cut from the originals, see :mod:`pwself.data.crops`)."""
+    from PIL import Image
+
+    im = open_image(path, channels)
+    # Shorter side to `size`, then centre crop: every image gets the same grid of pixels.
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def worker_error(e: BaseException) -> DatasetError | None:
+    """A DataLoader worker's error as one line: torch puts the worker's traceback in the message, whose last
+    line is the error itself. ``None`` for errors not from a worker."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return DatasetError(lines[-1].split(": ", 1)[-1])
+    return None
+
+
+def expand_path(path: str | Path) -> Path:
+    """``~`` and ``$VARS`` expanded: a shell leaves ``data.root=~/photos`` as it is, so pwself does it."""
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
 
 
 def _show(path: Path) -> str:
@@ -297,7 +322,7 @@ class ImageFolderDataset(Dataset):
         min_size: int = 8,
         on_bad_image: str = "fail",
     ) -> None:
-        self.root = Path(root).expanduser()
+        self.root = expand_path(root)
         if not self.root.is_dir():
             raise DatasetError(f"image folder {_show(self.root)} does not exist: set data.root=DIR to an existing "
                                "folder")

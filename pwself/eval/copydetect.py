@@ -235,7 +235,8 @@ def evaluate_copydetect(
 
     def describe(files: list[Path]) -> np.ndarray:
         feats, _ = extract_features(backbone, SquareImageFiles(files, imsize, channels), mean, std, size=None,
-                                    pooling="cls+gem", normalize=False, batch_size=16, progress=progress)
+                                    pooling="cls+gem", normalize=False, batch_size=16, progress=progress,
+                                    device=next(backbone.parameters()).device)
         return feats.double().numpy()
 
     database = describe(layout.originals + layout.distractors)

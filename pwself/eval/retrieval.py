@@ -111,13 +111,15 @@ def retrieval_features(
     multiscale: bool = False,
     channels: int = 3,
 ) -> np.ndarray:
-    """L2-normalized CLS descriptors, one image at a time (sizes differ), optional multi-scale average."""
+    """L2-normalized CLS descriptors, one image at a time (sizes differ), optional multi-scale average; on
+    the backbone's device."""
     p = backbone.patch_embed.patch_size[0]
+    device = next(backbone.parameters()).device
     out = []
     m = torch.tensor(mean).view(-1, 1, 1)
     s = torch.tensor(std).view(-1, 1, 1)
     for k, f in enumerate(files):
-        x = ((_load_image(f, imsize, channels, bboxes[k] if bboxes else None) - m) / s)[None]
+        x = ((_load_image(f, imsize, channels, bboxes[k] if bboxes else None) - m) / s)[None].to(device)
         scales = (1.0, 1 / 2**0.5, 0.5) if multiscale else (1.0,)
         v = 0
         for sc in scales:
@@ -127,7 +129,7 @@ def retrieval_features(
                 raise DatasetError(f"image {f} is smaller than one {p}px patch at scale {sc:.2f}: raise --imsize")
             v = v + forward_tokens(backbone, xs[..., :h, :w]).cls
         v = v / len(scales)
-        out.append(F.normalize(v, dim=1)[0].numpy())
+        out.append(F.normalize(v, dim=1)[0].float().cpu().numpy())
     return np.stack(out)
 
 

@@ -27,7 +27,13 @@ def _data_settings(args: argparse.Namespace, sources: list[FeatureSource]) -> di
 
 
 def _open_sources(models: list[str], args: argparse.Namespace, channels: int, size: int) -> list[FeatureSource]:
-    return [open_source(m, in_chans=args.in_chans or channels, img_size=args.img_size or size) for m in models]
+    from pwself.train import resolve_device
+
+    device = resolve_device(getattr(args, "device", None) or "auto")
+    sources = [open_source(m, in_chans=args.in_chans or channels, img_size=args.img_size or size) for m in models]
+    for src in sources:  # features are extracted where the backbone is
+        src.backbone.to(device)
+    return sources
 
 
 def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -50,7 +56,8 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
         for pooling in args.pooling.split(","):
             feats = {}
             for src in sources:
-                kw = dict(pooling=pooling, cache_dir=cache, progress=progress)
+                kw = dict(pooling=pooling, cache_dir=cache, progress=progress,
+                          device=next(src.backbone.parameters()).device)
                 f_tr, y_tr = cached_features(src, train, {**ds_cfg, "split": "train"}, **kw)
                 f_te, y_te = cached_features(src, test, {**ds_cfg, "split": "test"}, **kw)
                 feats[src.name] = (f_tr, y_tr, f_te, y_te)
