@@ -54,12 +54,13 @@ class StepRunner:
     """One full training step (views, aug, forward, loss, backward, AdamW, EMA, centers), built by
     :func:`pwself.step.build_step` from the config exactly as training builds it."""
 
-    def __init__(self, cfg: TrainConfig, batch: int, channels: int = 1, image: int = 28) -> None:
+    def __init__(self, cfg: TrainConfig, batch: int, channels: int = 1, image: int = 28,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.cfg = cfg
-        self.step = build_step(cfg, torch.device("cpu"), [0.5] * channels, [0.25] * channels)
+        self.step = build_step(cfg, device, [0.5] * channels, [0.25] * channels)
         for g in self.step.optimizer.param_groups:
             g["lr"], g["weight_decay"] = 1e-4, 0.04 if g["decay"] else 0.0
-        self.images = torch.rand(batch, channels, image, image)
+        self.images = torch.rand(batch, channels, image, image, device=device)
         self.gen = torch.Generator().manual_seed(0)
 
     def forward(self) -> StepOutput:
@@ -332,12 +333,112 @@ def bench_folder_loader(quick: bool) -> dict:
     return out
 
 
+class OfficialStylePWML:
+    """The public PW-Self implementation's cost: the head on EVERY token of every view (student) and of the
+    global views (teacher), the loss on the matched pairs only. Same loss as exact PWML; built by wrapping the
+    run's own PWML objective so that only the token selection differs."""
+
+    def __init__(self, pwml: torch.nn.Module) -> None:
+        self.inner = pwml
+
+    def __getattr__(self, name: str):  # everything but select is PWML's
+        return getattr(self.inner, name)
+
+    def select(self, views, grids, teacher_tokens, generator):
+        from dataclasses import replace
+
+        from pwself.objectives.base import Selection, patch_key_layout
+
+        sel = self.inner.select(views, grids, teacher_tokens, generator)
+        tokens_per_view, _ = patch_key_layout(grids, views.batch_size, views.global_crops.device)
+        n_student = int(tokens_per_view.sum()) * views.batch_size
+        n_teacher = int(tokens_per_view[: views.n_global].sum()) * views.batch_size
+        rows = replace(sel.rows, student_row=sel.student_keys[sel.rows.student_row],
+                       teacher_row=sel.teacher_keys[sel.rows.teacher_row])
+        dev = views.global_crops.device
+        return Selection(torch.arange(n_student, device=dev), torch.arange(n_teacher, device=dev), rows)
+
+
+REAL_SCALE = ["views.global_size=224", "views.local_size=96", "views.n_local=8", "backbone.in_chans=3",
+              "backbone.name=vit_small_patch16_224", "head.out_dim=65536", "head.hidden_dim=2048",
+              "head.bottleneck_dim=256"]
+REAL_VARIANTS = {
+    "dino": ("dino", []),
+    "pwml": ("pwml", []),
+    "official_style": ("pwml", []),
+    "pwml_split8192": ("pwml", ["head.patch_head=split", "head.patch_out_dim=8192"]),
+    "pwml_split8192_f0.5": ("pwml", ["head.patch_head=split", "head.patch_out_dim=8192", "loss.patch_fraction=0.5"]),
+    "pwml_split8192_f0.25": ("pwml", ["head.patch_head=split", "head.patch_out_dim=8192",
+                                      "loss.patch_fraction=0.25"]),
+}
+RECOMMENDED = "pwml_split8192"  # the README's real-scale setting (cost measured here; see RESULTS.md)
+
+
+def _step_flops(runner: StepRunner) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        runner.forward().terms["loss"].backward()
+    runner.step.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_real_scale(quick: bool) -> dict:
+    """8. ViT-S/16, 2 x 224 + 8 x 96 views, head output 65536: FLOPs of one forward + backward (+ teacher
+    forward) and interleaved step times of exact PWML, the official implementation's cost (head on every
+    token) and cheaper patch heads, relative to DINO on the same views; CUDA step time and peak memory when a
+    GPU is present."""
+    batch = 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runners = {}
+    for name, (objective, extra) in REAL_VARIANTS.items():
+        runners[name] = StepRunner(config(objective, [*REAL_SCALE, *extra]), batch, channels=3, image=256)
+        if name == "official_style":
+            runners[name].step.objective = OfficialStylePWML(runners[name].step.objective)
+    flops = {name: _step_flops(r) for name, r in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(1 if quick else 2):
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            r.step_once()
+            times[name].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    out = {"config": "ViT-S/16, 2 x 224 + 8 x 96 px, head 65536 (hidden 2048, bottleneck 256), batch 2, CPU",
+           "recommended": RECOMMENDED, "flops": flops, "step_s": med,
+           "flops_ratio": {n: f / flops["dino"] for n, f in flops.items()},
+           "time_ratio": {n: t / med["dino"] for n, t in med.items()}}
+    if device.type == "cuda":
+        out["cuda"] = _cuda_real_scale(batch=32)
+    return out
+
+
+def _cuda_real_scale(batch: int) -> dict:
+    """Step time and peak memory of each real-scale variant on the GPU (bf16 autocast)."""
+    res = {}
+    for name, (objective, extra) in REAL_VARIANTS.items():
+        cfg = config(objective, [*REAL_SCALE, *extra, "precision=bf16"])
+        torch.cuda.reset_peak_memory_stats()
+        runner = StepRunner(cfg, batch, channels=3, image=256, device=torch.device("cuda"))
+        if name == "official_style":
+            runner.step.objective = OfficialStylePWML(runner.step.objective)
+        runner.step_once()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            runner.step_once()
+        torch.cuda.synchronize()
+        res[name] = {"step_s": (time.perf_counter() - t0) / 3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del runner
+        torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 1 minute")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
     parser.add_argument("--only", help="comma-separated subset: step_ratio,matching,augment,pipeline,memory,scaling,"
-                        "folder_loader")
+                        "folder_loader,real_scale")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -359,6 +460,7 @@ def main() -> None:
         ("memory", lambda: bench_memory(32 if q else 64, 2 if q else 4)),
         ("scaling", lambda: bench_scaling(q)),
         ("folder_loader", lambda: bench_folder_loader(q)),
+        ("real_scale", lambda: bench_real_scale(q)),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, fn in steps:

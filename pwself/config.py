@@ -267,11 +267,16 @@ class TrainConfig:
             raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
         if self.loss.objective not in OBJECTIVES:
             raise ConfigError(f"loss.objective={self.loss.objective!r}: use one of {', '.join(OBJECTIVES)}")
-        problem = OBJECTIVES[self.loss.objective].config_problem(self.views)
+        problem = OBJECTIVES[self.loss.objective].config_problem(self.views, self.head)
         if problem:
             raise ConfigError(f"loss.objective={self.loss.objective}: {problem}")
         if self.loss.matcher not in ("geometric", "feature-nn"):
             raise ConfigError(f"loss.matcher={self.loss.matcher!r}: use geometric or feature-nn")
+        if self.head.patch_head not in ("shared", "separate", "split"):
+            raise ConfigError(f"head.patch_head={self.head.patch_head!r}: use shared, separate or split")
+        if self.head.patch_head == "shared" and self.head.patch_out_dim not in (0, self.head.out_dim):
+            raise ConfigError(f"head.patch_out_dim={self.head.patch_out_dim} needs a patch head of its own: set "
+                              "head.patch_head=separate or split")
         if not 0.0 <= self.loss.lam <= 1.0:
             raise ConfigError(f"loss.lam={self.loss.lam} is outside [0, 1]: it is the CLS weight of the loss")
         if not 0.0 < self.loss.patch_fraction <= 1.0:
@@ -316,7 +321,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     **{k: _NONNEG for k in ("optim.min_lr", "optim.clip_grad", "optim.weight_decay", "optim.weight_decay_end",
                             "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "optim.max_nonfinite_steps",
                             "loss.warmup_teacher_temp_epochs", "loss.logo_weight", "views.n_local", "data.subset",
-                            "data.num_workers", "checkpoint_every_steps", "keep_checkpoints", "knn_every_epochs")},
+                            "data.num_workers", "checkpoint_every_steps", "keep_checkpoints", "knn_every_epochs",
+                            "head.patch_out_dim")},
     **{k: _FRAC for k in ("loss.center_momentum", "optim.momentum_teacher", "views.flip_p", "loss.lam",
                           "photometric.jitter_p", "photometric.grayscale_p", "photometric.blur_p",
                           "photometric.solarize_p", "photometric.noise_p")},

@@ -57,6 +57,9 @@ class HeadConfig:
         bottleneck_dim: Width of the MLP's output, L2-normalized before the last layer.
         n_layers: Linear layers of the MLP.
         norm_last_layer: Freeze the norm of the weight-normalized last layer at 1 (DINO's default).
+        patch_head: Head of the patch tokens: `shared` (the CLS head, the paper's), `separate` (a head of
+            its own, as DINOv2) or `split` (the CLS head's MLP with a last layer of its own, as iBOT).
+        patch_out_dim: Output dimension of a `separate` or `split` patch head (0: `out_dim`).
     """
 
     out_dim: int = 1024
@@ -64,6 +67,8 @@ class HeadConfig:
     bottleneck_dim: int = 128
     n_layers: int = 3
     norm_last_layer: bool = True
+    patch_head: str = "shared"
+    patch_out_dim: int = 0
 
 
 def named_architecture(name: str) -> dict[str, Any]:
@@ -123,10 +128,7 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
-        self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        if cfg.norm_last_layer:
-            self.last_layer.parametrizations.weight.original0.requires_grad = False
+        self.last_layer = _last_layer(cfg.bottleneck_dim, cfg.out_dim, cfg.norm_last_layer)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -139,6 +141,26 @@ class DINOHead(nn.Module):
         """``[..., D]`` tokens -> ``[..., out_dim]`` logits."""
         x = F.normalize(self.mlp(x), dim=-1, p=2)
         return self.last_layer(x)
+
+
+def _last_layer(bottleneck_dim: int, out_dim: int, norm_last_layer: bool) -> nn.Module:
+    layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+    layer.parametrizations.weight.original0.data.fill_(1.0)
+    if norm_last_layer:
+        layer.parametrizations.weight.original0.requires_grad = False
+    return layer
+
+
+class SplitPatchHead(nn.Module):
+    """iBOT's split: the patch tokens go through the CLS head's MLP and a last layer of their own."""
+
+    def __init__(self, cls_head: DINOHead, cfg: HeadConfig) -> None:
+        super().__init__()
+        self._cls_head = [cls_head]  # a plain list: the MLP is the CLS head's, not registered twice
+        self.last_layer = _last_layer(cfg.bottleneck_dim, cfg.patch_out_dim or cfg.out_dim, cfg.norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self._cls_head[0].mlp(x), dim=-1, p=2))
 
 
 @dataclass(frozen=True)
@@ -202,6 +224,11 @@ class DistillNet(nn.Module):
         super().__init__()
         self.backbone = make_vit(backbone, img_size)
         self.head = DINOHead(backbone.embed_dim, head)
+        self.patch_head: nn.Module | None = None  # None: the CLS head serves the patch tokens too
+        if head.patch_head == "separate":
+            self.patch_head = DINOHead(backbone.embed_dim, replace(head, out_dim=head.patch_out_dim or head.out_dim))
+        elif head.patch_head == "split":
+            self.patch_head = SplitPatchHead(self.head, head)
 
     def encode(self, crops: Sequence[Tensor]) -> list[TokenOutput]:
         """Backbone tokens of each non-empty batch of crops (one backbone call per crop size)."""
@@ -214,8 +241,11 @@ class DistillNet(nn.Module):
         if keys is None:
             return HeadOutput(self.head(cls_tokens), cls_tokens)
         patches = torch.cat([t.patches.flatten(0, 1) for t in tokens])[keys]
+        patch_head = self.patch_head or self.head
         if recompute_head:
-            return HeadOutput(self.head(cls_tokens), cls_tokens, patches, head=self.head)
+            return HeadOutput(self.head(cls_tokens), cls_tokens, patches, head=patch_head)
+        if self.patch_head is not None:
+            return HeadOutput(self.head(cls_tokens), cls_tokens, self.patch_head(patches))
         out = self.head(torch.cat([cls_tokens, patches]))
         n = cls_tokens.shape[0]
         return HeadOutput(out[:n], cls_tokens, out[n:])

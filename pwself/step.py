@@ -24,7 +24,8 @@ from pwself.objectives import Objective, build_objective
 from pwself.objectives.base import view_grids
 from pwself.views import MultiCrop, MultiCropViews
 
-__all__ = ["StepOutput", "distill_step", "ViewPipeline", "param_groups", "TrainStep", "build_step", "unwrap"]
+__all__ = ["StepOutput", "distill_step", "ViewPipeline", "param_groups", "TrainStep", "make_objective", "build_step",
+           "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def param_groups(named: Iterator[tuple[str, nn.Parameter]]) -> list[dict[str, An
         if not p.requires_grad:
             continue
         decay = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token", "reg_token"))
-        last = name.startswith("head.last_layer")
+        last = name.startswith(("head.last_layer", "patch_head.last_layer"))
         groups.setdefault((decay, last), []).append(p)
     return [{"params": ps, "decay": d, "last_layer": last} for (d, last), ps in sorted(groups.items())]
 
@@ -153,6 +154,11 @@ class TrainStep:
         return out, self.update(out, momentum)
 
 
+def make_objective(cfg: TrainConfig) -> Objective:
+    """The run's objective, sized to its head (and patch head)."""
+    return build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim, cfg.head.patch_out_dim or None)
+
+
 def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: list[float],
                distributed: bool = False, load_init: bool = True) -> TrainStep:
     """The step of a run: the seeded student network (started from ``backbone.init`` when set and
@@ -165,7 +171,7 @@ def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: l
 
         load_backbone_weights(model.backbone, cfg.backbone.init)
     model = model.to(device)
-    objective = build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim).to(device)
+    objective = make_objective(cfg).to(device)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
     named = [*model.named_parameters(), *objective.named_parameters(prefix="objective")]
     # The fused kernel (CPU and CUDA) is one op for all parameters, several times faster than the loop.

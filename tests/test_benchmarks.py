@@ -19,3 +19,29 @@ def test_benchmark_script_writes_ratios(tmp_path):
     assert res["quick"] is True and set(res) >= {"machine", "matching", "augment"}
     assert res["matching"]["pairs"] == 18 and res["matching"]["speedup"] > 0
     assert res["augment"]["ratio_patch_over_image"] > 0
+
+
+def test_official_style_step_has_the_pwml_loss_and_more_flops():
+    """The benchmark's peer: the head on every token (the public implementation's cost), the loss on the
+    matched pairs only: the same loss as exact PWML, more FLOPs. A split patch head of 1/8 the output costs
+    fewer FLOPs than exact PWML."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as bench
+
+    tiny = ["views.global_size=16", "views.local_size=8", "views.n_local=3", "backbone.embed_dim=32",
+            "backbone.depth=1", "backbone.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
+            "head.bottleneck_dim=16"]
+    runners = {name: bench.StepRunner(bench.config("pwml", [*tiny, *extra]), 4, image=20)
+               for name, extra in (("pwml", []), ("official", []),
+                                   ("split", ["head.patch_head=split", "head.patch_out_dim=8"]))}
+    runners["official"].step.objective = bench.OfficialStylePWML(runners["official"].step.objective)
+    import torch
+
+    losses = {}
+    for name, r in runners.items():
+        r.gen.manual_seed(0)
+        with torch.no_grad():
+            losses[name] = r.forward().terms["loss"]
+    torch.testing.assert_close(losses["official"], losses["pwml"], rtol=1e-5, atol=1e-6)
+    flops = {name: bench._step_flops(r) for name, r in runners.items()}
+    assert flops["official"] > flops["pwml"] > flops["split"]

@@ -10,7 +10,7 @@ from pwself.config import TrainConfig, load_config
 from pwself.models import DistillNet, ema_update, forward_tokens
 from pwself.objectives import build_objective
 from pwself.schedules import apply_schedules, make_schedules
-from pwself.step import distill_step, param_groups
+from pwself.step import distill_step, make_objective, param_groups
 from pwself.views import MultiCrop
 
 
@@ -25,7 +25,7 @@ def build_parts(cfg: TrainConfig, dtype=torch.float32):
     """Seeded student network, its teacher copy and the configured objective (as build_step makes them)."""
     torch.manual_seed(0)
     student = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size).to(dtype)
-    objective = build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim).to(dtype)
+    objective = make_objective(cfg).to(dtype)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     return student, teacher, objective
 
@@ -303,3 +303,44 @@ def test_recompute_head_gives_the_same_loss_and_grads_with_less_saved_memory(obj
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b)
     assert results[True][2] < results[False][2]  # head activations and patch logits were not kept
+
+
+@pytest.mark.parametrize("patch_head", ["separate", "split"])
+@pytest.mark.parametrize("objective", ["pwml", "pwll"])
+def test_a_patch_head_of_its_own_gives_the_reference_loss(patch_head, objective):
+    over = {"loss.objective": objective, "loss.lam": 0.3, "head.patch_head": patch_head, "head.patch_out_dim": 5}
+    student, teacher, obj = build_parts(tiny_config(**over), torch.float64)
+    for p in teacher.parameters():
+        p.add_(0.01 * torch.randn_like(p))
+    obj.patch_center.center.normal_()
+    assert obj.patch_center.center.shape == (1, 5) and obj.cls_center.center.shape == (1, 7)
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
+    terms = distill_step(student, teacher, obj, views, 0.05).terms
+    b = views.batch_size
+    with torch.no_grad():  # reference: the CLS head on CLS tokens, the patch head on EVERY patch token
+        tg = forward_tokens(teacher.backbone, views.global_crops)
+        sg = forward_tokens(student.backbone, views.global_crops)
+        sl = forward_tokens(student.backbone, views.local_crops)
+        s_cls = torch.cat([student.head(sg.cls), student.head(sl.cls)]).view(5, b, 7)
+        t_cls = teacher.head(tg.cls).view(2, b, 7)
+        s_patch = list(student.patch_head(sg.patches).view(2, b, 16, 5)) + list(
+            student.patch_head(sl.patches).view(3, b, 4, 5))
+        t_patch = list(teacher.patch_head(tg.patches).view(2, b, 16, 5))
+    ref = reference_loss(s_cls, t_cls, s_patch, t_patch, views.boxes, views.flips, GRIDS, objective, 0.3,
+                         obj.cls_center.center[0], obj.patch_center.center[0], 0.05, 0.1)
+    torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)
+    terms["loss"].backward()
+    assert student.patch_head.last_layer.parametrizations.weight.original1.grad is not None
+    names = [n for n, _ in student.named_parameters()]
+    assert (patch_head == "split") == (not any(n.startswith("patch_head.mlp") for n in names))  # iBOT: MLP shared
+
+
+def test_a_patch_head_needs_a_shared_head_for_cossl_and_a_valid_name():
+    from pwself.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compared with CLS outputs, use shared"):
+        tiny_config(**{"loss.objective": "cossl", "head.patch_head": "separate"})
+    with pytest.raises(ConfigError, match="use shared, separate or split"):
+        tiny_config(**{"head.patch_head": "own"})
+    with pytest.raises(ConfigError, match="needs a patch head of its own"):
+        tiny_config(**{"head.patch_out_dim": 5})

@@ -39,6 +39,7 @@ def objective_class(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
-def build_objective(loss: LossConfig, out_dim: int, embed_dim: int) -> Objective:
-    """The objective ``loss.objective`` built from the ``loss`` config section."""
-    return objective_class(loss.objective)(loss, out_dim, embed_dim)
+def build_objective(loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> Objective:
+    """The objective ``loss.objective`` built from the ``loss`` config section (``patch_out_dim``: the patch
+    head's output size, when it has its own)."""
+    return objective_class(loss.objective)(loss, out_dim, embed_dim, patch_out_dim)

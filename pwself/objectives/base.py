@@ -22,6 +22,7 @@ from pwself.views import MultiCropViews
 
 if TYPE_CHECKING:
     from pwself.config import LossConfig, ViewConfig
+    from pwself.models import HeadConfig
 
 __all__ = ["Objective", "Selection", "view_grids", "patch_key_layout", "select_pairs"]
 
@@ -98,20 +99,26 @@ class Objective(nn.Module):
         loss: The ``loss`` section of the run config.
         out_dim: Head output dimension ``K``.
         embed_dim: Backbone token width (for modules an objective owns).
+        patch_out_dim: Output dimension of the patch head (default: ``out_dim``, the shared head).
     """
 
     pooling: ClassVar[str] = "cls"
     """Feature pooling of a trained backbone for evaluation (see :func:`pwself.eval.features.pool_features`)."""
+    patch_targets_are_cls: ClassVar[bool] = False
+    """Patch outputs are compared with CLS outputs: the patch head must be the CLS head."""
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int) -> None:
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
         super().__init__()
+        self.patch_out_dim = patch_out_dim or out_dim
         self.student_temp = loss.student_temp
         self.recompute_head = False
         self.cls_center = Center(out_dim, loss.center_momentum)
 
     @classmethod
-    def config_problem(cls, views: ViewConfig) -> str | None:
-        """Why these views cannot train this objective, or ``None``."""
+    def config_problem(cls, views: ViewConfig, head: HeadConfig) -> str | None:
+        """Why these views and head cannot train this objective, or ``None``."""
+        if cls.patch_targets_are_cls and head.patch_head != "shared":
+            return f"head.patch_head={head.patch_head}: its patch tokens are compared with CLS outputs, use shared"
         return None
 
     def pairs(self, n_global: int, n_views: int) -> list[tuple[int, int]]:

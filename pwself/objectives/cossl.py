@@ -7,7 +7,7 @@ matching. The targets are CLS outputs, so they are centred with the CLS center.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -26,8 +26,10 @@ __all__ = ["COSSL"]
 class COSSL(Objective):
     """Student patch tokens of view ``j`` against the teacher CLS of view ``i``, weighted as PWML."""
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int) -> None:
-        super().__init__(loss, out_dim, embed_dim)
+    patch_targets_are_cls: ClassVar[bool] = True
+
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
+        super().__init__(loss, out_dim, embed_dim, patch_out_dim)
         self.patch_fraction, self.recompute_head = loss.patch_fraction, loss.recompute_head
 
     def select(

@@ -19,6 +19,7 @@ from pwself.views import MultiCropViews
 
 if TYPE_CHECKING:
     from pwself.config import LossConfig, ViewConfig
+    from pwself.models import HeadConfig
 
 __all__ = ["LoGo", "LoGoAffinity"]
 
@@ -83,17 +84,17 @@ class _LocalTerms(nn.Module):
 class LoGo(Objective):
     """DINO's terms plus ``logo_weight`` times the same-image local affinity, plus the affinity network's loss."""
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int) -> None:
-        super().__init__(loss, out_dim, embed_dim)
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
+        super().__init__(loss, out_dim, embed_dim, patch_out_dim)
         self.logo_weight = loss.logo_weight
         self.local_terms = _LocalTerms(LoGoAffinity(embed_dim))
         self.wrap_trainable(lambda module: module)
 
     @classmethod
-    def config_problem(cls, views: ViewConfig) -> str | None:
+    def config_problem(cls, views: ViewConfig, head: HeadConfig) -> str | None:
         if views.n_local < 2:
             return f"views.n_local={views.n_local}: it pushes local views apart, use views.n_local=2 or more"
-        return None
+        return super().config_problem(views, head)
 
     def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
              ) -> dict[str, Tensor]:

@@ -28,9 +28,9 @@ __all__ = ["PatchWise", "PWML", "PWSL", "PWLL"]
 class PatchWise(Objective):
     """The shared machinery of the three PW-Self losses: matching, token selection, patch center."""
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int) -> None:
-        super().__init__(loss, out_dim, embed_dim)
-        self.patch_center = Center(out_dim, loss.center_momentum)
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
+        super().__init__(loss, out_dim, embed_dim, patch_out_dim)
+        self.patch_center = Center(self.patch_out_dim, loss.center_momentum)
         self.matcher, self.patch_fraction, self.lam = loss.matcher, loss.patch_fraction, loss.lam
         self.recompute_head = loss.recompute_head
 
