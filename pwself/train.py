@@ -161,6 +161,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run
     cfg = apply_backbone_name(copy.deepcopy(cfg))
     cfg.validate()
     check_loggers(cfg.log)
+    if cfg.backbone.init and not resume and not expand_path(cfg.backbone.init).exists():
+        raise CheckpointError(f"backbone.init={cfg.backbone.init} does not exist: pass a local weights file or "
+                              "folder (nothing is downloaded)")
     info = init_distributed(cfg.device)
     device = resolve_device(cfg.device, info)
     if cfg.precision == "fp16" and device.type != "cuda":

@@ -195,6 +195,9 @@ def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path, monkeypat
     ("log_every=0", "log_every=0 is out of range"),
     ("head.out_dim=0", "head.out_dim=0 is out of range"),
     ("device=cuda", "no CUDA GPU is visible here"),
+    ("backbone.init=/no/such/weights.pth", "backbone.init=/no/such/weights.pth does not exist"),
+    ("head.patch_head=own", "head.patch_head='own': use shared, separate or split"),
+    ("backbone.name=vit_nonexistent", "is not a timm model"),
 ])
 def test_invalid_values_are_one_line(tmp_path, capsys, override, message):
     if override == "device=cuda" and torch.cuda.is_available():
