@@ -35,19 +35,17 @@ def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
 
     from pwself.data import iterate_batches
     from pwself.eval.knn import knn_classify
+
     if cache.exists():
         return json.loads(cache.read_text())
-    first = _open(cfg, "train")[0]
-    if first[0].numel() > MAX_PIXEL_DIM or int(first[1]) < 0:  # too large for a side result, or unlabelled
+    train = _open(cfg, "train")
+    image, label = train[0]
+    if image.numel() > MAX_PIXEL_DIM or int(label) < 0:  # too large for a side result, or unlabelled
         return None
     data = {}
-    for split in ("train", "test"):
-        ds = _open(cfg, split)
+    for split, ds in (("train", train), ("test", _open(cfg, "test"))):
         images, labels = zip(*iterate_batches(ds, list(torch.arange(len(ds)).split(1024)), cfg.data.num_workers))
-        x = torch.cat(images).flatten(1)
-        if x.shape[1] > MAX_PIXEL_DIM:
-            return None
-        data[split] = (F.normalize(x.float(), dim=1), torch.cat(labels))
+        data[split] = (F.normalize(torch.cat(images).flatten(1).float(), dim=1), torch.cat(labels))
     if (data["train"][1] < 0).any() or (data["test"][1] < 0).any():
         return None
     knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))

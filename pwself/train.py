@@ -110,7 +110,7 @@ def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
                          f"set backbone.in_chans={image.shape[0]}")
     if in_memory and min(image.shape[-2:]) < cfg.views.local_size:
         raise ValueError(f"images of {tuple(image.shape[-2:])} px are smaller than views.local_size="
-                         f"{cfg.views.local_size}: use smaller views or larger images (data.image_size for folders)")
+                         f"{cfg.views.local_size}: use a smaller views.local_size or larger images")
 
 
 def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -184,7 +184,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run
 def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.device, run_dir: Path,
               lock: RunLock | None) -> _Run:
     dataset = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-    _check_data(cfg, dataset[0][0], in_memory=cfg.data.kind != "folder")
+    image, label = dataset[0]  # decoded once: a folder's first image is a full decode and resize
+    labelled = int(label) >= 0
+    _check_data(cfg, image, in_memory=cfg.data.kind != "folder")
     if cfg.data.subset:
         dataset = take_subset(dataset, cfg.data.subset)
     views = _folder_views(cfg, dataset, device) if cfg.data.kind == "folder" else None
@@ -197,10 +199,10 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    heldout = has_heldout_split(cfg.data, int(dataset[0][1]) >= 0)
+    heldout = has_heldout_split(cfg.data, labelled)
     if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
         log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
-                 "unlabelled images" if int(dataset[0][1]) < 0 else f"no {cfg.data.root}/val or /test folder")
+                 f"no {cfg.data.root}/val or /test folder" if labelled else "unlabelled images")
     return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views, heldout, lock=lock)
 
 
