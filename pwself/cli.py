@@ -1,5 +1,6 @@
 """Command line: ``pwself pretrain``, ``compare``, ``eval`` (and ``eval-knn``, ``eval-linear``,
-``eval-copydetect``, ``eval-retrieval``), ``viz-matches``, ``viz-attention``, ``export``, ``report``.
+``eval-copydetect``, ``eval-retrieval``, ``eval-dense``), ``make-scenes``, ``viz-matches``, ``viz-attention``,
+``export``, ``report``.
 
 Reads config files and flags into a :class:`~pwself.config.TrainConfig`; run messages and warnings of the
 package go through :mod:`logging` and are printed to stderr as ``pwself: ...``.
@@ -8,6 +9,7 @@ package go through :mod:`logging` and are printed to stderr as ``pwself: ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -209,6 +211,83 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dense(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-dense", help="dense probe: a linear classifier on each patch token, scored as mIoU",
+                       description="Frozen patch tokens (last block, after the final norm), one linear layer per "
+                       "token, logits upsampled bilinearly to the mask; a grid of learning rates chosen on held-out "
+                       "train; mIoU, pixel accuracy and per-class IoU on test. Data: DIR/{train,test}/images/* with "
+                       "DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = ignore).")
+    _add_eval_common(p, labelled=False)
+    p.add_argument("--data", required=True, help="dense dataset folder (make one with `pwself make-scenes OUT`)")
+    p.add_argument("--train-images", type=int, default=2000, help="train images the heads learn from (0: all; "
+                   "default 2000)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each head (default 10)")
+    p.add_argument("--size", type=int, help="model input side (default: each model's global view size)")
+    p.add_argument("--pixel-floor", action="store_true", help="also probe each patch's raw pixels (the floor)")
+    p = sub.add_parser("make-scenes", help="build the Fashion-MNIST scene dataset for the dense probe",
+                       description="Canvases holding several Fashion-MNIST items at random positions and sizes, "
+                       "later items in front; masks: 0 background, 1 + class, 255 faint rims. Train scenes from the "
+                       "train split, test scenes from the test split; OUT/dominant/{train,test}/<class>/ holds the "
+                       "same images by dominant class for kNN, linear and pretraining (data.kind=folder).")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--size", type=int, default=42, help="canvas side in pixels (default 42)")
+    p.add_argument("--train", type=int, default=10000, help="train scenes (default 10000)")
+    p.add_argument("--test", type=int, default=2000, help="test scenes (default 2000)")
+    p.add_argument("--items", default="2,4", help="MIN,MAX items per scene (default 2,4)")
+    p.add_argument("--item-size", default="14,28", help="MIN,MAX item side in pixels (default 14,28)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _pair(text: str, flag: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: use MIN,MAX, e.g. {flag} 2,4") from None
+    return lo, hi
+
+
+def cmd_make_scenes(args: argparse.Namespace) -> int:
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    spec = SceneSpec(args.size, args.train, args.test, _pair(args.items, "--items"),
+                     _pair(args.item_size, "--item-size"), args.seed)
+    summary = make_scenes(args.out, spec, args.source, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {args.train} train and {args.test} test scenes of {args.size} px to {args.out} "
+          f"({len(summary['classes'])} classes incl. background; masks 255 = ignore)")
+    print(f"dense probe: pwself eval-dense MODEL --data {args.out}; pretraining and kNN on the dominant class: "
+          f"data.kind=folder data.root={Path(args.out) / 'dominant'}")
+    return 0
+
+
+def cmd_eval_dense(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from pwself.data.dense import open_dense
+    from pwself.eval import suite
+    from pwself.eval.dense import DenseSettings, dense_markdown, evaluate_dense
+    from pwself.train import resolve_device
+
+    first = open_dense(args.data, "train", 3, 8).images[0]  # a timm model takes the data's channels and side
+    with Image.open(first) as im:
+        channels, side = (1 if im.mode in ("L", "I", "I;16") else 3), min(im.size)
+    sources = suite.open_sources(args.models, args, channels, args.size or side)
+    settings = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
+                             resolve_device(args.device), not args.no_progress)
+    results = evaluate_dense(sources, args.data, settings)
+    table = dense_markdown(results)
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.json").write_text(json.dumps({"data": args.data, "dense": results}, indent=2))
+        Path(f"{out}.md").write_text(table)
+        print(f"wrote {out}.json and {out}.md")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pwself.eval import suite
 
@@ -395,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pretrain(sub)
     _add_eval_knn(sub)
+    _add_dense(sub)
     _add_viz(sub)
     _add_export(sub)
     _add_compare(sub)
@@ -404,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval, "eval-linear": cmd_eval, "eval": cmd_eval,
                 "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
                 "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention,
-                "export": cmd_export, "config": cmd_config, "push-to-hub": cmd_push_to_hub}
+                "export": cmd_export, "config": cmd_config, "push-to-hub": cmd_push_to_hub,
+                "eval-dense": cmd_eval_dense, "make-scenes": cmd_make_scenes}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

@@ -210,7 +210,8 @@ class TrainConfig:
         checkpoint_every_steps: Extra checkpoints every N steps (0: at epoch ends only).
         keep_checkpoints: Newest checkpoints kept (0: all).
         knn_at_end: Evaluate kNN on the held-out split when training ends.
-        knn_every_epochs: Also evaluate kNN every N epochs during training (0: never).
+        knn_every_epochs: Also evaluate kNN every N epochs during training (0: never; 0.5: twice an epoch);
+            each row of ``knn_history.jsonl`` carries the training seconds so far (evaluation excluded).
         knn_floors: Beside the final kNN, the same protocol on a random init of the backbone and on raw
             pixels (when small enough): the numbers that give the result meaning.
     """
@@ -233,7 +234,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
     knn_at_end: bool = True
-    knn_every_epochs: int = 0
+    knn_every_epochs: float = 0
     knn_floors: bool = True
 
     def _get(self, key: str) -> Any:

@@ -80,11 +80,15 @@ class MetricLoggers:
             f.write(json_row(row) + "\n")
         self._scalars("train", {k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
-    def knn(self, step: int, result: dict[int, dict[str, float]], epoch: int | None = None) -> None:
-        """A kNN evaluation: to ``knn_history.jsonl`` during training, and as ``knn/top1_kK`` scalars."""
+    def knn(self, step: int, result: dict[int, dict[str, float]], epoch: float | None = None,
+            train_time: tuple[float, float] = (0.0, 0.0)) -> None:
+        """A kNN evaluation: to ``knn_history.jsonl`` during training (with the training seconds so far),
+        and as ``knn/top1_kK`` scalars. ``train_time``: the (wall, CPU) seconds of training so far."""
         if epoch is not None:
             with open(self.run_dir / "knn_history.jsonl", "a") as f:
-                f.write(json_row({"step": step, "epoch": epoch, "knn": result}) + "\n")
+                row = {"step": step, "epoch": round(epoch, 4), "train_s": round(train_time[0], 2),
+                       "cpu_s": round(train_time[1], 2), "knn": result}
+                f.write(json_row(row) + "\n")
         self._scalars("knn", {f"top1_k{k}": r["top1"] for k, r in result.items()}, step)
 
     def close(self) -> None:

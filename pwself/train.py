@@ -287,6 +287,10 @@ class _Progress:
     warned_collapse: bool = False
     images: int = 0
     t_last: float = 0.0
+    train_s: float = 0.0  # seconds spent training (in-loop kNN excluded): the x axis of a learning curve
+    t_mark: float = 0.0  # when train_s was last brought up to date
+    cpu_s: float = 0.0  # CPU seconds of this process (all its threads) spent training: immune to other load
+    cpu_mark: float = 0.0
     last_ckpt: Path | None = None
 
 
@@ -300,14 +304,23 @@ def _restore(step: TrainStep, ckpt: dict[str, Any], gen: torch.Generator, rank: 
     gen.set_state(ckpt["generators"][rank])
     torch.set_rng_state(ckpt["torch_rngs"][rank])
     _set_host_rng(ckpt["host_rngs"][rank])
-    return _Progress(step=int(ckpt["step"]), skipped=int(ckpt.get("skipped_steps", 0)))
+    return _Progress(step=int(ckpt["step"]), skipped=int(ckpt.get("skipped_steps", 0)),
+                     train_s=float(ckpt.get("train_s", 0.0)), cpu_s=float(ckpt.get("cpu_s", 0.0)))
+
+
+def _tick(prog: _Progress) -> float:
+    """Add the wall and CPU time since the last mark to the training time; now."""
+    now, cpu = time.perf_counter(), time.process_time()
+    prog.train_s, prog.t_mark = prog.train_s + now - prog.t_mark, now
+    prog.cpu_s, prog.cpu_mark = prog.cpu_s + cpu - prog.cpu_mark, cpu
+    return now
 
 
 def _log_row(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, prog: _Progress,
              grad_norm: float) -> dict[str, Any]:
     """The metrics row of the step just taken; warns once when the teacher looks collapsed."""
     cfg, i = run.cfg, prog.step - 1
-    now = time.perf_counter()
+    now = _tick(prog)
     ent, ent_mean = _entropies(out.teacher.cls, step.objective.cls_center.center, sch.teacher_temp[i])
     collapse = _collapse_kind(ent, ent_mean, cfg.head.out_dim)
     if collapse and not prog.warned_collapse and prog.step > run.steps_per_epoch and run.info.is_main:
@@ -321,7 +334,8 @@ def _log_row(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, prog: 
         "teacher_temp": sch.teacher_temp[i], "grad_norm": round(grad_norm, 4), "skipped_steps": prog.skipped,
         "teacher_entropy": round(ent, 4), "teacher_mean_entropy": round(ent_mean, 4),
         "kl_mean_to_uniform": round(math.log(cfg.head.out_dim) - ent_mean, 4),
-        "images_per_s": round(prog.images / (now - prog.t_last), 2),
+        "images_per_s": round(prog.images / (now - prog.t_last), 2), "train_s": round(prog.train_s, 2),
+        "cpu_s": round(prog.cpu_s, 2),
     }
     prog.t_last, prog.images = now, 0
     return row
@@ -331,6 +345,7 @@ def _checkpoint_state(run: _Run, step: TrainStep, gen: torch.Generator, prog: _P
     """Everything a resume needs (every rank's generators gathered); ``None`` on ranks other than 0."""
     generators, torch_rngs = gather_objects(gen.get_state()), gather_objects(torch.get_rng_state())
     host_rngs = gather_objects(_host_rng())
+    _tick(prog)
     if not run.info.is_main:
         return None
     return {
@@ -338,6 +353,7 @@ def _checkpoint_state(run: _Run, step: TrainStep, gen: torch.Generator, prog: _P
         "objective": step.objective.state_dict(), "optimizer": step.optimizer.state_dict(),
         "scaler": step.scaler.state_dict(), "skipped_steps": prog.skipped, "generators": generators,
         "torch_rngs": torch_rngs, "host_rngs": host_rngs, "step": prog.step,
+        "train_s": prog.train_s, "cpu_s": prog.cpu_s,
         "epoch": prog.step // run.steps_per_epoch, "config": config_to_dict(run.cfg),
         "world_size": run.info.world_size, "format": 2,
     }
@@ -373,12 +389,14 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:
             prog.last_ckpt = save_checkpoint(state, run.dir, prog.step, cfg.keep_checkpoints)
-        epoch = prog.step // run.steps_per_epoch
-        knn_due = cfg.knn_every_epochs and epoch % cfg.knn_every_epochs == 0 and prog.step < total
-        if end_of_epoch and knn_due and run.heldout:
+    if cfg.knn_every_epochs and run.heldout and prog.step < total:
+        every = max(1, round(cfg.knn_every_epochs * run.steps_per_epoch))
+        if prog.step % every == 0:
+            _tick(prog)
             res = evaluate_knn_run(step.teacher.backbone, cfg, progress=False)
             if run.loggers is not None:
-                run.loggers.knn(prog.step, res, epoch)
+                run.loggers.knn(prog.step, res, prog.step / run.steps_per_epoch, (prog.train_s, prog.cpu_s))
+            prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()  # evaluating is not training
     return row
 
 
@@ -395,7 +413,8 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     if run.cfg.knn_at_end and run.heldout:
         knn = evaluate_knn_run(step.teacher.backbone, run.cfg, progress=progress and run.info.is_main)
         if run.info.is_main:
-            (run.dir / "knn.json").write_text(json.dumps({"step": prog.step, "knn": knn}, indent=2))
+            (run.dir / "knn.json").write_text(json.dumps({"step": prog.step, "train_s": round(prog.train_s, 2),
+                                                          "cpu_s": round(prog.cpu_s, 2), "knn": knn}, indent=2))
             run.loggers.knn(prog.step, knn)
         if run.cfg.knn_floors:
             floors = _floors(run)
@@ -469,7 +488,8 @@ def _train(run: _Run, progress: bool) -> TrainResult:
     total = len(sch.lr)
     bar = tqdm(total=total, initial=prog.step, disable=not progress or not info.is_main,
                desc=f"pretrain {cfg.loss.objective}", unit="step")
-    prog.t_last = time.perf_counter()
+    prog.t_last = prog.t_mark = time.perf_counter()
+    prog.cpu_mark = time.process_time()
     while prog.step < total:
         epoch, start = divmod(prog.step, run.steps_per_epoch)
         batches = _epoch_batches(len(run.dataset), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)

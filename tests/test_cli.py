@@ -186,3 +186,19 @@ def test_pretrain_ends_with_the_random_init_and_pixel_floors(tmp_path, capsys):
     assert f"| *random init, same backbone* | 10 | {floors['random_init']['knn10']:.2f} | — |" in printed
     assert f"| *raw pixels* | 10 | {floors['pixels']['knn10']:.2f} | — |" in printed
     assert "*raw pixels*" in (tmp_path / "f" / "report.md").read_text()
+
+
+def test_knn_twice_an_epoch_logs_training_time_without_evaluation(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, "--epochs", "2", "knn_every_epochs=0.5", "knn_floors=false") == 0  # 3 steps an epoch
+    history = [json.loads(x) for x in (out / "knn_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4]  # every round(0.5 * 3) = 2 steps, not at the last (knn.json)
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert [h["epoch"] for h in history] == [round(2 / 3, 4), round(4 / 3, 4)]
+    # training time grows step by step and the kNN at step 2 is not counted in it
+    times = [rows[s]["train_s"] for s in range(1, 7)]
+    assert times == sorted(times) and times[0] > 0
+    for key in ("train_s", "cpu_s"):
+        assert history[0][key] == pytest.approx(rows[2][key], abs=0.01)
+    assert rows[6]["cpu_s"] > 0
+    assert json.loads((out / "knn.json").read_text())["train_s"] == pytest.approx(rows[6]["train_s"], abs=0.01)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch.utils.data import Dataset
 
 from pwself.eval.features import extract_features
 
-__all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256"]
+__all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256", "load_or_compute"]
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +122,28 @@ def cached_features(
     key_dict = {"weights": source.key, "data": dataset_id, "n": len(dataset), "size": source.size,
                 "mean": source.mean, "std": source.std, "pooling": pooling, "normalize": normalize}
     key = hashlib.sha256(json.dumps(key_dict, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"features_{key}.pt" if cache_dir else None
+
+    def compute() -> dict[str, Any]:
+        feats, labels = extract_features(source.backbone, dataset, source.mean, source.std, size=source.size,
+                                         pooling=pooling, normalize=normalize, **kwargs)
+        return {"features": feats, "labels": labels, "key": key_dict}
+
+    cached = load_or_compute(Path(cache_dir) / f"features_{key}.pt" if cache_dir else None, compute)
+    return cached["features"], cached["labels"]
+
+
+def load_or_compute(path: Path | None, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()`` once: its dict of tensors is saved atomically at ``path`` and read back by later calls
+    (``None``: no cache; an unreadable file is computed again)."""
     if path is not None and path.exists():
         try:
-            cached = torch.load(path, weights_only=True)
-            return cached["features"], cached["labels"]
+            return torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways: recompute it
             log.warning("feature cache %s is unreadable (%s): computing the features again", path, type(e).__name__)
-    feats, labels = extract_features(source.backbone, dataset, source.mean, source.std, size=source.size,
-                                     pooling=pooling, normalize=normalize, **kwargs)
+    value = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"features": feats, "labels": labels, "key": key_dict}, tmp)
+        torch.save(value, tmp)
         tmp.replace(path)
-    return feats, labels
+    return value

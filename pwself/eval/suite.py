@@ -10,7 +10,7 @@ from typing import Any
 from pwself.data import DatasetError, build_dataset
 from pwself.eval.source import FeatureSource, cached_features, open_source
 
-__all__ = ["run", "markdown", "write"]
+__all__ = ["run", "markdown", "write", "open_sources"]
 
 
 def _data_settings(args: argparse.Namespace, sources: list[FeatureSource]) -> dict[str, Any]:
@@ -26,7 +26,8 @@ def _data_settings(args: argparse.Namespace, sources: list[FeatureSource]) -> di
             "synthetic_classes": data.get("synthetic_classes", 4), "seed": cfg.get("seed", 0)}
 
 
-def _open_sources(models: list[str], args: argparse.Namespace, channels: int, size: int) -> list[FeatureSource]:
+def open_sources(models: list[str], args: argparse.Namespace, channels: int, size: int) -> list[FeatureSource]:
+    """Open every model on the ``--device`` (a timm name takes ``channels`` and ``size`` unless flags say)."""
     from pwself.train import resolve_device
 
     device = resolve_device(getattr(args, "device", None) or "auto")
@@ -51,7 +52,7 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
         opts = {k: ds_cfg[k] for k in ("image_size", "channels", "synthetic_size", "synthetic_classes", "seed")}
         train, test = (build_dataset(ds_cfg["kind"], ds_cfg["root"], split, **opts) for split in ("train", "test"))
         image = train[0][0]
-        sources = _open_sources(models, args, image.shape[0], image.shape[-1])
+        sources = open_sources(models, args, image.shape[0], image.shape[-1])
         out["data"] = ds_cfg
         for pooling in args.pooling.split(","):
             feats = {}
@@ -77,7 +78,7 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
             layout = generate_copydetect_set(args.generate_from, path)
         else:
             layout = read_copydays(path)
-        for src in _open_sources(models, args, 3, 224):
+        for src in open_sources(models, args, 3, 224):
             imsize = getattr(args, "imsize", None) or src.size
             channels = src.backbone.patch_embed.proj.in_channels
             res = evaluate_copydetect(src.backbone, layout, src.mean, src.std, imsize, channels,
@@ -87,7 +88,7 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
         from pwself.eval.retrieval import evaluate_retrieval
 
         images = args.images or str(Path(args.gnd).parent / "jpg")
-        for src in _open_sources(models, args, 3, 224):
+        for src in open_sources(models, args, 3, 224):
             channels = src.backbone.patch_embed.proj.in_channels
             res = evaluate_retrieval(src.backbone, args.gnd, images, src.mean, src.std,
                                      imsize=getattr(args, "imsize", None) or 224,

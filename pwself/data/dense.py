@@ -1,0 +1,107 @@
+"""Dense (per-pixel) labelled data: ``DIR/{train,test}/images/*`` with ``DIR/{train,test}/masks/STEM.png``.
+
+A mask holds one class index per pixel, 255 = ignore (the ADE20K / Pascal VOC convention). The number of
+classes comes from ``DIR/classes.json`` (a list of names, as ``pwself make-scenes`` writes) when it exists,
+else from the largest index found in the masks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from pwself.data.datasets import IMAGE_EXTENSIONS, DatasetError, expand_path, open_image
+
+__all__ = ["IGNORE_INDEX", "DenseSplit", "open_dense", "dense_classes"]
+
+IGNORE_INDEX = 255
+
+
+def _mask_array(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I", "I;16"):
+            raise DatasetError(f"mask {path} has mode {im.mode}: save masks as single-channel PNGs of class indices")
+        return np.asarray(im).astype(np.int64)
+
+
+@dataclass
+class DenseSplit(Dataset):
+    """One split: image files and their masks, read on access.
+
+    Yields ``(uint8 [C, size, size] image resized to the model's input, long [H, W] mask at full size)``.
+    """
+
+    images: list[Path]
+    masks: list[Path]
+    channels: int
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        im = open_image(self.images[i], self.channels)
+        mask = _mask_array(self.masks[i])
+        if mask.shape != (im.size[1], im.size[0]):
+            raise DatasetError(f"mask {self.masks[i]} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                               f"{im.size[0]}x{im.size[1]}: a mask must have its image's size")
+        im = im.resize((self.size, self.size), Image.BICUBIC) if im.size != (self.size, self.size) else im
+        t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+        return (t[None] if t.ndim == 2 else t.permute(2, 0, 1)), torch.from_numpy(mask)
+
+
+def _split_files(root: Path, split: str) -> tuple[list[Path], list[Path]]:
+    img_dir, mask_dir = root / split / "images", root / split / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DatasetError(f"no folder {d}: a dense dataset has {root}/{{train,test}}/images and .../masks "
+                               "(make one with `pwself make-scenes OUT`)")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DatasetError(f"no images in {img_dir}: put the {split} images there")
+    masks = [mask_dir / f"{p.stem}.png" for p in images]
+    missing = [m for m in masks if not m.exists()]
+    if missing:
+        raise DatasetError(f"{len(missing)} image(s) in {img_dir} have no mask, e.g. {missing[0]}: every image needs "
+                           "masks/STEM.png")
+    return images, masks
+
+
+def dense_classes(root: str | Path, splits: list[DenseSplit]) -> list[str]:
+    """Class names: ``classes.json`` when present, else ``0..max`` over the masks; checks every mask value."""
+    root = expand_path(root)
+    seen = 0
+    for split in splits:
+        for m in split.masks:
+            values = np.unique(_mask_array(m))
+            values = values[values != IGNORE_INDEX]
+            if len(values) and (values.min() < 0 or values.max() > 254):
+                raise DatasetError(f"mask {m} holds class {int(values.max())}: class indices are 0..254, 255 = ignore")
+            seen = max(seen, int(values.max()) + 1 if len(values) else 0)
+    names_file = root / "classes.json"
+    if names_file.exists():
+        names = json.loads(names_file.read_text())
+        if seen > len(names):
+            raise DatasetError(f"a mask holds class {seen - 1} but {names_file} names {len(names)} classes: fix the "
+                               "mask or the class list")
+        return [str(n) for n in names]
+    if seen == 0:
+        raise DatasetError(f"every mask pixel under {root} is 255 (ignore): there is nothing to score")
+    return [str(c) for c in range(seen)]
+
+
+def open_dense(root: str | Path, split: str, channels: int, size: int) -> DenseSplit:
+    """One split of a dense dataset, images resized to ``size`` for the model."""
+    root = expand_path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dense dataset {root} does not exist: pass --data DIR (make one with "
+                           "`pwself make-scenes OUT`)")
+    images, masks = _split_files(root, split)
+    return DenseSplit(images, masks, channels, size)

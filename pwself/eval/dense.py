@@ -1,0 +1,300 @@
+"""Dense probe: a linear classifier on each frozen patch token, scored as semantic segmentation.
+
+The protocol of dinov2's linear segmentation head (mmsegmentation's ``BNHead`` with ``resize_concat`` off):
+patch tokens of the last block after the final norm, one linear layer per token, its logits upsampled
+bilinearly to the mask and trained with per-pixel cross-entropy (255 ignored). Tokens are cached, so there
+is no augmentation; they are standardized with the statistics of the train part (as the linear probe
+does), which stands in for the head's BatchNorm. A grid of learning rates is trained in one pass and the
+head with the best mean IoU on a held-out tenth of train is the one scored on test, at each mask's full
+resolution. Scores follow mmsegmentation: IoU per class over the whole test set, the mean over classes
+present in the ground truth or the predictions (a class in neither is excluded), and pixel accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pwself.data.datasets import DatasetError
+from pwself.data.dense import IGNORE_INDEX, DenseSplit, dense_classes, open_dense
+from pwself.eval.features import normalize_images
+from pwself.eval.source import load_or_compute
+from pwself.models import forward_tokens
+
+__all__ = ["DenseFeatures", "backbone_encoder", "pixel_encoder", "dense_features", "confusion_matrix",
+           "segmentation_scores", "dense_probe", "dense_markdown", "DenseSettings", "evaluate_dense"]
+
+Encoder = Callable[[Tensor], Tensor]  # normalized images [B, C, S, S] -> tokens [B, h, w, D]
+
+
+@dataclass
+class DenseFeatures:
+    """Frozen tokens of a split and its masks.
+
+    Attributes:
+        tokens: ``[N, h, w, D]`` float32 patch tokens.
+        masks: ``N`` long masks at their full resolution (class index, 255 = ignore).
+    """
+
+    tokens: Tensor
+    masks: list[Tensor]
+
+
+def backbone_encoder(backbone: nn.Module) -> Encoder:
+    """Patch tokens of a timm ViT's last block after the final norm, on their grid."""
+    def encode(x: Tensor) -> Tensor:
+        tok = forward_tokens(backbone, x)
+        return tok.patches.reshape(len(x), *tok.grid, -1)
+    return encode
+
+
+def pixel_encoder(patch_size: int) -> Encoder:
+    """Each patch's raw pixels as its token: the floor a learned patch token must beat."""
+    def encode(x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        cols = F.unfold(x, kernel_size=patch_size, stride=patch_size)  # [B, C*p*p, L], row-major patches
+        return cols.transpose(1, 2).reshape(b, h // patch_size, w // patch_size, -1)
+    return encode
+
+
+@torch.inference_mode()
+def dense_features(encode: Encoder, split: DenseSplit, mean: list[float], std: list[float], batch_size: int = 128,
+                   device: str | torch.device = "cpu", progress: bool = True, desc: str = "dense features",
+                   ) -> DenseFeatures:
+    """Encode every image of ``split``; masks are kept as read."""
+    tokens, masks = [], []
+    for start in tqdm(range(0, len(split), batch_size), desc=desc, disable=not progress, leave=False):
+        items = [split[i] for i in range(start, min(start + batch_size, len(split)))]
+        images = torch.stack([im for im, _ in items]).to(device)
+        tokens.append(encode(normalize_images(images, mean, std)).float().cpu())
+        masks += [m for _, m in items]
+    return DenseFeatures(torch.cat(tokens), masks)
+
+
+def cache_key(parts: dict) -> str:
+    """A short stable hash of what identifies cached features."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def confusion_matrix(pred: Tensor, gt: Tensor, n_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``[C, C]`` counts, rows = ground truth, columns = prediction, ignored pixels left out."""
+    valid = gt != ignore_index
+    idx = gt[valid].long() * n_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=n_classes * n_classes).view(n_classes, n_classes)
+
+
+def segmentation_scores(conf: Tensor, names: Sequence[str]) -> dict:
+    """mmsegmentation's metrics from a confusion matrix: ``miou`` and ``mean_acc`` (%, over classes present
+    in the ground truth or predictions), ``pixel_acc`` (%), ``per_class_iou`` (``None`` for an absent class)."""
+    conf = conf.double()
+    inter = conf.diagonal()
+    area_gt, area_pred = conf.sum(1), conf.sum(0)
+    union = area_gt + area_pred - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+    acc = torch.where(area_gt > 0, inter / area_gt.clamp(min=1), torch.full_like(inter, math.nan))
+    return {
+        "miou": float(100 * iou.nanmean()), "mean_acc": float(100 * acc.nanmean()),
+        "pixel_acc": float(100 * inter.sum() / area_gt.sum().clamp(min=1)),
+        "per_class_iou": {n: (None if math.isnan(v) else round(100 * v, 4)) for n, v in zip(names, iou.tolist())},
+    }
+
+
+def _targets(masks: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """Masks at the logits' upsampled size (nearest, so no class is invented) as one ``[N, H, W]`` tensor."""
+    out = [m if tuple(m.shape) == size else
+           F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long() for m in masks]
+    return torch.stack(out)
+
+
+def _logits(x: Tensor, weight: Tensor, bias: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[K, B, C, H, W]``: every head's logits on tokens ``[B, h, w, D]``, upsampled bilinearly to ``size``."""
+    logits = torch.einsum("bhwd,kdc->kbchw", x, weight) + bias[:, None, :, None, None]
+    k, b = logits.shape[:2]
+    up = F.interpolate(logits.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
+    return up.view(k, b, *up.shape[1:])
+
+
+def _train_heads(x: Tensor, y: Tensor, lrs: Sequence[float], n_classes: int, epochs: int, batch_size: int,
+                 g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One linear head per learning rate, trained together on the same batches: SGD with momentum 0.9, a
+    per-iteration cosine, per-pixel cross-entropy averaged over the labelled pixels."""
+    k, d = len(lrs), x.shape[-1]
+    weight = nn.Parameter(torch.randn(k, d, n_classes, generator=g) * 0.01)
+    bias = nn.Parameter(torch.zeros(k, n_classes))
+    # One SGD group per head: heads share no parameters, so summing their losses trains each on its own.
+    params = [{"params": [weight], "lr": 1.0}, {"params": [bias], "lr": 1.0}]
+    opt = torch.optim.SGD(params, lr=1.0, momentum=0.9)
+    scale = torch.tensor([lr * batch_size / 256 for lr in lrs])
+    total = epochs * max(1, math.ceil(len(x) / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
+    size = tuple(y.shape[-2:])
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for idx in order.split(batch_size):
+            logits = _logits(x[idx], weight, bias, size)
+            target = y[idx].expand(k, *y[idx].shape)
+            ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(k, -1)
+            n_valid = (y[idx] != IGNORE_INDEX).sum().clamp(min=1)
+            opt.zero_grad()
+            (ce.sum(1) / n_valid).sum().backward()
+            with torch.no_grad():  # each head's own learning rate, as a gradient scale under one SGD
+                weight.grad.mul_(scale[:, None, None])
+                bias.grad.mul_(scale[:, None])
+            opt.step()
+            sched.step()
+    return weight.detach(), bias.detach()
+
+
+@torch.no_grad()
+def _test_confusion(x: Tensor, masks: list[Tensor], weight: Tensor, bias: Tensor, n_classes: int) -> Tensor:
+    """Confusion matrix of one head on test, each image's logits upsampled to its own mask's size."""
+    conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(masks):
+        by_size.setdefault(tuple(m.shape), []).append(i)
+    for size, idx in by_size.items():
+        for chunk in torch.tensor(idx).split(256):
+            pred = _logits(x[chunk], weight[None], bias[None], size)[0].argmax(1)
+            conf += confusion_matrix(pred, torch.stack([masks[i] for i in chunk.tolist()]), n_classes)
+    return conf
+
+
+def dense_probe(train: DenseFeatures, test: DenseFeatures, names: Sequence[str],
+                lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0), epochs: int = 10,
+                batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Train a grid of per-token linear heads, choose one on held-out train (mean IoU), score it on test.
+
+    Returns ``{"miou", "mean_acc", "pixel_acc", "per_class_iou"}`` on test for the chosen head, ``"best"``
+    (its lr and held-out mIoU) and ``"grid"`` (held-out mIoU of every lr).
+    """
+    if train.tokens.shape[-1] != test.tokens.shape[-1]:
+        raise ValueError(f"train and test tokens differ in dimension ({train.tokens.shape[-1]} vs "
+                         f"{test.tokens.shape[-1]})")
+    n_classes = len(names)
+    g = torch.Generator().manual_seed(seed)
+    n = len(train.tokens)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, round(val_fraction * n))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    mu = train.tokens[tr_idx].mean((0, 1, 2))
+    sd = train.tokens[tr_idx].std((0, 1, 2)).clamp(min=1e-6)
+    x_all = (train.tokens - mu) / sd
+    size = tuple(train.masks[0].shape)
+    y_all = _targets(train.masks, size)
+    weight, bias = _train_heads(x_all[tr_idx], y_all[tr_idx], lrs, n_classes, epochs, batch_size, g)
+    val_miou = []
+    for k in range(len(lrs)):
+        conf = _test_confusion(x_all[val_idx], list(y_all[val_idx]), weight[k], bias[k], n_classes)
+        val_miou.append(segmentation_scores(conf, names)["miou"])
+    best = 0
+    for k in range(1, len(lrs)):  # strict >: the first (smallest) lr wins a tie
+        if val_miou[k] > val_miou[best]:
+            best = k
+    conf = _test_confusion((test.tokens - mu) / sd, test.masks, weight[best], bias[best], n_classes)
+    return {**segmentation_scores(conf, names), "best": {"lr": lrs[best], "val_miou": val_miou[best]},
+            "grid": [{"lr": lr, "val_miou": v} for lr, v in zip(lrs, val_miou)]}
+
+
+def dense_markdown(results: dict[str, dict]) -> str:
+    """A table of mIoU / pixel accuracy per model, then per-class IoU."""
+    if not results:
+        return ""
+    names = list(next(iter(results.values()))["per_class_iou"])
+    lines = ["### Dense probe (linear per patch token, logits upsampled to the mask): test %", "",
+             "| model | mIoU | pixel acc | mean acc | chosen lr |", "|---|---|---|---|---|"]
+    for model, r in results.items():
+        cells = [f"{r[k]:.2f}" for k in ("miou", "pixel_acc", "mean_acc")]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {r['best']['lr']:g} |")
+    lines += ["", "Per-class IoU (— : class absent from the test masks and never predicted)", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for model, r in results.items():
+        cells = ["—" if v is None else f"{v:.1f}" for v in r["per_class_iou"].values()]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class DenseSettings:
+    """How :func:`evaluate_dense` runs.
+
+    Attributes:
+        train_images: Train images the heads learn from (the first ones, by file name; 0: all).
+        epochs: Passes of the heads over them.
+        size: Model input side (default: each model's global view size).
+        pixel_floor: Also probe each patch's raw pixels (patch size of the first model).
+        cache_dir: Where tokens are cached (``None``: nowhere).
+        device: Where the backbones run.
+        progress: Progress bars.
+    """
+
+    train_images: int = 2000
+    epochs: int = 10
+    size: int | None = None
+    pixel_floor: bool = False
+    cache_dir: str | None = None
+    device: str | torch.device = "cpu"
+    progress: bool = True
+
+
+def _split_pair(root: str, channels: int, size: int, train_images: int) -> tuple[DenseSplit, DenseSplit]:
+    train, test = open_dense(root, "train", channels, size), open_dense(root, "test", channels, size)
+    if train_images:
+        train = DenseSplit(train.images[:train_images], train.masks[:train_images], channels, size)
+    return train, test
+
+
+def _source_features(encode: Encoder, key: dict, splits: tuple[DenseSplit, DenseSplit], mean: list[float],
+                     std: list[float], s: DenseSettings) -> tuple[DenseFeatures, DenseFeatures]:
+    """Train and test tokens of one encoder, from the cache when it has them."""
+    out = []
+    for name, split in zip(("train", "test"), splits):
+        ident = {**key, "split": name, "files": [str(p) for p in (split.images[0], split.images[-1])],
+                 "n": len(split), "size": split.size, "mean": mean, "std": std}
+        path = Path(s.cache_dir) / f"dense_{cache_key(ident)}.pt" if s.cache_dir else None
+
+        def compute(split: DenseSplit = split, name: str = name) -> dict:
+            f = dense_features(encode, split, mean, std, device=s.device, progress=s.progress,
+                               desc=f"dense {name}")
+            return {"tokens": f.tokens, "masks": f.masks}
+
+        cached = load_or_compute(path, compute)
+        out.append(DenseFeatures(cached["tokens"], list(cached["masks"])))
+    return out[0], out[1]
+
+
+def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSettings()) -> dict[str, dict]:
+    """Dense probe of every :class:`~pwself.eval.source.FeatureSource` on the dense dataset at ``root``
+    (``{model name: result}``), with the raw-pixel floor row when ``settings.pixel_floor``."""
+    results: dict[str, dict] = {}
+    names: list[str] | None = None
+    for src in sources:
+        size = settings.size or src.size
+        patch = src.backbone.patch_embed.patch_size[0]
+        if size % patch:
+            raise DatasetError(f"input side {size} is not a multiple of the patch size {patch}: pass --size "
+                               f"{max(patch, size // patch * patch)}")
+        channels = src.backbone.patch_embed.proj.in_channels
+        splits = _split_pair(root, channels, size, settings.train_images)
+        names = names or dense_classes(root, list(splits))
+        src.backbone.eval()
+        train, test = _source_features(backbone_encoder(src.backbone), {"weights": src.key, "root": str(root)},
+                                       splits, src.mean, src.std, settings)
+        results[src.name] = dense_probe(train, test, names, epochs=settings.epochs)
+    if settings.pixel_floor and sources:
+        src = sources[0]
+        patch, size = src.backbone.patch_embed.patch_size[0], settings.size or src.size
+        splits = _split_pair(root, src.backbone.patch_embed.proj.in_channels, size, settings.train_images)
+        train, test = _source_features(pixel_encoder(patch), {"weights": f"pixels{patch}", "root": str(root)},
+                                       splits, src.mean, src.std, settings)
+        results["raw pixels (floor)"] = dense_probe(train, test, names, epochs=settings.epochs)
+    return results
