@@ -147,7 +147,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="train and evaluate several objectives on the same data/model/budget/seeds; table + bar plot",
         description="Runs every objective x seed sequentially into OUT/<objective>_seed<seed>/ (finished runs are "
-        "skipped, interrupted ones resume), evaluates kNN and a linear probe, and writes comparison.md/.json/.png. "
+        "skipped, interrupted ones resume), evaluates kNN, a linear probe (and with --dense the dense probe), and "
+        "writes comparison.md/.json/.png. "
         "An objective may carry overrides after ':' joined by '+', e.g. pwml:photometric.mode=none.",
     )
     p.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"comma-separated, from {', '.join(OBJECTIVES)} "
@@ -156,6 +157,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="base YAML config (same for every run)")
     p.add_argument("--out-dir", default="runs/compare")
     p.add_argument("--device", help="training and evaluation device (default: the config's, auto)")
+    p.add_argument("--dense", metavar="DIR", help="dense dataset (e.g. from `pwself make-scenes`): adds the dense "
+                   "probe (mIoU) of every run, the random init and raw pixels")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
 
@@ -419,7 +422,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     objectives = [o for o in re.split(r",(?![^\[]*\])", args.objectives) if o]  # commas inside [..] are values
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress)
+    if args.dense:
+        from pwself.data.dense import open_dense
+
+        open_dense(args.dense, "test", 1, 8)  # a wrong folder fails now, not after hours of training
+    results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress, dense=args.dense)
     print(comparison_table(results))
     print(f"wrote {Path(args.out_dir) / 'comparison.md'} and comparison.png")
     return 0

@@ -3,7 +3,8 @@
 Runs go to ``OUT/<objective>_seed<seed>/`` one after the other; a run whose ``knn.json`` exists is
 finished and skipped, an interrupted one resumes from its checkpoint. Each finished run is evaluated with
 kNN (k = 10, 20 on the teacher features pooled as the objective says: the CLS token, or BagSSL's bag of
-tiles) and a linear probe, and the results are aggregated as mean ± std over seeds.
+tiles), a linear probe and, given a dense dataset, the dense probe; the results are aggregated as mean ± std
+over seeds beside the random-init and raw-pixel floors of each protocol.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pwself.checkpoint import latest_checkpoint
-from pwself.config import TrainConfig, apply_overrides
+from pwself.config import TrainConfig, apply_overrides, config_to_dict
 
-__all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor"]
+__all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor",
+           "pixel_dense_floor"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
 
@@ -27,17 +29,21 @@ def _open(cfg: TrainConfig, split: str):  # noqa: ANN202 - a torch Dataset
     return open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
 
 
-def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
-    """kNN (k = 10, 20) of raw, L2-normalized pixels with the same bank and queries as the runs: the floor
-    that learned features must beat. ``None`` for unlabelled data or images above :data:`MAX_PIXEL_DIM`."""
+def pixel_floor(cfg: TrainConfig, cache: Path, linear: bool = False) -> dict[str, float] | None:
+    """kNN (k = 10, 20) of raw, L2-normalized pixels with the same bank and queries as the runs, and (with
+    ``linear``) the linear probe on them: the floor that learned features must beat. ``None`` for unlabelled
+    data or images above :data:`MAX_PIXEL_DIM`."""
     import torch
     import torch.nn.functional as F
 
     from pwself.data import iterate_batches
     from pwself.eval.knn import knn_classify
+    from pwself.eval.linear import linear_probe
 
     if cache.exists():
-        return json.loads(cache.read_text())
+        floor = json.loads(cache.read_text())
+        if not linear or "linear" in floor:
+            return floor
     train = _open(cfg, "train")
     image, label = train[0]
     if image.numel() > MAX_PIXEL_DIM or int(label) < 0:  # too large for a side result, or unlabelled
@@ -50,33 +56,48 @@ def pixel_floor(cfg: TrainConfig, cache: Path) -> dict[str, float] | None:
         return None
     knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))
     floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    if linear:
+        floor["linear"] = linear_probe(*data["train"], *data["test"])["top1"]
     cache.write_text(json.dumps(floor))
     return floor
 
 
-def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True) -> dict[str, float] | None:
-    """kNN (k = 10, 20) and (with ``linear``) linear probe of the configured backbone at its random
-    initialization (the same init a run with ``cfg.seed`` starts from), CLS features at the global view size:
-    what pretraining adds is the distance to this row. ``None`` for unlabelled data."""
+def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a FeatureSource
+    """The configured backbone at the init a run with ``cfg.seed`` starts from, as a feature source."""
     import torch
 
     from pwself.data import channel_stats, take_subset
-    from pwself.eval import extract_features, knn_classify
-    from pwself.eval.linear import linear_probe
+    from pwself.eval.source import FeatureSource
     from pwself.models import make_vit
     from pwself.train import resolve_device
 
-    if cache.exists():
-        return json.loads(cache.read_text())
-    splits = {split: _open(cfg, split) for split in ("train", "test")}
     mean, std = cfg.data.mean, cfg.data.std
     if not mean:  # as train() computes them: over the training subset
         train_set = splits["train"]
         mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
     torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
-    device = resolve_device(cfg.device)
-    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(device)
-    feats = {split: extract_features(backbone, ds, mean, std, size=cfg.views.global_size, progress=False,
+    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(resolve_device(cfg.device)).eval()
+    key = f"random_init:{json.dumps(config_to_dict(cfg)['backbone'], sort_keys=True)}:seed{cfg.seed}"
+    return FeatureSource("random init", backbone, list(mean), list(std), cfg.views.global_size, key)
+
+
+def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
+                      dense: str | None = None) -> dict[str, float] | None:
+    """kNN (k = 10, 20), (with ``linear``) linear probe and (with ``dense``, a dense dataset) the dense probe
+    of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
+    from), CLS features at the global view size: what pretraining adds is the distance to this row.
+    ``None`` for unlabelled data."""
+    from pwself.eval import extract_features, knn_classify
+    from pwself.eval.linear import linear_probe
+
+    if cache.exists():
+        floor = json.loads(cache.read_text())
+        if dense is None or "miou" in floor:
+            return floor
+    splits = {split: _open(cfg, split) for split in ("train", "test")}
+    src = _random_init_source(cfg, splits)
+    device = next(src.backbone.parameters()).device
+    feats = {split: extract_features(src.backbone, ds, src.mean, src.std, size=src.size, progress=False,
                                      num_workers=cfg.data.num_workers, device=device) for split, ds in splits.items()}
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         return None
@@ -84,11 +105,36 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True) -> dic
     floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
     if linear:
         floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
+    if dense is not None:
+        floor["miou"] = _dense_probe(src, dense, cache.parent / "features", device)["miou"]
     cache.write_text(json.dumps(floor))
     return floor
 
 
-def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
+def _dense_probe(src, dense: str, cache_dir: Path, device) -> dict:  # noqa: ANN001 - FeatureSource, device
+    """The dense probe (default settings) of one feature source."""
+    from pwself.eval.dense import DenseSettings, evaluate_dense
+
+    settings = DenseSettings(cache_dir=str(cache_dir), device=device, progress=False)
+    return evaluate_dense([src], dense, settings)[src.name]
+
+
+def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
+    """The dense probe on each patch's raw pixels (the backbone's patch size and input side)."""
+    from pwself.eval.dense import DenseSettings, pixel_encoder, probe_encoder
+
+    if cache.exists():
+        return json.loads(cache.read_text())
+    p, size = cfg.backbone.patch_size, cfg.views.global_size
+    settings = DenseSettings(cache_dir=str(cache.parent / "features"), progress=False)
+    res = probe_encoder(pixel_encoder(p), {"weights": f"pixels{p}"}, dense, cfg.backbone.in_chans, size,
+                        [0.5] * cfg.backbone.in_chans, [0.5] * cfg.backbone.in_chans, settings)
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict[str, Any]:
+    """Train (or resume) one run, then its kNN, linear probe and (given a dense dataset) dense probe."""
     from pwself.eval.linear import linear_probe
     from pwself.eval.source import cached_features, open_source
     from pwself.objectives import objective_class
@@ -99,10 +145,10 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
         # A half-started run without a checkpoint is moved aside and started again.
         train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
-    linear_path = run_dir / "linear.json"
+    linear_path, dense_path = run_dir / "linear.json", run_dir / "dense.json"
+    device = resolve_device(cfg.device)
     if not linear_path.exists():
         src = open_source(str(run_dir))
-        device = resolve_device(cfg.device)
         src.backbone.to(device)
         data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
         pooling = objective_class(cfg.loss.objective).pooling
@@ -114,21 +160,32 @@ def _run_one(cfg: TrainConfig, progress: bool) -> dict[str, Any]:
                  for split in ("train", "test")}
         res = linear_probe(*feats["train"], *feats["test"])
         linear_path.write_text(json.dumps(res, indent=2))
+    if dense is not None and not dense_path.exists():
+        src = open_source(str(run_dir))
+        src.backbone.to(device)
+        dense_path.write_text(json.dumps(_dense_probe(src, dense, run_dir / "features", device), indent=2))
     linear = json.loads(linear_path.read_text())
-    return {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
-            "linear": linear["top1"]}
+    row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
+           "linear": linear["top1"]}
+    if dense is not None:
+        row["miou"] = json.loads(dense_path.read_text())["miou"]
+    return row
 
 
 def run_comparison(
-    base: TrainConfig, objectives: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True
+    base: TrainConfig, objectives: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True,
+    dense: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every (objective, seed); only ``loss.objective`` and ``seed`` differ between runs.
 
     An objective may carry overrides after a colon, e.g. ``pwml:photometric.mode=none`` or
-    ``pwml:loss.matcher=feature-nn`` (several separated by ``+``); the label is the whole string.
+    ``pwml:loss.matcher=feature-nn`` (several separated by ``+``); the label is the whole string. With
+    ``dense`` (a dense dataset folder) every run, the random init and raw pixels also get the dense probe.
     """
     out_dir = Path(out_dir)
     results: dict[str, Any] = {"objectives": objectives, "seeds": seeds, "runs": {}}
+    if dense is not None:
+        results["dense_data"] = str(dense)
     for label in objectives:
         objective, _, extra = label.partition(":")
         overrides = [f"loss.objective={objective}"] + [o for o in extra.split("+") if o]
@@ -136,10 +193,12 @@ def run_comparison(
             name = f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}_seed{seed}"
             cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true"])
             cfg.validate()
-            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress)
-    results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json")
+            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense)
+    results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json", linear=True)
+    if results["pixel_floor"] is not None and dense is not None:
+        results["pixel_floor"]["miou"] = pixel_dense_floor(base, dense, out_dir / "pixel_dense_floor.json")["miou"]
     floors = {str(seed): random_init_floor(apply_overrides(base, [f"seed={seed}"]),
-                                           out_dir / f"random_init_seed{seed}.json") for seed in seeds}
+                                           out_dir / f"random_init_seed{seed}.json", dense=dense) for seed in seeds}
     if all(floors.values()):
         results["random_init"] = floors
     (out_dir / "comparison.json").write_text(json.dumps(results, indent=2))
@@ -152,26 +211,42 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _columns(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, header) of the table's score columns: kNN and linear, and the dense probe when it was run."""
+    cols = [("knn10", "kNN k=10"), ("knn20", "kNN k=20"), ("linear", "linear")]
+    runs = [r for per_seed in results["runs"].values() for r in per_seed.values()]
+    return cols + ([("miou", "dense mIoU")] if runs and all("miou" in r for r in runs) else [])
+
+
 def comparison_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per objective, mean ± std over seeds of kNN k=10, k=20 and linear top-1."""
-    seeds = results["seeds"]
-    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; top-1 % on the test split.", "",
-             "| objective | kNN k=10 | kNN k=20 | linear |", "|---|---|---|---|"]
+    """Markdown: one row per objective, mean ± std over seeds of kNN k=10, k=20, linear top-1 (and dense
+    mIoU), then the random-init and raw-pixel floors."""
+    seeds, cols = results["seeds"], _columns(results)
+    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; top-1 % (mIoU %) on the test split.", "",
+             "| objective | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
     for label, per_seed in results["runs"].items():
-        lines.append(f"| {label} | " + _cells(per_seed) + " |")
+        lines.append(f"| {label} | " + _cells(per_seed, cols) + " |")
     if results.get("random_init"):
-        lines.append("| *random init (same backbone, CLS)* | " + _cells(results["random_init"]) + " |")
+        lines.append("| *random init (same backbone, CLS)* | " + _cells(results["random_init"], cols) + " |")
     floor = results.get("pixel_floor")
     if floor:
-        lines.append(f"| *raw pixels (floor)* | {floor['knn10']:.2f} | {floor['knn20']:.2f} | — |")
+        cells = [f"{floor[k]:.2f}" if k in floor else "—" for k, _ in cols]
+        lines.append("| *raw pixels (floor)* | " + " | ".join(cells) + " |")
+    if results.get("dense_data"):
+        lines += ["", f"Dense probe on {results['dense_data']}: a linear layer on each patch token (on each "
+                  "patch's pixels for the floor), logits upsampled to the mask."]
     return "\n".join(lines) + "\n"
 
 
-def _cells(per_seed: dict[str, dict[str, float]]) -> str:
-    """``mean ± std`` over seeds of kNN k=10, k=20 and linear top-1, as table cells."""
+def _cells(per_seed: dict[str, dict[str, float]], cols: list[tuple[str, str]]) -> str:
+    """``mean ± std`` over seeds of each column's score, as table cells (— where a row lacks it)."""
     cells = []
-    for key in ("knn10", "knn20", "linear"):
-        m, s = _mean_std([r[key] for r in per_seed.values()])
+    for key, _ in cols:
+        values = [r[key] for r in per_seed.values() if key in r]
+        if len(values) < len(per_seed):
+            cells.append("—")
+            continue
+        m, s = _mean_std(values)
         cells.append(f"{m:.2f} ± {s:.2f}")
     return " | ".join(cells)
 
@@ -186,38 +261,56 @@ def _tick_label(label: str) -> str:
     return "\n".join(lines)
 
 
+def _floor_lines(ax, results: dict[str, Any], key: str, name: str, color) -> list[float]:  # noqa: ANN001
+    """The raw-pixel (dashed) and random-init (dotted) floors of one score as lines in its bars' colour."""
+    shown = []
+    floor = results.get("pixel_floor") or {}
+    if key in floor:
+        ax.axhline(floor[key], color=color, linestyle="--", linewidth=1.2, label=f"raw pixels, {name}")
+        shown.append(floor[key])
+    rows = list((results.get("random_init") or {}).values())
+    if rows and all(key in r for r in rows):
+        m, _ = _mean_std([r[key] for r in rows])
+        ax.axhline(m, color=color, linestyle=":", linewidth=1.2, label=f"random init, {name}")
+        shown.append(m)
+    return shown
+
+
+def _bar_panel(ax, results: dict[str, Any], scores: list[tuple[str, str]], ylabel: str) -> None:  # noqa: ANN001
+    """Grouped bars (mean ± std over seeds) of ``scores`` per objective, with their floors."""
+    labels = list(results["runs"])
+    width = 0.8 / len(scores)
+    shown = []
+    for k, (key, name) in enumerate(scores):
+        stats = [_mean_std([r[key] for r in results["runs"][lab].values()]) for lab in labels]
+        xs = [i + (k - (len(scores) - 1) / 2) * width for i in range(len(labels))]
+        bars = ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=name)
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m, _ in stats], padding=2, fontsize=7)
+        shown += [m for m, _ in stats] + _floor_lines(ax, results, key, name, bars.patches[0].get_facecolor())
+    if shown:
+        ax.set_ylim(max(0.0, 5 * (min(shown) // 5) - 5), min(100.0, max(shown) + 4))
+    ax.set_xticks(range(len(labels)), [_tick_label(lab) for lab in labels], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+
+
 def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
-    """Grouped bar plot (kNN k=10 and linear) with std error bars, values on the bars, and the floors
-    (raw pixels, random init) as horizontal lines; the y range fits the values so that gaps of a point show."""
+    """Grouped bar plot (kNN k=10 and linear; the dense probe's mIoU in a panel of its own when it was run)
+    with std error bars, values on the bars, and the floors (raw pixels, random init) as horizontal lines;
+    the y range fits the values so that gaps of a point show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(results["runs"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 3), 4.8))
-    width = 0.38
-    shown = []
-    for k, (key, name) in enumerate((("knn10", "kNN k=10"), ("linear", "linear"))):
-        stats = [_mean_std([r[key] for r in results["runs"][lab].values()]) for lab in labels]
-        xs = [i + (k - 0.5) * width for i in range(len(labels))]
-        bars = ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=name)
-        ax.bar_label(bars, labels=[f"{m:.1f}" for m, _ in stats], padding=2, fontsize=7)
-        shown += [m for m, _ in stats]
-    floor = results.get("pixel_floor")
-    if floor:
-        ax.axhline(floor["knn10"], color="gray", linestyle="--", linewidth=1, label="raw pixels kNN k=10")
-        shown.append(floor["knn10"])
-    if results.get("random_init"):
-        m, _ = _mean_std([r["knn10"] for r in results["random_init"].values()])
-        ax.axhline(m, color="black", linestyle=":", linewidth=1, label="random init kNN k=10")
-        shown.append(m)
-    if shown:
-        ax.set_ylim(max(0.0, 5 * (min(shown) // 5) - 5), min(100.0, max(shown) + 4))
-    ax.set_xticks(range(len(labels)), [_tick_label(lab) for lab in labels], fontsize=8)
-    ax.set_ylabel("top-1 % (test)")
-    ax.set_title(f"objectives, same budget, {len(results['seeds'])} seed(s) each: mean ± std")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    dense = ("miou", "dense mIoU") in _columns(results)
+    n = len(results["runs"])
+    fig, axes = plt.subplots(1, 2 if dense else 1, figsize=(max(6, 1.4 * n + 3) * (1.8 if dense else 1), 4.8),
+                             squeeze=False)
+    _bar_panel(axes[0, 0], results, [("knn10", "kNN k=10"), ("linear", "linear")], "top-1 % (test)")
+    if dense:
+        _bar_panel(axes[0, 1], results, [("miou", "dense mIoU")], "mIoU % (test)")
+    fig.suptitle(f"objectives, same budget, {len(results['seeds'])} seed(s) each: mean ± std", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -11,17 +11,24 @@ from pwself.cli import main
 
 
 @pytest.mark.slow
-def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, capsys, monkeypatch):
+def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, capsys, monkeypatch, fake_fmnist):
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    scenes = tmp_path / "scenes"
+    make_scenes(scenes, SceneSpec(size=16, n_train=24, n_test=8, item_size=(6, 12)), str(fake_fmnist), progress=False)
     args = ["compare", "--objectives", "dino,pwml:photometric.mode=none", "--seeds", "0", "--out-dir",
-            str(tmp_path), "--no-progress", *TINY, "epochs=1", "batch_size=32"]
+            str(tmp_path), "--no-progress", *TINY, "epochs=1", "batch_size=32", "--dense", str(scenes)]
     assert main(args) == 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| dino |" in md and "| pwml:photometric.mode=none |" in md and "±" in md
+    assert "| objective | kNN k=10 | kNN k=20 | linear | dense mIoU |" in md
     assert "| *random init (same backbone, CLS)* |" in md and "| *raw pixels (floor)* |" in md
     res = json.loads((tmp_path / "comparison.json").read_text())
     for label in ("dino", "pwml:photometric.mode=none"):
         r = res["runs"][label]["0"]
-        assert 0 <= r["knn10"] <= 100 and 0 <= r["linear"] <= 100
+        assert 0 <= r["knn10"] <= 100 and 0 <= r["linear"] <= 100 and 0 <= r["miou"] <= 100
+    # every protocol has both floors, the linear and dense ones included
+    assert {"knn10", "linear", "miou"} <= set(res["pixel_floor"]) and {"linear", "miou"} <= set(res["random_init"]["0"])
     cfg_dino = (tmp_path / "dino_seed0" / "config.yaml").read_text()
     cfg_pwml = (tmp_path / "pwml_photometric.mode-none_seed0" / "config.yaml").read_text()
     diff = {a for a, b in zip(cfg_dino.splitlines(), cfg_pwml.splitlines()) if a != b}
@@ -40,7 +47,7 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
 def test_objective_list_keeps_commas_inside_brackets(tmp_path, monkeypatch):
     seen = {}
 
-    def fake(base, objectives, seeds, out_dir, progress=True):
+    def fake(base, objectives, seeds, out_dir, progress=True, dense=None):
         seen["objectives"], seen["seeds"] = objectives, seeds
         return {"objectives": objectives, "seeds": seeds, "runs": {}}
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import _write_idx
 
 from pwself.cli import main
 from pwself.data import DatasetError
@@ -78,20 +77,6 @@ def test_pixel_encoder_puts_each_patch_on_its_grid_cell():
     tok = pixel_encoder(4)(x)
     assert tok.shape == (2, 2, 3, 16)
     assert torch.equal(tok[1, 1, 2], x[1, 0, 4:8, 8:12].flatten())
-
-
-@pytest.fixture(scope="module")
-def fake_fmnist(tmp_path_factory):
-    """IDX files whose train items are classes 0-4 (bright squares) and test items classes 5-9."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for prefix, classes in (("train", range(0, 5)), ("t10k", range(5, 10))):
-        labels = np.array([c for c in classes for _ in range(8)])
-        images = np.zeros((len(labels), 28, 28), np.uint8)
-        images[:, 6:22, 6:22] = rng.integers(120, 255, size=(len(labels), 16, 16))
-        _write_idx(root / f"{prefix}-images-idx3-ubyte", images, 0x08)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, 0x08)
-    return root
 
 
 def _read_split(out, split):

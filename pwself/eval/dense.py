@@ -31,7 +31,8 @@ from pwself.eval.source import load_or_compute
 from pwself.models import forward_tokens
 
 __all__ = ["DenseFeatures", "backbone_encoder", "pixel_encoder", "dense_features", "confusion_matrix",
-           "segmentation_scores", "dense_probe", "dense_markdown", "DenseSettings", "evaluate_dense"]
+           "segmentation_scores", "dense_probe", "dense_markdown", "DenseSettings", "evaluate_dense",
+           "probe_encoder"]
 
 Encoder = Callable[[Tensor], Tensor]  # normalized images [B, C, S, S] -> tokens [B, h, w, D]
 
@@ -272,6 +273,16 @@ def _source_features(encode: Encoder, key: dict, splits: tuple[DenseSplit, Dense
     return out[0], out[1]
 
 
+def probe_encoder(encode: Encoder, key: dict, root: str, channels: int, size: int, mean: list[float],
+                  std: list[float], settings: DenseSettings, names: list[str] | None = None) -> dict:
+    """The dense probe of one encoder on the dataset at ``root`` (images at ``size``); ``key`` identifies
+    the encoder's weights for the cache."""
+    splits = _split_pair(root, channels, size, settings.train_images)
+    names = names or dense_classes(root, list(splits))
+    train, test = _source_features(encode, {**key, "root": str(root)}, splits, mean, std, settings)
+    return dense_probe(train, test, names, epochs=settings.epochs)
+
+
 def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSettings()) -> dict[str, dict]:
     """Dense probe of every :class:`~pwself.eval.source.FeatureSource` on the dense dataset at ``root``
     (``{model name: result}``), with the raw-pixel floor row when ``settings.pixel_floor``."""
@@ -284,17 +295,14 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
             raise DatasetError(f"input side {size} is not a multiple of the patch size {patch}: pass --size "
                                f"{max(patch, size // patch * patch)}")
         channels = src.backbone.patch_embed.proj.in_channels
-        splits = _split_pair(root, channels, size, settings.train_images)
-        names = names or dense_classes(root, list(splits))
+        names = names or dense_classes(root, list(_split_pair(root, channels, size, settings.train_images)))
         src.backbone.eval()
-        train, test = _source_features(backbone_encoder(src.backbone), {"weights": src.key, "root": str(root)},
-                                       splits, src.mean, src.std, settings)
-        results[src.name] = dense_probe(train, test, names, epochs=settings.epochs)
+        results[src.name] = probe_encoder(backbone_encoder(src.backbone), {"weights": src.key}, root, channels,
+                                          size, src.mean, src.std, settings, names)
     if settings.pixel_floor and sources:
         src = sources[0]
         patch, size = src.backbone.patch_embed.patch_size[0], settings.size or src.size
-        splits = _split_pair(root, src.backbone.patch_embed.proj.in_channels, size, settings.train_images)
-        train, test = _source_features(pixel_encoder(patch), {"weights": f"pixels{patch}", "root": str(root)},
-                                       splits, src.mean, src.std, settings)
-        results["raw pixels (floor)"] = dense_probe(train, test, names, epochs=settings.epochs)
+        results["raw pixels (floor)"] = probe_encoder(pixel_encoder(patch), {"weights": f"pixels{patch}"}, root,
+                                                      src.backbone.patch_embed.proj.in_channels, size, src.mean,
+                                                      src.std, settings, names)
     return results
