@@ -123,6 +123,13 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int, default=8, help="patch side (default 8)")
     p.add_argument("--photometric", default="patch", choices=["patch", "image", "none"])
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("viz-curves", help="kNN against training time of several runs (knn_every_epochs runs)")
+    p.add_argument("runs", nargs="+", help="run directories (label: the directory name, or LABEL=DIR)")
+    p.add_argument("--output", default="learning_curves.png", help="PNG path (a .json of the points beside it)")
+    p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                   help="x axis: the process's CPU time (immune to other load; default) or wall time")
+    p.add_argument("--floors", action="store_true", help="add the random-init and raw-pixel kNN lines (computed "
+                   "with the first run's config, cached in its directory)")
     p = sub.add_parser("viz-attention", help="last-layer CLS attention per head and a patch-feature PCA map")
     p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
     p.add_argument("images", nargs="+", help="image files")
@@ -366,6 +373,37 @@ def cmd_viz_matches(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz_curves(args: argparse.Namespace) -> int:
+    from pwself.viz import learning_curve, plot_learning_curves
+
+    runs = {}
+    for spec in args.runs:
+        label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        points = learning_curve(path)
+        if not points:
+            raise ValueError(f"{path} has no timed kNN evaluation: train with knn_every_epochs=0.5 (and knn_at_end)")
+        runs[label] = points
+    floors = None
+    if args.floors:
+        from pwself.compare import pixel_floor, random_init_floor
+        from pwself.config import load_config
+
+        first = Path(args.runs[0].rpartition("=")[2])
+        cfg = load_config(str(first / "config.yaml"), [])
+        floors = {"random init": random_init_floor(cfg, first / "floor_random_init.json", linear=False)["knn10"]}
+        pixels = pixel_floor(cfg, first / "floor_pixels.json")
+        if pixels:
+            floors["raw pixels"] = pixels["knn10"]
+    out = plot_learning_curves(runs, args.output, floors, "cpu_s" if args.clock == "cpu" else "train_s")
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "floors": floors}, indent=2))
+    for label, points in runs.items():
+        last = points[-1]
+        print(f"{label}: {last['top1']:.2f}% kNN k=10 after {last['step']} steps, {last['cpu_s'] / 60:.1f} "
+              f"CPU-min ({last['train_s'] / 60:.1f} wall min)")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def cmd_viz_attention(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
@@ -492,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
                 "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention,
                 "export": cmd_export, "config": cmd_config, "push-to-hub": cmd_push_to_hub,
-                "eval-dense": cmd_eval_dense, "make-scenes": cmd_make_scenes}
+                "eval-dense": cmd_eval_dense, "viz-curves": cmd_viz_curves, "make-scenes": cmd_make_scenes}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

@@ -191,7 +191,9 @@ def run_comparison(
         overrides = [f"loss.objective={objective}"] + [o for o in extra.split("+") if o]
         for seed in seeds:
             name = f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}_seed{seed}"
-            cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true"])
+            # knn_floors off: the comparison computes each floor once for all its runs
+            cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true",
+                                         "knn_floors=false"])
             cfg.validate()
             results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense)
     results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json", linear=True)

@@ -83,6 +83,50 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     return path
 
 
+def learning_curve(run_dir: str | Path) -> list[dict[str, float]]:
+    """kNN (k = 10) of a run against its training time: the in-training evaluations (``knn_history.jsonl``,
+    written with ``knn_every_epochs``) and the final one (``knn.json``). Each point has ``step``,
+    ``train_s`` (wall seconds training, evaluations excluded), ``cpu_s`` (CPU seconds of the process) and
+    ``top1``; rows from runs older than the time logging have no point."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "knn_history.jsonl")
+    if (run_dir / "knn.json").exists():
+        rows.append(json.loads((run_dir / "knn.json").read_text()))
+    return [{"step": r["step"], "train_s": r["train_s"], "cpu_s": r.get("cpu_s", r["train_s"]),
+             "top1": r["knn"]["10"]["top1"]} for r in rows if "train_s" in r and "10" in r["knn"]]
+
+
+def plot_learning_curves(runs: dict[str, list[dict[str, float]]], path: str | Path,
+                         floors: dict[str, float] | None = None, clock: str = "cpu_s") -> Path:
+    """kNN k=10 against training minutes (``clock``: ``cpu_s`` or ``train_s``) of several runs, with the
+    floors (``{label: value}``) as horizontal lines; each run's last point is labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label, points in runs.items():
+        xs, ys = [p[clock] / 60 for p in points], [p["top1"] for p in points]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if points:
+            ax.annotate(f"{ys[-1]:.2f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color=line.get_color())
+    for (label, value), style in zip((floors or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{label} ({value:.2f})")
+    ax.set_xlabel("training CPU-minutes (process CPU time, evaluation excluded)" if clock == "cpu_s"
+                  else "training minutes (wall clock, evaluation excluded)")
+    ax.set_ylabel("kNN top-1 % (k = 10, test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def knn_markdown(knn: dict[Any, dict[str, float]], label: str = "model",
                  floors: dict[str, dict[str, float] | None] | None = None) -> str:
     """kNN results as a Markdown table (one row per k), with the random-init and raw-pixel floors of the same
