@@ -170,6 +170,43 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="choose an objective's knobs on held-out train data (kNN), the same budget for every method",
+        description="Trains --trials settings drawn from the KEY=CHOICE1,CHOICE2 grid (KEY=VALUE: fixed for all), "
+        "each with the base config's budget, into OUT/trial_<i>/, and scores each by kNN (k=10) on a held-out "
+        "share of the train split; the test split is never read. Writes OUT/tune.md/.json and prints the "
+        "`pwself compare --objectives` entry of the chosen setting.",
+    )
+    p.add_argument("--objective", required=True, help=f"one of {', '.join(OBJECTIVES)}")
+    p.add_argument("--trials", type=int, required=True, help="settings to train (the same number for every method)")
+    p.add_argument("--config", help="base YAML config (the budget)")
+    p.add_argument("--out-dir", default="runs/tune")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for the score")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the grid is drawn in")
+    p.add_argument("--device", help="training device (default: the config's, auto)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("space", nargs="+", metavar="KEY=CHOICES", help="e.g. loss.logo_weight=0.1,0.5,1 optim.lr=1e-3,3e-3")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pwself.config import load_config
+    from pwself.objectives import objective_class
+    from pwself.tune import parse_space, run_tuning, tune_markdown
+
+    objective_class(args.objective)  # an unknown name fails before anything trains
+    if args.trials < 1 or not 0 < args.val_fraction < 1:
+        raise ValueError(f"--trials {args.trials} --val-fraction {args.val_fraction}: use --trials 1 or more and "
+                         "--val-fraction in (0, 1), e.g. 0.1")
+    space = parse_space(args.space)
+    base = load_config(args.config, [*space.fixed] + ([f"device={args.device}"] if args.device else []))
+    result = run_tuning(base, args.objective, space, args.trials, args.out_dir, args.val_fraction, args.seed,
+                        progress=not args.no_progress)
+    print(tune_markdown(result))
+    print(f"wrote {Path(args.out_dir) / 'tune.md'}; compare it with: --objectives '{result['compare_label']}'")
+    return 0
+
+
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="show every config key with its value and meaning")
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -523,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_viz(sub)
     _add_export(sub)
     _add_compare(sub)
+    _add_tune(sub)
     _add_report(sub)
     _add_config(sub)
     args = _parse(parser, sub, argv)
@@ -530,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                 "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
                 "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention,
                 "export": cmd_export, "config": cmd_config, "push-to-hub": cmd_push_to_hub,
-                "eval-dense": cmd_eval_dense, "viz-curves": cmd_viz_curves, "make-scenes": cmd_make_scenes}
+                "eval-dense": cmd_eval_dense, "viz-curves": cmd_viz_curves, "tune": cmd_tune,
+                "make-scenes": cmd_make_scenes}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

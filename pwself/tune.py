@@ -1,0 +1,148 @@
+"""Equal-budget tuning of an objective's own knobs, chosen on held-out training data, never on test.
+
+``run_tuning`` trains ``trials`` settings drawn (seeded) from a grid of choices, each for the base config's
+budget, into ``OUT/trial_<i>/``, and scores each by weighted kNN (k = 10, T = 0.07) of its teacher features
+with a seeded share of the *train* split as queries and the rest of train as the bank. The test split is
+never opened: runs have ``knn_at_end=false`` and ``knn_floors=false``. Giving every method the same
+``trials`` and budget is what makes a comparison of tuned methods fair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pwself.config import TrainConfig, apply_overrides, config_to_dict
+
+__all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_tuning", "tune_markdown"]
+
+log = logging.getLogger(__name__)
+
+_CHOICE_SPLIT = re.compile(r",(?![^\[]*\])")  # commas inside [..] belong to a list value
+
+
+@dataclass(frozen=True)
+class TuneSpace:
+    """What is searched: ``choices`` per key (two or more values) and ``fixed`` overrides for every trial."""
+
+    choices: dict[str, list[str]]
+    fixed: list[str]
+
+
+def parse_space(items: list[str]) -> TuneSpace:
+    """``KEY=V1,V2,...`` items are searched; ``KEY=V`` (one value, ``[a,b]`` lists included) are fixed."""
+    choices: dict[str, list[str]] = {}
+    fixed = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"{item!r} is not KEY=VALUE or KEY=CHOICE1,CHOICE2 (e.g. optim.lr=1e-3,3e-3)")
+        values = [v.strip() for v in _CHOICE_SPLIT.split(value) if v.strip()]
+        if len(values) > 1:
+            choices[key] = values
+        else:
+            fixed.append(item)
+    if not choices:
+        raise ValueError("nothing to tune: give at least one KEY=CHOICE1,CHOICE2 (e.g. loss.logo_weight=0.1,0.5,1)")
+    return TuneSpace(choices, fixed)
+
+
+def sample_trials(space: TuneSpace, trials: int, seed: int = 0) -> list[dict[str, str]]:
+    """``trials`` distinct settings of the grid (all of it when it is smaller), in a seeded random order."""
+    keys = list(space.choices)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(space.choices[k] for k in keys))]
+    random.Random(seed).shuffle(grid)
+    if trials > len(grid):
+        log.info("%d trials asked, the grid has %d settings: trying all of them", trials, len(grid))
+    return grid[:trials]
+
+
+def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float = 0.1, k: int = 10) -> float:
+    """kNN top-1 (%) on a seeded ``val_fraction`` of the train split, the rest of train as the bank; pooled
+    as the objective says. Reads the train split only."""
+    from pwself.data import open_dataset
+    from pwself.eval.features import extract_features
+    from pwself.eval.knn import knn_classify
+    from pwself.objectives import objective_class
+
+    train = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
+    pooling = objective_class(cfg.loss.objective).pooling
+    feats, labels = extract_features(backbone, train, cfg.data.mean, cfg.data.std, progress=False,
+                                     size=None if pooling == "bag" else cfg.views.global_size, pooling=pooling,
+                                     device=next(backbone.parameters()).device, num_workers=cfg.data.num_workers)
+    if (labels < 0).any():
+        raise ValueError("tuning scores kNN on held-out train labels: the training images are unlabelled; give "
+                         "it a labelled dataset (folder sub-folders, idx, cifar)")
+    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(12345))  # the same split every trial
+    n_val = max(1, round(val_fraction * len(feats)))
+    val, bank = perm[:n_val], perm[n_val:]
+    res = knn_classify(feats[bank], labels[bank], feats[val], labels[val], ks=(min(k, len(bank)),))
+    return next(iter(res.values()))["top1"]
+
+
+def _trial(base: TrainConfig, objective: str, setting: dict[str, str], fixed: list[str], run_dir: Path,
+           val_fraction: float, progress: bool) -> float:
+    """Train one setting (skipped when scored before; resumed when interrupted) and score it."""
+    from pwself.checkpoint import latest_checkpoint
+    from pwself.eval.source import open_source
+    from pwself.train import resolve_device, train
+
+    score_file = run_dir / "tune_score.json"
+    if score_file.exists():
+        return json.loads(score_file.read_text())["heldout_knn10"]
+    overrides = [f"loss.objective={objective}", *fixed, *(f"{k}={v}" for k, v in setting.items()),
+                 f"out_dir={run_dir}", "knn_at_end=false", "knn_floors=false", "knn_every_epochs=0"]
+    cfg = apply_overrides(base, overrides)
+    cfg.validate()
+    result = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
+    src = open_source(str(run_dir))
+    src.backbone.to(resolve_device(cfg.device))
+    score = heldout_knn(src.backbone, result.config, val_fraction)
+    score_file.write_text(json.dumps({"setting": setting, "heldout_knn10": score}, indent=2))
+    return score
+
+
+def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int, out_dir: str | Path,
+               val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train and score ``trials`` settings of ``objective``; writes ``OUT/tune.json`` and ``OUT/tune.md``.
+
+    Returns ``{"objective", "trials": [{"setting", "heldout_knn10"}], "best": {...}, "compare_label"}``;
+    ``compare_label`` is the ``pwself compare --objectives`` entry that runs the chosen setting.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, setting in enumerate(sample_trials(space, trials, seed)):
+        score = _trial(base, objective, setting, space.fixed, out_dir / f"trial_{i}", val_fraction, progress)
+        rows.append({"setting": setting, "heldout_knn10": score})
+        log.info("trial %d/%d %s: held-out kNN %.2f", i + 1, trials, setting, score)
+    best = rows[0]
+    for row in rows[1:]:  # strict >: the earlier trial wins a tie
+        if row["heldout_knn10"] > best["heldout_knn10"]:
+            best = row
+    chosen = [*space.fixed, *(f"{k}={v}" for k, v in best["setting"].items())]
+    result = {"objective": objective, "trials": rows, "best": best, "val_fraction": val_fraction,
+              "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "data": config_to_dict(base)["data"]},
+              "compare_label": objective + (":" + "+".join(chosen) if chosen else "")}
+    (out_dir / "tune.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "tune.md").write_text(tune_markdown(result))
+    return result
+
+
+def tune_markdown(result: dict[str, Any]) -> str:
+    """The trials as a table, best first, and the chosen setting."""
+    keys = list(result["trials"][0]["setting"]) if result["trials"] else []
+    lines = [f"Tuning {result['objective']}: held-out kNN k=10 (top-1 %) on {result['val_fraction']:.0%} of train",
+             "", "| " + " | ".join(keys) + " | held-out kNN |", "|" + "---|" * (len(keys) + 1)]
+    for row in sorted(result["trials"], key=lambda r: -r["heldout_knn10"]):
+        lines.append("| " + " | ".join(row["setting"][k] for k in keys) + f" | {row['heldout_knn10']:.2f} |")
+    lines += ["", f"chosen: `{result['compare_label']}`"]
+    return "\n".join(lines) + "\n"

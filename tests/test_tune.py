@@ -1,0 +1,67 @@
+"""`pwself tune`: settings drawn from a grid, each trained with the same budget and scored by kNN on held-out
+train data; the test split is never read, so its labels cannot move the choice."""
+
+import json
+
+import pytest
+import torch
+from test_cli import TINY
+
+import pwself.data as data_mod
+from pwself.cli import main
+from pwself.tune import TuneSpace, parse_space, sample_trials
+
+
+def test_space_separates_choices_from_fixed_values_and_keeps_lists_whole():
+    space = parse_space(["optim.lr=1e-3,3e-3", "views.global_scale=[0.4,1.0]", "loss.lam=0.1, 0.5"])
+    assert space.choices == {"optim.lr": ["1e-3", "3e-3"], "loss.lam": ["0.1", "0.5"]}
+    assert space.fixed == ["views.global_scale=[0.4,1.0]"]
+    with pytest.raises(ValueError, match="nothing to tune"):
+        parse_space(["optim.lr=1e-3"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_space(["optim.lr"])
+
+
+def test_trials_are_distinct_seeded_and_capped_by_the_grid():
+    space = TuneSpace({"a": ["1", "2", "3"], "b": ["x", "y"]}, [])
+    t = sample_trials(space, 4, seed=0)
+    assert len(t) == 4 and len({tuple(s.items()) for s in t}) == 4
+    assert t == sample_trials(space, 4, seed=0) and t != sample_trials(space, 4, seed=1)
+    assert len(sample_trials(space, 50)) == 6
+
+
+def _shuffled_test_labels(monkeypatch):
+    """Every later open of a test split gets its labels permuted."""
+    real = data_mod.open_dataset
+    opened = []
+
+    def fake(data, split, *a, **k):
+        ds = real(data, split, *a, **k)
+        if split == "test":
+            opened.append(split)
+            ds.labels = ds.labels[torch.randperm(len(ds.labels), generator=torch.Generator().manual_seed(1))]
+        return ds
+
+    monkeypatch.setattr(data_mod, "open_dataset", fake)
+    return opened
+
+
+@pytest.mark.slow
+def test_choice_is_made_on_heldout_train_and_ignores_test_labels(tmp_path, monkeypatch, capsys):
+    args = ["tune", "--objective", "dino", "--trials", "2", "--no-progress", "--val-fraction", "0.25", *TINY,
+            "epochs=1", "batch_size=32", "optim.lr=1e-4,5e-2", "data.synthetic_size=128"]
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "tune.json").read_text())
+    assert "compare it with: --objectives 'dino:" in capsys.readouterr().out
+    assert len(first["trials"]) == 2 and {t["setting"]["optim.lr"] for t in first["trials"]} == {"1e-4", "5e-2"}
+    assert all(0 <= t["heldout_knn10"] <= 100 for t in first["trials"])
+    for trial in ("trial_0", "trial_1"):  # no run evaluated on test
+        assert not (tmp_path / "a" / trial / "knn.json").exists()
+
+    opened = _shuffled_test_labels(monkeypatch)
+    assert main([*args, "--out-dir", str(tmp_path / "b")]) == 0
+    second = json.loads((tmp_path / "b" / "tune.json").read_text())
+    assert second["trials"] == first["trials"] and second["best"] == first["best"]
+    assert opened == []  # the test split was not even opened
+    assert main(["tune", "--objective", "nope", "--trials", "1", "optim.lr=1,2"]) == 2
+    assert "unknown objective 'nope'" in capsys.readouterr().err
