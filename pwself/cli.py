@@ -259,6 +259,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_dense(sub: argparse._SubParsersAction) -> None:
+    from pwself.data.datasets import FASHION_MNIST_DIR
+
     p = sub.add_parser("eval-dense", help="dense probe: a linear classifier on each patch token, scored as mIoU",
                        description="Frozen patch tokens (last block, after the final norm), one linear layer per "
                        "token, logits upsampled bilinearly to the mask; a grid of learning rates chosen on held-out "
@@ -283,7 +285,7 @@ def _add_dense(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", default="2,4", help="MIN,MAX items per scene (default 2,4)")
     p.add_argument("--item-size", default="14,28", help="MIN,MAX item side in pixels (default 14,28)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")
+    p.add_argument("--source", default=FASHION_MNIST_DIR, help=f"IDX folder (default {FASHION_MNIST_DIR})")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
     p.add_argument("--no-progress", action="store_true")
 

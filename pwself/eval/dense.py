@@ -131,9 +131,9 @@ def _train_heads(x: Tensor, y: Tensor, lrs: Sequence[float], n_classes: int, epo
     k, d = len(lrs), x.shape[-1]
     weight = nn.Parameter(torch.randn(k, d, n_classes, generator=g) * 0.01)
     bias = nn.Parameter(torch.zeros(k, n_classes))
-    # One SGD group per head: heads share no parameters, so summing their losses trains each on its own.
-    params = [{"params": [weight], "lr": 1.0}, {"params": [bias], "lr": 1.0}]
-    opt = torch.optim.SGD(params, lr=1.0, momentum=0.9)
+    # Heads share no parameters, so the sum of their losses trains each on its own; a head's learning rate
+    # is a scale on its gradient under one SGD (the same update as its own lr: momentum, no weight decay).
+    opt = torch.optim.SGD([weight, bias], lr=1.0, momentum=0.9)
     scale = torch.tensor([lr * batch_size / 256 for lr in lrs])
     total = epochs * max(1, math.ceil(len(x) / batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.5 * (1 + math.cos(math.pi * it / total)))
