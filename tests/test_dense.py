@@ -59,7 +59,7 @@ def test_probe_is_perfect_when_tokens_carry_the_label():
     names = ["bg", "a", "b", "c"]
     res = dense_probe(_stripes(200, 4, 4, 4, 0), _stripes(50, 4, 4, 4, 1), names, epochs=15)
     assert res["miou"] == 100.0 and res["pixel_acc"] == 100.0
-    assert len(res["grid"]) == 7 and res["best"]["val_miou"] == 100.0
+    assert len(res["grid"]) == 9 and res["best"]["val_miou"] == 100.0
 
 
 def test_probe_is_at_chance_when_train_labels_are_shuffled():

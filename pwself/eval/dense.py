@@ -171,7 +171,7 @@ def _test_confusion(x: Tensor, masks: list[Tensor], weight: Tensor, bias: Tensor
 
 
 def dense_probe(train: DenseFeatures, test: DenseFeatures, names: Sequence[str],
-                lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0), epochs: int = 10,
+                lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0), epochs: int = 10,
                 batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0) -> dict:
     """Train a grid of per-token linear heads, choose one on held-out train (mean IoU), score it on test.
 
