@@ -319,6 +319,9 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     from pwself.eval.dense import DenseSettings, dense_markdown, evaluate_dense
     from pwself.train import resolve_device
 
+    if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
+        raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
+                         "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
     first = open_dense(args.data, "train", 3, 8).images[0]  # a timm model takes the data's channels and side
     with Image.open(first) as im:
         channels, side = (1 if im.mode in ("L", "I", "I;16") else 3), min(im.size)

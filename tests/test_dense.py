@@ -136,3 +136,7 @@ def test_cli_make_scenes_then_eval_dense_with_floor(tmp_path, fake_fmnist, capsy
     assert len(list((tmp_path / "c").glob("dense_*.pt"))) == 4  # two encoders x two splits, cached
     assert main(["make-scenes", str(out), "--items", "3", "--source", str(fake_fmnist)]) == 2
     assert "--items 2,4" in capsys.readouterr().err
+    assert main(["eval-dense", "vit_tiny_patch16_224", "--data", str(out), "--epochs", "0"]) == 2
+    assert "use --epochs 1 or more" in capsys.readouterr().err
+    assert main(["make-scenes", str(tmp_path / "other"), "--size", "4", "--source", str(fake_fmnist)]) == 2
+    assert "use a size >= 8" in capsys.readouterr().err
