@@ -133,11 +133,31 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
     return res
 
 
-def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict[str, Any]:
-    """Train (or resume) one run, then its kNN, linear probe and (given a dense dataset) dense probe."""
+def _linear_probe(cfg: TrainConfig, src, progress: bool) -> dict:  # noqa: ANN001 - a FeatureSource
+    """The linear probe of a run's teacher on features pooled as its objective says."""
+    import dataclasses
+
     from pwself.eval.linear import linear_probe
-    from pwself.eval.source import cached_features, open_source
+    from pwself.eval.source import cached_features
     from pwself.objectives import objective_class
+
+    data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
+    pooling = objective_class(cfg.loss.objective).pooling
+    if pooling == "bag":  # BagSSL's own aggregation: tiles of the image at native resolution
+        src = dataclasses.replace(src, size=int(_open(cfg, "train")[0][0].shape[-1]))
+    device = next(src.backbone.parameters()).device
+    feats = {split: cached_features(src, _open(cfg, split), {**data_id, "split": split}, pooling=pooling,
+                                    cache_dir=Path(cfg.out_dir) / "features", progress=progress, device=device)
+             for split in ("train", "test")}
+    return linear_probe(*feats["train"], *feats["test"])
+
+
+def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict[str, Any]:
+    """Train (or resume) one run, then its kNN, linear probe and (given a dense dataset) dense probe; each
+    result is kept in the run directory and read back on a rerun."""
+    from functools import cache
+
+    from pwself.eval.source import open_source
     from pwself.train import resolve_device, train
 
     run_dir = Path(cfg.out_dir)
@@ -145,28 +165,21 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
         # A half-started run without a checkpoint is moved aside and started again.
         train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
-    linear_path, dense_path = run_dir / "linear.json", run_dir / "dense.json"
     device = resolve_device(cfg.device)
+
+    @cache
+    def source():  # noqa: ANN202 - the teacher, opened once and only when a probe has to run
+        src = open_source(str(run_dir))
+        src.backbone.to(device)
+        return src
+
+    linear_path, dense_path = run_dir / "linear.json", run_dir / "dense.json"
     if not linear_path.exists():
-        src = open_source(str(run_dir))
-        src.backbone.to(device)
-        data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
-        pooling = objective_class(cfg.loss.objective).pooling
-        if pooling == "bag":  # BagSSL's own aggregation: tiles of the image at native resolution
-            src.size = int(_open(cfg, "train")[0][0].shape[-1])
-        feats = {split: cached_features(src, _open(cfg, split), {**data_id, "split": split},
-                                        pooling=pooling, cache_dir=run_dir / "features", progress=progress,
-                                        device=device)
-                 for split in ("train", "test")}
-        res = linear_probe(*feats["train"], *feats["test"])
-        linear_path.write_text(json.dumps(res, indent=2))
+        linear_path.write_text(json.dumps(_linear_probe(cfg, source(), progress), indent=2))
     if dense is not None and not dense_path.exists():
-        src = open_source(str(run_dir))
-        src.backbone.to(device)
-        dense_path.write_text(json.dumps(_dense_probe(src, dense, run_dir / "features", device), indent=2))
-    linear = json.loads(linear_path.read_text())
+        dense_path.write_text(json.dumps(_dense_probe(source(), dense, run_dir / "features", device), indent=2))
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
-           "linear": linear["top1"]}
+           "linear": json.loads(linear_path.read_text())["top1"]}
     if dense is not None:
         row["miou"] = json.loads(dense_path.read_text())["miou"]
     return row

@@ -69,15 +69,10 @@ def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float
     """kNN top-1 (%) on a seeded ``val_fraction`` of the train split, the rest of train as the bank; pooled
     as the objective says. Reads the train split only."""
     from pwself.data import open_dataset
-    from pwself.eval.features import extract_features
-    from pwself.eval.knn import knn_classify
-    from pwself.objectives import objective_class
+    from pwself.eval.knn import knn_classify, run_features
 
     train = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-    pooling = objective_class(cfg.loss.objective).pooling
-    feats, labels = extract_features(backbone, train, cfg.data.mean, cfg.data.std, progress=False,
-                                     size=None if pooling == "bag" else cfg.views.global_size, pooling=pooling,
-                                     device=next(backbone.parameters()).device, num_workers=cfg.data.num_workers)
+    feats, labels = run_features(backbone, cfg, train)
     if (labels < 0).any():
         raise ValueError("tuning scores kNN on held-out train labels: the training images are unlabelled; give "
                          "it a labelled dataset (folder sub-folders, idx, cifar)")

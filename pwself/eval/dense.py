@@ -295,10 +295,10 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
             raise DatasetError(f"input side {size} is not a multiple of the patch size {patch}: pass --size "
                                f"{max(patch, size // patch * patch)}")
         channels = src.backbone.patch_embed.proj.in_channels
-        names = names or dense_classes(root, list(_split_pair(root, channels, size, settings.train_images)))
         src.backbone.eval()
         results[src.name] = probe_encoder(backbone_encoder(src.backbone), {"weights": src.key}, root, channels,
                                           size, src.mean, src.std, settings, names)
+        names = list(results[src.name]["per_class_iou"])  # the masks are scanned for the first model only
     if settings.pixel_floor and sources:
         src = sources[0]
         patch, size = src.backbone.patch_embed.patch_size[0], settings.size or src.size
