@@ -121,7 +121,9 @@ class LossConfig:
         center_momentum: EMA momentum of the CLS and patch centers.
         matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
             teacher patch, EsViT style; to measure what geometry buys).
-        logo_weight: Weight of LoGo's local-local affinity term.
+        logo_weight: Weight lambda of LoGo's local-local affinity term (1e-4: the paper's, for SimSiam-LoGo).
+        cossl_weight: Weight ``w_s`` of CO-SSL's local loss (the mean over a view's patch tokens) beside the
+            image-level loss.
         patch_fraction: Fraction of the patch pairs (matched pairs; for ``cossl`` the student patch
             tokens) that enter the loss each step, drawn at random per pair. Their sum is divided by
             the fraction and the counts stay exact, so the loss is an unbiased estimate of the full
@@ -141,7 +143,8 @@ class LossConfig:
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
     matcher: str = "geometric"
-    logo_weight: float = 0.5
+    logo_weight: float = 1e-4
+    cossl_weight: float = 1.0
     patch_fraction: float = 1.0
     recompute_head: bool = False
 
@@ -321,9 +324,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
                          "views.local_size")},
     **{k: _NONNEG for k in ("optim.min_lr", "optim.clip_grad", "optim.weight_decay", "optim.weight_decay_end",
                             "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "optim.max_nonfinite_steps",
-                            "loss.warmup_teacher_temp_epochs", "loss.logo_weight", "views.n_local", "data.subset",
-                            "data.num_workers", "checkpoint_every_steps", "keep_checkpoints", "knn_every_epochs",
-                            "head.patch_out_dim")},
+                            "loss.warmup_teacher_temp_epochs", "loss.logo_weight", "loss.cossl_weight",
+                            "views.n_local", "data.subset", "data.num_workers", "checkpoint_every_steps",
+                            "keep_checkpoints", "knn_every_epochs", "head.patch_out_dim")},
     **{k: _FRAC for k in ("loss.center_momentum", "optim.momentum_teacher", "views.flip_p", "loss.lam",
                           "photometric.jitter_p", "photometric.grayscale_p", "photometric.blur_p",
                           "photometric.solarize_p", "photometric.noise_p")},

@@ -44,9 +44,9 @@ def reference_loss(s_cls, t_cls, s_patch, t_patch, boxes, flips, grids, objectiv
     return total / count
 
 
-def reference_cossl(s_cls, t_cls, s_patch, cls_center, t_temp, s_temp):
-    """CO-SSL as pwself defines it: per pair (i, j != i) and sample, the mean of H over the CLS pair and
-    the pairs (teacher CLS of i, each student patch token of j), the teacher centred with the CLS center."""
+def reference_cossl(s_cls, t_cls, s_patch, cls_center, t_temp, s_temp, w_s=1.0):
+    """CO-SSL (CO-DINO) as its paper writes it: per pair (i, j != i) and sample, the image-level H plus ``w_s``
+    times the mean over the student patch tokens of j of H(teacher CLS of i, token), centred with the CLS center."""
     g_n, b_n = t_cls.shape[0], t_cls.shape[1]
     total, count = 0.0, 0
     for i in range(g_n):
@@ -54,9 +54,8 @@ def reference_cossl(s_cls, t_cls, s_patch, cls_center, t_temp, s_temp):
             if j == i:
                 continue
             for b in range(b_n):
-                terms = [h(t_cls[i, b], cls_center, t_temp, s_cls[j, b], s_temp)]
-                terms += [h(t_cls[i, b], cls_center, t_temp, tok, s_temp) for tok in s_patch[j][b]]
-                total = total + sum(terms) / len(terms)
+                local = [h(t_cls[i, b], cls_center, t_temp, tok, s_temp) for tok in s_patch[j][b]]
+                total = total + h(t_cls[i, b], cls_center, t_temp, s_cls[j, b], s_temp) + w_s * sum(local) / len(local)
                 count += 1
     return total / count
 

@@ -207,6 +207,24 @@ def test_logo_local_term_alone_pushes_same_image_local_views_apart():
     assert same_image_cos() < before - 0.2
 
 
+def test_logo_terms_are_the_papers_eq6_by_loops():
+    # Eq. 6: the affinity network maximizes E[f(z1, z2)] - E[f(z1, z-)]; the encoder minimizes E[f(z1, z2)].
+    from pwself.objectives.logo import LoGoAffinity
+
+    torch.manual_seed(1)
+    phi = LoGoAffinity(8, hidden=16).double().eval()  # eval: no power iteration between the calls
+    local = torch.randn(3, 4, 8, dtype=torch.float64)  # [L, B, D]
+    same, other = [], []
+    for a in range(3):
+        for b in range(a + 1, 3):
+            for n in range(4):  # the negative: view b of the previous image
+                same.append(phi(local[a, n][None], local[b, n][None])[0])
+                other.append(phi(local[a, n][None], local[b, (n - 1) % 4][None])[0])
+    encoder_term, affinity_loss = phi.terms(local)
+    torch.testing.assert_close(encoder_term, torch.stack(same).mean())
+    torch.testing.assert_close(affinity_loss, torch.stack(other).mean() - torch.stack(same).mean())
+
+
 def test_logo_terms_route_gradients_to_their_own_side():
     from pwself.objectives.logo import LoGoAffinity
 

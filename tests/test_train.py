@@ -42,16 +42,17 @@ def all_token_logits(student, teacher, views):
     Returns ``(s_cls [5, B, K], s_patch per view [B, T, K], t_cls [2, B, K], t_patch per global view)``.
     """
     b = views.batch_size
+
+    def logits(net, crops, n):  # the CLS head on CLS tokens, the patch head (or the CLS head) on every patch
+        tok = forward_tokens(net.backbone, crops)
+        patches = (net.patch_head or net.head)(tok.patches)
+        return net.head(tok.cls).view(n, b, -1), patches.view(n, b, tok.patches.shape[1], -1)
+
     with torch.no_grad():
-        tg = forward_tokens(teacher.backbone, views.global_crops)
-        t_all = teacher.head(torch.cat([tg.cls[:, None], tg.patches], 1)).view(2, b, 17, -1)
-        sg = forward_tokens(student.backbone, views.global_crops)
-        sl = forward_tokens(student.backbone, views.local_crops)
-        s_g = student.head(torch.cat([sg.cls[:, None], sg.patches], 1)).view(2, b, 17, -1)
-        s_l = student.head(torch.cat([sl.cls[:, None], sl.patches], 1)).view(3, b, 5, -1)
-    s_cls = torch.cat([s_g[:, :, 0], s_l[:, :, 0]])
-    s_patch = [s_g[0, :, 1:], s_g[1, :, 1:]] + [s_l[k, :, 1:] for k in range(3)]
-    return s_cls, s_patch, t_all[:, :, 0], [t_all[0, :, 1:], t_all[1, :, 1:]]
+        t_cls, t_patch = logits(teacher, views.global_crops, 2)
+        s_gc, s_gp = logits(student, views.global_crops, 2)
+        s_lc, s_lp = logits(student, views.local_crops, 3)
+    return torch.cat([s_gc, s_lc]), [*s_gp, *s_lp], t_cls, list(t_patch)
 
 
 def float32_setup(objective: str = "pwml", **over):
@@ -148,15 +149,20 @@ def float64_setup(objective: str):
     return student, teacher, obj, views
 
 
-def test_cossl_step_equals_reference():
+@pytest.mark.parametrize(("patch_head", "w_s"), [("shared", 1.0), ("separate", 0.3)])
+def test_cossl_step_equals_reference(patch_head, w_s):
     from reference import reference_cossl
 
-    student, teacher, obj, views = float64_setup("cossl")
+    student, teacher, obj = build_parts(tiny_config(**{"loss.objective": "cossl", "head.patch_head": patch_head,
+                                                       "loss.cossl_weight": w_s}), torch.float64)
+    assert (student.patch_head is None) == (patch_head == "shared")
+    obj.cls_center.center.normal_()
+    views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
     out = distill_step(student, teacher, obj, views, 0.05)
     terms = out.terms
     assert out.teacher.patch is None and terms["n_match"].item() == pytest.approx((2 * 16 + 6 * 4) / 8)
     s_cls, s_patch, t_cls, _ = all_token_logits(student, teacher, views)
-    ref = reference_cossl(s_cls, t_cls, s_patch, obj.cls_center.center[0], 0.05, 0.1)
+    ref = reference_cossl(s_cls, t_cls, s_patch, obj.cls_center.center[0], 0.05, 0.1, w_s)
     torch.testing.assert_close(terms["loss"].detach().double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -335,11 +341,11 @@ def test_a_patch_head_of_its_own_gives_the_reference_loss(patch_head, objective)
     assert (patch_head == "split") == (not any(n.startswith("patch_head.mlp") for n in names))  # iBOT: MLP shared
 
 
-def test_a_patch_head_needs_a_shared_head_for_cossl_and_a_valid_name():
+def test_cossl_patch_head_must_have_the_cls_width_and_a_patch_head_needs_a_valid_name():
     from pwself.config import ConfigError
 
-    with pytest.raises(ConfigError, match="compared with CLS outputs, use shared"):
-        tiny_config(**{"loss.objective": "cossl", "head.patch_head": "separate"})
+    with pytest.raises(ConfigError, match="compared with CLS outputs of head.out_dim=7, use head.patch_out_dim=0"):
+        tiny_config(**{"loss.objective": "cossl", "head.patch_head": "separate", "head.patch_out_dim": 5})
     with pytest.raises(ConfigError, match="use shared, separate or split"):
         tiny_config(**{"head.patch_head": "own"})
     with pytest.raises(ConfigError, match="needs a patch head of its own"):

@@ -105,7 +105,7 @@ class Objective(nn.Module):
     pooling: ClassVar[str] = "cls"
     """Feature pooling of a trained backbone for evaluation (see :func:`pwself.eval.features.pool_features`)."""
     patch_targets_are_cls: ClassVar[bool] = False
-    """Patch outputs are compared with CLS outputs: the patch head must be the CLS head."""
+    """Patch outputs are compared with CLS outputs: the patch head must have the CLS head's width."""
 
     def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
         super().__init__()
@@ -117,8 +117,9 @@ class Objective(nn.Module):
     @classmethod
     def config_problem(cls, views: ViewConfig, head: HeadConfig) -> str | None:
         """Why these views and head cannot train this objective, or ``None``."""
-        if cls.patch_targets_are_cls and head.patch_head != "shared":
-            return f"head.patch_head={head.patch_head}: its patch tokens are compared with CLS outputs, use shared"
+        if cls.patch_targets_are_cls and head.patch_out_dim not in (0, head.out_dim):
+            return (f"head.patch_out_dim={head.patch_out_dim}: its patch outputs are compared with CLS outputs of "
+                    f"head.out_dim={head.out_dim}, use head.patch_out_dim=0")
         return None
 
     def pairs(self, n_global: int, n_views: int) -> list[tuple[int, int]]:

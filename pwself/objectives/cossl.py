@@ -1,7 +1,9 @@
-"""CO-SSL (seed 004): local, pre-pooling representations aligned with the global one.
+"""CO-SSL (seed 004, Aubret et al. 2025): local, pre-pooling representations aligned with the global one.
 
-As PWML, but every student patch token of view ``j`` is paired with the teacher's CLS of view ``i``: no
-matching. The targets are CLS outputs, so they are centred with the CLS center.
+CO-DINO on a ViT: DINO's image-level loss plus ``w_s`` (``loss.cossl_weight``) times the local loss, where
+every student patch token of view ``j`` (a local representation) predicts the teacher's CLS of the other
+view ``i``: no matching. The targets are CLS outputs, centred with the CLS center. The paper gives the
+local representations a head of their own (``head.patch_head=separate``; one shared head is its ablation).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ __all__ = ["COSSL"]
 
 
 class COSSL(Objective):
-    """Student patch tokens of view ``j`` against the teacher CLS of view ``i``, weighted as PWML."""
+    """Per pair ``(i, j)``: ``H(t_i, s_j) + w_s * mean over the tokens t of j of H(t_i, s_{j,t})``."""
 
     patch_targets_are_cls: ClassVar[bool] = True
 
     def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
         super().__init__(loss, out_dim, embed_dim, patch_out_dim)
         self.patch_fraction, self.recompute_head = loss.patch_fraction, loss.recompute_head
+        self.local_weight = loss.cossl_weight
 
     def select(
         self, views: MultiCropViews, grids: Sequence[tuple[int, int]], teacher_tokens: Sequence[TokenOutput],
@@ -50,8 +53,8 @@ class COSSL(Objective):
                             self.patch_fraction, generator, teacher_unique=False)
 
     def term_weights(self, n_patch: Tensor) -> tuple[Tensor, Tensor]:
-        w = 1 / (1 + n_patch.float())
-        return w, w
+        n = n_patch.float()
+        return torch.ones_like(n), self.local_weight / n.clamp(min=1)
 
     def patch_inputs(self, student: HeadOutput, teacher: HeadOutput, teacher_temp: float) -> PatchInputs:
         assert student.patch is not None

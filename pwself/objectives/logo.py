@@ -27,12 +27,13 @@ __all__ = ["LoGo", "LoGoAffinity"]
 class LoGoAffinity(nn.Module):
     """LoGo's learned affinity between two local representations (seed 003), trained against the encoder.
 
-    ``phi(z_a, z_b) = MLP([z_a * z_b, |z_a - z_b|])`` with spectrally normalized layers, so its gradient
-    with respect to the representations is bounded. The affinity network learns to tell local views of
-    the same image from local views of different images (logistic loss on detached representations);
-    the encoder minimizes the affinity of same-image local pairs (through a copy of ``phi`` whose
-    parameters are detached), which pushes local views of one image apart while the DINO terms keep
-    global–global and local–global pairs together.
+    ``f(z_a, z_b) = MLP([z_a * z_b, |z_a - z_b|])`` on L2-normalized inputs. The network maximizes the
+    paper's Eq. 6, ``E[f(z_1, z_2)] - E[f(z_1, z_-)]`` (two local views of one image against local views of
+    different images), on detached representations; the encoder minimizes ``E[f(z_1, z_2)]`` through a copy
+    of ``f`` whose parameters are detached, which pushes local views of one image apart while the DINO
+    terms keep global-global and local-global pairs together. Eq. 6 is a difference of means and is
+    unbounded unless ``f`` is: spectral normalization of every layer bounds its Lipschitz constant (as
+    in SN-GAN), so its output and its gradient to the representations stay bounded.
 
     Args:
         dim: Representation width.
@@ -45,7 +46,7 @@ class LoGoAffinity(nn.Module):
         self.net = nn.Sequential(sn(nn.Linear(2 * dim, hidden)), nn.GELU(), sn(nn.Linear(hidden, 1)))
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """``[N, D]``, ``[N, D]`` -> ``[N]`` affinity logits."""
+        """``[N, D]``, ``[N, D]`` -> ``[N]`` affinities (higher: more alike)."""
         z_a, z_b = F.normalize(z_a, dim=-1), F.normalize(z_b, dim=-1)
         return self.net(torch.cat([z_a * z_b, (z_a - z_b).abs()], -1))[:, 0]
 
@@ -54,7 +55,7 @@ class LoGoAffinity(nn.Module):
 
         Returns:
             ``(encoder_term, affinity_loss)``: the mean same-image affinity (gradient to the
-            representations only) and the discriminator loss (gradient to the affinity network only).
+            representations only) and minus Eq. 6 (gradient to the affinity network only).
         """
         n_local = local.shape[0]
         if n_local < 2:
@@ -64,9 +65,7 @@ class LoGoAffinity(nn.Module):
         other_b = local[ib].roll(1, dims=1).flatten(0, 1)  # the same view index of the next image
         frozen = {k: v.detach() for k, v in self.named_parameters()}
         encoder_term = torch.func.functional_call(self, frozen, (same_a, same_b)).mean()
-        logits_same = self(same_a.detach(), same_b.detach())
-        logits_other = self(same_a.detach(), other_b.detach())
-        affinity_loss = F.softplus(-logits_same).mean() + F.softplus(logits_other).mean()
+        affinity_loss = self(same_a.detach(), other_b.detach()).mean() - self(same_a.detach(), same_b.detach()).mean()
         return encoder_term, affinity_loss
 
 
