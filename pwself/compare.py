@@ -135,16 +135,12 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
 
 def _linear_probe(cfg: TrainConfig, src, progress: bool) -> dict:  # noqa: ANN001 - a FeatureSource
     """The linear probe of a run's teacher on features pooled as its objective says."""
-    import dataclasses
-
     from pwself.eval.linear import linear_probe
     from pwself.eval.source import cached_features
     from pwself.objectives import objective_class
 
     data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
     pooling = objective_class(cfg.loss.objective).pooling
-    if pooling == "bag":  # BagSSL's own aggregation: tiles of the image at native resolution
-        src = dataclasses.replace(src, size=int(_open(cfg, "train")[0][0].shape[-1]))
     device = next(src.backbone.parameters()).device
     feats = {split: cached_features(src, _open(cfg, split), {**data_id, "split": split}, pooling=pooling,
                                     cache_dir=Path(cfg.out_dir) / "features", progress=progress, device=device)
@@ -187,13 +183,14 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
 
 def run_comparison(
     base: TrainConfig, objectives: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True,
-    dense: str | None = None,
+    dense: str | None = None, runs_only: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every (objective, seed); only ``loss.objective`` and ``seed`` differ between runs.
 
     An objective may carry overrides after a colon, e.g. ``pwml:photometric.mode=none`` or
     ``pwml:loss.matcher=feature-nn`` (several separated by ``+``); the label is the whole string. With
     ``dense`` (a dense dataset folder) every run, the random init and raw pixels also get the dense probe.
+    ``runs_only`` stops after the runs (no floors, table or plot): workers in parallel, collected later.
     """
     out_dir = Path(out_dir)
     results: dict[str, Any] = {"objectives": objectives, "seeds": seeds, "runs": {}}
@@ -209,6 +206,8 @@ def run_comparison(
                                          "knn_floors=false"])
             cfg.validate()
             results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense)
+    if runs_only:
+        return results
     results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json", linear=True)
     if results["pixel_floor"] is not None and dense is not None:
         results["pixel_floor"]["miou"] = pixel_dense_floor(base, dense, out_dir / "pixel_dense_floor.json")["miou"]

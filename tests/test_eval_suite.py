@@ -128,6 +128,26 @@ def test_feature_cache_reuses_and_keys_on_pooling(tmp_path, monkeypatch):
     assert calls == ["cls", "last4"] and torch.equal(a, b) and c.shape[1] == 4 * a.shape[1]
 
 
+def test_bag_features_tile_the_native_image_whatever_the_source_size(tmp_path):
+    # The bag's tiles are training views' scale at native resolution: a source evaluated at a smaller size (a
+    # BagSSL run's global_size is its tile size) must not shrink the image first; kNN at the end of training,
+    # compare's linear probe and eval-knn all agree on that.
+    import dataclasses
+
+    from pwself.data import make_synthetic
+    from pwself.eval.features import forward_tokens, normalize_images
+
+    src = dataclasses.replace(source_mod.open_source("vit_tiny_patch16_224", in_chans=1, img_size=32), size=16)
+    ds = make_synthetic(4, 32, 1)
+    feats, _ = source_mod.cached_features(src, ds, {"kind": "synthetic"}, "bag", tmp_path, progress=False,
+                                          device=torch.device("cpu"))
+    x = normalize_images(torch.stack([ds[i][0] for i in range(4)]), src.mean, src.std)
+    with torch.no_grad():
+        tiles = [x[..., i:i + 16, j:j + 16] for i in (0, 16) for j in (0, 16)]
+        bag = torch.stack([forward_tokens(src.backbone, t).cls for t in tiles]).mean(0)
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(bag, dim=1), rtol=1e-4, atol=1e-5)
+
+
 def test_retrieval_ground_truth_checks(tmp_path):
     gnd = {"imlist": ["a", "b"], "qimlist": ["q"], "gnd": [{"easy": [0], "hard": [], "junk": [5]}]}
     (tmp_path / "g.json").write_text(json.dumps(gnd))

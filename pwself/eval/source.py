@@ -119,12 +119,14 @@ def cached_features(
         normalize: L2-normalize the features.
         **kwargs: Passed to :func:`extract_features` (batch size, workers, progress, ...).
     """
-    key_dict = {"weights": source.key, "data": dataset_id, "n": len(dataset), "size": source.size,
+    # BagSSL's bag tiles the image at its native resolution (a tile is a training view's scale): never resized
+    size = None if pooling == "bag" else source.size
+    key_dict = {"weights": source.key, "data": dataset_id, "n": len(dataset), "size": size,
                 "mean": source.mean, "std": source.std, "pooling": pooling, "normalize": normalize}
     key = hashlib.sha256(json.dumps(key_dict, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def compute() -> dict[str, Any]:
-        feats, labels = extract_features(source.backbone, dataset, source.mean, source.std, size=source.size,
+        feats, labels = extract_features(source.backbone, dataset, source.mean, source.std, size=size,
                                          pooling=pooling, normalize=normalize, **kwargs)
         return {"features": feats, "labels": labels, "key": key_dict}
 
