@@ -166,6 +166,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="training and evaluation device (default: the config's, auto)")
     p.add_argument("--dense", metavar="DIR", help="dense dataset (e.g. from `pwself make-scenes`): adds the dense "
                    "probe (mIoU) of every run, the random init and raw pixels")
+    p.add_argument("--runs-only", action="store_true", help="train and evaluate the runs only, no floors or table "
+                   "(parallel workers sharing --out-dir); a later call without it collects them")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
 
@@ -185,6 +187,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for the score")
     p.add_argument("--seed", type=int, default=0, help="seed of the order the grid is drawn in")
     p.add_argument("--device", help="training device (default: the config's, auto)")
+    p.add_argument("--trial", type=int, metavar="I", help="train and score trial I only (parallel workers sharing "
+                   "--out-dir); a later call without it reads their scores and chooses")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("space", nargs="+", metavar="KEY=CHOICES", help="e.g. loss.logo_weight=0.1,0.5,1 optim.lr=1e-3,3e-3")
 
@@ -192,7 +196,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pwself.config import load_config
     from pwself.objectives import objective_class
-    from pwself.tune import parse_space, run_tuning, tune_markdown
+    from pwself.tune import parse_space, run_trial, run_tuning, tune_markdown
 
     objective_class(args.objective)  # an unknown name fails before anything trains
     if args.trials < 1 or not 0 < args.val_fraction < 1:
@@ -200,6 +204,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
                          "--val-fraction in (0, 1), e.g. 0.1")
     space = parse_space(args.space)
     base = load_config(args.config, [*space.fixed] + ([f"device={args.device}"] if args.device else []))
+    if args.trial is not None:
+        row = run_trial(base, args.objective, space, args.trials, args.trial, args.out_dir, args.val_fraction,
+                        args.seed, progress=not args.no_progress)
+        print(f"trial {args.trial} {row['setting']}: held-out kNN {row['heldout_knn10']:.2f}; run again without "
+              "--trial to choose")
+        return 0
     result = run_tuning(base, args.objective, space, args.trials, args.out_dir, args.val_fraction, args.seed,
                         progress=not args.no_progress)
     print(tune_markdown(result))
@@ -506,7 +516,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from pwself.data.dense import open_dense
 
         open_dense(args.dense, "test", 1, 8)  # a wrong folder fails now, not after hours of training
-    results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress, dense=args.dense)
+    results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress, dense=args.dense,
+                             runs_only=args.runs_only)
+    if args.runs_only:
+        print(f"runs done in {args.out_dir}; run again without --runs-only to collect the table")
+        return 0
     print(comparison_table(results))
     print(f"wrote {Path(args.out_dir) / 'comparison.md'} and comparison.png")
     return 0

@@ -22,7 +22,7 @@ import torch
 
 from pwself.config import TrainConfig, apply_overrides, config_to_dict
 
-__all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_tuning", "tune_markdown"]
+__all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_trial", "run_tuning", "tune_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,23 @@ def _trial(base: TrainConfig, objective: str, setting: dict[str, str], fixed: li
     return score
 
 
+def run_trial(base: TrainConfig, objective: str, space: TuneSpace, trials: int, index: int, out_dir: str | Path,
+              val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train and score trial ``index`` of :func:`run_tuning`'s draw alone (a parallel worker's share); a later
+    :func:`run_tuning` over the same ``out_dir`` reads its score instead of training it again."""
+    settings = sample_trials(space, trials, seed)
+    if not 0 <= index < len(settings):
+        raise ValueError(f"--trial {index}: this grid and --trials give trials 0..{len(settings) - 1}")
+    run_dir = Path(out_dir) / f"trial_{index}"
+    score = _trial(base, objective, settings[index], space.fixed, run_dir, val_fraction, progress)
+    return {"setting": settings[index], "heldout_knn10": score}
+
+
 def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int, out_dir: str | Path,
                val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train and score ``trials`` settings of ``objective``; writes ``OUT/tune.json`` and ``OUT/tune.md``.
+
+    Trials scored before (e.g. by :func:`run_trial` workers) are read, not trained again.
 
     Returns ``{"objective", "trials": [{"setting", "heldout_knn10"}], "best": {...}, "compare_label"}``;
     ``compare_label`` is the ``pwself compare --objectives`` entry that runs the chosen setting.

@@ -47,7 +47,7 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
 def test_objective_list_keeps_commas_inside_brackets(tmp_path, monkeypatch):
     seen = {}
 
-    def fake(base, objectives, seeds, out_dir, progress=True, dense=None):
+    def fake(base, objectives, seeds, out_dir, progress=True, dense=None, runs_only=False):
         seen["objectives"], seen["seeds"] = objectives, seeds
         return {"objectives": objectives, "seeds": seeds, "runs": {}}
 
@@ -101,3 +101,15 @@ def test_random_init_floor_is_the_runs_knn_protocol_on_the_seeded_init(tmp_path)
     assert compare_mod.random_init_floor(cfg, tmp_path / "random.json") == floor  # cached
     table = compare_mod.comparison_table({"seeds": [3], "runs": {}, "random_init": {"3": floor}})
     assert f"| *random init (same backbone, CLS)* | {floor['knn10']:.2f} ± 0.00 |" in table
+
+
+def test_runs_only_trains_and_evaluates_but_writes_no_floors_or_table(tmp_path, monkeypatch):
+    from pwself.config import load_config
+
+    ran = []
+    monkeypatch.setattr(compare_mod, "_run_one", lambda cfg, *a: ran.append(cfg.out_dir) or {"knn10": 1.0})
+    monkeypatch.setattr(compare_mod, "pixel_floor", lambda *a, **k: pytest.fail("no floor in a worker"))
+    base = load_config(None, [t for t in TINY if "=" in t])
+    res = compare_mod.run_comparison(base, ["dino"], [3], tmp_path, runs_only=True)
+    assert ran == [str(tmp_path / "dino_seed3")] and res["runs"] == {"dino": {"3": {"knn10": 1.0}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

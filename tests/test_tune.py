@@ -65,3 +65,23 @@ def test_choice_is_made_on_heldout_train_and_ignores_test_labels(tmp_path, monke
     assert opened == []  # the test split was not even opened
     assert main(["tune", "--objective", "nope", "--trials", "1", "optim.lr=1,2"]) == 2
     assert "unknown objective 'nope'" in capsys.readouterr().err
+
+
+def test_parallel_trials_are_read_back_not_trained_again(tmp_path, monkeypatch, capsys):
+    import pwself.train as train_mod
+
+    trained = []
+    real_train = train_mod.train
+    monkeypatch.setattr(train_mod, "train",
+                        lambda cfg, *a, **k: trained.append(cfg.out_dir) or real_train(cfg, *a, **k))
+    args = ["tune", "--objective", "dino", "--trials", "2", "--no-progress", "--out-dir", str(tmp_path), *TINY,
+            "epochs=1", "batch_size=32", "optim.lr=1e-4,5e-2", "data.synthetic_size=64"]
+    assert main([*args, "--trial", "1"]) == 0
+    assert "trial 1 " in capsys.readouterr().out and trained == [str(tmp_path / "trial_1")]
+    assert not (tmp_path / "tune.json").exists()  # a worker only scores its trial
+    assert main(args) == 0  # the collecting call trains the missing trial only
+    assert trained == [str(tmp_path / "trial_1"), str(tmp_path / "trial_0")]
+    scored = json.loads((tmp_path / "trial_1" / "tune_score.json").read_text())["heldout_knn10"]
+    assert json.loads((tmp_path / "tune.json").read_text())["trials"][1]["heldout_knn10"] == scored
+    assert main([*args, "--trial", "2"]) == 2
+    assert "--trial 2: this grid and --trials give trials 0..1" in capsys.readouterr().err
