@@ -178,3 +178,20 @@ def test_knn_on_unlabelled_data_is_one_line_error(tmp_path, capsys):
                  "--ks", "2", "--img-size", "32", "--cache-dir", "", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "needs labels" in err and len(err.splitlines()) == 1
+
+
+def test_a_run_kept_without_checkpoints_opens_from_its_exported_weights(tmp_path):
+    from test_cli import _run
+
+    assert _run(tmp_path / "run", "--epochs", "1", "knn_at_end=false") == 0
+    full = source_mod.open_source(str(tmp_path / "run"))
+    for ckpt in (tmp_path / "run").glob("checkpoint_*.pt"):
+        ckpt.unlink()
+    kept = source_mod.open_source(str(tmp_path / "run"))
+    assert (kept.mean, kept.std, kept.size) == (full.mean, full.std, full.size)
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(kept.backbone(x), full.backbone(x))
+    (tmp_path / "run" / "teacher_backbone.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint nor teacher_backbone.safetensors"):
+        source_mod.open_source(str(tmp_path / "run"))

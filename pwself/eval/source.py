@@ -53,6 +53,26 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+WEIGHTS = "teacher_backbone.safetensors"
+
+
+def _open_exported_run(run_dir: Path) -> FeatureSource:
+    """A run directory kept without its checkpoints (they hold the optimizer, several times the weights): the
+    teacher backbone from ``teacher_backbone.safetensors`` and the run's ``config.yaml``."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from pwself.config import config_from_dict
+    from pwself.models import make_vit
+
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = config_from_dict(raw)
+    backbone = make_vit(cfg.backbone, cfg.views.global_size)
+    backbone.load_state_dict(load_file(run_dir / WEIGHTS))
+    return FeatureSource(str(run_dir), backbone.eval(), list(cfg.data.mean), list(cfg.data.std),
+                         cfg.views.global_size, file_sha256(run_dir / WEIGHTS), raw)
+
+
 def open_source(
     spec: str,
     *,
@@ -77,8 +97,11 @@ def open_source(
     path = Path(spec)
     if path.exists():
         file = latest_checkpoint(path) if path.is_dir() else path
+        if file is None and (path / WEIGHTS).exists() and (path / "config.yaml").exists():
+            return _open_exported_run(path)
         if file is None:
-            raise FileNotFoundError(f"no checkpoint in {path}: pass a checkpoint file or a run directory")
+            raise FileNotFoundError(f"no checkpoint nor {WEIGHTS} + config.yaml in {path}: pass a checkpoint file or "
+                                    "a run directory")
         from pwself.export import teacher_backbone
 
         ckpt = load_checkpoint(file)
