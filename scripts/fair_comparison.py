@@ -5,7 +5,9 @@
 2. ``pwself compare`` of each method at its chosen setting on ``--seeds`` (not the tuning seed, so a setting
    that won on one seed's luck gets no second helping), kNN and linear probe on test, beside the random-init
    and raw-pixel floors.
-3. Each method's own claim at this scale: CLS against BagSSL's bag pooling of the same runs (``eval-knn``).
+3. Each method's own claim at this scale. LoGo and CO-SSL are additions to DINO: besides their tuned rows,
+   they run with their chosen knob on DINO's chosen recipe, beside DINO at the shared recipe they were tuned
+   on (:func:`claim_labels`). BagSSL: CLS against its bag pooling of the same runs (``eval-knn``).
 
 Trials and runs are independent, so they run ``--jobs`` at a time as separate ``pwself`` processes sharing one
 output folder (a GPU takes many of these small models at once); finished work is read back on a rerun.
@@ -73,6 +75,20 @@ def tune_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     return {m: json.loads((out / "tune" / m / "tune.json").read_text())["compare_label"] for m in args.methods}
 
 
+def claim_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The runs that test "X beats the DINO it is added to": DINO at the shared recipe, and LoGo / CO-SSL with
+    their chosen knob on DINO's chosen recipe (empty when DINO is not among the methods)."""
+    if "dino" not in labels:
+        return {}
+    dino = labels["dino"].partition(":")[2]
+    extra = {"dino_shared": "dino"}
+    for m in ("logo", "cossl"):
+        if m in labels:
+            own = labels[m].partition(":")[2]
+            extra[f"{m}_on_dino"] = f"{m}:" + "+".join(x for x in (dino, own) if x)
+    return extra
+
+
 def compare_all(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> None:
     """Every (method, seed) run in parallel, then one collecting ``compare`` for the table, floors and plot."""
     common = ["--config", args.config, "--out-dir", str(out / "compare"), "--no-progress", *args.device_flag]
@@ -112,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = tune_all(args, out)
     (out / "chosen.json").write_text(json.dumps(labels, indent=2))
     print("chosen:", json.dumps(labels, indent=2), flush=True)
-    compare_all(args, out, labels)
+    compare_all(args, out, {**labels, **claim_labels(labels)})
     pooling_claims(args, out, labels)
     print((out / "compare" / "comparison.md").read_text())
 

@@ -85,3 +85,19 @@ def test_parallel_trials_are_read_back_not_trained_again(tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "tune.json").read_text())["trials"][1]["heldout_knn10"] == scored
     assert main([*args, "--trial", "2"]) == 2
     assert "--trial 2: this grid and --trials give trials 0..1" in capsys.readouterr().err
+
+
+def test_fair_comparison_adds_logo_and_cossl_to_dinos_chosen_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "fair_comparison.py"
+    spec = importlib.util.spec_from_file_location("fair_comparison", path)
+    fair = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fair)
+    chosen = {"dino": "dino:optim.lr=2e-3", "logo": "logo:loss.logo_weight=1e-2", "cossl": "cossl", "pwml": "pwml"}
+    assert fair.claim_labels(chosen) == {"dino_shared": "dino", "cossl_on_dino": "cossl:optim.lr=2e-3",
+                                         "logo_on_dino": "logo:optim.lr=2e-3+loss.logo_weight=1e-2"}
+    assert fair.claim_labels({"pwml": "pwml"}) == {}
+    assert set(fair.SPACES) == {"dino", "pwml", "logo", "cossl", "bagssl"}
+    assert all(len(sample_trials(parse_space(space), 4)) == 4 for space in fair.SPACES.values())  # equal trials
