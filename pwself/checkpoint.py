@@ -14,7 +14,10 @@ if TYPE_CHECKING:
     from pwself.config import TrainConfig
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint",
-           "config_of_checkpoint", "export_backbone"]
+           "config_of_checkpoint", "export_backbone", "BACKBONE_FILE"]
+
+BACKBONE_FILE = "teacher_backbone.safetensors"
+"""Where a run keeps its teacher backbone (timm key names) beside its checkpoints."""
 
 
 class CheckpointError(RuntimeError):

@@ -13,7 +13,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from pwself.checkpoint import CheckpointError
+from pwself.checkpoint import BACKBONE_FILE, CheckpointError
 
 __all__ = ["read_backbone_state", "load_backbone_weights"]
 
@@ -23,7 +23,7 @@ _DROPPED = ("head.", "mask_token", "fc_norm.", "dino_head.", "ibot_head.")
 
 def _file_state(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        for name in ("model.safetensors", "teacher_backbone.safetensors"):
+        for name in ("model.safetensors", BACKBONE_FILE):
             if (path / name).is_file():
                 return _file_state(path / name)
         from pwself.checkpoint import latest_checkpoint

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pwself.checkpoint import (
+    BACKBONE_FILE,
     CheckpointError,
     export_backbone,
     latest_checkpoint,
@@ -406,7 +407,7 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     skipped = getattr(ds, "skipped", None) or getattr(getattr(ds, "dataset", None), "skipped", None)
     if skipped and run.info.is_main:
         log.warning("skipped %d unreadable image(s) (data.on_bad_image=skip), listed above", len(skipped))
-    backbone_path = run.dir / "teacher_backbone.safetensors"
+    backbone_path = run.dir / BACKBONE_FILE
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
     knn, floors = None, None

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from pwself.checkpoint import BACKBONE_FILE
 from pwself.eval.features import extract_features
 
 __all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256", "load_or_compute"]
@@ -53,9 +54,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-WEIGHTS = "teacher_backbone.safetensors"
-
-
 def _open_exported_run(run_dir: Path) -> FeatureSource:
     """A run directory kept without its checkpoints (they hold the optimizer, several times the weights): the
     teacher backbone from ``teacher_backbone.safetensors`` and the run's ``config.yaml``."""
@@ -68,9 +66,9 @@ def _open_exported_run(run_dir: Path) -> FeatureSource:
     raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg = config_from_dict(raw)
     backbone = make_vit(cfg.backbone, cfg.views.global_size)
-    backbone.load_state_dict(load_file(run_dir / WEIGHTS))
+    backbone.load_state_dict(load_file(run_dir / BACKBONE_FILE))
     return FeatureSource(str(run_dir), backbone.eval(), list(cfg.data.mean), list(cfg.data.std),
-                         cfg.views.global_size, file_sha256(run_dir / WEIGHTS), raw)
+                         cfg.views.global_size, file_sha256(run_dir / BACKBONE_FILE), raw)
 
 
 def open_source(
@@ -97,11 +95,11 @@ def open_source(
     path = Path(spec)
     if path.exists():
         file = latest_checkpoint(path) if path.is_dir() else path
-        if file is None and (path / WEIGHTS).exists() and (path / "config.yaml").exists():
+        if file is None and (path / BACKBONE_FILE).exists() and (path / "config.yaml").exists():
             return _open_exported_run(path)
         if file is None:
-            raise FileNotFoundError(f"no checkpoint nor {WEIGHTS} + config.yaml in {path}: pass a checkpoint file or "
-                                    "a run directory")
+            raise FileNotFoundError(f"no checkpoint nor {BACKBONE_FILE} + config.yaml in {path}: pass a checkpoint "
+                                    "file or a run directory")
         from pwself.export import teacher_backbone
 
         ckpt = load_checkpoint(file)
