@@ -17,7 +17,7 @@ from typing import Any
 from pwself.checkpoint import latest_checkpoint
 from pwself.config import TrainConfig, apply_overrides, config_to_dict
 
-__all__ = ["run_comparison", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor",
+__all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor",
            "pixel_dense_floor"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
@@ -181,6 +181,11 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     return row
 
 
+def run_name(label: str, seed: int | str) -> str:
+    """The folder of one (objective label, seed) run inside a comparison's output folder."""
+    return f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}_seed{seed}"
+
+
 def run_comparison(
     base: TrainConfig, objectives: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True,
     dense: str | None = None, runs_only: bool = False,
@@ -200,7 +205,7 @@ def run_comparison(
         objective, _, extra = label.partition(":")
         overrides = [f"loss.objective={objective}"] + [o for o in extra.split("+") if o]
         for seed in seeds:
-            name = f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}_seed{seed}"
+            name = run_name(label, seed)
             # knn_floors off: the comparison computes each floor once for all its runs
             cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true",
                                          "knn_floors=false"])

@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pwself.compare import run_name
+
 # Each method's own knobs, the same number of trials each. DINO and PW-Self (whose shared recipe was searched
 # before) get the lr and teacher temperature; the related methods get the knob their paper adds, at the
 # paper's value among the choices where the paper gives one (LoGo lambda 1e-4, CO-SSL's own local head,
@@ -102,7 +104,7 @@ def compare_all(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> 
 def pooling_claims(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> None:
     """kNN of the same runs with CLS and with BagSSL's bag pooling (its claim: the bag is the better image
     representation, also of other methods' runs)."""
-    runs = [str(out / "compare" / f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}_seed{s}")
+    runs = [str(out / "compare" / run_name(label, s))
             for m, label in labels.items() if m in ("bagssl", "dino", "pwml") for s in args.seeds.split(",")]
     if runs:
         _run_all([("pooling", _pwself("eval-knn", *runs, "--pooling", "cls,bag", "--no-progress",
