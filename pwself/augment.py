@@ -166,6 +166,8 @@ class PhotometricAugment:
         x = torch.where(_per_sample(prm["solarize"]) & (x >= 0.5), 1 - x, x)
         noise_idx = prm["noise"].nonzero()[:, 0]
         if len(noise_idx):
-            noise = torch.randn((len(noise_idx), c, h, w), generator=generator).to(x.device)
+            # Drawn in float64: float32 randn rounds differently on other CPUs (vectorized log/sin), and float32
+            # and float64 runs then draw the same noise.
+            noise = torch.randn((len(noise_idx), c, h, w), generator=generator, dtype=torch.float64).to(x)
             x[noise_idx] = (x[noise_idx] + noise * _per_sample(prm["noise_std"][noise_idx])).clamp(0, 1)
         return x

@@ -208,7 +208,8 @@ class TrainConfig:
         seed: Seed of the whole run (init, views, augmentation, data order).
         out_dir: Run directory (config, metrics, checkpoints, exports, report).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        precision: ``fp32``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA, with a gradient scaler).
+        precision: ``fp32``, ``bf16`` (CPU or CUDA), ``fp16`` (CUDA, with a gradient scaler) or ``fp64``
+            (float64 weights and arithmetic: slow, for numerical checks; its results agree across CPUs).
         log_every: Steps between metric rows.
         checkpoint_every_steps: Extra checkpoints every N steps (0: at epoch ends only).
         keep_checkpoints: Newest checkpoints kept (0: all).
@@ -291,8 +292,8 @@ class TrainConfig:
             raise ConfigError(f"data.kind={self.data.kind!r}: use idx, cifar, folder or synthetic")
         if self.data.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"data.on_bad_image={self.data.on_bad_image!r}: use fail or skip")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 (CPU or CUDA) or fp16 (CUDA)")
+        if self.precision not in ("fp32", "bf16", "fp16", "fp64"):
+            raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 (CPU or CUDA), fp16 (CUDA) or fp64")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be at least 1")
         if self.backbone.embed_dim % self.backbone.num_heads:

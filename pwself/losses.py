@@ -34,10 +34,18 @@ __all__ = [
     "TermWeights",
     "distillation_loss",
     "view_pairs",
+    "at_least_fp32",
 ]
 
 TermWeights = Callable[[Tensor], tuple[Tensor, Tensor]]
 """``[P, B]`` match counts -> ``[P, B]`` float weights of ``H_cls`` and of the patch sum ``S``."""
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when it is float64: half-precision sums are too coarse, and a float64 run
+    (``precision=fp64``, the portable golden runs) must not drop to float32 kernels, whose rounding differs
+    between CPUs."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def view_pairs(n_global: int, n_views: int) -> list[tuple[int, int]]:
@@ -63,7 +71,8 @@ class Center(nn.Module):
     @torch.no_grad()
     def update(self, logits: Tensor) -> None:
         """Update from ``[N, K]`` teacher logits (every row counts once); no-op when ``N == 0``."""
-        stats = torch.cat([logits.float().sum(0), logits.new_tensor([logits.shape[0]], dtype=torch.float32)])
+        wide = at_least_fp32(logits)
+        stats = torch.cat([wide.sum(0), wide.new_tensor([logits.shape[0]])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         count = stats[-1]
@@ -74,9 +83,9 @@ class Center(nn.Module):
 
 
 def soft_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
-    """``-sum_k t_k log softmax(s / tau_s)_k`` over the last axis, computed in float32."""
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -(teacher_probs.float() * log_p).sum(-1)
+    """``-sum_k t_k log softmax(s / tau_s)_k`` over the last axis, computed in float32 (at least)."""
+    log_p = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
+    return -(at_least_fp32(teacher_probs) * log_p).sum(-1)
 
 
 def pair_targets(
@@ -103,8 +112,9 @@ def pair_targets(
     counts = torch.bincount(student_rows, minlength=n_student)
     offsets, rows = torch.cumsum(counts, 0) - counts, teacher_rows[order]
     with torch.no_grad(), torch.autocast(teacher_probs.device.type, enabled=False):
-        table = teacher_probs.float()
-        return [F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=w[order].float()) for w in weights]
+        table = at_least_fp32(teacher_probs)
+        return [F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=w[order].to(table.dtype))
+                for w in weights]
 
 
 class _TargetCrossEntropy(torch.autograd.Function):
@@ -115,7 +125,7 @@ class _TargetCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, temp: float, *reported: Tensor) -> tuple[Tensor, ...]:  # noqa: ANN001
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 at least; float64 stays
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.autocast(logits.device.type, enabled=False):  # a bf16 sum of thousands of terms is too coarse
             z = logits.to(dtype) / temp
             lse = torch.logsumexp(z, -1)
@@ -152,8 +162,8 @@ def target_cross_entropy(logits: Tensor, target: Tensor, temp: float, *reported:
 
 
 def teacher_probs(logits: Tensor, center: Center, temp: float) -> Tensor:
-    """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, float32, no gradient."""
-    return F.softmax((logits.detach().float() - center.center) / temp, dim=-1)
+    """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, float32 (at least), no gradient."""
+    return F.softmax((at_least_fp32(logits.detach()) - center.center) / temp, dim=-1)
 
 
 @dataclass(frozen=True)

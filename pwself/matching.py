@@ -304,8 +304,9 @@ def match_features(teacher_tokens: Tensor, student_tokens: Tensor) -> Tensor:
     Returns:
         ``[B, Ts]`` long index of the teacher patch matched to every student patch (ties: lowest index).
     """
-    t = torch.nn.functional.normalize(teacher_tokens.float(), dim=-1)
-    s = torch.nn.functional.normalize(student_tokens.float(), dim=-1)
+    dtype = torch.promote_types(teacher_tokens.dtype, torch.float32)  # float32 at least; float64 stays
+    t = torch.nn.functional.normalize(teacher_tokens.to(dtype), dim=-1)
+    s = torch.nn.functional.normalize(student_tokens.to(dtype), dim=-1)
     return torch.bmm(s, t.transpose(1, 2)).argmax(-1)
 
 

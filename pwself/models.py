@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -12,8 +13,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["BackboneConfig", "HeadConfig", "make_vit", "DINOHead", "TokenOutput", "forward_tokens", "HeadOutput",
-           "DistillNet", "ema_update"]
+__all__ = ["BackboneConfig", "HeadConfig", "portable_init", "make_vit", "DINOHead", "TokenOutput", "forward_tokens",
+           "HeadOutput", "DistillNet", "ema_update"]
 
 
 @dataclass
@@ -89,6 +90,36 @@ def named_architecture(name: str) -> dict[str, Any]:
             "num_heads": m.blocks[0].attn.num_heads, "mlp_ratio": m.blocks[0].mlp.fc1.out_features / m.embed_dim}
 
 
+@contextmanager
+def portable_init() -> Iterator[None]:
+    """Modules built inside draw their initial weights in float64 (cast to float32 by the caller): float32
+    ``erfinv`` and Box-Muller (``trunc_normal_``, ``normal_``) round differently on other CPUs, so one seed
+    would start from other weights there."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class _ViT(VisionTransformer):
+    """timm's plain ViT, except that a float64 position embedding is resampled in float64 for other view sizes:
+    timm resamples in float32, whose bicubic kernel rounds differently on other CPUs, and ``precision=fp64``
+    runs must give the same numbers on every machine. Its weights and outputs are timm's otherwise."""
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        if self.pos_embed.dtype != torch.float64:
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape  # dynamic_img_size: NHWC patch tokens
+        gh, gw = self.patch_embed.grid_size
+        grid = self.pos_embed[:, 1:].reshape(1, gh, gw, c).permute(0, 3, 1, 2)
+        if (h, w) != (gh, gw):  # timm's resample_abs_pos_embed defaults
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
+        pos = torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+        return self.pos_drop(torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, -1, c)], 1) + pos)
+
+
 def make_vit(cfg: BackboneConfig, img_size: int) -> VisionTransformer:
     """Create the timm ViT backbone for ``img_size`` inputs (no classifier; ``dynamic_img_size`` for multi-crop)."""
     if img_size % cfg.patch_size:
@@ -96,18 +127,20 @@ def make_vit(cfg: BackboneConfig, img_size: int) -> VisionTransformer:
             f"image size {img_size} is not a multiple of the patch size {cfg.patch_size}: "
             f"use a global size divisible by {cfg.patch_size}"
         )
-    return VisionTransformer(
-        img_size=img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        drop_path_rate=cfg.drop_path_rate,
-        num_classes=0,
-        dynamic_img_size=True,
-    )
+    with portable_init():
+        vit = _ViT(
+            img_size=img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            drop_path_rate=cfg.drop_path_rate,
+            num_classes=0,
+            dynamic_img_size=True,
+        )
+    return vit.float()
 
 
 class DINOHead(nn.Module):
@@ -223,12 +256,15 @@ class DistillNet(nn.Module):
     def __init__(self, backbone: BackboneConfig, head: HeadConfig, img_size: int) -> None:
         super().__init__()
         self.backbone = make_vit(backbone, img_size)
-        self.head = DINOHead(backbone.embed_dim, head)
-        self.patch_head: nn.Module | None = None  # None: the CLS head serves the patch tokens too
-        if head.patch_head == "separate":
-            self.patch_head = DINOHead(backbone.embed_dim, replace(head, out_dim=head.patch_out_dim or head.out_dim))
-        elif head.patch_head == "split":
-            self.patch_head = SplitPatchHead(self.head, head)
+        with portable_init():
+            self.head = DINOHead(backbone.embed_dim, head)
+            self.patch_head: nn.Module | None = None  # None: the CLS head serves the patch tokens too
+            if head.patch_head == "separate":
+                self.patch_head = DINOHead(backbone.embed_dim,
+                                           replace(head, out_dim=head.patch_out_dim or head.out_dim))
+            elif head.patch_head == "split":
+                self.patch_head = SplitPatchHead(self.head, head)
+        self.float()
 
     def encode(self, crops: Sequence[Tensor]) -> list[TokenOutput]:
         """Backbone tokens of each non-empty batch of crops (one backbone call per crop size)."""

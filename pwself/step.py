@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pwself.augment import PhotometricAugment
 from pwself.config import TrainConfig
 from pwself.distributed import all_true
-from pwself.models import DistillNet, HeadOutput, ema_update
+from pwself.models import DistillNet, HeadOutput, ema_update, portable_init
 from pwself.objectives import Objective, build_objective
 from pwself.objectives.base import view_grids
 from pwself.views import MultiCrop, MultiCropViews
@@ -61,26 +61,27 @@ def distill_step(
 class ViewPipeline:
     """Multi-crop views of a batch, photometric augmentation and normalization, on the training device."""
 
-    def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float], device: torch.device) -> None:
-        self.device = device
+    def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype = device, dtype
         v = cfg.views
         self.multicrop = MultiCrop(v.n_global, v.n_local, v.global_size, v.local_size, v.global_scale, v.local_scale,
                                    flip_p=v.flip_p)
         self.augment = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1)
 
     def __call__(self, batch: Tensor | MultiCropViews, generator: torch.Generator | None) -> MultiCropViews:
         """``[B, C, H, W]`` float images in [0, 1] (cut here, in one batched call), or views already cut from
         the originals with uint8 crops (:mod:`pwself.data.crops`) -> augmented, normalized views."""
         if isinstance(batch, MultiCropViews):
             def to_unit(x: Tensor) -> Tensor:
-                return x.to(self.device, non_blocking=True).float() / 255
+                return x.to(self.device, non_blocking=True).to(self.dtype) / 255
 
             views = MultiCropViews(to_unit(batch.global_crops), to_unit(batch.local_crops), batch.boxes, batch.flips,
                                    batch.n_global, batch.n_local)
         else:
-            views = self.multicrop(batch, generator)
+            views = self.multicrop(batch.to(self.dtype), generator)
         return MultiCropViews(
             (self.augment(views.global_crops, generator) - self.mean) / self.std,
             (self.augment(views.local_crops, generator) - self.mean) / self.std,
@@ -170,8 +171,11 @@ def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: l
         from pwself.init_weights import load_backbone_weights
 
         load_backbone_weights(model.backbone, cfg.backbone.init)
-    model = model.to(device)
-    objective = make_objective(cfg).to(device)
+    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    model = model.to(device, dtype)
+    with portable_init():
+        objective = make_objective(cfg)
+    objective = objective.to(device, dtype)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
     named = [*model.named_parameters(), *objective.named_parameters(prefix="objective")]
     # The fused kernel (CPU and CUDA) is one op for all parameters, several times faster than the loop.
@@ -181,7 +185,7 @@ def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: l
         ids = [device.index] if device.type == "cuda" else None
         student = DistributedDataParallel(model, device_ids=ids)
         objective.wrap_trainable(lambda m: DistributedDataParallel(m, device_ids=ids))
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return TrainStep(student, teacher, objective, optimizer, scaler, ViewPipeline(cfg, mean, std, device),
+    return TrainStep(student, teacher, objective, optimizer, scaler, ViewPipeline(cfg, mean, std, device, dtype),
                      cfg.optim.clip_grad, amp_dtype)

@@ -272,7 +272,7 @@ def _set_host_rng(s: dict[str, Any]) -> None:
 
 def _entropies(t_cls: Tensor, center: Tensor, temp: float) -> tuple[float, float]:
     """Mean per-sample entropy and entropy of the batch-mean of the teacher CLS distribution (nats)."""
-    p = torch.softmax((t_cls.reshape(-1, t_cls.shape[-1]).float() - center) / temp, -1)
+    p = torch.softmax((t_cls.reshape(-1, t_cls.shape[-1]).to(center.dtype) - center) / temp, -1)
     ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
     pm = p.mean(0)
     return float(ent), float(-(pm * pm.clamp_min(1e-12).log()).sum())

@@ -150,13 +150,14 @@ def iterate_batches(
 
 
 def channel_stats(dataset: Dataset, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixel values in ``[0, 1]`` over up to ``max_images`` images."""
+    """Per-channel mean and std of pixel values in ``[0, 1]`` over up to ``max_images`` images, summed in float64
+    so that the rounded statistics (which go into ``config.yaml``) are the same on every CPU."""
     n = len(dataset)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, max_images)]
     if isinstance(dataset, TensorImageDataset):
-        x = dataset.images[idx].float() / 255
+        x = dataset.images[idx].double() / 255
     else:
-        x = torch.stack([dataset[int(i)][0] for i in idx[:1000]]).float() / 255
+        x = torch.stack([dataset[int(i)][0] for i in idx[:1000]]).double() / 255
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

@@ -390,21 +390,22 @@ def make_synthetic(
     """Small labelled images with class-dependent structure, for tests and smoke runs.
 
     Class ``k`` is a grating of orientation ``k * pi / n_classes`` with random phase, frequency jitter,
-    contrast and noise, so classes are learnable but not identical images.
+    contrast and noise, so classes are learnable but not identical images. Computed in float64: float32 ``sin``
+    rounds differently on other CPUs, which would flip pixels and make the same seed other data there.
     """
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % n_classes
-    axis = torch.arange(size, dtype=torch.float32)
+    axis = torch.arange(size, dtype=torch.float64)
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-    theta = labels.float() * torch.pi / n_classes
-    freq = 2 * torch.pi / size * (2 + torch.rand(n, generator=g))
-    phase = 2 * torch.pi * torch.rand(n, generator=g)
+    theta = labels.double() * torch.pi / n_classes
+    freq = 2 * torch.pi / size * (2 + torch.rand(n, generator=g).double())
+    phase = 2 * torch.pi * torch.rand(n, generator=g).double()
     proj = torch.cos(theta)[:, None, None] * xx + torch.sin(theta)[:, None, None] * yy
     img = 0.5 + 0.4 * torch.sin(freq[:, None, None] * proj + phase[:, None, None])
     img = img[:, None].expand(n, channels, size, size).clone()
     if channels == 3:
-        tint = 0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g)
+        tint = 0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g).double()
         img = img * tint
-    img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+    img = (img + 0.05 * torch.randn(img.shape, generator=g).double()).clamp(0, 1)
     return TensorImageDataset((img * 255).round().to(torch.uint8), labels)
 
