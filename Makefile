@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test bench setup clean
+.PHONY: demo demo-clean test bench setup clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,14 @@ $(VENV)/.installed: pyproject.toml
 $(FMNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# Again after an interruption: continues the run exactly; after it finished: shows its result, trains nothing.
+# The two variables make pwself's hints name make's commands.
 demo: $(VENV)/.installed $(FMNIST)
-	$(VENV)/bin/pwself pretrain --config fmnist_demo --out-dir $(DEMO_OUT)
+	PWSELF_AGAIN="make demo" PWSELF_START_OVER="make demo-clean demo" \
+	    $(VENV)/bin/pwself pretrain --config fmnist_demo --out-dir $(DEMO_OUT) --auto-resume
+
+demo-clean:
+	rm -rf $(DEMO_OUT)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

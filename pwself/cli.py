@@ -11,11 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+
+if TYPE_CHECKING:
+    from pwself.config import TrainConfig
 
 __all__ = ["main"]
 
@@ -30,7 +36,7 @@ KEY=VALUE overrides with dotted keys, e.g.:
 Default data: Fashion-MNIST from the Debian package dataset-fashion-mnist
 (/usr/share/datasets/fashion-mnist). Other data: data.kind=cifar|folder|idx|synthetic data.root=DIR.
 Outputs in --out-dir: config.yaml, metrics.jsonl, checkpoint_*.pt, teacher_backbone.safetensors,
-knn.json, training_curves.png, report.md, report.html.
+knn.json, finished.json (written last: the run finished), training_curves.png, report.md, report.html.
 """
 
 
@@ -45,6 +51,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the whole run")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.add_argument("--auto-resume", action="store_true", help="start a run, continue an interrupted one exactly, or "
+                   "show a finished one's result without training again (what `make demo` runs)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out-dir that holds another run (that run is moved aside, not deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -242,7 +250,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.config import apply_overrides, load_config
     from pwself.train import train
-    from pwself.viz import knn_markdown, write_report
+    from pwself.viz import write_report
 
     cfg = load_config(args.config)
     flags = {"out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -250,7 +258,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)
     cfg.validate()
-    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    resume = args.resume
+    if args.auto_resume:
+        from pwself.data import expand_path
+        from pwself.runstate import inspect_run
+
+        if args.resume or args.overwrite:
+            raise ValueError("--auto-resume chooses between starting and resuming: drop --resume and --overwrite")
+        state = inspect_run(cfg, expand_path(cfg.out_dir), _start_over_hint(args))
+        if state.kind == "finished":
+            return _show_finished(cfg, expand_path(cfg.out_dir), state.result or {})
+        resume = state.kind == "interrupted"
+    result = train(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -259,13 +278,52 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if not is_main:
             return 0
-    report = write_report(result.run_dir)
-    if result.knn:
-        print(knn_markdown(result.knn, cfg.loss.objective, result.floors))
-    print(f"checkpoint: {result.checkpoint}")
-    print(f"backbone (timm keys, safetensors): {result.backbone}")
-    print(f"report: {report}")
+    _print_result(cfg, result.run_dir, result.knn, result.floors, write_report(result.run_dir))
     return 0
+
+
+def _print_result(cfg: TrainConfig, run_dir: Path, knn: dict | None, floors: dict | None, report: Path) -> None:
+    from pwself.checkpoint import BACKBONE_FILE, latest_checkpoint
+    from pwself.viz import knn_markdown
+
+    if knn:
+        print(knn_markdown(knn, cfg.loss.objective, floors))
+    print(f"checkpoint: {latest_checkpoint(run_dir) or run_dir}")
+    print(f"backbone (timm keys, safetensors): {run_dir / BACKBONE_FILE}")
+    print(f"report: {report}")
+
+
+def _show_finished(cfg: TrainConfig, run_dir: Path, result: dict) -> int:
+    """A finished run's stored result, without training or evaluating again (the report is redrawn only
+    when it is missing)."""
+    from pwself.viz import write_report
+
+    report = run_dir / "report.html"
+    print(f"{run_dir} holds this run, finished at step {result.get('step')}: its stored result (nothing was "
+          "trained or evaluated again)")
+    _print_result(cfg, run_dir, result.get("knn"), result.get("floors"),
+                  report if report.exists() else write_report(run_dir))
+    return 0
+
+
+# `make demo` names its own commands in the two hints below (the CLI's own commands are not on a make user's PATH).
+def _start_over_hint(args: argparse.Namespace) -> str:
+    """The command that starts a refused run over, in the caller's terms."""
+    hint = os.environ.get("PWSELF_START_OVER")
+    if hint:
+        return f"`{hint}`"
+    return f"`pwself {shlex.join(a for a in args.argv if a != '--auto-resume')} --overwrite` (the old run is moved " \
+           "aside)"
+
+
+def _continue_hint(args: argparse.Namespace) -> str:
+    """What continues an interrupted command, in the caller's terms."""
+    again = os.environ.get("PWSELF_AGAIN")
+    if again:
+        return f"run `{again}` again to continue (checkpoints are kept)"
+    if args.command == "pretrain" and not args.auto_resume:
+        return "resume with --resume (checkpoints are kept)"
+    return "run the same command again to continue (finished work is kept)"
 
 
 def _add_dense(sub: argparse._SubParsersAction) -> None:
@@ -561,7 +619,7 @@ def _parse(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction,
     if any(isinstance(a, argparse._SubParsersAction) for a in own._actions):  # `config show`: plain parsing
         return parser.parse_args(argv)
     args = own.parse_intermixed_args(argv[argv.index(command) + 1:])
-    args.command = command
+    args.command, args.argv = command, argv
     return args
 
 
@@ -606,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{free_space(where)} free in {where})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pwself {args.command}: interrupted; resume with --resume (checkpoints are kept)", file=sys.stderr)
+        print(f"pwself {args.command}: interrupted; {_continue_hint(args)}", file=sys.stderr)
         return 130
 
 

@@ -4,14 +4,20 @@ writes, and writability checked before any data is read."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
-__all__ = ["RunDirError", "holds_run", "prepare_run_dir", "RunLock", "free_space"]
+__all__ = ["RunDirError", "holds_run", "holds_weights", "prepare_run_dir", "RunLock", "free_space", "FINISHED_FILE"]
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".pwself.lock"
+FINISHED_FILE = "finished.json"  # written last by a run that finished (pwself.runstate)
+# What a run writes before its first checkpoint: removed when a run starts over in a folder holding only these.
+UNSTARTED_FILES = ("config.yaml", "metrics.jsonl", "knn_history.jsonl", "wandb_id.txt")
 
 
 class RunDirError(RuntimeError):
@@ -36,6 +42,20 @@ def holds_run(run_dir: Path) -> bool:
     if not run_dir.is_dir():
         return False
     return any((run_dir / n).exists() for n in ("config.yaml", "metrics.jsonl")) or any(run_dir.glob("checkpoint_*.pt"))
+
+
+def holds_weights(run_dir: Path) -> bool:
+    """Whether a run folder holds what a restart would lose: a checkpoint or a finished run's result."""
+    return any(run_dir.glob("checkpoint_*.pt")) or (run_dir / FINISHED_FILE).exists()
+
+
+def _clear_unstarted(run_dir: Path) -> list[str]:
+    """Remove the files of a run that was stopped before its first checkpoint; the names removed."""
+    gone = [p for p in (run_dir / n for n in UNSTARTED_FILES) if p.is_file()]
+    gone += sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    for p in gone:
+        p.unlink()
+    return [str(p.relative_to(run_dir)) for p in gone]
 
 
 def _move_aside(run_dir: Path) -> Path:
@@ -77,7 +97,8 @@ class RunLock:
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, Path | None]:
     """Create and lock the run folder; refuse one that holds another run unless resuming it or ``overwrite``
-    (which moves the old run aside, never deletes it). Returns the lock and where an old run was moved."""
+    (which moves the old run aside, never deletes it). A run stopped before its first checkpoint has nothing
+    to lose: a new run starts over in its folder. Returns the lock and where an old run was moved."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out-dir {run_dir} is a file, not a folder: choose another --out-dir")
     try:
@@ -89,6 +110,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLo
     lock = RunLock(run_dir)
     lock.acquire()
     moved = None
+    if holds_run(run_dir) and not resume and not holds_weights(run_dir) and not overwrite:
+        log.warning("%s holds a run stopped before its first checkpoint: starting over (removed %s)", run_dir,
+                    ", ".join(_clear_unstarted(run_dir)))
     if holds_run(run_dir) and not resume:
         if not overwrite:
             lock.release()

@@ -46,6 +46,7 @@ from pwself.distributed import DistInfo, gather_objects, init_distributed
 from pwself.eval.knn import evaluate_knn_run
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
+from pwself.runstate import write_finished
 from pwself.schedules import Schedules, apply_schedules, make_schedules
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
@@ -421,6 +422,8 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
             floors = _floors(run)
     if run.loggers is not None:
         run.loggers.close()
+    if run.info.is_main:  # last: a run cut off before this point is continued, not shown as done
+        write_finished(run.dir, prog.step, knn, floors)
     checkpoint = prog.last_ckpt or latest_checkpoint(run.dir) or run.dir
     return TrainResult(run.dir, Path(checkpoint), backbone_path, knn, run.cfg, floors)
 

@@ -1,0 +1,75 @@
+"""What a run folder holds, for ``pretrain --auto-resume``: nothing yet, a run to continue, or a finished
+run whose stored result is shown instead of training again.
+
+A run is finished when ``finished.json`` exists: training writes it last, after the exported backbone and
+the final kNN, so a run cut off anywhere before that is continued from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pwself.config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict
+from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights
+
+__all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]
+
+
+@dataclass(frozen=True)
+class RunState:
+    """``kind``: ``new`` (no run, or one that wrote no checkpoint yet: nothing to lose), ``interrupted`` (a
+    checkpoint to continue from) or ``finished`` (``result`` holds what :func:`read_finished` returns)."""
+
+    kind: str
+    result: dict[str, Any] | None = None
+
+
+def write_finished(run_dir: Path, step: int, knn: dict[int, dict[str, float]] | None,
+                   floors: dict[str, Any] | None) -> None:
+    """Mark the run finished, with its final kNN and floors (``None`` when not evaluated)."""
+    tmp = run_dir / f".{FINISHED_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "knn": knn, "floors": floors}, indent=2))
+    tmp.replace(run_dir / FINISHED_FILE)
+
+
+def read_finished(run_dir: Path) -> dict[str, Any]:
+    """The stored result of a finished run; kNN keys back to ints."""
+    path = run_dir / FINISHED_FILE
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path} cannot be read ({e}): delete it to finish the run again") from None
+    if result.get("knn"):
+        result["knn"] = {int(k): v for k, v in result["knn"].items()}
+    return result
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    try:
+        return config_to_dict(config_from_dict(yaml.safe_load(path.read_text()) or {}))
+    except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError) as e:
+        raise RunDirError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
+    """The state of ``run_dir`` for a run of ``cfg``. A run of another config is refused in one line that
+    names the keys that differ and ``start_over``, the command that starts over in that context."""
+    if not holds_run(run_dir) or not holds_weights(run_dir):
+        return RunState("new")
+    saved, now = _saved_config(run_dir), config_to_dict(cfg)
+    if not now["data"]["mean"]:  # measured at the start of a run: compare what the user set
+        now["data"]["mean"], now["data"]["std"] = saved["data"]["mean"], saved["data"]["std"]
+    diff = config_diff(saved, now)
+    if diff:
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise RunDirError(f"{run_dir} holds a run of another config (it differs in {shown}): start over with "
+                          f"{start_over} (the old run is moved aside), or choose another --out-dir")
+    if (run_dir / FINISHED_FILE).exists():
+        return RunState("finished", read_finished(run_dir))
+    return RunState("interrupted")
