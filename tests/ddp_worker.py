@@ -22,7 +22,19 @@ one_step(ddp, teacher, objective, opt, ranks=[info.rank])
 rows = shard_indices(7)
 full = gather_rows(rows.float()[:, None] * 10, rows, 7)
 assert torch.equal(full[:, 0], torch.arange(7).float() * 10), full
+# What rank 0's centers would be without the all-reduce: the same update from its own half alone.
+alone = setup()[2]
+with torch.no_grad():
+    out = distill_step(ddp, teacher, alone, half_views(info.rank), 0.04)
+    dist.barrier()
+    for name, center in (("cls", alone.cls_center), ("patch", getattr(alone, "patch_center", None))):
+        rows = out.teacher.cls if name == "cls" else out.teacher.patch
+        if center is not None:
+            center.center.mul_(center.momentum).add_(rows.float().mean(0, keepdim=True), alpha=1 - center.momentum)
 if info.rank == 0:
-    torch.save({k: v.detach() for k, v in student.state_dict().items()}, sys.argv[1])
+    state = {k: v.detach() for k, v in student.state_dict().items()}
+    state.update({f"objective.{k}": v for k, v in objective.state_dict().items()})
+    state.update({f"rank0_alone.{k}": v for k, v in alone.state_dict().items()})
+    torch.save(state, sys.argv[1])
 dist.barrier()
 dist.destroy_process_group()

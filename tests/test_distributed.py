@@ -47,10 +47,11 @@ def concat_views(parts: list[MultiCropViews]) -> MultiCropViews:
 def one_step(student, teacher, objective, opt, ranks):
     """One SGD step of ``student`` (a DistillNet, or DDP around one) on the views of ``ranks``."""
     views = concat_views([half_views(r) for r in ranks])
-    terms = distill_step(student, teacher, objective, views, 0.04).terms
+    out = distill_step(student, teacher, objective, views, 0.04)
     opt.zero_grad()
-    terms["loss"].backward()  # under DDP the gradients are averaged over ranks here
+    out.terms["loss"].backward()  # under DDP the gradients are averaged over ranks here
     opt.step()
+    objective.update_centers(out.teacher)  # under DDP the batch means are summed over ranks here
 
 
 def _free_port() -> int:
@@ -79,6 +80,11 @@ def test_two_process_step_equals_single_process_step_on_combined_batch(tmp_path)
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
         changed += not torch.equal(before[k], v)
     assert changed > 10  # the step really moved the parameters
+    # The centers: rank 0 saw half the batch, yet its centers are those of the combined batch.
+    for k, v in objective.state_dict().items():
+        assert v.abs().sum() > 0, k
+        torch.testing.assert_close(ddp[f"objective.{k}"], v, rtol=1e-5, atol=1e-7, msg=k)
+        assert not torch.allclose(ddp[f"rank0_alone.{k}"], v, rtol=1e-3, atol=1e-5), k
 
 
 @pytest.mark.slow

@@ -241,3 +241,40 @@ def test_logo_terms_route_gradients_to_their_own_side():
     assert all(p.grad is not None for p in phi.parameters())
     with pytest.raises(ValueError, match="at least 2 local views"):
         phi.terms(torch.randn(1, 4, 8))
+
+
+def test_center_is_a_per_column_ema_worked_by_hand():
+    """Columns with different means (a single overall mean, or a mean over the wrong axis, fails here)."""
+    c = Center(3, momentum=0.9)
+    c.update(torch.tensor([[1.0, 2.0, 3.0], [3.0, 6.0, 1.0]]))  # column means 2, 4, 2
+    torch.testing.assert_close(c.center, torch.tensor([[0.2, 0.4, 0.2]]))
+    c.update(torch.tensor([[0.0, 0.0, 10.0]]))  # 0.9 * C + 0.1 * row
+    torch.testing.assert_close(c.center, torch.tensor([[0.18, 0.36, 1.18]]))
+    c.update(torch.tensor([[1.0, 1.0, 1.0]] * 3 + [[5.0, -3.0, 1.0]]))  # every row counts once: means 2, 0, 1
+    torch.testing.assert_close(c.center, torch.tensor([[0.362, 0.324, 1.162]]))
+
+
+@pytest.mark.parametrize("objective", ["dino", "pwml"])
+def test_a_training_step_moves_each_center_to_the_ema_of_its_teacher_outputs(objective):
+    """One TrainStep: C <- m C + (1 - m) mean(teacher outputs of the step), for the CLS center and (PW-Self) the
+    patch center, from a non-zero start."""
+    from test_train import tiny_config
+
+    from pwself.step import build_step
+
+    cfg = tiny_config(**{"loss.objective": objective, "loss.center_momentum": 0.7})
+    step = build_step(cfg, torch.device("cpu"), [0.5], [0.25])
+    centers = {"cls": step.objective.cls_center}
+    if objective == "pwml":
+        centers["patch"] = step.objective.patch_center
+    start = {}
+    for name, c in centers.items():
+        c.center.copy_(torch.linspace(-1, 1, c.center.shape[1])[None])
+        start[name] = c.center.clone()
+    out, grad_norm = step(torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), 0.04, 0.99,
+                          torch.Generator().manual_seed(1))
+    assert grad_norm is not None
+    for name, c in centers.items():
+        rows = out.teacher.cls if name == "cls" else out.teacher.patch
+        assert rows.shape[0] > 1
+        torch.testing.assert_close(c.center, 0.7 * start[name] + 0.3 * rows.double().mean(0, keepdim=True).float())
