@@ -333,6 +333,71 @@ def bench_folder_loader(quick: bool) -> dict:
     return out
 
 
+def _loader_img_s(files: list[Path], max_side: int, cache: Path, batch: int) -> float:
+    """Images/s of one loader worker process cutting ViT-S views (the DataLoader path training uses)."""
+    from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
+
+    spec = CropSpec(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
+    loader = ViewLoader(FolderMultiCrop(files, 3, spec, 0, max_side, cache), 1, pin_memory=False)
+    batches = list(torch.arange(len(files)).split(batch))
+    for _ in loader.epoch(batches[:1], 0):  # start the worker
+        pass
+    t0 = time.perf_counter()
+    for _ in loader.epoch(batches, 1):
+        pass
+    return len(files) / (time.perf_counter() - t0)
+
+
+def _scan_img_s(folder: Path, shrink: tuple[int, int] | None) -> float:
+    """Images/s of the start-up scan on one thread, from an empty cache."""
+    from pwself.data.datasets import scan_images
+
+    files = sorted(folder.iterdir())
+    t0 = time.perf_counter()
+    scan_images(folder, files, workers=1, shrink=shrink)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def bench_photo_loader(quick: bool) -> dict:
+    """8. Phone photos: loader images/s per worker core for 4000x3000 and 500x375 photo-like JPEGs (quality 90,
+    EXIF orientation on some) with ViT-S views (2 x 224 + 8 x 96, DINO's scales), with the shrunk-copy cache
+    (data.max_side=512, the default for these views) and without it (max_side=0); the start-up scan likewise."""
+    import os
+    import shutil
+    import tempfile
+
+    from pwself.data.photos import write_synthetic_photo
+
+    n_large, n_small, batch = (6, 24, 6) if quick else (24, 96, 8)
+    out: dict = {"large": "4000x3000", "small": "500x375", "n_large": n_large, "n_small": n_small, "max_side": 512}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        big, small = root / "large", root / "small"
+        big.mkdir()
+        small.mkdir()
+        for k in range(2):  # two distinct photos (one stored sideways), copied: decoding cost is per file
+            write_synthetic_photo(root / f"src{k}.jpg", 4000, 3000, seed=k, orientation=6 if k else 1)
+        for k in range(n_large):
+            shutil.copy(root / f"src{k % 2}.jpg", big / f"p{k:03d}.jpg")
+        for k in range(n_small):
+            write_synthetic_photo(small / f"p{k:03d}.jpg", 500, 375, seed=k, orientation=6 if k % 4 == 0 else 1)
+        os.environ["PWSELF_CACHE_DIR"] = str(root / "cache_full")
+        out["scan_large_full_decode_img_s"] = _scan_img_s(big, None)
+        os.environ["PWSELF_CACHE_DIR"] = str(root / "cache")
+        scan = {"small_img_s": _scan_img_s(small, (3, 512)), "large_img_s": _scan_img_s(big, (3, 512))}
+        scan["ratio"] = scan["large_img_s"] / scan["small_img_s"]
+        scan["large_over_full_decode"] = scan["large_img_s"] / out.pop("scan_large_full_decode_img_s")
+        cache = root / "cache"
+        loader = {"small_img_s": _loader_img_s(sorted(small.iterdir()), 512, cache, batch),
+                  "large_img_s": _loader_img_s(sorted(big.iterdir()), 512, cache, batch),
+                  "large_img_s_no_cache": _loader_img_s(sorted(big.iterdir()), 0, cache, batch)}
+        loader["ratio"] = loader["large_img_s"] / loader["small_img_s"]
+        loader["ratio_no_cache"] = loader["large_img_s_no_cache"] / loader["small_img_s"]
+        del os.environ["PWSELF_CACHE_DIR"]
+    out.update({**loader, "scan": scan, "target": "ratio >= 0.5 with the cache; scan no slower than a full decode"})
+    return out
+
+
 class OfficialStylePWML:
     """The public PW-Self implementation's cost: the head on EVERY token of every view (student) and of the
     global views (teacher), the loss on the matched pairs only. Same loss as exact PWML; built by wrapping the
@@ -438,7 +503,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="about 1 minute")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
     parser.add_argument("--only", help="comma-separated subset: step_ratio,matching,augment,pipeline,memory,scaling,"
-                        "folder_loader,real_scale")
+                        "folder_loader,photo_loader,real_scale")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -460,6 +525,7 @@ def main() -> None:
         ("memory", lambda: bench_memory(32 if q else 64, 2 if q else 4)),
         ("scaling", lambda: bench_scaling(q)),
         ("folder_loader", lambda: bench_folder_loader(q)),
+        ("photo_loader", lambda: bench_photo_loader(q)),
         ("real_scale", lambda: bench_real_scale(q)),
     ]
     only = set(args.only.split(",")) if args.only else None
@@ -511,6 +577,12 @@ def print_table(r: dict) -> None:
         ips = ", ".join(f"{w} workers {v:.0f}" for w, v in fl["loader_images_per_s"].items())
         rows.append(("folder loader / ViT-S/16 model images/s", f"{fl['ratio_loader_over_model_default_workers']:.1f}",
                      ">= 1", f"{ips} img/s vs model {fl['model_images_per_s']:.2f} img/s (224/96, 2+8 views)"))
+    if "photo_loader" in r:
+        pl = r["photo_loader"]
+        rows.append(("photo loader 4000x3000 / 500x375 img/s per core", f"{pl['ratio']:.2f}", ">= 0.5",
+                     f"{pl['large_img_s']:.1f} vs {pl['small_img_s']:.1f} img/s "
+                     f"(no cache: {pl['ratio_no_cache']:.2f}); "
+                     f"scan {pl['scan']['ratio']:.2f}, {pl['scan']['large_over_full_decode']:.2f}x a full decode"))
     for v in r["scaling"]["vit"]:
         rows.append((f"{v['arch']} 224/96 p16 pwml / dino", f"{v['ratio_pwml_over_dino']:.3f}", "<= 1.05",
                      f"dino {v['dino_step_s']:.2f} s, pwml {v['pwml_step_s']:.2f} s, "

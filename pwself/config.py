@@ -70,6 +70,10 @@ class DataConfig:
         synthetic_classes: Classes of the ``synthetic`` dataset.
         mean: Per-channel normalization mean (empty: measured on the train set at start).
         std: Per-channel normalization std (empty: measured with the mean).
+        max_side: ``folder`` training views are cut from a cached copy of each image shrunk to this longer side
+            (made by the start-up scan; boxes stay in the original's pixels): large photos then cost a small
+            decode per epoch. -1: the smallest side that keeps every view at one source pixel per view pixel
+            (512 for 224/96 px views at DINO's scales; written into config.yaml at start); 0: never shrink.
     """
 
     kind: str = "idx"
@@ -82,6 +86,7 @@ class DataConfig:
     synthetic_classes: int = 4
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    max_side: int = -1
 
 
 @dataclass
@@ -290,6 +295,9 @@ class TrainConfig:
             raise ConfigError(f"photometric.mode={self.photometric.mode!r}: use image, patch or none")
         if self.data.kind not in ("idx", "cifar", "folder", "synthetic"):
             raise ConfigError(f"data.kind={self.data.kind!r}: use idx, cifar, folder or synthetic")
+        if self.data.max_side < -1 or 0 < self.data.max_side < v.global_size:
+            raise ConfigError(f"data.max_side={self.data.max_side} must be -1 (derived from the views), 0 (never "
+                              f"shrink) or at least views.global_size={v.global_size}")
         if self.data.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"data.on_bad_image={self.data.on_bad_image!r}: use fail or skip")
         if self.precision not in ("fp32", "bf16", "fp16", "fp64"):
@@ -465,6 +473,27 @@ def apply_backbone_name(cfg: TrainConfig) -> TrainConfig:
             sets = " ".join(f"backbone.{k}={v}" for k, v in changed.items())
             log.info("backbone.name=%s sets %s", cfg.backbone.name, sets)
     return cfg
+
+
+def resolve_max_side(cfg: TrainConfig) -> TrainConfig:
+    """Replace ``data.max_side=-1`` by the bound its views need (:func:`pwself.data.photos.auto_max_side`);
+    0 for data that is not a folder (nothing to shrink)."""
+    if cfg.data.kind != "folder":
+        cfg.data.max_side = 0
+    elif cfg.data.max_side == -1:
+        from pwself.data.photos import auto_max_side
+
+        v = cfg.views
+        kinds = [(v.global_size, v.global_scale[0])] + ([(v.local_size, v.local_scale[0])] if v.n_local else [])
+        cfg.data.max_side = auto_max_side(kinds)
+    return cfg
+
+
+def saved_config(d: dict[str, Any]) -> TrainConfig:
+    """The config a run saved (``config.yaml`` or a checkpoint's), read as that run meant it: runs written before
+    ``data.max_side`` existed cut their views from the originals (0)."""
+    d = {**d, "data": {"max_side": 0, **(d.get("data") or {})}}
+    return config_from_dict(d)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

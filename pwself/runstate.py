@@ -7,6 +7,7 @@ the final kNN, so a run cut off anywhere before that is continued from its check
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pwself.config import ConfigError, TrainConfig, config_diff, config_from_dict, config_to_dict
+from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_max_side, saved_config
 from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights
 
 __all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]
@@ -52,7 +53,7 @@ def read_finished(run_dir: Path) -> dict[str, Any]:
 def _saved_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     try:
-        return config_to_dict(config_from_dict(yaml.safe_load(path.read_text()) or {}))
+        return config_to_dict(saved_config(yaml.safe_load(path.read_text()) or {}))
     except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError) as e:
         raise RunDirError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
 
@@ -62,7 +63,7 @@ def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     names the keys that differ and ``start_over``, the command that starts over in that context."""
     if not holds_run(run_dir) or not holds_weights(run_dir):
         return RunState("new")
-    saved, now = _saved_config(run_dir), config_to_dict(cfg)
+    saved, now = _saved_config(run_dir), config_to_dict(resolve_max_side(copy.deepcopy(cfg)))
     if not now["data"]["mean"]:  # measured at the start of a run: compare what the user set
         now["data"]["mean"], now["data"]["std"] = saved["data"]["mean"], saved["data"]["std"]
     diff = config_diff(saved, now)

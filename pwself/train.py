@@ -36,9 +36,10 @@ from pwself.config import (
     TrainConfig,
     apply_backbone_name,
     config_diff,
-    config_from_dict,
     config_to_dict,
+    resolve_max_side,
     save_config,
+    saved_config,
 )
 from pwself.data import channel_stats, expand_path, has_heldout_split, iterate_batches, open_dataset, take_subset
 from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
@@ -141,7 +142,7 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
     if len(ckpt["generators"]) != info.world_size:
         raise CheckpointError(f"cannot resume {found}: it was written by {len(ckpt['generators'])} process(es), this "
                               f"run has {info.world_size}; resume with the same number of processes")
-    saved = config_to_dict(config_from_dict(ckpt["config"]))
+    saved = config_to_dict(saved_config(ckpt["config"]))
     if not cfg.data.mean and saved["data"]["mean"]:
         cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
     diff = config_diff(saved, config_to_dict(cfg))
@@ -160,7 +161,7 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
 def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
     """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
     channel statistics and write ``config.yaml``."""
-    cfg = apply_backbone_name(copy.deepcopy(cfg))
+    cfg = resolve_max_side(apply_backbone_name(copy.deepcopy(cfg)))
     cfg.validate()
     check_loggers(cfg.log)
     if cfg.backbone.init and not resume and not expand_path(cfg.backbone.init).exists():
@@ -214,7 +215,8 @@ def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: t
     v = cfg.views
     spec = CropSpec(v.n_global, v.n_local, v.global_size, v.local_size, tuple(v.global_scale), tuple(v.local_scale),
                     v.flip_p)
-    crops = FolderMultiCrop(base.files[: len(dataset)], cfg.backbone.in_chans, spec, cfg.seed)
+    crops = FolderMultiCrop(base.files[: len(dataset)], cfg.backbone.in_chans, spec, cfg.seed, base.max_side,
+                            base.cache_dir)
     return ViewLoader(crops, cfg.data.num_workers, pin_memory=device.type == "cuda")
 
 

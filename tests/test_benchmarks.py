@@ -21,6 +21,18 @@ def test_benchmark_script_writes_ratios(tmp_path):
     assert res["augment"]["ratio_patch_over_image"] > 0
 
 
+@pytest.mark.slow
+def test_photo_loader_benchmark_writes_its_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "photo_loader",
+                    "--output", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    pl = json.loads(out.read_text())["photo_loader"]
+    for key in ("small_img_s", "large_img_s", "ratio", "large_img_s_no_cache", "ratio_no_cache"):
+        assert pl[key] > 0, key
+    assert pl["ratio"] == pytest.approx(pl["large_img_s"] / pl["small_img_s"])
+    assert set(pl["scan"]) >= {"small_img_s", "large_img_s", "ratio", "large_over_full_decode"}
+
+
 def test_official_style_step_has_the_pwml_loss_and_more_flops():
     """The benchmark's peer: the head on every token (the public implementation's cost), the loss on the
     matched pairs only: the same loss as exact PWML, more FLOPs. A split patch head of 1/8 the output costs

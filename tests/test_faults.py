@@ -92,7 +92,7 @@ def test_the_folder_scan_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     _jpeg_folder(tmp_path)
     calls = []
     real = datasets._decode_check
-    monkeypatch.setattr(datasets, "_decode_check", lambda p: calls.append(p.name) or real(p))
+    monkeypatch.setattr(datasets, "_decode_check", lambda p, *rest: calls.append(p.name) or real(p, *rest))
     datasets.ImageFolderDataset(tmp_path, 16)
     assert len(calls) == 4
     datasets.ImageFolderDataset(tmp_path, 16)

@@ -52,6 +52,7 @@ def build_dataset(
     synthetic_size: int = 512,
     synthetic_classes: int = 4,
     seed: int = 0,
+    max_side: int = 0,
 ) -> Dataset:
     """Open one split of a dataset.
 
@@ -67,6 +68,7 @@ def build_dataset(
         synthetic_size: Number of synthetic images (the test split has a quarter as many).
         synthetic_classes: Classes of the synthetic data.
         seed: Seed of the synthetic data (the test split uses ``seed + 1``).
+        max_side: ``folder`` train split: the scan also writes shrunk copies for training views (0: none).
     """
     if split not in ("train", "test"):
         raise DatasetError(f"split {split!r}: use train or test")
@@ -90,7 +92,8 @@ def build_dataset(
                     f"no {base}/val or {base}/test folder: evaluation needs a labelled held-out split there"
                 )
             folder = found[0]
-        return ImageFolderDataset(folder, image_size, channels, min_size, on_bad_image)
+        return ImageFolderDataset(folder, image_size, channels, min_size, on_bad_image,
+                                  max_side if split == "train" else 0)
     raise DatasetError(f"unknown dataset kind {kind!r}: use idx, cifar, folder or synthetic")
 
 
@@ -106,7 +109,7 @@ def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, see
     """
     return build_dataset(data.kind, data.root, split, image_size=data.image_size, channels=channels,
                          min_size=min_size, on_bad_image=data.on_bad_image, synthetic_size=data.synthetic_size,
-                         synthetic_classes=data.synthetic_classes, seed=seed)
+                         synthetic_classes=data.synthetic_classes, seed=seed, max_side=max(data.max_side, 0))
 
 
 def has_heldout_split(data: DataConfig, labelled: bool) -> bool:

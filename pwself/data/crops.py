@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pwself.data.datasets import DatasetError, open_image, worker_error
+from pwself.data.datasets import DatasetError, worker_error
+from pwself.data.photos import open_for_views
 from pwself.views import MultiCropViews, sample_boxes
 
 __all__ = ["CropSpec", "sample_seed", "cut_views", "FolderMultiCrop", "collate_views", "ViewLoader"]
@@ -44,22 +45,26 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 63)
 
 
-def cut_views(image: object, spec: CropSpec, generator: torch.Generator) -> tuple[list[Tensor], Tensor, Tensor]:
+def cut_views(image: object, spec: CropSpec, generator: torch.Generator, source_size: tuple[int, int] | None = None,
+              ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The crops of one PIL image: ``(uint8 [C, S, S] per view, boxes [V, 4], flips [V])``, globals first.
 
-    Each box is resampled from the original with Pillow's bicubic resize over exactly that box (antialiased
-    when shrinking), then flipped when drawn so.
+    Each box is resampled from the image with Pillow's bicubic resize over exactly that box (antialiased
+    when shrinking), then flipped when drawn so. ``source_size``: the ``(width, height)`` of the original when
+    ``image`` is a shrunk copy of it; boxes are drawn and returned in the original's pixels and mapped onto
+    the copy for resampling.
     """
     from PIL import Image
 
-    w, h = image.size
+    w, h = source_size or image.size
+    sx, sy = image.size[0] / w, image.size[1] / h
     boxes = torch.cat([sample_boxes(spec.n_global, h, w, spec.global_scale, spec.ratio, generator),
                        sample_boxes(spec.n_local, h, w, spec.local_scale, spec.ratio, generator)])
     flips = torch.rand(spec.n_global + spec.n_local, generator=generator) < spec.flip_p
     sizes = [spec.global_size] * spec.n_global + [spec.local_size] * spec.n_local
     crops = []
     for box, flip, size in zip(boxes.tolist(), flips.tolist(), sizes):
-        crop = image.resize((size, size), Image.BICUBIC, box=tuple(box))
+        crop = image.resize((size, size), Image.BICUBIC, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         arr = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy())
@@ -75,10 +80,15 @@ class FolderMultiCrop(Dataset):
         channels: 1 (grayscale) or 3 (RGB).
         spec: The views.
         seed: The run's seed.
+        max_side: Cut from the cached shrunk copy of an image whose longer side is above this
+            (:mod:`pwself.data.photos`; boxes stay in the original's pixels); 0: always from the original.
+        cache_dir: Where the shrunk copies live.
     """
 
-    def __init__(self, files: Sequence[Path], channels: int, spec: CropSpec, seed: int) -> None:
+    def __init__(self, files: Sequence[Path], channels: int, spec: CropSpec, seed: int, max_side: int = 0,
+                 cache_dir: Path | None = None) -> None:
         self.files, self.channels, self.spec, self.seed = list(files), channels, spec, seed
+        self.max_side, self.cache_dir = max_side, cache_dir or Path(".")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -87,11 +97,11 @@ class FolderMultiCrop(Dataset):
         index, epoch = key
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         try:
-            image = open_image(self.files[index], self.channels)
+            image, size = open_for_views(self.files[index], self.channels, self.max_side, self.cache_dir)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             raise DatasetError(f"cannot decode {self.files[index]} ({type(e).__name__}): it changed since the "
                                "start-up check; delete or replace it and resume with --resume") from None
-        return cut_views(image, self.spec, generator)
+        return cut_views(image, self.spec, generator, size)
 
 
 def collate_views(samples: list[tuple[list[Tensor], Tensor, Tensor]], n_global: int) -> MultiCropViews:

@@ -7,6 +7,7 @@ uint8) and ``labels`` (``[N]`` long) so training can slice whole batches without
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from pwself.data.photos import open_image, shrunk_path, write_shrunk
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -190,21 +193,6 @@ def load_cifar(root: str | Path, split: str = "train") -> TensorImageDataset:
     return TensorImageDataset(torch.from_numpy(np.concatenate(data)), torch.tensor(labels), classes)
 
 
-def open_image(path: Path, channels: int) -> PILImage:
-    """Decode an image file to a Pillow image of ``channels`` (1: L, 3: RGB) at its full resolution.
-
-    16-bit images are rescaled to 8 bits; EXIF orientation is applied; RGBA/P/L convert to L or RGB.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-        return im.convert("L" if channels == 1 else "RGB")
-
-
 def decode_image(path: Path, size: int, channels: int) -> Tensor:
     """Decode an image file to uint8 ``[channels, size, size]``: shorter side to ``size``, centre crop (the
     evaluation transform; training views are cut from the originals, see :mod:`pwself.data.crops`)."""
@@ -248,20 +236,47 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pwself"
 
 
-def _decode_check(path: Path) -> tuple[int, int]:
-    """Decode the whole file (a truncated JPEG passes a header check but not this); its size."""
+def _decode_check(path: Path, shrink: tuple[int, int] | None) -> tuple[int, int]:
+    """Decode the whole file (a truncated JPEG passes a header check but not this); its size. With ``shrink``
+    = ``(channels, max_side)`` a larger image is decoded once into its shrunk copy (:mod:`pwself.data.photos`)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im.load()
-        return im.size
+        size = im.size
+        if shrink and max(size) > shrink[1]:
+            write_shrunk(im, *shrink, shrunk_path(_cache_dir(), path, *shrink))
+        else:
+            im.load()
+        return size
 
 
-def scan_images(root: Path, files: list[Path], workers: int = 8) -> dict[Path, tuple[int, int] | str]:
+def scan_images(root: Path, files: list[Path], workers: int = 8, shrink: tuple[int, int] | None = None,
+                stats: dict | None = None) -> dict[Path, tuple[int, int] | str]:
     """Every file decoded fully, in parallel threads (Pillow decodes without the GIL): its ``(w, h)`` or the
     error. Results are cached by path, size and mtime under ``~/.cache/pwself`` (``PWSELF_CACHE_DIR``), so a
-    restart or the kNN after training does not decode again."""
-    cache_file = _cache_dir() / "scans" / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:20] + ".json")
+    restart or the kNN after training does not decode again. ``shrink = (channels, max_side)`` also writes the
+    shrunk copy of every larger image (a cached file whose copy is missing is decoded again).
+
+    One process scans a folder at a time (a lock in the cache): the ranks of a node started together scan
+    once, the others wait and read the result. ``stats["decoded"]`` counts the files this call decoded."""
+    cache_dir = _cache_dir() / "scans"
+    name = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:20]
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(cache_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        lock = None  # a read-only cache: scan without it
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _scan_locked(cache_dir / f"{name}.json", files, workers, shrink, stats)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _scan_locked(cache_file: Path, files: list[Path], workers: int, shrink: tuple[int, int] | None,
+                 stats: dict | None) -> dict[Path, tuple[int, int] | str]:
     try:
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     except (OSError, ValueError):
@@ -272,23 +287,24 @@ def scan_images(root: Path, files: list[Path], workers: int = 8) -> dict[Path, t
         st = p.stat()
         stamps[p] = [st.st_size, st.st_mtime_ns]
         hit = cache.get(str(p))
-        if hit and hit[0] == stamps[p]:
+        if hit and hit[0] == stamps[p] and not _copy_missing(p, hit[1], shrink):
             out[p] = tuple(hit[1]) if isinstance(hit[1], list) else hit[1]
         else:
             todo.append(p)
 
     def check(p: Path) -> tuple[int, int] | str:
         try:
-            return _decode_check(p)
+            return _decode_check(p, shrink)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
     with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
         for p, res in zip(todo, pool.map(check, todo)):
             out[p] = res
+    if stats is not None:
+        stats["decoded"] = len(todo)
     if todo:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache.update({str(p): [stamps[p], list(out[p]) if isinstance(out[p], tuple) else out[p]] for p in files})
             tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache))
@@ -296,6 +312,12 @@ def scan_images(root: Path, files: list[Path], workers: int = 8) -> dict[Path, t
         except OSError:
             log.debug("cannot write the scan cache %s", cache_file)
     return out
+
+
+def _copy_missing(path: Path, size: list[int] | str, shrink: tuple[int, int] | None) -> bool:
+    """Whether a readable image larger than the bound has no shrunk copy yet."""
+    return bool(shrink) and isinstance(size, list) and max(size) > shrink[1] and \
+        not shrunk_path(_cache_dir(), path, *shrink).exists()
 
 
 class ImageFolderDataset(Dataset):
@@ -312,6 +334,8 @@ class ImageFolderDataset(Dataset):
         channels: 1 (grayscale) or 3 (RGB).
         min_size: Smallest accepted side in pixels of a source image.
         on_bad_image: ``fail`` (stop, naming the file) or ``skip`` (leave it out and count it).
+        max_side: The scan writes a shrunk copy of every image with a longer side above this, for training
+            views (:mod:`pwself.data.photos`); 0: none.
     """
 
     def __init__(
@@ -321,6 +345,7 @@ class ImageFolderDataset(Dataset):
         channels: int = 3,
         min_size: int = 8,
         on_bad_image: str = "fail",
+        max_side: int = 0,
     ) -> None:
         self.root = expand_path(root)
         if not self.root.is_dir():
@@ -334,7 +359,9 @@ class ImageFolderDataset(Dataset):
         self.skipped: list[Path] = []
         self.on_bad_image = on_bad_image
         good = []
-        for p, res in scan_images(self.root, files).items():
+        self.max_side, self.cache_dir = max_side, _cache_dir()
+        shrink = (channels, max_side) if max_side > 0 else None
+        for p, res in scan_images(self.root, files, shrink=shrink).items():
             if isinstance(res, str):
                 problem = (f"corrupt or unreadable image {_show(p)} ({res}): delete it or skip such files with "
                            "data.on_bad_image=skip")
