@@ -151,6 +151,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="safetensors", choices=["safetensors", "timm", "folder"],
                    help="folder: model.safetensors + config.json + README.md model card, loads with pwself.load")
     p.add_argument("--output", help="same as OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never a run's own files)")
     p = sub.add_parser("push-to-hub", help="upload an exported model folder to the Hugging Face Hub (extra [hub])")
     p.add_argument("folder", help="folder written by pwself export RUN --format folder")
     p.add_argument("repo_id", help="USER/NAME")
@@ -379,6 +380,16 @@ def cmd_make_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_outputs(*paths: str | Path) -> None:
+    """Refuse, before any work, outputs that would replace a run's own files (e.g. ``--output RUN/knn``)."""
+    from pwself.rundir import RunDirError, run_owned
+
+    for path in paths:
+        if run_owned(Path(path)):
+            raise RunDirError(f"--output {path} would replace a file of the run in {Path(path).parent}: choose "
+                              "another --output")
+
+
 def cmd_eval_dense(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -386,6 +397,9 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     from pwself.eval import suite
     from pwself.eval.dense import DenseSettings, dense_markdown, evaluate_dense
     from pwself.train import resolve_device
+
+    if args.output:
+        _check_outputs(f"{args.output}.json", f"{args.output}.md")
 
     if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
         raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
@@ -416,6 +430,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if protocols is None:  # `pwself eval`: all that apply
         protocols = ["knn", "linear"] + (["copydetect"] if args.copydetect_path else []) + (
             ["retrieval"] if args.gnd else [])
+    if args.output:
+        _check_outputs(f"{args.output}.json", f"{args.output}.md")
     results = suite.run(args.models, protocols, args)
     print(suite.markdown(results))
     if args.output:
@@ -486,6 +502,7 @@ def cmd_viz_matches(args: argparse.Namespace) -> int:
 def cmd_viz_curves(args: argparse.Namespace) -> int:
     from pwself.viz import learning_curve, plot_learning_curves
 
+    _check_outputs(args.output, Path(args.output).with_suffix(".json"))
     runs = {}
     for spec in args.runs:
         label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
@@ -538,18 +555,28 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pwself.export import export_checkpoint, export_folder
+    from pwself.checkpoint import latest_checkpoint
+    from pwself.export import FOLDER_FILES, export_checkpoint, export_folder
+    from pwself.rundir import RunDirError, check_output, holds_run
 
-    default = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-    names = {"safetensors": "teacher_backbone.safetensors", "timm": "teacher_backbone_timm.pth", "folder": "model"}
+    source = Path(args.checkpoint).expanduser()
+    default = source if source.is_dir() else source.parent
+    names = {"safetensors": "teacher_backbone_export.safetensors", "timm": "teacher_backbone_timm.pth",
+             "folder": "model"}
     output = Path(args.out or args.output or default / names[args.format]).expanduser()
+    inputs = (source, *([latest_checkpoint(source)] if source.is_dir() and latest_checkpoint(source) else []))
     if args.format == "folder":
+        if holds_run(output):
+            raise RunDirError(f"export: {output} holds a run: choose a new folder for the model (e.g. {output}/model)")
+        for name in FOLDER_FILES:
+            check_output(output / name, args.overwrite, inputs, what="export")
         folder = export_folder(args.checkpoint, output)
         print(f"wrote {folder}/ (model.safetensors, config.json, README.md)\nload it with:\n  import pwself\n"
               f"  model = pwself.load({str(folder)!r})")
         return 0
     if not output.parent.is_dir():
         raise FileNotFoundError(f"export: folder {output.parent} does not exist: create it or choose another output")
+    check_output(output, args.overwrite, inputs, what="export")
     path, code = export_checkpoint(args.checkpoint, output, args.format)
     print(f"wrote {path}\nload it with:\n  import timm\n  model = {code}")
     return 0

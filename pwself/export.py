@@ -143,6 +143,9 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path) -> str:
         momentum=cfg.optim.momentum_teacher, channels=b.in_chans, mean=list(d.mean), std=list(d.std), results=results)
 
 
+FOLDER_FILES = ("model.safetensors", "config.json", "README.md")  # what export_folder writes
+
+
 def export_folder(checkpoint: str | Path, output: str | Path) -> Path:
     """Write a model folder: ``model.safetensors`` (timm key names), ``config.json`` and a ``README.md`` model card.
 

@@ -10,7 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-__all__ = ["RunDirError", "holds_run", "holds_weights", "prepare_run_dir", "RunLock", "free_space", "FINISHED_FILE"]
+__all__ = ["RunDirError", "holds_run", "holds_weights", "prepare_run_dir", "RunLock", "free_space", "FINISHED_FILE",
+           "move_aside", "check_output", "run_owned"]
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,10 @@ LOCK_NAME = ".pwself.lock"
 FINISHED_FILE = "finished.json"  # written last by a run that finished (pwself.runstate)
 # What a run writes before its first checkpoint: removed when a run starts over in a folder holding only these.
 UNSTARTED_FILES = ("config.yaml", "metrics.jsonl", "knn_history.jsonl", "wandb_id.txt")
+# Every file a run writes into its folder (besides checkpoint_*.pt): no other command may replace one.
+RUN_FILES = (*UNSTARTED_FILES, FINISHED_FILE, "knn.json", "floors.json", "floor_random_init.json",
+             "floor_pixels.json", "teacher_backbone.safetensors", "training_curves.png", "report.md", "report.html",
+             LOCK_NAME)
 
 
 class RunDirError(RuntimeError):
@@ -56,6 +61,33 @@ def _clear_unstarted(run_dir: Path) -> list[str]:
     for p in gone:
         p.unlink()
     return [str(p.relative_to(run_dir)) for p in gone]
+
+
+def run_owned(path: Path) -> bool:
+    """Whether ``path`` is one of the files of the run in its folder (which only that run may write)."""
+    path = Path(path)
+    return holds_run(path.parent) and (path.name in RUN_FILES or path.match("checkpoint_*.pt"))
+
+
+def check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = (), what: str = "output") -> None:
+    """Refuse, in one line, to write ``path`` onto a run's own files or onto an input, or onto an existing file
+    without ``overwrite``."""
+    path = Path(path)
+    for src in inputs:
+        if path.exists() and Path(src).exists() and path.resolve() == Path(src).resolve():
+            raise RunDirError(f"{what} {path} is the input itself: choose another path")
+    if run_owned(path):
+        raise RunDirError(f"{what} {path} would replace a file of the run in {path.parent}: choose a path outside "
+                          "the run's own files")
+    if path.exists() and not overwrite:
+        raise RunDirError(f"{what} {path} exists: choose another path or pass --overwrite to replace it")
+
+
+def move_aside(folder: Path) -> Path:
+    """Move a whole folder to a sibling ``NAME.replaced-TIME`` (never deleted); the new place."""
+    aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(aside)
+    return aside
 
 
 def _move_aside(run_dir: Path) -> Path:

@@ -41,7 +41,15 @@ from pwself.config import (
     save_config,
     saved_config,
 )
-from pwself.data import channel_stats, expand_path, has_heldout_split, iterate_batches, open_dataset, take_subset
+from pwself.data import (
+    DatasetError,
+    channel_stats,
+    expand_path,
+    has_heldout_split,
+    iterate_batches,
+    open_dataset,
+    take_subset,
+)
 from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
 from pwself.distributed import DistInfo, gather_objects, init_distributed
 from pwself.eval.knn import evaluate_knn_run
@@ -158,6 +166,26 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
     return ckpt
 
 
+def _check_data_root(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """Before the run folder is touched (``--overwrite`` moves it): the data exists, and a folder of images and
+    the run folder are not inside one another (a run inside its data would train on its own PNGs next time;
+    data inside the run folder would be moved aside with it)."""
+    if cfg.data.kind == "synthetic":
+        return
+    root = expand_path(cfg.data.root)
+    if not root.exists():
+        raise DatasetError(f"data.root={root} does not exist: set data.root to the {cfg.data.kind} data's folder")
+    if cfg.data.kind != "folder":
+        return
+    root, out = root.resolve(), run_dir.resolve()
+    if out == root or root in out.parents:
+        raise DatasetError(f"--out-dir {run_dir} is inside data.root={cfg.data.root}: its files would become training "
+                           "images; choose an --out-dir outside the data")
+    if out in root.parents and not resume:
+        raise DatasetError(f"data.root={cfg.data.root} is inside --out-dir {run_dir}: keep the data outside the run "
+                           "folder (--overwrite would move it aside with the run)")
+
+
 def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
     """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
     channel statistics and write ``config.yaml``."""
@@ -172,6 +200,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA device: use precision=bf16 on CPU")
     run_dir, lock = expand_path(cfg.out_dir), None
+    _check_data_root(cfg, run_dir, resume)
     if info.is_main:  # before any data is read: a wrong folder fails in a second, not after the scan
         lock, moved = prepare_run_dir(run_dir, resume, overwrite)
         if moved is not None:

@@ -300,3 +300,104 @@ def test_other_epochs_on_resume_are_refused(tmp_path, capsys):
     capsys.readouterr()
     assert _run(out, "--epochs", "3", "--resume", *QUIET) == 2
     assert "config differs in epochs" in _err(capsys)
+
+
+# Issue 25 (trusted results). 25.1: make-scenes --overwrite moves what was there aside, never deletes it.
+def test_make_scenes_overwrite_moves_a_users_folder_aside(tmp_path, fake_fmnist):
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"a user's photo")
+    make_scenes(out, SceneSpec(size=28, n_train=2, n_test=2, item_size=(10, 14)), str(fake_fmnist), progress=False,
+                overwrite=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("mine.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "holiday.jpg").read_bytes() == b"a user's photo"
+    assert (out / "classes.json").exists()
+
+
+# 25.2: export never replaces a file without --overwrite, never writes onto its input or a run's own files.
+def test_export_refuses_to_replace_files_and_never_touches_a_run(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert _run(run, "--epochs", "1", *QUIET) == 0
+    before = _snapshot(run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("the project's readme")
+    assert main(["export", str(run), "--format", "folder", "."]) == 2
+    assert "README.md exists: choose another path or pass --overwrite" in _err(capsys)
+    assert (tmp_path / "README.md").read_text() == "the project's readme"
+    ckpt = sorted(run.glob("checkpoint_*.pt"))[-1]
+    for cmd, message in (
+        (["export", str(run), "--format", "safetensors", str(ckpt), "--overwrite"], "is the input itself"),
+        (["export", str(run), "--output", str(run / "teacher_backbone.safetensors"), "--overwrite"],
+         "would replace a file of the run"),
+        (["export", str(run), "--format", "folder", str(run), "--overwrite"], "holds a run"),
+    ):
+        assert main(cmd) == 2
+        assert message in _err(capsys)
+    assert _snapshot(run) == before
+    assert main(["export", str(run)]) == 0  # the default name is the run's export, not its own backbone file
+    assert main(["export", str(run)]) == 2 and "--overwrite" in _err(capsys)
+    assert main(["export", str(run), "--overwrite"]) == 0
+    assert main(["pretrain", "--out-dir", str(run), "--resume", "--epochs", "1", "--batch-size", "32",
+                 "--no-progress", *TINY, *QUIET]) == 0  # the run still resumes (finished: nothing to do)
+
+
+# 25.3: evaluation output never replaces a run's files.
+def test_evaluation_output_never_replaces_a_runs_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(run, "--epochs", "1", "knn_floors=false") == 0
+    knn = (run / "knn.json").read_bytes()
+    assert main(["eval-knn", str(run), "--output", str(run / "knn")]) == 2
+    assert "would replace a file of the run" in _err(capsys)
+    assert main(["viz-curves", str(run), "--output", str(run / "training_curves.png")]) == 2
+    assert (run / "knn.json").read_bytes() == knn
+
+
+# 25.4: the data is checked before anything is moved; data and run folder never nest.
+def test_data_is_checked_before_a_run_folder_is_moved_and_never_nests(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / "imgs").mkdir(parents=True)
+    _jpeg_folder(proj / "imgs")
+    (proj / "config.yaml").write_text("seed: 1\n")  # proj looks like an old run's folder
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert _run(proj, "--overwrite", *FOLDER, f"data.root={proj / 'gone'}") == 2
+    err = _err(capsys)
+    assert err.startswith("pwself pretrain: error: data.root=") and "gone does not exist" in err
+    assert _run(proj, "--overwrite", *FOLDER, f"data.root={proj / 'imgs'}") == 2
+    assert "is inside --out-dir" in _err(capsys)
+    assert _run(proj / "imgs" / "run", *FOLDER, f"data.root={proj / 'imgs'}") == 2
+    assert "is inside data.root" in _err(capsys)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing moved or written
+
+
+# 25.14: a run stopped before its first checkpoint is no dead end.
+def test_a_run_folder_without_a_checkpoint_starts_over(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 3\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (out / "notes.txt").write_text("mine")
+    assert _run(out, "--epochs", "1", *QUIET) == 0
+    assert "stopped before its first checkpoint: starting over" in caplog.text
+    assert (out / "notes.txt").read_text() == "mine" and load_checkpoint(out)["config"]["seed"] == 0
+
+
+# 25.15: Ctrl-C says what continues the work, in the command's own terms.
+@pytest.mark.parametrize("argv,hint", [
+    (["eval-knn", "vit_tiny_patch16_224"], "run the same command again to continue"),
+    (["pretrain", "--out-dir", "x"], "resume with --resume"),
+    (["pretrain", "--out-dir", "x", "--auto-resume"], "run the same command again to continue"),
+])
+def test_an_interrupt_names_what_continues_the_work(argv, hint, capsys, monkeypatch, tmp_path):
+    import pwself.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    monkeypatch.setattr(cli, "cmd_pretrain", interrupted)
+    assert main(argv) == 130
+    assert hint in capsys.readouterr().err

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pwself.data.datasets import FASHION_MNIST_DIR, DatasetError, load_idx_dataset
+from pwself.rundir import move_aside
 
 __all__ = ["FASHION_MNIST_CLASSES", "SceneSpec", "make_scenes", "render_scene"]
 
@@ -124,14 +125,15 @@ def _write_split(out: Path, split: str, spec: SceneSpec, source_root: str, progr
 
 def make_scenes(out: str | Path, spec: SceneSpec = SceneSpec(), source_root: str = FASHION_MNIST_DIR,
                 overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the scene dataset to ``out`` (refused when it exists, unless ``overwrite``); returns its summary,
+    """Write the scene dataset to ``out`` (refused when it exists, unless ``overwrite``, which moves the old folder
+    aside whatever it held); returns its summary,
     also saved as ``out/scenes.json`` beside ``out/classes.json`` (the mask value of each class name)."""
     spec.check()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DatasetError(f"{out} exists and is not empty: choose another OUT or pass --overwrite to replace it")
-        shutil.rmtree(out)
+        log.warning("--overwrite: what was in %s is now in %s (moved aside, not deleted)", out, move_aside(out))
     out.mkdir(parents=True, exist_ok=True)
     dominant = {split: _write_split(out, split, spec, source_root, progress) for split in ("train", "test")}
     classes = ["background", *FASHION_MNIST_CLASSES]
