@@ -380,6 +380,23 @@ def cmd_make_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """Every evaluation flag checked before any work, like the training config: one line naming the fix."""
+    import math
+
+    if hasattr(args, "ks"):
+        try:
+            ks = [int(k) for k in args.ks.split(",")]
+        except ValueError:
+            ks = [0]
+        if not ks or min(ks) < 1:
+            raise ValueError(f"--ks {args.ks!r}: give whole numbers >= 1 separated by commas, e.g. --ks 10,20")
+    if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature {args.temperature}: use a finite value > 0, e.g. 0.07")
+    if hasattr(args, "epochs") and args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: use at least 1")
+
+
 def _check_outputs(*paths: str | Path) -> None:
     """Refuse, before any work, outputs that would replace a run's own files (e.g. ``--output RUN/knn``)."""
     from pwself.rundir import RunDirError, run_owned
@@ -430,6 +447,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if protocols is None:  # `pwself eval`: all that apply
         protocols = ["knn", "linear"] + (["copydetect"] if args.copydetect_path else []) + (
             ["retrieval"] if args.gnd else [])
+    _check_eval_flags(args)
     if args.output:
         _check_outputs(f"{args.output}.json", f"{args.output}.md")
     results = suite.run(args.models, protocols, args)
@@ -595,6 +613,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     base = load_config(args.config, list(args.overrides) + ([f"device={args.device}"] if args.device else []))
     objectives = [o for o in re.split(r",(?![^\[]*\])", args.objectives) if o]  # commas inside [..] are values
+    if not objectives:
+        raise ValueError(f"--objectives {args.objectives!r} names no objective: give e.g. --objectives dino,pwml")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if args.dense:

@@ -10,12 +10,17 @@ over seeds beside the random-init and raw-pixel floors of each protocol.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
 from pwself.checkpoint import latest_checkpoint
-from pwself.config import TrainConfig, apply_overrides, config_to_dict
+from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
+from pwself.rundir import RunInUseError
+from pwself.runstate import inspect_run
+
+log = logging.getLogger(__name__)
 
 __all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor",
            "pixel_dense_floor"]
@@ -157,6 +162,7 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     from pwself.train import resolve_device, train
 
     run_dir = Path(cfg.out_dir)
+    inspect_run(cfg, run_dir, f"another --out-dir, or after removing {run_dir}")  # a cached run of other settings
     if not (run_dir / "knn.json").exists():
         # A half-started run without a checkpoint is moved aside and started again.
         train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
@@ -201,18 +207,29 @@ def run_comparison(
     results: dict[str, Any] = {"objectives": objectives, "seeds": seeds, "runs": {}}
     if dense is not None:
         results["dense_data"] = str(dense)
+    plan = []  # every run's config, checked before any trains
     for label in objectives:
         objective, _, extra = label.partition(":")
         overrides = [f"loss.objective={objective}"] + [o for o in extra.split("+") if o]
         for seed in seeds:
-            name = run_name(label, seed)
             # knn_floors off: the comparison computes each floor once for all its runs
-            cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / name}", "knn_at_end=true",
-                                         "knn_floors=false"])
-            cfg.validate()
+            cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / run_name(label, seed)}",
+                                         "knn_at_end=true", "knn_floors=false"])
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                raise ConfigError(f"--objectives entry {label!r}: {e}") from None
+            plan.append((label, seed, cfg))
+    for label, seed, cfg in plan:
+        try:
             results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense)
+        except RunInUseError:
+            if not runs_only:
+                raise
+            log.info("%s is being trained by another worker: on to the next run", cfg.out_dir)
     if runs_only:
         return results
+    results["config"] = config_to_dict(base)
     results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json", linear=True)
     if results["pixel_floor"] is not None and dense is not None:
         results["pixel_floor"]["miou"] = pixel_dense_floor(base, dense, out_dir / "pixel_dense_floor.json")["miou"]

@@ -10,8 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-__all__ = ["RunDirError", "holds_run", "holds_weights", "prepare_run_dir", "RunLock", "free_space", "FINISHED_FILE",
-           "move_aside", "check_output", "run_owned"]
+__all__ = ["RunDirError", "RunInUseError", "holds_run", "holds_weights", "prepare_run_dir", "RunLock", "free_space",
+           "FINISHED_FILE", "move_aside", "check_output", "run_owned"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ RUN_FILES = (*UNSTARTED_FILES, FINISHED_FILE, "knn.json", "floors.json", "floor_
 
 class RunDirError(RuntimeError):
     """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+class RunInUseError(RunDirError):
+    """The run folder is locked by another running pwself process."""
 
 
 def free_space(path: Path) -> str:
@@ -114,7 +118,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunDirError(f"{self.path.parent} is in use by another pwself run (PID {holder}): wait for it to "
+            raise RunInUseError(f"{self.path.parent} is in use by another pwself run (PID {holder}): wait for it to "
                               "finish or choose another --out-dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

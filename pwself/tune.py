@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pwself.config import TrainConfig, apply_overrides, config_to_dict
+from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
+from pwself.runstate import inspect_run
 
 __all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_trial", "run_tuning", "tune_markdown"]
 
@@ -83,20 +84,30 @@ def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float
     return next(iter(res.values()))["top1"]
 
 
-def _trial(base: TrainConfig, objective: str, setting: dict[str, str], fixed: list[str], run_dir: Path,
-           val_fraction: float, progress: bool) -> float:
-    """Train one setting (skipped when scored before; resumed when interrupted) and score it."""
+def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fixed: list[str], run_dir: Path
+                 ) -> TrainConfig:
+    """The validated config of one trial (a bad value fails here, before any trial trains)."""
+    overrides = [f"loss.objective={objective}", *fixed, *(f"{k}={v}" for k, v in setting.items()),
+                 f"out_dir={run_dir}", "knn_at_end=false", "knn_floors=false", "knn_every_epochs=0"]
+    cfg = apply_overrides(base, overrides)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"trial {run_dir.name} {setting}: {e}") from None
+    return cfg
+
+
+def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progress: bool) -> float:
+    """Train one trial (skipped when scored before by the same config; resumed when interrupted) and score it."""
     from pwself.checkpoint import latest_checkpoint
     from pwself.eval.source import open_source
     from pwself.train import resolve_device, train
 
+    run_dir = Path(cfg.out_dir)
+    inspect_run(cfg, run_dir, f"another --out-dir, or after removing {run_dir}")  # a score of other settings
     score_file = run_dir / "tune_score.json"
     if score_file.exists():
         return json.loads(score_file.read_text())["heldout_knn10"]
-    overrides = [f"loss.objective={objective}", *fixed, *(f"{k}={v}" for k, v in setting.items()),
-                 f"out_dir={run_dir}", "knn_at_end=false", "knn_floors=false", "knn_every_epochs=0"]
-    cfg = apply_overrides(base, overrides)
-    cfg.validate()
     result = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
     src = open_source(str(run_dir))
     src.backbone.to(resolve_device(cfg.device))
@@ -112,8 +123,9 @@ def run_trial(base: TrainConfig, objective: str, space: TuneSpace, trials: int, 
     settings = sample_trials(space, trials, seed)
     if not 0 <= index < len(settings):
         raise ValueError(f"--trial {index}: this grid and --trials give trials 0..{len(settings) - 1}")
-    run_dir = Path(out_dir) / f"trial_{index}"
-    score = _trial(base, objective, settings[index], space.fixed, run_dir, val_fraction, progress)
+    out = Path(out_dir)
+    cfgs = [trial_config(base, objective, st, space.fixed, out / f"trial_{i}") for i, st in enumerate(settings)]
+    score = _trial(cfgs[index], settings[index], val_fraction, progress)
     return {"setting": settings[index], "heldout_knn10": score}
 
 
@@ -128,9 +140,10 @@ def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, setting in enumerate(sample_trials(space, trials, seed)):
-        score = _trial(base, objective, setting, space.fixed, out_dir / f"trial_{i}", val_fraction, progress)
+    rows, settings = [], sample_trials(space, trials, seed)
+    cfgs = [trial_config(base, objective, st, space.fixed, out_dir / f"trial_{i}") for i, st in enumerate(settings)]
+    for i, (setting, cfg) in enumerate(zip(settings, cfgs)):
+        score = _trial(cfg, setting, val_fraction, progress)
         rows.append({"setting": setting, "heldout_knn10": score})
         log.info("trial %d/%d %s: held-out kNN %.2f", i + 1, trials, setting, score)
     best = rows[0]
@@ -140,6 +153,7 @@ def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int,
     chosen = [*space.fixed, *(f"{k}={v}" for k, v in best["setting"].items())]
     result = {"objective": objective, "trials": rows, "best": best, "val_fraction": val_fraction,
               "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "data": config_to_dict(base)["data"]},
+              "config": config_to_dict(base),
               "compare_label": objective + (":" + "+".join(chosen) if chosen else "")}
     (out_dir / "tune.json").write_text(json.dumps(result, indent=2))
     (out_dir / "tune.md").write_text(tune_markdown(result))

@@ -401,3 +401,95 @@ def test_an_interrupt_names_what_continues_the_work(argv, hint, capsys, monkeypa
     monkeypatch.setattr(cli, "cmd_pretrain", interrupted)
     assert main(argv) == 130
     assert hint in capsys.readouterr().err
+
+
+# 25.5: a cached run, trial or table of other settings is never shown as new.
+@pytest.mark.slow
+def test_compare_and_tune_refuse_cached_runs_of_other_settings(tmp_path, capsys, monkeypatch):
+    args = ["compare", "--objectives", "dino", "--seeds", "0", "--out-dir", str(tmp_path / "cmp"), "--no-progress",
+            *TINY, "epochs=1", "batch_size=32", "knn_floors=false"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["config"]["epochs"] == 1
+    assert main([*args, "epochs=2", "head.out_dim=32"]) == 2
+    err = _err(capsys)
+    assert "dino_seed0 holds a run of another config (it differs in epochs, head.out_dim)" in err
+    tune = ["tune", "--objective", "dino", "--trials", "1", "--no-progress", "--out-dir", str(tmp_path / "tune"),
+            *TINY, "epochs=1", "batch_size=32", "loss.teacher_temp=0.04,0.05", "optim.lr=1e-3"]
+    assert main(tune) == 0
+    tune[-1] = "optim.lr=2e-3"
+    assert main(tune) == 2
+    assert "trial_0 holds a run of another config (it differs in optim.lr)" in _err(capsys)
+
+
+# 25.9: every evaluation flag is checked before any work.
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "0"], "--temperature 0.0: use a finite value > 0"),
+    (["--temperature", "nan"], "--temperature nan: use a finite value > 0"),
+    (["--ks", "0"], "--ks '0': give whole numbers >= 1"),
+    (["--ks", "-5"], "--ks '-5': give whole numbers >= 1"),
+    (["--ks", "ten"], "--ks 'ten': give whole numbers >= 1"),
+])
+def test_bad_knn_flags_are_one_line_before_any_work(flags, message, capsys, monkeypatch):
+    import pwself.eval.suite as suite
+
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("evaluated"))
+    assert main(["eval-knn", "vit_tiny_patch16_224", *flags]) == 2
+    assert message in _err(capsys)
+
+
+def test_bad_probe_flags_and_empty_objectives_are_one_line(tmp_path, capsys, monkeypatch):
+    import pwself.eval.suite as suite
+
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("evaluated"))
+    assert main(["eval-linear", "vit_tiny_patch16_224", "--epochs", "0"]) == 2
+    assert "--epochs 0: use at least 1" in _err(capsys)
+    assert main(["compare", "--objectives", "", "--out-dir", str(tmp_path / "c"), *TINY]) == 2
+    assert "names no objective" in _err(capsys) and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_knn_larger_than_the_bank_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(run, "--epochs", "1", *QUIET) == 0
+    assert main(["eval-knn", str(run), "--ks", "1000", "--cache-dir", ""]) == 2
+    assert "every k is larger than the train bank (96 images): use k <= 96" in _err(capsys)
+
+
+# 25.17: every compare entry and tune value is checked before anything trains.
+@pytest.mark.parametrize("argv,message", [
+    (["compare", "--objectives", "dino,foo"], "loss.objective='foo'"),
+    (["compare", "--objectives", "dino,pwml:optim.lr=-1"], "--objectives entry 'pwml:optim.lr=-1': optim.lr=-1"),
+    (["compare", "--objectives", "dino,pwml:no.such=1"], "no.such"),
+    (["tune", "--objective", "dino", "--trials", "2", "optim.lr=1e-3,-1"], "optim.lr=-1"),
+])
+def test_every_entry_is_checked_before_anything_trains(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pwself.train.train", lambda *a, **k: pytest.fail("trained before checking every entry"))
+    assert main([*argv, "--out-dir", str(tmp_path / "o"), "--no-progress", *TINY]) == 2
+    assert message in _err(capsys)
+
+
+# 25.20: a second --runs-only worker moves on to the runs not yet taken.
+def test_a_runs_only_worker_skips_a_run_another_worker_holds(tmp_path, monkeypatch, capsys):
+    import pwself.compare as compare_mod
+    from pwself.rundir import RunLock
+
+    out = tmp_path / "cmp"
+    (out / "dino_seed0").mkdir(parents=True)
+    lock = RunLock(out / "dino_seed0")
+    lock.acquire()  # the first worker's run, in progress
+    done = []
+    real = compare_mod._run_one
+
+    def run_one(cfg, *a, **k):
+        if "dino_seed0" not in str(cfg.out_dir):
+            done.append(cfg.out_dir)
+            return {"knn10": 1.0, "knn20": 1.0, "linear": 1.0}
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(compare_mod, "_run_one", run_one)
+    try:
+        assert main(["compare", "--objectives", "dino", "--seeds", "0,1", "--out-dir", str(out), "--runs-only",
+                     "--no-progress", *TINY]) == 0
+    finally:
+        lock.release()
+    assert [str(p) for p in done] == [str(out / "dino_seed1")]

@@ -65,6 +65,9 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
             for name, (f_tr, y_tr, f_te, y_te) in feats.items():
                 if "knn" in protocols:
                     ks = [int(k) for k in args.ks.split(",") if int(k) <= len(f_tr)]
+                    if not ks:
+                        raise ValueError(f"--ks {args.ks}: every k is larger than the train bank ({len(f_tr)} images): "
+                                         f"use k <= {len(f_tr)}")
                     res = knn_classify(f_tr, y_tr, f_te, y_te, ks=ks, temperature=args.temperature)
                     out.setdefault("knn", {}).setdefault(pooling, {})[name] = {str(k): v for k, v in res.items()}
                 if "linear" in protocols:
