@@ -258,6 +258,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
              "loss.objective": args.objective, "seed": args.seed, "device": args.device}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)
+    if (args.resume or args.auto_resume) and args.config is None:
+        from pwself.data import expand_path
+
+        saved = expand_path(cfg.out_dir) / "config.yaml"
+        if saved.is_file():  # continue the run as it was: only the keys given here may differ
+            cfg = apply_overrides(load_config(saved), overrides)
     cfg.validate()
     resume = args.resume
     if args.auto_resume:

@@ -259,6 +259,12 @@ class TrainConfig:
             value = self._get(key)
             if isinstance(value, float) and not math.isfinite(value) or not check(value):
                 raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+        if self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}: the schedule ends "
+                              "at min_lr, so it must be at most lr")
+        lo, hi = self.photometric.blur_sigma
+        if not 0 < lo <= hi:
+            raise ConfigError(f"photometric.blur_sigma={[lo, hi]} must be [low, high] with 0 < low <= high")
         for key in ("views.global_scale", "views.local_scale"):
             lo, hi = self._get(key)
             if not 0 < lo <= hi <= 1:

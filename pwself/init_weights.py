@@ -38,7 +38,11 @@ def _file_state(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise CheckpointError(f"backbone.init={path} cannot be read as safetensors ({type(e).__name__}): the file "
+                                  "is damaged; export it again or pass another weights file") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - foreign pickles fail in many ways

@@ -159,8 +159,14 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
         raise CheckpointError(f"cannot resume {found}: config differs in {', '.join(refused)}; use the saved "
                               f"{run_dir / 'config.yaml'} or a new out_dir")
     now = config_to_dict(cfg)
-    for key in diff:  # a divergence fix the user asked for: allowed, and said
+    for key in diff:  # a divergence fix the user asked for: allowed in its safe direction, and said
         a, b = key.split(".")
+        lower = key in ("optim.lr", "optim.min_lr", "optim.clip_grad")
+        if (now[a][b] > saved[a][b]) == lower or (key == "optim.clip_grad" and now[a][b] == 0):
+            raise CheckpointError(f"cannot resume {found} with {key}={now[a][b]} (the run had {saved[a][b]}): a resume "
+                                  f"may only {'lower' if lower else 'raise'} it to recover from a divergence"
+                                  f"{' (and keep clipping on)' if key == 'optim.clip_grad' else ''}; start a new run "
+                                  "for other settings")
         log.warning("resuming with %s=%s (the checkpoint's run had %s): the schedules from step %d use it",
                     key, now[a][b], saved[a][b], int(ckpt["step"]))
     return ckpt

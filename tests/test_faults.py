@@ -493,3 +493,57 @@ def test_a_runs_only_worker_skips_a_run_another_worker_holds(tmp_path, monkeypat
     finally:
         lock.release()
     assert [str(p) for p in done] == [str(out / "dino_seed1")]
+
+
+# 25.10: a resume may only move a divergence fix in its safe direction; orderings are checked on every run.
+@pytest.mark.slow
+def test_resume_refuses_unsafe_changes_and_bad_orderings_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--epochs", "2", *QUIET) == 0
+    (out / "checkpoint_00000006.pt").unlink()
+    (out / "checkpoint_last.pt").unlink()
+    for change, message in (("optim.lr=1e-2", "may only lower it"), ("optim.min_lr=1e-4", "may only lower it"),
+                            ("optim.clip_grad=0", "keep clipping on"), ("optim.clip_grad=30", "may only lower it"),
+                            ("loss.teacher_temp=0.01", "may only raise it")):
+        assert _run(out, "--epochs", "2", "--resume", *QUIET, change) == 2, change
+        assert message in _err(capsys), change
+    for bad, message in (("optim.min_lr=1", "optim.min_lr=1.0 is above optim.lr"),
+                         ("photometric.blur_sigma=[1,0.1]", "photometric.blur_sigma=[1.0, 0.1] must be")):
+        assert _run(tmp_path / "new", "--epochs", "1", *QUIET, bad) == 2
+        assert message in _err(capsys)
+
+
+# 25.16: damaged or foreign weight and config files are one line naming the file.
+def test_damaged_exports_and_configs_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(run, "--epochs", "1", *QUIET) == 0
+    kept = tmp_path / "kept"  # a run kept without its checkpoints
+    kept.mkdir()
+    for name in ("config.yaml", "teacher_backbone.safetensors"):
+        (kept / name).write_bytes((run / name).read_bytes())
+    (kept / "teacher_backbone.safetensors").write_bytes(b"\x00" * 64)
+    assert main(["eval-knn", str(kept)]) == 2
+    assert "teacher_backbone.safetensors is damaged" in _err(capsys)
+    assert main(["pretrain", "--out-dir", str(tmp_path / "x"), "--no-progress", *TINY, *QUIET,
+                 f"backbone.init={kept / 'teacher_backbone.safetensors'}"]) == 2
+    assert "cannot be read as safetensors" in _err(capsys)
+    (kept / "teacher_backbone.safetensors").write_bytes((run / "teacher_backbone.safetensors").read_bytes())
+    (kept / "config.yaml").write_text((run / "config.yaml").read_text().replace("embed_dim: 32", "embed_dim: 64"))
+    assert main(["eval-knn", str(kept)]) == 2
+    assert "does not fit the run's config.yaml" in _err(capsys)
+    (kept / "config.yaml").write_text("data: [unclosed\n")
+    assert main(["eval-knn", str(kept)]) == 2
+    assert "config.yaml cannot be read" in _err(capsys)
+
+
+# 25.18: --resume reads the run's own config.yaml: only the keys given are compared.
+@pytest.mark.slow
+def test_resume_without_repeating_the_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--epochs", "2", *QUIET) == 0
+    (out / "checkpoint_00000006.pt").unlink()
+    (out / "checkpoint_last.pt").unlink()
+    assert main(["pretrain", "--out-dir", str(out), "--resume", "--no-progress"]) == 0  # as the README shows it
+    assert load_checkpoint(out)["step"] == 6
+    assert main(["pretrain", "--out-dir", str(out), "--resume", "--no-progress", "seed=4"]) == 2
+    assert "config differs in seed" in _err(capsys)

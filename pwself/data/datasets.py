@@ -18,7 +18,6 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,9 +25,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pwself.data.photos import open_image, shrunk_path, write_shrunk
-
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
 
 log = logging.getLogger(__name__)
 

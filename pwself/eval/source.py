@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pwself.checkpoint import BACKBONE_FILE
+from pwself.checkpoint import BACKBONE_FILE, CheckpointError
 from pwself.eval.features import extract_features
 
 __all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256", "load_or_compute"]
@@ -63,10 +63,19 @@ def _open_exported_run(run_dir: Path) -> FeatureSource:
     from pwself.config import config_from_dict
     from pwself.models import make_vit
 
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg = config_from_dict(raw)
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = config_from_dict(raw)
+    except Exception as e:  # noqa: BLE001 - YAML and config errors alike: the file is not a run's config
+        raise CheckpointError(f"{run_dir / 'config.yaml'} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): restore the run's config.yaml") from None
     backbone = make_vit(cfg.backbone, cfg.views.global_size)
-    backbone.load_state_dict(load_file(run_dir / BACKBONE_FILE))
+    try:
+        backbone.load_state_dict(load_file(run_dir / BACKBONE_FILE))
+    except Exception as e:  # noqa: BLE001 - a damaged file or one of another architecture
+        what = "does not fit the run's config.yaml" if isinstance(e, RuntimeError) else "is damaged"
+        raise CheckpointError(f"{run_dir / BACKBONE_FILE} {what} ({type(e).__name__}): export it again from a "
+                              "checkpoint of this run") from None
     return FeatureSource(str(run_dir), backbone.eval(), list(cfg.data.mean), list(cfg.data.std),
                          cfg.views.global_size, file_sha256(run_dir / BACKBONE_FILE), raw)
 
