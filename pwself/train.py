@@ -235,9 +235,13 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
     ckpt = _resume_checkpoint(cfg, run_dir, info) if resume else None
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
+    heldout = has_heldout_split(cfg.data, labelled)
+    if heldout and cfg.data.kind == "folder" and (cfg.knn_at_end or cfg.knn_every_epochs):
+        # Decode-check the evaluation split now (scanned and cached): a broken file there is named before step 1,
+        # not at the end of training.
+        open_dataset(cfg.data, "test", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    heldout = has_heldout_split(cfg.data, labelled)
     if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
         log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
                  f"no {cfg.data.root}/val or /test folder" if labelled else "unlabelled images")

@@ -547,3 +547,65 @@ def test_resume_without_repeating_the_config(tmp_path, capsys):
     assert load_checkpoint(out)["step"] == 6
     assert main(["pretrain", "--out-dir", str(out), "--resume", "--no-progress", "seed=4"]) == 2
     assert "config differs in seed" in _err(capsys)
+
+
+def _class_folders(root, classes, n=3, size=20, seed=0):
+    """``root/<class>/k.png`` grayscale images whose brightness is the class (kNN separates them perfectly)."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            arr = torch.full((size, size), 40 + 60 * ("abc".index(name[0]) if name[0] in "abc" else 3)).to(torch.uint8)
+            arr[k % size, :] = 255
+            Image.fromarray(arr.numpy(), mode="L").save(root / name / f"{k}.png")
+
+
+# 25.7: an evaluation split numbers its labels by the training split's class names.
+def test_a_val_split_missing_a_class_keeps_the_training_labels(tmp_path, caplog):
+    from pwself.data import build_dataset
+
+    _class_folders(tmp_path / "train", ["a", "b", "c"])
+    _class_folders(tmp_path / "val", ["a", "c"])  # no b: c must stay label 2, not become 1
+    val = build_dataset("folder", str(tmp_path), "test", image_size=16, channels=1)
+    assert val.classes == ["a", "b", "c"] and sorted(set(val.labels.tolist())) == [0, 2]
+    assert "has no image of class(es) b of the training split" in caplog.text
+    _class_folders(tmp_path / "val", ["d"])
+    with pytest.raises(Exception, match="class folder\\(s\\) d that the training split lacks"):
+        build_dataset("folder", str(tmp_path), "test", image_size=16, channels=1)
+
+
+@pytest.mark.slow
+def test_knn_with_a_class_missing_from_val_is_right(tmp_path, capsys):
+    _class_folders(tmp_path / "data" / "train", ["a", "b", "c"], n=8)
+    _class_folders(tmp_path / "data" / "val", ["a", "c"], n=2)
+    from pwself.data import build_dataset
+    from pwself.eval.knn import knn_classify
+
+    train = build_dataset("folder", str(tmp_path / "data"), "train", image_size=16, channels=1)
+    val = build_dataset("folder", str(tmp_path / "data"), "test", image_size=16, channels=1)
+    feats = [torch.nn.functional.normalize(torch.stack([d[i][0].float().flatten() for i in range(len(d))]), dim=1)
+             for d in (train, val)]
+    res = knn_classify(feats[0], train.labels, feats[1], val.labels, ks=[1])
+    assert res[1]["top1"] == 100.0  # it said 50 when val numbered its classes itself
+
+
+# 25.12: a broken image in the evaluation split is named before training starts.
+def test_a_truncated_val_image_is_named_before_step_one(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "data"
+    _class_folders(root / "train", ["a", "b"], n=4)
+    _class_folders(root / "val", ["a", "b"], n=2)
+    data = (root / "val" / "b" / "1.png").read_bytes()
+    (root / "val" / "b" / "1.png").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr("pwself.train._train", lambda *a, **k: pytest.fail("trained before the check"))
+    folder = [f for f in FOLDER if f not in QUIET and "in_chans" not in f]
+    assert _run(tmp_path / "run", "--epochs", "1", "--batch-size", "4", *folder, "backbone.in_chans=1",
+                f"data.root={root}", "knn_floors=false") == 2
+    assert "val/b/1.png" in _err(capsys)
+
+
+# 25.19: a folder of grayscale images evaluated with a 1-channel timm model reads the folder with 1 channel.
+def test_eval_reads_a_folder_with_the_channels_asked_for(tmp_path, capsys):
+    _class_folders(tmp_path / "data" / "train", ["a", "b"], n=6, size=32)
+    _class_folders(tmp_path / "data" / "val", ["a", "b"], n=2, size=32)
+    assert main(["eval-knn", "vit_tiny_patch16_224", "--data-kind", "folder", "--data-root", str(tmp_path / "data"),
+                 "--in-chans", "1", "--ks", "3", "--cache-dir", "", "--no-progress"]) == 0
+    assert "vit_tiny_patch16_224" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from pwself.data.datasets import (
     DatasetError,
     ImageFolderDataset,
     TensorImageDataset,
+    class_names,
     expand_path,
     load_cifar,
     load_idx_dataset,
@@ -92,8 +93,11 @@ def build_dataset(
                     f"no {base}/val or {base}/test folder: evaluation needs a labelled held-out split there"
                 )
             folder = found[0]
+        train_dir = base / "train" if (base / "train").is_dir() else base
+        train_classes = None if split == "train" else [c for c in class_names(train_dir) if train_dir != base
+                                                         or c not in ("val", "test")]
         return ImageFolderDataset(folder, image_size, channels, min_size, on_bad_image,
-                                  max_side if split == "train" else 0)
+                                  max_side if split == "train" else 0, train_classes or None)
     raise DatasetError(f"unknown dataset kind {kind!r}: use idx, cifar, folder or synthetic")
 
 

@@ -332,6 +332,8 @@ class ImageFolderDataset(Dataset):
         on_bad_image: ``fail`` (stop, naming the file) or ``skip`` (leave it out and count it).
         max_side: The scan writes a shrunk copy of every image with a longer side above this, for training
             views (:mod:`pwself.data.photos`); 0: none.
+        classes: The training split's class names: an evaluation split numbers its labels by them (a class it
+            lacks is said once; a class the training split lacks is refused).
     """
 
     def __init__(
@@ -342,6 +344,7 @@ class ImageFolderDataset(Dataset):
         min_size: int = 8,
         on_bad_image: str = "fail",
         max_side: int = 0,
+        classes: list[str] | None = None,
     ) -> None:
         self.root = expand_path(root)
         if not self.root.is_dir():
@@ -375,7 +378,8 @@ class ImageFolderDataset(Dataset):
         self.files = good
         rel_parents = {p.relative_to(self.root).parts[0] for p in good if len(p.relative_to(self.root).parts) > 1}
         labelled = all(len(p.relative_to(self.root).parts) > 1 for p in good)
-        self.classes = sorted(rel_parents) if labelled else None
+        self.classes = (_align_classes(self.root, sorted(rel_parents), classes) if classes else sorted(rel_parents)) \
+            if labelled else None
         index = {c: i for i, c in enumerate(self.classes or [])}
         self.labels = torch.tensor(
             [index[p.relative_to(self.root).parts[0]] if labelled else -1 for p in good], dtype=torch.long
@@ -405,6 +409,26 @@ class ImageFolderDataset(Dataset):
         if path not in self.skipped:
             self.skipped.append(path)
             log.warning("skipping unreadable image %s", _show(path))
+
+
+def _align_classes(root: Path, found: list[str], train: list[str]) -> list[str]:
+    """The training split's class list for an evaluation split holding ``found``: labels keep the training
+    split's numbers, whatever classes this split lacks."""
+    extra = sorted(set(found) - set(train))
+    if extra:
+        raise DatasetError(f"{_show(root)} holds class folder(s) {', '.join(extra)} that the training split lacks: "
+                           "a kNN bank cannot vote for them; remove them or add them to the training split")
+    missing = sorted(set(train) - set(found))
+    if missing:
+        log.warning("%s has no image of class(es) %s of the training split: evaluated on the others", _show(root),
+                    ", ".join(missing))
+    return list(train)
+
+
+def class_names(root: Path) -> list[str]:
+    """The class names a folder's images give (its first-level sub-folders holding images), sorted."""
+    return sorted({p.relative_to(root).parts[0] for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and len(p.relative_to(root).parts) > 1})
 
 
 def make_synthetic(

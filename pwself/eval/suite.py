@@ -21,8 +21,10 @@ def _data_settings(args: argparse.Namespace, sources: list[FeatureSource]) -> di
     root = getattr(args, "data_root", None) or data.get("root")
     if not kind:
         raise DatasetError("no dataset to evaluate on: pass --data-kind and --data-root (no pwself checkpoint given)")
-    return {"kind": kind, "root": root or "", "image_size": data.get("image_size", 32),
-            "channels": cfg.get("backbone", {}).get("in_chans", 3), "synthetic_size": data.get("synthetic_size", 512),
+    # A checkpoint's model takes its own channels; without one the data is read as --in-chans says (default 3).
+    channels = cfg.get("backbone", {}).get("in_chans") or getattr(args, "in_chans", None) or 3
+    return {"kind": kind, "root": root or "", "image_size": data.get("image_size", 32), "channels": channels,
+            "synthetic_size": data.get("synthetic_size", 512),
             "synthetic_classes": data.get("synthetic_classes", 4), "seed": cfg.get("seed", 0)}
 
 
