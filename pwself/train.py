@@ -45,6 +45,7 @@ from pwself.data import (
     DatasetError,
     channel_stats,
     expand_path,
+    fingerprint,
     has_heldout_split,
     iterate_batches,
     open_dataset,
@@ -95,6 +96,7 @@ class _Run:
     ckpt: dict[str, Any] | None
     views: ViewLoader | None = None  # folders: views cut from the originals in worker processes
     heldout: bool = True  # a labelled held-out split exists: kNN can run
+    data_id: dict[str, Any] | None = None  # the training data's root, image count and content fingerprint
     loggers: MetricLoggers | None = None  # rank 0 only
     lock: RunLock | None = None  # rank 0 only
 
@@ -140,6 +142,22 @@ def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
             continue
         return path, ckpt
     raise AssertionError("unreachable")
+
+
+def _check_same_data(found: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume on other training data (a new schedule length, other images): name what changed."""
+    if not saved:  # checkpoints written before the data was recorded
+        return
+    if saved["images"] != now["images"]:
+        raise CheckpointError(f"cannot resume {found}: the training data now has {now['images']} images, the run had "
+                              f"{saved['images']} (data.root={now['root']}): resume on the same data, or start a new "
+                              "run")
+    if saved["fingerprint"] != now["fingerprint"]:
+        raise CheckpointError(f"cannot resume {found}: the training images or labels under data.root={now['root']} "
+                              "changed since the run started (same count, other files, sizes, dates or classes): "
+                              "restore them, or start a new run")
+    if saved["root"] != now["root"]:
+        log.info("resuming on the same images at data.root=%s (the run had %s)", now["root"], saved["root"])
 
 
 def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[str, Any]:
@@ -232,7 +250,10 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} x {info.world_size} process(es) is larger than the dataset "
                          f"({len(dataset)} images): lower it")
+    data_id = {"root": str(expand_path(cfg.data.root)), "images": len(dataset), "fingerprint": fingerprint(dataset)}
     ckpt = _resume_checkpoint(cfg, run_dir, info) if resume else None
+    if ckpt is not None:
+        _check_same_data(Path(ckpt["path"]), ckpt.get("dataset"), data_id)
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
     heldout = has_heldout_split(cfg.data, labelled)
@@ -245,7 +266,7 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
     if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
         log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
                  f"no {cfg.data.root}/val or /test folder" if labelled else "unlabelled images")
-    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views, heldout, lock=lock)
+    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views, heldout, lock=lock, data_id=data_id)
 
 
 def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: torch.device) -> ViewLoader:
@@ -335,6 +356,7 @@ class _Progress:
     cpu_s: float = 0.0  # CPU seconds of this process (all its threads) spent training: immune to other load
     cpu_mark: float = 0.0
     last_ckpt: Path | None = None
+    weight_norm_ref: float = 0.0  # the student's weight norm at the start: a checkpoint far above it is not kept
 
 
 def _restore(step: TrainStep, ckpt: dict[str, Any], gen: torch.Generator, rank: int) -> _Progress:
@@ -398,8 +420,19 @@ def _checkpoint_state(run: _Run, step: TrainStep, gen: torch.Generator, prog: _P
         "torch_rngs": torch_rngs, "host_rngs": host_rngs, "step": prog.step,
         "train_s": prog.train_s, "cpu_s": prog.cpu_s,
         "epoch": prog.step // run.steps_per_epoch, "config": config_to_dict(run.cfg),
-        "world_size": run.info.world_size, "format": 2,
+        "world_size": run.info.world_size, "format": 2, "dataset": run.data_id,
+        "weight_norm_ref": prog.weight_norm_ref,
     }
+
+
+WEIGHT_NORM_LIMIT = 10.0  # a checkpoint's student weights may be at most this many times their starting norm
+
+
+def _weight_norm(step: TrainStep) -> float:
+    """The L2 norm of all student weights together."""
+    with torch.no_grad():
+        norms = [p.detach().float().norm() for p in step.model.parameters()]
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, prog: _Progress, gen: torch.Generator,
@@ -428,6 +461,9 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
     if due and prog.bad_in_a_row:  # weights of a non-finite streak never replace (or rotate out) a good one
         log.warning("step %d: no checkpoint while the loss is non-finite (the last good one, %s, is kept)",
                     prog.step, prog.last_ckpt)
+    elif due and _weight_norm(step) > WEIGHT_NORM_LIMIT * prog.weight_norm_ref:  # exploding: finite, not good
+        log.warning("step %d: no checkpoint while the weights are %.3g times their starting norm (the last good one, "
+                    "%s, is kept)", prog.step, _weight_norm(step) / prog.weight_norm_ref, prog.last_ckpt)
     elif due:
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:
@@ -533,6 +569,8 @@ def _train(run: _Run, progress: bool) -> TrainResult:
     total = len(sch.lr)
     bar = tqdm(total=total, initial=prog.step, disable=not progress or not info.is_main,
                desc=f"pretrain {cfg.loss.objective}", unit="step")
+    prog.weight_norm_ref = float(run.ckpt.get("weight_norm_ref", 0.0)) if run.ckpt else 0.0
+    prog.weight_norm_ref = prog.weight_norm_ref or _weight_norm(step)  # older checkpoints: the restored weights'
     prog.t_last = prog.t_mark = time.perf_counter()
     prog.cpu_mark = time.process_time()
     while prog.step < total:

@@ -609,3 +609,45 @@ def test_eval_reads_a_folder_with_the_channels_asked_for(tmp_path, capsys):
     assert main(["eval-knn", "vit_tiny_patch16_224", "--data-kind", "folder", "--data-root", str(tmp_path / "data"),
                  "--in-chans", "1", "--ks", "3", "--cache-dir", "", "--no-progress"]) == 0
     assert "vit_tiny_patch16_224" in capsys.readouterr().out
+
+
+# 25.11: the checkpoint named after a divergence holds weights from before it.
+@pytest.mark.slow
+def test_the_last_good_checkpoint_is_from_before_the_weights_exploded(tmp_path, capsys, caplog):
+    out = tmp_path / "boom"
+    assert _run(out, "--epochs", "3", "checkpoint_every_steps=1", "optim.lr=1e3", "optim.clip_grad=0",
+                "optim.warmup_epochs=1", "optim.max_nonfinite_steps=0", "keep_checkpoints=0", *QUIET) == 2
+    err = _err(capsys)
+    assert "resume from the last good checkpoint" in err
+    named = err.split("checkpoint, ")[1].split(", with --resume")[0]
+    ckpt = load_checkpoint(named)
+    norm = torch.linalg.vector_norm(torch.stack([v.float().norm() for v in ckpt["student"].values()]))
+    assert torch.isfinite(norm) and norm <= 10 * ckpt["weight_norm_ref"]
+    steps = sorted(int(p.stem.split("_")[1]) for p in out.glob("checkpoint_0*.pt"))
+    assert steps[-1] == ckpt["step"]  # no exploded checkpoint was written after it
+    assert "no checkpoint while the weights are" in caplog.text  # finite but exploded steps came after it
+
+
+# 25.8: resume refuses other training data, naming what changed.
+@pytest.mark.slow
+def test_resume_refuses_changed_training_data(tmp_path, capsys):
+    root = tmp_path / "data"
+    _class_folders(root / "train", ["a", "b"], n=8)
+    folder = [f for f in FOLDER if "in_chans" not in f]
+    args = ["--epochs", "2", "--batch-size", "4", *folder, "backbone.in_chans=1", f"data.root={root}"]
+    out = tmp_path / "run"
+    assert _run(out, *args) == 0
+    (out / "checkpoint_00000008.pt").unlink()
+    (out / "checkpoint_last.pt").unlink()
+    _class_folders(root / "train", ["c"], n=4)  # 4 more images
+    assert _run(out, "--resume", *args) == 2
+    assert "the training data now has 20 images, the run had 16" in _err(capsys)
+    import shutil
+
+    shutil.rmtree(root / "train" / "c")
+    a, b = root / "train" / "a", root / "train" / "b"
+    a.rename(tmp_path / "tmp")
+    b.rename(a)
+    (tmp_path / "tmp").rename(b)  # classes swapped: same count
+    assert _run(out, "--resume", *args) == 2
+    assert "images or labels under data.root=" in _err(capsys)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ __all__ = [
     "has_heldout_split",
     "iterate_batches",
     "channel_stats",
+    "fingerprint",
 ]
 
 
@@ -168,3 +170,31 @@ def channel_stats(dataset: Dataset, max_images: int = 10000, seed: int = 0) -> t
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _files_digest(h: Any, files: Sequence[Path], root: Path | None) -> None:  # h: a hashlib hash
+    for f in files:
+        st = f.stat()
+        name = f.relative_to(root) if root is not None and f.is_relative_to(root) else f
+        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """What a dataset holds, as a short hash: its pixels and labels (in memory), or every file's path (relative
+    to its folder), size and mtime with the labels (folders; masks too for dense splits). Caches and resumed
+    runs compare it: a swapped class folder, an edited mask or an added image changes it."""
+    h = hashlib.sha256()
+    base = getattr(dataset, "dataset", dataset)  # a Subset: its base, then which images
+    if base is not dataset:
+        h.update(repr(dataset.indices).encode())
+    if isinstance(base, TensorImageDataset):
+        h.update(base.images.numpy().tobytes())
+        h.update(base.labels.numpy().tobytes())
+    elif hasattr(base, "masks"):  # a dense split
+        _files_digest(h, [*base.images, *base.masks], None)
+    elif hasattr(base, "files"):
+        _files_digest(h, base.files, getattr(base, "root", None))
+        h.update(repr((base.labels.tolist(), getattr(base, "classes", None))).encode())
+    else:
+        h.update(f"{type(base).__name__}:{len(base)}".encode())
+    return h.hexdigest()[:24]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pwself.data import fingerprint
 from pwself.data.datasets import DatasetError
 from pwself.data.dense import IGNORE_INDEX, DenseSplit, dense_classes, open_dense
 from pwself.eval.features import normalize_images
@@ -259,8 +260,8 @@ def _source_features(encode: Encoder, key: dict, splits: tuple[DenseSplit, Dense
     """Train and test tokens of one encoder, from the cache when it has them."""
     out = []
     for name, split in zip(("train", "test"), splits):
-        ident = {**key, "split": name, "files": [str(p) for p in (split.images[0], split.images[-1])],
-                 "n": len(split), "size": split.size, "mean": mean, "std": std}
+        ident = {**key, "split": name, "content": fingerprint(split), "n": len(split), "size": split.size,
+                 "mean": mean, "std": std}
         path = Path(s.cache_dir) / f"dense_{cache_key(ident)}.pt" if s.cache_dir else None
 
         def compute(split: DenseSplit = split, name: str = name) -> dict:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pwself.checkpoint import BACKBONE_FILE, CheckpointError
+from pwself.data import fingerprint
 from pwself.eval.features import extract_features
 
 __all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256", "load_or_compute"]
@@ -151,7 +152,8 @@ def cached_features(
     """
     # BagSSL's bag tiles the image at its native resolution (a tile is a training view's scale): never resized
     size = None if pooling == "bag" else source.size
-    key_dict = {"weights": source.key, "data": dataset_id, "n": len(dataset), "size": size,
+    key_dict = {"weights": source.key, "data": dataset_id, "n": len(dataset), "content": fingerprint(dataset),
+                "size": size,
                 "mean": source.mean, "std": source.std, "pooling": pooling, "normalize": normalize}
     key = hashlib.sha256(json.dumps(key_dict, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
