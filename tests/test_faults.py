@@ -6,6 +6,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -651,3 +652,42 @@ def test_resume_refuses_changed_training_data(tmp_path, capsys):
     (tmp_path / "tmp").rename(b)  # classes swapped: same count
     assert _run(out, "--resume", *args) == 2
     assert "images or labels under data.root=" in _err(capsys)
+
+
+# 25.6: caches are keyed by content: swapped class folders or edited masks are computed again.
+@pytest.mark.slow
+def test_feature_cache_follows_the_files_not_their_names(tmp_path, capsys):
+    root = tmp_path / "data"
+    _class_folders(root / "train", ["a", "b"], n=6, size=32)
+    _class_folders(root / "val", ["a", "b"], n=3, size=32)
+    args = ["eval-knn", "vit_tiny_patch16_224", "--data-kind", "folder", "--data-root", str(root), "--in-chans", "1",
+            "--ks", "1", "--no-progress", "--output", str(tmp_path / "k")]
+
+    def top1(*extra):
+        assert main([*args, *extra]) == 0
+        capsys.readouterr()
+        return next(iter(json.loads((tmp_path / "k.json").read_text())["knn"]["cls"].values()))["1"]["top1"]
+
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    before = top1(*cache)
+    a, b = root / "val" / "a", root / "val" / "b"
+    a.rename(tmp_path / "tmp")
+    b.rename(a)
+    (tmp_path / "tmp").rename(b)
+    assert top1(*cache) == top1("--cache-dir", "") != before
+
+
+def test_dense_cache_key_follows_an_edited_mask(tmp_path, fake_fmnist):
+    import time
+
+    from pwself.data import fingerprint
+    from pwself.data.dense import open_dense
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    out = tmp_path / "s"
+    make_scenes(out, SceneSpec(size=28, n_train=4, n_test=2, item_size=(10, 14)), str(fake_fmnist), progress=False)
+    before = fingerprint(open_dense(out, "test", 1, 28))
+    mask = out / "test" / "masks" / "000000.png"
+    time.sleep(0.01)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(mask)
+    assert fingerprint(open_dense(out, "test", 1, 28)) != before
