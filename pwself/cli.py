@@ -712,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pwself {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a lost mount: one line naming the file and the space left
+        if e.errno is None:  # not a write that failed (e.g. a library's own OSError): its message is the line
+            print(f"pwself {args.command}: error: {e}", file=sys.stderr)
+            return 2
         where = Path(e.filename).parent if e.filename else Path(".")
         print(f"pwself {args.command}: error: cannot write {e.filename or 'a file'} ({e.strerror}; "
               f"{free_space(where)} free in {where})", file=sys.stderr)

@@ -76,8 +76,7 @@ class MetricLoggers:
 
     def write(self, row: dict[str, Any], file: str = "metrics.jsonl") -> None:
         """Append a training row (``step`` and the scalars of the step)."""
-        with open(self.run_dir / file, "a") as f:
-            f.write(json_row(row) + "\n")
+        _append(self.run_dir / file, json_row(row) + "\n")
         self._scalars("train", {k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     def knn(self, step: int, result: dict[int, dict[str, float]], epoch: float | None = None,
@@ -85,10 +84,9 @@ class MetricLoggers:
         """A kNN evaluation: to ``knn_history.jsonl`` during training (with the training seconds so far),
         and as ``knn/top1_kK`` scalars. ``train_time``: the (wall, CPU) seconds of training so far."""
         if epoch is not None:
-            with open(self.run_dir / "knn_history.jsonl", "a") as f:
-                row = {"step": step, "epoch": round(epoch, 4), "train_s": round(train_time[0], 2),
-                       "cpu_s": round(train_time[1], 2), "knn": result}
-                f.write(json_row(row) + "\n")
+            row = {"step": step, "epoch": round(epoch, 4), "train_s": round(train_time[0], 2),
+                   "cpu_s": round(train_time[1], 2), "knn": result}
+            _append(self.run_dir / "knn_history.jsonl", json_row(row) + "\n")
         self._scalars("knn", {f"top1_k{k}": r["top1"] for k, r in result.items()}, step)
 
     def close(self) -> None:
@@ -96,3 +94,12 @@ class MetricLoggers:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _append(path: Path, text: str) -> None:
+    """Append a line; an error (a full disk) names the file, which a bare write's error does not."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None

@@ -78,7 +78,7 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -122,7 +122,7 @@ def plot_learning_curves(runs: dict[str, list[dict[str, float]]], path: str | Pa
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -208,7 +208,7 @@ def write_report(run_dir: str | Path) -> Path:
     md += ["![training curves](training_curves.png)", ""]
     figures, figure_note = _run_figures(run_dir, cfg)
     md += [f"![{name}]({png.name})" for name, png in figures] + ([figure_note] if figure_note else [])
-    (run_dir / "report.md").write_text("\n".join(md))
+    write_atomic(run_dir / "report.md", "\n".join(md))
 
     img = base64.b64encode(png.read_bytes()).decode()
     figure_html = "".join(
@@ -236,7 +236,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:
 <h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{img}" style="max-width:100%">
 {figure_html}<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
     out = run_dir / "report.html"
-    out.write_text(page)
+    write_atomic(out, page)
     return out
 
 
@@ -311,7 +311,7 @@ def draw_matches(
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
     return fig
 
 
@@ -418,5 +418,28 @@ def draw_attention(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
     return fig
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> None:
+    """Save a figure through a temporary file: a full disk leaves no empty or torn PNG, and names the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file (no torn file; an error names the file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None

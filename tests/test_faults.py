@@ -691,3 +691,48 @@ def test_dense_cache_key_follows_an_edited_mask(tmp_path, fake_fmnist):
     time.sleep(0.01)
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(mask)
     assert fingerprint(open_dense(out, "test", 1, 28)) != before
+
+
+# 25.13: a full disk outside checkpoints names the file and its filesystem's free space, and leaves no empty file.
+def test_a_full_disk_at_a_metrics_line_or_a_figure_names_the_file(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    import matplotlib.figure
+
+    import pwself.loggers as loggers
+
+    def no_space_open(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        if "a" in mode and str(path).endswith("metrics.jsonl"):
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(loggers, "open", no_space_open, raising=False)
+    out = tmp_path / "a"
+    assert _run(out, "--epochs", "1", *QUIET) == 2
+    err = _err(capsys)
+    assert f"cannot write {out / 'metrics.jsonl'} (No space left on device;" in err and f"free in {out})" in err
+    monkeypatch.undo()
+
+    def full_savefig(self, path, *a, **k):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_savefig)
+    out = tmp_path / "b"
+    assert _run(out, "--epochs", "1", *QUIET) == 2
+    assert "training_curves.png (No space left on device" in _err(capsys)
+    assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp"))
+
+
+def test_a_truncated_image_in_a_dense_dataset_is_named(tmp_path, fake_fmnist, capsys):
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    out = tmp_path / "s"
+    make_scenes(out, SceneSpec(size=28, n_train=4, n_test=2, item_size=(10, 14)), str(fake_fmnist), progress=False)
+    image = out / "test" / "images" / "000001.png"
+    image.write_bytes(image.read_bytes()[:60])
+    assert main(["eval-dense", "vit_tiny_patch16_224", "--data", str(out), "--in-chans", "1", "--size", "32",
+                 "--cache-dir", "", "--no-progress", "--epochs", "1"]) == 2
+    assert "cannot decode image" in (err := _err(capsys)) and "000001.png" in err

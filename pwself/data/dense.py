@@ -47,7 +47,11 @@ class DenseSplit(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        im = open_image(self.images[i], self.channels)
+        try:
+            im = open_image(self.images[i], self.channels)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            raise DatasetError(f"cannot decode image {self.images[i]} ({type(e).__name__}: {e}): fix or remove it "
+                               "and its mask") from None
         mask = _mask_array(self.masks[i])
         if mask.shape != (im.size[1], im.size[0]):
             raise DatasetError(f"mask {self.masks[i]} is {mask.shape[1]}x{mask.shape[0]} but its image is "
