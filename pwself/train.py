@@ -197,6 +197,8 @@ def _check_data_root(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     if cfg.data.kind == "synthetic":
         return
     root = expand_path(cfg.data.root)
+    if not root.exists() and cfg.data.kind != "folder":  # the loader's own message says what to install
+        open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if not root.exists():
         raise DatasetError(f"data.root={root} does not exist: set data.root to the {cfg.data.kind} data's folder")
     if cfg.data.kind != "folder":
