@@ -155,11 +155,16 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, caplog):
 
 
 # 5. Divergence: the fix a user needs is accepted on --resume, and said.
-def test_resume_accepts_a_lower_learning_rate_and_says_so(tmp_path, caplog):
-    out = tmp_path / "div"
+def _stopped_after_epoch_one(out):
+    """A 2-epoch run whose last checkpoint is epoch 1's (as if it had stopped there)."""
     assert _run(out, "--epochs", "2", *QUIET) == 0
     (out / "checkpoint_00000006.pt").unlink()
     (out / "checkpoint_last.pt").unlink()
+    return out
+
+
+def test_resume_accepts_a_lower_learning_rate_and_says_so(tmp_path, caplog):
+    out = _stopped_after_epoch_one(tmp_path / "div")
     with caplog.at_level("WARNING", logger="pwself"):
         assert _run(out, "--epochs", "2", "--resume", *QUIET, "optim.lr=1e-5", "optim.clip_grad=1.0") == 0
     said = " ".join(r.getMessage() for r in caplog.records)
@@ -499,10 +504,7 @@ def test_a_runs_only_worker_skips_a_run_another_worker_holds(tmp_path, monkeypat
 # 25.10: a resume may only move a divergence fix in its safe direction; orderings are checked on every run.
 @pytest.mark.slow
 def test_resume_refuses_unsafe_changes_and_bad_orderings_are_refused(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _run(out, "--epochs", "2", *QUIET) == 0
-    (out / "checkpoint_00000006.pt").unlink()
-    (out / "checkpoint_last.pt").unlink()
+    out = _stopped_after_epoch_one(tmp_path / "run")
     for change, message in (("optim.lr=1e-2", "may only lower it"), ("optim.min_lr=1e-4", "may only lower it"),
                             ("optim.clip_grad=0", "keep clipping on"), ("optim.clip_grad=30", "may only lower it"),
                             ("loss.teacher_temp=0.01", "may only raise it")):
@@ -540,10 +542,7 @@ def test_damaged_exports_and_configs_are_one_line(tmp_path, capsys):
 # 25.18: --resume reads the run's own config.yaml: only the keys given are compared.
 @pytest.mark.slow
 def test_resume_without_repeating_the_config(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _run(out, "--epochs", "2", *QUIET) == 0
-    (out / "checkpoint_00000006.pt").unlink()
-    (out / "checkpoint_last.pt").unlink()
+    out = _stopped_after_epoch_one(tmp_path / "run")
     assert main(["pretrain", "--out-dir", str(out), "--resume", "--no-progress"]) == 0  # as the README shows it
     assert load_checkpoint(out)["step"] == 6
     assert main(["pretrain", "--out-dir", str(out), "--resume", "--no-progress", "seed=4"]) == 2
