@@ -318,9 +318,9 @@ def _start_over_hint(args: argparse.Namespace) -> str:
     """The command that starts a refused run over, in the caller's terms."""
     hint = os.environ.get("PWSELF_START_OVER")
     if hint:
-        return f"`{hint}`"
-    return f"`pwself {shlex.join(a for a in args.argv if a != '--auto-resume')} --overwrite` (the old run is moved " \
-           "aside)"
+        return f"start over with `{hint}`"
+    return (f"start over with `pwself {shlex.join(a for a in args.argv if a != '--auto-resume')} --overwrite` (the "
+            "old run is moved aside), or choose another --out-dir")
 
 
 def _continue_hint(args: argparse.Namespace) -> str:

@@ -162,7 +162,8 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     from pwself.train import resolve_device, train
 
     run_dir = Path(cfg.out_dir)
-    inspect_run(cfg, run_dir, f"another --out-dir, or after removing {run_dir}")  # a cached run of other settings
+    # a cached run of other settings is refused, never shown as new
+    inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it again")
     if not (run_dir / "knn.json").exists():
         # A half-started run without a checkpoint is moved aside and started again.
         train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)

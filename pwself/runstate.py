@@ -60,7 +60,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
 
 def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     """The state of ``run_dir`` for a run of ``cfg``. A run of another config is refused in one line that
-    names the keys that differ and ``start_over``, the command that starts over in that context."""
+    names the keys that differ, then ``start_over``: what to do about it in the caller's context."""
     if not holds_run(run_dir) or not holds_weights(run_dir):
         return RunState("new")
     saved, now = _saved_config(run_dir), config_to_dict(resolve_max_side(copy.deepcopy(cfg)))
@@ -69,8 +69,7 @@ def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     diff = config_diff(saved, now)
     if diff:
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
-        raise RunDirError(f"{run_dir} holds a run of another config (it differs in {shown}): start over with "
-                          f"{start_over} (the old run is moved aside), or choose another --out-dir")
+        raise RunDirError(f"{run_dir} holds a run of another config (it differs in {shown}): {start_over}")
     if (run_dir / FINISHED_FILE).exists():
         return RunState("finished", read_finished(run_dir))
     return RunState("interrupted")

@@ -104,7 +104,8 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progr
     from pwself.train import resolve_device, train
 
     run_dir = Path(cfg.out_dir)
-    inspect_run(cfg, run_dir, f"another --out-dir, or after removing {run_dir}")  # a score of other settings
+    # a cached run of other settings is refused, never shown as new
+    inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it again")
     score_file = run_dir / "tune_score.json"
     if score_file.exists():
         return json.loads(score_file.read_text())["heldout_knn10"]
