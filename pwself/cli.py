@@ -419,7 +419,7 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     from pwself.data.dense import open_dense
     from pwself.eval import suite
     from pwself.eval.dense import DenseSettings, dense_markdown, evaluate_dense
-    from pwself.train import resolve_device
+    from pwself.runtime import resolve_device
 
     if args.output:
         _check_outputs(f"{args.output}.json", f"{args.output}.md")

@@ -74,7 +74,7 @@ def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a Fea
     from pwself.data import channel_stats, take_subset
     from pwself.eval.source import FeatureSource
     from pwself.models import make_vit
-    from pwself.train import resolve_device
+    from pwself.runtime import resolve_device
 
     mean, std = cfg.data.mean, cfg.data.std
     if not mean:  # as train() computes them: over the training subset
@@ -159,7 +159,8 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     from functools import cache
 
     from pwself.eval.source import open_source
-    from pwself.train import resolve_device, train
+    from pwself.runtime import resolve_device
+    from pwself.train import train
 
     run_dir = Path(cfg.out_dir)
     # a cached run of other settings is refused, never shown as new

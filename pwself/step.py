@@ -18,10 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pwself.augment import PhotometricAugment
 from pwself.config import TrainConfig
-from pwself.distributed import all_true
 from pwself.models import DistillNet, HeadOutput, ema_update, portable_init
 from pwself.objectives import Objective, build_objective
 from pwself.objectives.base import view_grids
+from pwself.runtime import all_true
 from pwself.views import MultiCrop, MultiCropViews
 
 __all__ = ["StepOutput", "distill_step", "ViewPipeline", "param_groups", "TrainStep", "make_objective", "build_step",

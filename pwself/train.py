@@ -52,16 +52,16 @@ from pwself.data import (
     take_subset,
 )
 from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
-from pwself.distributed import DistInfo, gather_objects, init_distributed
 from pwself.eval.knn import evaluate_knn_run
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.runstate import write_finished
+from pwself.runtime import DistInfo, gather_objects, init_distributed, resolve_device
 from pwself.schedules import Schedules, apply_schedules, make_schedules
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_device"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +99,6 @@ class _Run:
     data_id: dict[str, Any] | None = None  # the training data's root, image count and content fingerprint
     loggers: MetricLoggers | None = None  # rank 0 only
     lock: RunLock | None = None  # rank 0 only
-
-
-def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> CUDA when available; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device={name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA GPU is visible here: use --device cpu, or auto to take a GPU "
-                         "when there is one")
-    if device.type == "cuda" and info.world_size > 1:
-        device = torch.device("cuda", info.local_rank)
-    return device
 
 
 def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:

@@ -101,7 +101,8 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progr
     """Train one trial (skipped when scored before by the same config; resumed when interrupted) and score it."""
     from pwself.checkpoint import latest_checkpoint
     from pwself.eval.source import open_source
-    from pwself.train import resolve_device, train
+    from pwself.runtime import resolve_device
+    from pwself.train import train
 
     run_dir = Path(cfg.out_dir)
     # a cached run of other settings is refused, never shown as new

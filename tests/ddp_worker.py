@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pwself.distributed import gather_rows, init_distributed, shard_indices
+from pwself.runtime import gather_rows, init_distributed, shard_indices
 from pwself.step import distill_step
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

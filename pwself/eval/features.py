@@ -9,9 +9,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pwself.data import iterate_batches
-from pwself.distributed import gather_rows, shard_indices
 from pwself.eval.metrics import gem
 from pwself.models import forward_tokens
+from pwself.runtime import gather_rows, shard_indices
 
 __all__ = ["POOLINGS", "extract_features", "normalize_images", "pool_features"]
 

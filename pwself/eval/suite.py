@@ -30,7 +30,7 @@ def _data_settings(args: argparse.Namespace, sources: list[FeatureSource]) -> di
 
 def open_sources(models: list[str], args: argparse.Namespace, channels: int, size: int) -> list[FeatureSource]:
     """Open every model on the ``--device`` (a timm name takes ``channels`` and ``size`` unless flags say)."""
-    from pwself.train import resolve_device
+    from pwself.runtime import resolve_device
 
     device = resolve_device(getattr(args, "device", None) or "auto")
     sources = [open_source(m, in_chans=args.in_chans or channels, img_size=args.img_size or size) for m in models]

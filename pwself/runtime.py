@@ -1,4 +1,5 @@
-"""Data parallelism under ``torchrun`` (NCCL on GPUs, gloo on CPU), and no-ops in a single process.
+"""Where a process runs: the device (:func:`resolve_device`) and data parallelism under ``torchrun`` (NCCL on
+GPUs, gloo on CPU; no-ops in a single process).
 
 Gradients are averaged by ``DistributedDataParallel`` (see :func:`pwself.step.build_step`); these helpers
 cover the rest: a common branch on every rank, and gathering rows and objects.
@@ -13,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "init_distributed", "all_true", "gather_rows", "gather_objects", "shard_indices"]
+__all__ = ["DistInfo", "init_distributed", "all_true", "gather_rows", "gather_objects", "shard_indices",
+           "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,19 @@ def shard_indices(n: int) -> Tensor:
     if not _active():
         return torch.arange(n)
     return torch.arange(dist.get_rank(), n, dist.get_world_size())
+
+
+def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """``auto`` -> CUDA when available; under torchrun each rank takes its local GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no CUDA GPU is visible here: use --device cpu, or auto to take a GPU "
+                         "when there is one")
+    if device.type == "cuda" and info.world_size > 1:
+        device = torch.device("cuda", info.local_rank)
+    return device
