@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["load", "__version__"]
+__all__ = ["load", "pretrain", "__version__"]
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from timm.models.vision_transformer import VisionTransformer
+
+    from pwself.config import TrainConfig
+    from pwself.train import TrainResult
 
 
 def load(path: str | Path) -> VisionTransformer:
@@ -18,3 +21,11 @@ def load(path: str | Path) -> VisionTransformer:
     from pwself.export import load as _load
 
     return _load(path)
+
+
+def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Pretrain with the standard evaluation (kNN and floors), as ``pwself pretrain`` does
+    (see :func:`pwself.pretrain.pretrain`)."""
+    from pwself.pretrain import pretrain as _pretrain
+
+    return _pretrain(cfg, resume, progress, overwrite)

@@ -250,7 +250,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.config import apply_overrides, load_config
-    from pwself.train import train
+    from pwself.pretrain import pretrain
     from pwself.viz import write_report
 
     cfg = load_config(args.config)
@@ -276,7 +276,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if state.kind == "finished":
             return _show_finished(cfg, expand_path(cfg.out_dir), state.result or {})
         resume = state.kind == "interrupted"
-    result = train(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
+    result = pretrain(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -536,8 +536,8 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
         runs[label] = points
     floors = None
     if args.floors:
-        from pwself.compare import pixel_floor, random_init_floor
         from pwself.config import load_config
+        from pwself.eval.floors import pixel_floor, random_init_floor
 
         first = Path(args.runs[0].rpartition("=")[2])
         cfg = load_config(str(first / "config.yaml"), [])

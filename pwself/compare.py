@@ -17,126 +17,13 @@ from typing import Any
 
 from pwself.checkpoint import latest_checkpoint
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
+from pwself.eval.floors import dense_probe, open_split, pixel_dense_floor, pixel_floor, random_init_floor
 from pwself.rundir import RunInUseError
 from pwself.runstate import inspect_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison", "pixel_floor", "random_init_floor",
-           "pixel_dense_floor"]
-
-MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
-
-
-def _open(cfg: TrainConfig, split: str):  # noqa: ANN202 - a torch Dataset
-    from pwself.data import open_dataset
-
-    return open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-
-
-def pixel_floor(cfg: TrainConfig, cache: Path, linear: bool = False) -> dict[str, float] | None:
-    """kNN (k = 10, 20) of raw, L2-normalized pixels with the same bank and queries as the runs, and (with
-    ``linear``) the linear probe on them: the floor that learned features must beat. ``None`` for unlabelled
-    data or images above :data:`MAX_PIXEL_DIM`."""
-    import torch
-    import torch.nn.functional as F
-
-    from pwself.data import iterate_batches
-    from pwself.eval.knn import knn_classify
-    from pwself.eval.linear import linear_probe
-
-    if cache.exists():
-        floor = json.loads(cache.read_text())
-        if not linear or "linear" in floor:
-            return floor
-    train = _open(cfg, "train")
-    image, label = train[0]
-    if image.numel() > MAX_PIXEL_DIM or int(label) < 0:  # too large for a side result, or unlabelled
-        return None
-    data = {}
-    for split, ds in (("train", train), ("test", _open(cfg, "test"))):
-        images, labels = zip(*iterate_batches(ds, list(torch.arange(len(ds)).split(1024)), cfg.data.num_workers))
-        data[split] = (F.normalize(torch.cat(images).flatten(1).float(), dim=1), torch.cat(labels))
-    if (data["train"][1] < 0).any() or (data["test"][1] < 0).any():
-        return None
-    knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))
-    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
-    if linear:
-        floor["linear"] = linear_probe(*data["train"], *data["test"])["top1"]
-    cache.write_text(json.dumps(floor))
-    return floor
-
-
-def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a FeatureSource
-    """The configured backbone at the init a run with ``cfg.seed`` starts from, as a feature source."""
-    import torch
-
-    from pwself.data import channel_stats, take_subset
-    from pwself.eval.source import FeatureSource
-    from pwself.models import make_vit
-    from pwself.runtime import resolve_device
-
-    mean, std = cfg.data.mean, cfg.data.std
-    if not mean:  # as train() computes them: over the training subset
-        train_set = splits["train"]
-        mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
-    torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
-    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(resolve_device(cfg.device)).eval()
-    key = f"random_init:{json.dumps(config_to_dict(cfg)['backbone'], sort_keys=True)}:seed{cfg.seed}"
-    return FeatureSource("random init", backbone, list(mean), list(std), cfg.views.global_size, key)
-
-
-def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
-                      dense: str | None = None) -> dict[str, float] | None:
-    """kNN (k = 10, 20), (with ``linear``) linear probe and (with ``dense``, a dense dataset) the dense probe
-    of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
-    from), CLS features at the global view size: what pretraining adds is the distance to this row.
-    ``None`` for unlabelled data."""
-    from pwself.eval import extract_features, knn_classify
-    from pwself.eval.linear import linear_probe
-
-    if cache.exists():
-        floor = json.loads(cache.read_text())
-        if dense is None or "miou" in floor:
-            return floor
-    splits = {split: _open(cfg, split) for split in ("train", "test")}
-    src = _random_init_source(cfg, splits)
-    device = next(src.backbone.parameters()).device
-    feats = {split: extract_features(src.backbone, ds, src.mean, src.std, size=src.size, progress=False,
-                                     num_workers=cfg.data.num_workers, device=device) for split, ds in splits.items()}
-    if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
-        return None
-    knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
-    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
-    if linear:
-        floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
-    if dense is not None:
-        floor["miou"] = _dense_probe(src, dense, cache.parent / "features", device)["miou"]
-    cache.write_text(json.dumps(floor))
-    return floor
-
-
-def _dense_probe(src, dense: str, cache_dir: Path, device) -> dict:  # noqa: ANN001 - FeatureSource, device
-    """The dense probe (default settings) of one feature source."""
-    from pwself.eval.dense import DenseSettings, evaluate_dense
-
-    settings = DenseSettings(cache_dir=str(cache_dir), device=device, progress=False)
-    return evaluate_dense([src], dense, settings)[src.name]
-
-
-def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
-    """The dense probe on each patch's raw pixels (the backbone's patch size and input side)."""
-    from pwself.eval.dense import DenseSettings, pixel_encoder, probe_encoder
-
-    if cache.exists():
-        return json.loads(cache.read_text())
-    p, size = cfg.backbone.patch_size, cfg.views.global_size
-    settings = DenseSettings(cache_dir=str(cache.parent / "features"), progress=False)
-    res = probe_encoder(pixel_encoder(p), {"weights": f"pixels{p}"}, dense, cfg.backbone.in_chans, size,
-                        [0.5] * cfg.backbone.in_chans, [0.5] * cfg.backbone.in_chans, settings)
-    cache.write_text(json.dumps(res))
-    return res
-
+__all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison"]
 
 def _linear_probe(cfg: TrainConfig, src, progress: bool) -> dict:  # noqa: ANN001 - a FeatureSource
     """The linear probe of a run's teacher on features pooled as its objective says."""
@@ -147,7 +34,7 @@ def _linear_probe(cfg: TrainConfig, src, progress: bool) -> dict:  # noqa: ANN00
     data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
     pooling = objective_class(cfg.loss.objective).pooling
     device = next(src.backbone.parameters()).device
-    feats = {split: cached_features(src, _open(cfg, split), {**data_id, "split": split}, pooling=pooling,
+    feats = {split: cached_features(src, open_split(cfg, split), {**data_id, "split": split}, pooling=pooling,
                                     cache_dir=Path(cfg.out_dir) / "features", progress=progress, device=device)
              for split in ("train", "test")}
     return linear_probe(*feats["train"], *feats["test"])
@@ -159,15 +46,15 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     from functools import cache
 
     from pwself.eval.source import open_source
+    from pwself.pretrain import pretrain
     from pwself.runtime import resolve_device
-    from pwself.train import train
 
     run_dir = Path(cfg.out_dir)
     # a cached run of other settings is refused, never shown as new
     inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it again")
     if not (run_dir / "knn.json").exists():
         # A half-started run without a checkpoint is moved aside and started again.
-        train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
+        pretrain(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
     device = resolve_device(cfg.device)
 
@@ -181,7 +68,7 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     if not linear_path.exists():
         linear_path.write_text(json.dumps(_linear_probe(cfg, source(), progress), indent=2))
     if dense is not None and not dense_path.exists():
-        dense_path.write_text(json.dumps(_dense_probe(source(), dense, run_dir / "features", device), indent=2))
+        dense_path.write_text(json.dumps(dense_probe(source(), dense, run_dir / "features", device), indent=2))
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
            "linear": json.loads(linear_path.read_text())["top1"]}
     if dense is not None:

@@ -21,9 +21,11 @@ from typing import Any
 import yaml
 
 from pwself.augment import PhotometricConfig
-from pwself.data.datasets import FASHION_MNIST_DIR
+from pwself.data import DataConfig
 from pwself.models import BackboneConfig, HeadConfig
-from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from pwself.objectives import OBJECTIVES
+from pwself.objectives.base import LossConfig
+from pwself.views import ViewConfig
 
 log = logging.getLogger(__name__)
 _CONFIG_DIR = Path(__file__).parent / "configs"
@@ -51,107 +53,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the key and the fix."""
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from.
-
-    Attributes:
-        kind: ``idx`` (MNIST/Fashion-MNIST files), ``cifar`` (python pickles), ``folder`` (images,
-            recursively; ``train/`` and ``val/`` or ``test/`` sub-folders for evaluation) or ``synthetic``.
-        root: Dataset directory (default: the Debian package ``dataset-fashion-mnist``).
-        image_size: Side images of a ``folder`` are resized to (``idx``/``cifar`` keep their native size).
-            Images are read with ``backbone.in_chans`` channels.
-        subset: Train on the first ``subset`` images only (0: all).
-        num_workers: Decoding workers for ``folder``.
-        on_bad_image: ``fail`` or ``skip`` for corrupt/too-small images of a ``folder``.
-        synthetic_size: Number of images of the ``synthetic`` dataset.
-        synthetic_classes: Classes of the ``synthetic`` dataset.
-        mean: Per-channel normalization mean (empty: measured on the train set at start).
-        std: Per-channel normalization std (empty: measured with the mean).
-        max_side: ``folder`` training views are cut from a cached copy of each image shrunk to this longer side
-            (made by the start-up scan; boxes stay in the original's pixels): large photos then cost a small
-            decode per epoch. -1: the smallest side that keeps every view at one source pixel per view pixel
-            (512 for 224/96 px views at DINO's scales; written into config.yaml at start); 0: never shrink.
-    """
-
-    kind: str = "idx"
-    root: str = FASHION_MNIST_DIR
-    image_size: int = 32
-    subset: int = 0
-    num_workers: int = 2
-    on_bad_image: str = "fail"
-    synthetic_size: int = 512
-    synthetic_classes: int = 4
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
-    max_side: int = -1
-
-
-@dataclass
-class ViewConfig:
-    """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size.
-
-    Attributes:
-        n_global: Global views (seen by teacher and student).
-        n_local: Local views (student only; 0 for none).
-        global_size: Side of a global view; also the backbone's nominal input size.
-        local_size: Side of a local view.
-        global_scale: Area range of global crops, as fractions of the image.
-        local_scale: Area range of local crops.
-        flip_p: Probability of a horizontal flip per view.
-    """
-
-    n_global: int = 2
-    n_local: int = 6
-    global_size: int = 28
-    local_size: int = 16
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    flip_p: float = 0.5
-
-
-@dataclass
-class LossConfig:
-    """Objective and temperatures (SPEC §4).
-
-    Attributes:
-        objective: The objective, a name registered in `pwself.objectives` (PW-Self's PWML by default).
-        lam: CLS weight of ``pwll``.
-        student_temp: Student temperature.
-        teacher_temp: Teacher temperature after warm-up.
-        warmup_teacher_temp: Teacher temperature at the start.
-        warmup_teacher_temp_epochs: Linear warm-up length of the teacher temperature.
-        center_momentum: EMA momentum of the CLS and patch centers.
-        matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
-            teacher patch, EsViT style; to measure what geometry buys).
-        logo_weight: Weight lambda of LoGo's local-local affinity term (1e-4: the paper's, for SimSiam-LoGo).
-        cossl_weight: Weight ``w_s`` of CO-SSL's local loss (the mean over a view's patch tokens) beside the
-            image-level loss.
-        patch_fraction: Fraction of the patch pairs (matched pairs; for ``cossl`` the student patch
-            tokens) that enter the loss each step, drawn at random per pair. Their sum is divided by
-            the fraction and the counts stay exact, so the loss is an unbiased estimate of the full
-            one while the head runs on about that fraction of the patch tokens. 1.0 (default) is the
-            paper's objective; lower trades gradient noise for step time (see benchmarks).
-        recompute_head: Recompute the student head and the patch cross-entropies in backward
-            (activation checkpointing) instead of keeping their activations: the same loss and
-            gradients with about DINO's activation memory, for a little more time per step. Worth it
-            with a large ``head.out_dim`` on a GPU, where ``[tokens, out_dim]`` logits fill memory.
-    """
-
-    objective: str = DEFAULT_OBJECTIVE
-    lam: float = 0.5
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
-    matcher: str = "geometric"
-    logo_weight: float = 1e-4
-    cossl_weight: float = 1.0
-    patch_fraction: float = 1.0
-    recompute_head: bool = False
 
 
 @dataclass

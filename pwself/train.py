@@ -12,14 +12,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pwself.checkpoint import (
@@ -52,7 +52,6 @@ from pwself.data import (
     take_subset,
 )
 from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
-from pwself.eval.knn import evaluate_knn_run
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.runstate import write_finished
@@ -61,7 +60,7 @@ from pwself.schedules import Schedules, apply_schedules, make_schedules
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "Evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,25 @@ class TrainResult:
     floors: dict[str, dict[str, float] | None] | None = None
 
 
+KnnHook = Callable[[nn.Module, TrainConfig, bool], dict[int, dict[str, float]]]
+FloorsHook = Callable[[TrainConfig, Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a run evaluates, given by its caller: training itself only trains (:mod:`pwself.pretrain` gives
+    the standard kNN and floors).
+
+    Attributes:
+        knn: ``(teacher backbone, cfg, progress) -> {k: {"top1", "top5"}}``, at the end (``knn_at_end``) and
+            during training (``knn_every_epochs``) when a labelled held-out split exists; ``None``: no kNN.
+        floors: ``(cfg, run_dir) -> floors`` beside the final kNN (``knn_floors``); ``None``: none.
+    """
+
+    knn: KnnHook | None = None
+    floors: FloorsHook | None = None
+
+
 @dataclass
 class _Run:
     """A prepared run: its config (a copy; the caller's is never written), data and where it starts."""
@@ -99,6 +117,7 @@ class _Run:
     data_id: dict[str, Any] | None = None  # the training data's root, image count and content fingerprint
     loggers: MetricLoggers | None = None  # rank 0 only
     lock: RunLock | None = None  # rank 0 only
+    evaluation: Evaluation = Evaluation()
 
 
 def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
@@ -454,11 +473,11 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:
             prog.last_ckpt = save_checkpoint(state, run.dir, prog.step, cfg.keep_checkpoints)
-    if cfg.knn_every_epochs and run.heldout and prog.step < total:
+    if cfg.knn_every_epochs and run.heldout and run.evaluation.knn and prog.step < total:
         every = max(1, round(cfg.knn_every_epochs * run.steps_per_epoch))
         if prog.step % every == 0:
             _tick(prog)
-            res = evaluate_knn_run(step.teacher.backbone, cfg, progress=False)
+            res = run.evaluation.knn(step.teacher.backbone, cfg, False)
             if run.loggers is not None:
                 run.loggers.knn(prog.step, res, prog.step / run.steps_per_epoch, (prog.train_s, prog.cpu_s))
             prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()  # evaluating is not training
@@ -475,14 +494,16 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
     knn, floors = None, None
-    if run.cfg.knn_at_end and run.heldout:
-        knn = evaluate_knn_run(step.teacher.backbone, run.cfg, progress=progress and run.info.is_main)
+    if run.cfg.knn_at_end and run.heldout and run.evaluation.knn:
+        knn = run.evaluation.knn(step.teacher.backbone, run.cfg, progress and run.info.is_main)
         if run.info.is_main:
             (run.dir / "knn.json").write_text(json.dumps({"step": prog.step, "train_s": round(prog.train_s, 2),
                                                           "cpu_s": round(prog.cpu_s, 2), "knn": knn}, indent=2))
             run.loggers.knn(prog.step, knn)
-        if run.cfg.knn_floors:
-            floors = _floors(run)
+        if run.cfg.knn_floors and run.evaluation.floors:
+            floors = run.evaluation.floors(run.cfg, run.dir)
+            if run.info.is_main:
+                (run.dir / "floors.json").write_text(json.dumps(floors, indent=2))
     if run.loggers is not None:
         run.loggers.close()
     if run.info.is_main:  # last: a run cut off before this point is continued, not shown as done
@@ -491,19 +512,8 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     return TrainResult(run.dir, Path(checkpoint), backbone_path, knn, run.cfg, floors)
 
 
-def _floors(run: _Run) -> dict[str, dict[str, float] | None]:
-    """kNN of the same protocol on a random init of the backbone (the seed's own init) and on raw pixels:
-    what the result must be read against. Cached in the run directory."""
-    from pwself.compare import pixel_floor, random_init_floor
-
-    floors = {"random_init": random_init_floor(run.cfg, run.dir / "floor_random_init.json", linear=False),
-              "pixels": pixel_floor(run.cfg, run.dir / "floor_pixels.json")}
-    if run.info.is_main:
-        (run.dir / "floors.json").write_text(json.dumps(floors, indent=2))
-    return floors
-
-
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          evaluation: Evaluation | None = None) -> TrainResult:
     """Pretrain a ViT with the configured objective; checkpoint every epoch; optionally resume.
 
     Args:
@@ -514,11 +524,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         progress: Show a tqdm progress bar.
         overwrite: Start over in a folder that holds another run, moving that run aside (without it, such a
             folder is refused).
+        evaluation: What to evaluate (kNN, floors); ``None``: nothing (:func:`pwself.pretrain.pretrain` runs
+            the standard evaluation).
 
     Returns:
         The run's :class:`TrainResult`.
     """
     run = prepare_run(cfg, resume, overwrite)
+    run.evaluation = evaluation or Evaluation()
     try:
         return _train(run, progress)
     finally:

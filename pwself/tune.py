@@ -101,8 +101,8 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progr
     """Train one trial (skipped when scored before by the same config; resumed when interrupted) and score it."""
     from pwself.checkpoint import latest_checkpoint
     from pwself.eval.source import open_source
+    from pwself.pretrain import pretrain
     from pwself.runtime import resolve_device
-    from pwself.train import train
 
     run_dir = Path(cfg.out_dir)
     # a cached run of other settings is refused, never shown as new
@@ -110,7 +110,7 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progr
     score_file = run_dir / "tune_score.json"
     if score_file.exists():
         return json.loads(score_file.read_text())["heldout_knn10"]
-    result = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
+    result = pretrain(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
     src = open_source(str(run_dir))
     src.backbone.to(resolve_device(cfg.device))
     score = heldout_knn(src.backbone, result.config, val_fraction)

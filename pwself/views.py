@@ -17,6 +17,29 @@ from torchvision.ops import roi_align
 __all__ = ["MultiCrop", "MultiCropViews", "sample_boxes", "crop_and_resize"]
 
 
+@dataclass
+class ViewConfig:
+    """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size.
+
+    Attributes:
+        n_global: Global views (seen by teacher and student).
+        n_local: Local views (student only; 0 for none).
+        global_size: Side of a global view; also the backbone's nominal input size.
+        local_size: Side of a local view.
+        global_scale: Area range of global crops, as fractions of the image.
+        local_scale: Area range of local crops.
+        flip_p: Probability of a horizontal flip per view.
+    """
+
+    n_global: int = 2
+    n_local: int = 6
+    global_size: int = 28
+    local_size: int = 16
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    flip_p: float = 0.5
+
+
 @dataclass(frozen=True)
 class MultiCropViews:
     """The views of a batch and where each came from.

@@ -19,7 +19,7 @@ from pwself.checkpoint import latest_checkpoint
 from pwself.config import load_config
 from pwself.data import open_dataset
 from pwself.eval import extract_features, knn_classify
-from pwself.train import train
+from pwself.pretrain import pretrain
 
 OUT = Path("runs/search")
 
@@ -30,7 +30,7 @@ def main(specs: list[str]) -> None:
         result_path = OUT / name / "search.json"
         if not result_path.exists():
             cfg = load_config("fmnist_demo", ["epochs=1", f"out_dir={OUT / name}", *overrides])
-            run = train(cfg, resume=latest_checkpoint(OUT / name) is not None, progress=False, overwrite=True)
+            run = pretrain(cfg, resume=latest_checkpoint(OUT / name) is not None, progress=False, overwrite=True)
             model = pwself.load(str(OUT / name))
             rc = run.config  # with the channel statistics the run measured
             feats = {split: extract_features(model, open_dataset(rc.data, split, rc.backbone.in_chans,

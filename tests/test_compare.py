@@ -7,6 +7,7 @@ from PIL import Image
 from test_cli import TINY
 
 import pwself.compare as compare_mod
+import pwself.eval.floors as floors_mod
 from pwself.cli import main
 
 
@@ -67,7 +68,7 @@ def test_pixel_floor_is_knn_on_raw_pixels_and_joins_the_table(tmp_path):
     from pwself.eval.knn import knn_classify
 
     cfg = load_config(None, [t for t in TINY if "=" in t])
-    floor = compare_mod.pixel_floor(cfg, tmp_path / "floor.json")
+    floor = floors_mod.pixel_floor(cfg, tmp_path / "floor.json")
     tr, te = (open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
               for split in ("train", "test"))
     x_tr = F.normalize(torch.stack([tr[i][0] for i in range(len(tr))]).flatten(1).float(), dim=1)
@@ -76,7 +77,7 @@ def test_pixel_floor_is_knn_on_raw_pixels_and_joins_the_table(tmp_path):
     y_te = torch.tensor([int(te[i][1]) for i in range(len(te))])
     ref = knn_classify(x_tr, y_tr, x_te, y_te, ks=(10, 20))
     assert floor == {"knn10": ref[10]["top1"], "knn20": ref[20]["top1"]}
-    assert compare_mod.pixel_floor(cfg, tmp_path / "floor.json") == floor  # cached
+    assert floors_mod.pixel_floor(cfg, tmp_path / "floor.json") == floor  # cached
     runs = {"dino": {"0": {"knn10": 1.0, "knn20": 2.0, "linear": 3.0}}}
     table = compare_mod.comparison_table({"seeds": [0], "runs": runs, "pixel_floor": floor})
     assert f"| *raw pixels (floor)* | {floor['knn10']:.2f} | {floor['knn20']:.2f} | — |" in table
@@ -91,14 +92,14 @@ def test_random_init_floor_is_the_runs_knn_protocol_on_the_seeded_init(tmp_path)
     from pwself.step import build_step
 
     cfg = load_config(None, [t for t in TINY if "=" in t] + ["seed=3"])
-    floor = compare_mod.random_init_floor(cfg, tmp_path / "random.json")
+    floor = floors_mod.random_init_floor(cfg, tmp_path / "random.json")
     cfg.data.mean, cfg.data.std = channel_stats(open_dataset(cfg.data, "train", cfg.backbone.in_chans,
                                                                 cfg.backbone.patch_size, cfg.seed))
     step = build_step(cfg, torch.device("cpu"), cfg.data.mean, cfg.data.std)  # the init a run with seed 3 trains
     ref = evaluate_knn_run(step.model.backbone, cfg, progress=False)
     assert (floor["knn10"], floor["knn20"]) == (ref[10]["top1"], ref[20]["top1"])
     assert 0 <= floor["linear"] <= 100
-    assert compare_mod.random_init_floor(cfg, tmp_path / "random.json") == floor  # cached
+    assert floors_mod.random_init_floor(cfg, tmp_path / "random.json") == floor  # cached
     table = compare_mod.comparison_table({"seeds": [3], "runs": {}, "random_init": {"3": floor}})
     assert f"| *random init (same backbone, CLS)* | {floor['knn10']:.2f} ± 0.00 |" in table
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,10 +25,8 @@ from pwself.data.datasets import (
     worker_error,
 )
 
-if TYPE_CHECKING:
-    from pwself.config import DataConfig
-
 __all__ = [
+    "DataConfig",
     "FASHION_MNIST_DIR",
     "DatasetError",
     "ImageFolderDataset",
@@ -41,6 +40,43 @@ __all__ = [
     "channel_stats",
     "fingerprint",
 ]
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from.
+
+    Attributes:
+        kind: ``idx`` (MNIST/Fashion-MNIST files), ``cifar`` (python pickles), ``folder`` (images,
+            recursively; ``train/`` and ``val/`` or ``test/`` sub-folders for evaluation) or ``synthetic``.
+        root: Dataset directory (default: the Debian package ``dataset-fashion-mnist``).
+        image_size: Side images of a ``folder`` are resized to (``idx``/``cifar`` keep their native size).
+            Images are read with ``backbone.in_chans`` channels.
+        subset: Train on the first ``subset`` images only (0: all).
+        num_workers: Decoding workers for ``folder``.
+        on_bad_image: ``fail`` or ``skip`` for corrupt/too-small images of a ``folder``.
+        synthetic_size: Number of images of the ``synthetic`` dataset.
+        synthetic_classes: Classes of the ``synthetic`` dataset.
+        mean: Per-channel normalization mean (empty: measured on the train set at start).
+        std: Per-channel normalization std (empty: measured with the mean).
+        max_side: ``folder`` training views are cut from a cached copy of each image shrunk to this longer side
+            (made by the start-up scan; boxes stay in the original's pixels): large photos then cost a small
+            decode per epoch. -1: the smallest side that keeps every view at one source pixel per view pixel
+            (512 for 224/96 px views at DINO's scales; written into config.yaml at start); 0: never shrink.
+    """
+
+    kind: str = "idx"
+    root: str = FASHION_MNIST_DIR
+    image_size: int = 32
+    subset: int = 0
+    num_workers: int = 2
+    on_bad_image: str = "fail"
+    synthetic_size: int = 512
+    synthetic_classes: int = 4
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    max_side: int = -1
+
 
 
 def build_dataset(

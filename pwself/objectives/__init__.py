@@ -6,17 +6,12 @@ line in :data:`OBJECTIVES`; config validation, the CLI, ``compare`` and the help
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pwself.objectives.bagssl import BagSSL
-from pwself.objectives.base import Objective, Selection
+from pwself.objectives.base import LossConfig, Objective, Selection
 from pwself.objectives.cossl import COSSL
 from pwself.objectives.dino import DINO
 from pwself.objectives.logo import LoGo
 from pwself.objectives.patchwise import PWLL, PWML, PWSL
-
-if TYPE_CHECKING:
-    from pwself.config import LossConfig
 
 __all__ = ["OBJECTIVES", "DEFAULT_OBJECTIVE", "Objective", "Selection", "objective_class", "build_objective"]
 
@@ -29,7 +24,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "logo": LoGo,
     "bagssl": BagSSL,
 }
-DEFAULT_OBJECTIVE = "pwml"
+DEFAULT_OBJECTIVE = LossConfig().objective
 
 
 def objective_class(name: str) -> type[Objective]:

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pwself.losses import Center, PairRows, PatchInputs, distillation_loss, teacher_probs, view_pairs
 from pwself.matching import PatchPairs
-from pwself.models import DistillNet, HeadOutput, TokenOutput
-from pwself.views import MultiCropViews
-
-if TYPE_CHECKING:
-    from pwself.config import LossConfig, ViewConfig
-    from pwself.models import HeadConfig
+from pwself.models import DistillNet, HeadConfig, HeadOutput, TokenOutput
+from pwself.views import MultiCropViews, ViewConfig
 
 __all__ = ["Objective", "Selection", "view_grids", "patch_key_layout", "select_pairs"]
 
@@ -41,6 +37,49 @@ class Selection:
     student_keys: Tensor
     teacher_keys: Tensor | None
     rows: PairRows
+
+
+@dataclass
+class LossConfig:
+    """Objective and temperatures (SPEC §4).
+
+    Attributes:
+        objective: The objective, a name registered in `pwself.objectives` (PW-Self's PWML by default).
+        lam: CLS weight of ``pwll``.
+        student_temp: Student temperature.
+        teacher_temp: Teacher temperature after warm-up.
+        warmup_teacher_temp: Teacher temperature at the start.
+        warmup_teacher_temp_epochs: Linear warm-up length of the teacher temperature.
+        center_momentum: EMA momentum of the CLS and patch centers.
+        matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
+            teacher patch, EsViT style; to measure what geometry buys).
+        logo_weight: Weight lambda of LoGo's local-local affinity term (1e-4: the paper's, for SimSiam-LoGo).
+        cossl_weight: Weight ``w_s`` of CO-SSL's local loss (the mean over a view's patch tokens) beside the
+            image-level loss.
+        patch_fraction: Fraction of the patch pairs (matched pairs; for ``cossl`` the student patch
+            tokens) that enter the loss each step, drawn at random per pair. Their sum is divided by
+            the fraction and the counts stay exact, so the loss is an unbiased estimate of the full
+            one while the head runs on about that fraction of the patch tokens. 1.0 (default) is the
+            paper's objective; lower trades gradient noise for step time (see benchmarks).
+        recompute_head: Recompute the student head and the patch cross-entropies in backward
+            (activation checkpointing) instead of keeping their activations: the same loss and
+            gradients with about DINO's activation memory, for a little more time per step. Worth it
+            with a large ``head.out_dim`` on a GPU, where ``[tokens, out_dim]`` logits fill memory.
+    """
+
+    objective: str = "pwml"  # pwself.objectives.DEFAULT_OBJECTIVE
+    lam: float = 0.5
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    matcher: str = "geometric"
+    logo_weight: float = 1e-4
+    cossl_weight: float = 1.0
+    patch_fraction: float = 1.0
+    recompute_head: bool = False
+
 
 
 def view_grids(views: MultiCropViews, patch_size: int) -> list[tuple[int, int]]:

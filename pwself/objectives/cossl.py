@@ -20,7 +20,7 @@ from pwself.objectives.base import Objective, Selection, patch_key_layout, selec
 from pwself.views import MultiCropViews
 
 if TYPE_CHECKING:
-    from pwself.config import LossConfig
+    from pwself.objectives.base import LossConfig
 
 __all__ = ["COSSL"]
 

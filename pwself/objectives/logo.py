@@ -18,8 +18,9 @@ from pwself.objectives.base import Objective
 from pwself.views import MultiCropViews
 
 if TYPE_CHECKING:
-    from pwself.config import LossConfig, ViewConfig
     from pwself.models import HeadConfig
+    from pwself.objectives.base import LossConfig
+    from pwself.views import ViewConfig
 
 __all__ = ["LoGo", "LoGoAffinity"]
 

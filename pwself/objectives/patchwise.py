@@ -20,7 +20,7 @@ from pwself.objectives.base import Objective, Selection, matched_keys, select_pa
 from pwself.views import MultiCropViews
 
 if TYPE_CHECKING:
-    from pwself.config import LossConfig
+    from pwself.objectives.base import LossConfig
 
 __all__ = ["PatchWise", "PWML", "PWSL", "PWLL"]
 

@@ -1,0 +1,127 @@
+"""The floors every result is read against: the same protocol on raw pixels and on the backbone at the random
+init a run starts from (kNN, linear probe, dense probe). Cached in a JSON file each; used by training (the
+floors after pretraining), ``compare`` and ``viz-curves``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from pwself.config import TrainConfig, config_to_dict
+from pwself.data import open_dataset
+
+__all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "dense_probe", "MAX_PIXEL_DIM"]
+
+MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
+
+
+def open_split(cfg: TrainConfig, split: str) -> Dataset:
+    """A split of the run's dataset, opened as training opens it."""
+
+    return open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
+
+
+def pixel_floor(cfg: TrainConfig, cache: Path, linear: bool = False) -> dict[str, float] | None:
+    """kNN (k = 10, 20) of raw, L2-normalized pixels with the same bank and queries as the runs, and (with
+    ``linear``) the linear probe on them: the floor that learned features must beat. ``None`` for unlabelled
+    data or images above :data:`MAX_PIXEL_DIM`."""
+    import torch
+    import torch.nn.functional as F
+
+    from pwself.data import iterate_batches
+    from pwself.eval.knn import knn_classify
+    from pwself.eval.linear import linear_probe
+
+    if cache.exists():
+        floor = json.loads(cache.read_text())
+        if not linear or "linear" in floor:
+            return floor
+    train = open_split(cfg, "train")
+    image, label = train[0]
+    if image.numel() > MAX_PIXEL_DIM or int(label) < 0:  # too large for a side result, or unlabelled
+        return None
+    data = {}
+    for split, ds in (("train", train), ("test", open_split(cfg, "test"))):
+        images, labels = zip(*iterate_batches(ds, list(torch.arange(len(ds)).split(1024)), cfg.data.num_workers))
+        data[split] = (F.normalize(torch.cat(images).flatten(1).float(), dim=1), torch.cat(labels))
+    if (data["train"][1] < 0).any() or (data["test"][1] < 0).any():
+        return None
+    knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))
+    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    if linear:
+        floor["linear"] = linear_probe(*data["train"], *data["test"])["top1"]
+    cache.write_text(json.dumps(floor))
+    return floor
+
+
+def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a FeatureSource
+    """The configured backbone at the init a run with ``cfg.seed`` starts from, as a feature source."""
+    import torch
+
+    from pwself.data import channel_stats, take_subset
+    from pwself.eval.source import FeatureSource
+    from pwself.models import make_vit
+    from pwself.runtime import resolve_device
+
+    mean, std = cfg.data.mean, cfg.data.std
+    if not mean:  # as train() computes them: over the training subset
+        train_set = splits["train"]
+        mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
+    torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
+    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(resolve_device(cfg.device)).eval()
+    key = f"random_init:{json.dumps(config_to_dict(cfg)['backbone'], sort_keys=True)}:seed{cfg.seed}"
+    return FeatureSource("random init", backbone, list(mean), list(std), cfg.views.global_size, key)
+
+
+def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
+                      dense: str | None = None) -> dict[str, float] | None:
+    """kNN (k = 10, 20), (with ``linear``) linear probe and (with ``dense``, a dense dataset) the dense probe
+    of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
+    from), CLS features at the global view size: what pretraining adds is the distance to this row.
+    ``None`` for unlabelled data."""
+    from pwself.eval import extract_features, knn_classify
+    from pwself.eval.linear import linear_probe
+
+    if cache.exists():
+        floor = json.loads(cache.read_text())
+        if dense is None or "miou" in floor:
+            return floor
+    splits = {split: open_split(cfg, split) for split in ("train", "test")}
+    src = _random_init_source(cfg, splits)
+    device = next(src.backbone.parameters()).device
+    feats = {split: extract_features(src.backbone, ds, src.mean, src.std, size=src.size, progress=False,
+                                     num_workers=cfg.data.num_workers, device=device) for split, ds in splits.items()}
+    if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
+        return None
+    knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
+    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    if linear:
+        floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
+    if dense is not None:
+        floor["miou"] = dense_probe(src, dense, cache.parent / "features", device)["miou"]
+    cache.write_text(json.dumps(floor))
+    return floor
+
+
+def dense_probe(src, dense: str, cache_dir: Path, device) -> dict:  # noqa: ANN001 - a FeatureSource, a device
+    """The dense probe (default settings) of one feature source."""
+    from pwself.eval.dense import DenseSettings, evaluate_dense
+
+    settings = DenseSettings(cache_dir=str(cache_dir), device=device, progress=False)
+    return evaluate_dense([src], dense, settings)[src.name]
+
+
+def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
+    """The dense probe on each patch's raw pixels (the backbone's patch size and input side)."""
+    from pwself.eval.dense import DenseSettings, pixel_encoder, probe_encoder
+
+    if cache.exists():
+        return json.loads(cache.read_text())
+    p, size = cfg.backbone.patch_size, cfg.views.global_size
+    settings = DenseSettings(cache_dir=str(cache.parent / "features"), progress=False)
+    res = probe_encoder(pixel_encoder(p), {"weights": f"pixels{p}"}, dense, cfg.backbone.in_chans, size,
+                        [0.5] * cfg.backbone.in_chans, [0.5] * cfg.backbone.in_chans, settings)
+    cache.write_text(json.dumps(res))
+    return res
