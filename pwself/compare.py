@@ -15,11 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pwself.checkpoint import latest_checkpoint
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
 from pwself.eval.floors import dense_probe, open_split, pixel_dense_floor, pixel_floor, random_init_floor
 from pwself.rundir import RunInUseError
-from pwself.runstate import inspect_run
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +39,22 @@ def _linear_probe(cfg: TrainConfig, src, progress: bool) -> dict:  # noqa: ANN00
 
 
 def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict[str, Any]:
-    """Train (or resume) one run, then its kNN, linear probe and (given a dense dataset) dense probe; each
-    result is kept in the run directory and read back on a rerun."""
+    """Train (or reuse, or continue) one run, then its kNN, linear probe and (given a dense dataset) dense probe;
+    each result is kept in the run directory and read back on a rerun."""
     from functools import cache
 
-    from pwself.eval.source import open_source
-    from pwself.pretrain import pretrain
-    from pwself.runtime import resolve_device
+    from pwself.pretrain import cached_json, open_teacher, run_experiment
 
+    run_experiment(cfg, progress)
     run_dir = Path(cfg.out_dir)
-    # a cached run of other settings is refused, never shown as new
-    inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it again")
-    if not (run_dir / "knn.json").exists():
-        # A half-started run without a checkpoint is moved aside and started again.
-        pretrain(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
+    source = cache(lambda: open_teacher(run_dir, cfg.device))  # opened once, and only when a probe has to run
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
-    device = resolve_device(cfg.device)
-
-    @cache
-    def source():  # noqa: ANN202 - the teacher, opened once and only when a probe has to run
-        src = open_source(str(run_dir))
-        src.backbone.to(device)
-        return src
-
-    linear_path, dense_path = run_dir / "linear.json", run_dir / "dense.json"
-    if not linear_path.exists():
-        linear_path.write_text(json.dumps(_linear_probe(cfg, source(), progress), indent=2))
-    if dense is not None and not dense_path.exists():
-        dense_path.write_text(json.dumps(dense_probe(source(), dense, run_dir / "features", device), indent=2))
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
-           "linear": json.loads(linear_path.read_text())["top1"]}
+           "linear": cached_json(run_dir / "linear.json", lambda: _linear_probe(cfg, source(), progress))["top1"]}
     if dense is not None:
-        row["miou"] = json.loads(dense_path.read_text())["miou"]
+        device = next(source().backbone.parameters()).device
+        row["miou"] = cached_json(run_dir / "dense.json",
+                                  lambda: dense_probe(source(), dense, run_dir / "features", device))["miou"]
     return row
 
 

@@ -5,17 +5,19 @@ trains."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 import pwself.train as training
-from pwself.config import TrainConfig
+from pwself.config import TrainConfig, load_config
 from pwself.eval import knn as knn_eval
 from pwself.eval.floors import pixel_floor, random_init_floor
 
-__all__ = ["pretrain", "standard_evaluation"]
+__all__ = ["pretrain", "standard_evaluation", "run_experiment", "cached_json", "open_teacher"]
 
 
 def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dict[str, float]]:
@@ -37,3 +39,38 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool = True, over
              ) -> training.TrainResult:
     """:func:`pwself.train.train` with :func:`standard_evaluation` (same arguments)."""
     return training.train(cfg, resume, progress, overwrite, evaluation=standard_evaluation())
+
+
+def run_experiment(cfg: TrainConfig, progress: bool) -> TrainConfig:
+    """One run of an experiment (a ``compare`` run, a ``tune`` trial): trained, continued when interrupted,
+    reused when finished with the same config. A folder holding a run of other settings is refused naming the
+    keys, never shown as new. Returns the run's config as saved (with its measured statistics)."""
+    from pwself.runstate import inspect_run
+
+    run_dir = Path(cfg.out_dir)
+    state = inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it "
+                        "again")
+    if state.kind != "finished":  # a half-started run without a checkpoint is moved aside and started again
+        pretrain(cfg, resume=state.kind == "interrupted", progress=progress, overwrite=True)
+    return load_config(run_dir / "config.yaml")
+
+
+def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A run's derived result (a probe score): computed once, kept at ``path``, read back later."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    return result
+
+
+def open_teacher(run_dir: Path, device: str) -> Any:
+    """The run's teacher backbone as a feature source, on ``device`` (``auto``: a GPU when there is one)."""
+    from pwself.eval.source import open_source
+    from pwself.runtime import resolve_device
+
+    src = open_source(str(run_dir))
+    src.backbone.to(resolve_device(device))
+    return src

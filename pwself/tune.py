@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
-from pwself.runstate import inspect_run
 
 __all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_trial", "run_tuning", "tune_markdown"]
 
@@ -98,24 +97,15 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
 
 
 def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progress: bool) -> float:
-    """Train one trial (skipped when scored before by the same config; resumed when interrupted) and score it."""
-    from pwself.checkpoint import latest_checkpoint
-    from pwself.eval.source import open_source
-    from pwself.pretrain import pretrain
-    from pwself.runtime import resolve_device
+    """Train one trial (reused when finished with the same config; continued when interrupted) and score it
+    once (``tune_score.json``)."""
+    from pwself.pretrain import cached_json, open_teacher, run_experiment
 
-    run_dir = Path(cfg.out_dir)
-    # a cached run of other settings is refused, never shown as new
-    inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it again")
-    score_file = run_dir / "tune_score.json"
-    if score_file.exists():
-        return json.loads(score_file.read_text())["heldout_knn10"]
-    result = pretrain(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress, overwrite=True)
-    src = open_source(str(run_dir))
-    src.backbone.to(resolve_device(cfg.device))
-    score = heldout_knn(src.backbone, result.config, val_fraction)
-    score_file.write_text(json.dumps({"setting": setting, "heldout_knn10": score}, indent=2))
-    return score
+    run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)
+    score = cached_json(run_dir / "tune_score.json", lambda: {
+        "setting": setting, "heldout_knn10": heldout_knn(open_teacher(run_dir, cfg.device).backbone, saved,
+                                                         val_fraction)})
+    return score["heldout_knn10"]
 
 
 def run_trial(base: TrainConfig, objective: str, space: TuneSpace, trials: int, index: int, out_dir: str | Path,
