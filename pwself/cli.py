@@ -22,6 +22,7 @@ from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
+    from pwself.eval.suite import EvalSettings
 
 __all__ = ["main"]
 
@@ -386,6 +387,20 @@ def cmd_make_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """The evaluation flags as the typed settings the evaluation code takes (no Namespace below the CLI)."""
+    from dataclasses import fields
+
+    from pwself.eval.suite import EvalSettings
+
+    flags = {f.name: getattr(args, f.name) for f in fields(EvalSettings) if hasattr(args, f.name)}
+    flags.update(progress=not args.no_progress, whiten=not getattr(args, "no_whitening", False),
+                 crop_queries=not getattr(args, "no_crop_queries", False))
+    if getattr(args, "data_path", None):  # eval-copydetect names it --data-path, eval --copydetect-path
+        flags["copydetect_path"] = args.data_path
+    return EvalSettings(**flags)
+
+
 def _check_eval_flags(args: argparse.Namespace) -> None:
     """Every evaluation flag checked before any work, like the training config: one line naming the fix."""
     import math
@@ -430,7 +445,7 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     first = open_dense(args.data, "train", 3, 8).images[0]  # a timm model takes the data's channels and side
     with Image.open(first) as im:
         channels, side = (1 if im.mode in ("L", "I", "I;16") else 3), min(im.size)
-    sources = suite.open_sources(args.models, args, channels, args.size or side)
+    sources = suite.open_sources(args.models, _eval_settings(args), channels, args.size or side)
     settings = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
                              resolve_device(args.device), not args.no_progress)
     results = evaluate_dense(sources, args.data, settings)
@@ -456,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_eval_flags(args)
     if args.output:
         _check_outputs(f"{args.output}.json", f"{args.output}.md")
-    results = suite.run(args.models, protocols, args)
+    results = suite.run(args.models, protocols, _eval_settings(args))
     print(suite.markdown(results))
     if args.output:
         suite.write(results, args.output)

@@ -2,49 +2,90 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pwself.data import DatasetError, build_dataset
 from pwself.eval.source import FeatureSource, cached_features, open_source
 
-__all__ = ["run", "markdown", "write", "open_sources"]
+__all__ = ["run", "markdown", "write", "open_sources", "EvalSettings"]
 
 
-def _data_settings(args: argparse.Namespace, sources: list[FeatureSource]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the evaluation commands set, as typed values (the CLI fills it from its flags).
+
+    Attributes:
+        data_kind, data_root: The dataset of kNN and linear (default: the first checkpoint's).
+        pooling: Comma-separated poolings (``cls``, ``mean-patch``, ...).
+        in_chans, img_size: Input channels and side of a timm model (default: from the data).
+        cache_dir: Feature cache ('' or ``None``: none).
+        device: Where features are extracted (``auto``: a GPU when there is one).
+        progress: Progress bars.
+        ks, temperature: kNN's k values (comma-separated) and vote temperature.
+        epochs: Linear probe epochs.
+        copydetect_path, generate_from, whiten: Copy detection's Copydays-layout folder, the image folder to
+            build it from first, PCA whitening.
+        imsize: Square input side of copy detection (default: the model's) and longest side of retrieval (224).
+        gnd, images, crop_queries, multiscale: Retrieval's ground truth, image folder (default: jpg/ beside the
+            ground truth), query cropping, multi-scale descriptors.
+    """
+
+    data_kind: str | None = None
+    data_root: str | None = None
+    pooling: str = "cls"
+    in_chans: int | None = None
+    img_size: int | None = None
+    cache_dir: str | None = ".pwself_cache"
+    device: str = "auto"
+    progress: bool = True
+    ks: str = "10,20,100,200"
+    temperature: float = 0.07
+    epochs: int = 30
+    copydetect_path: str | None = None
+    generate_from: str | None = None
+    whiten: bool = True
+    imsize: int | None = None
+    gnd: str | None = None
+    images: str | None = None
+    crop_queries: bool = True
+    multiscale: bool = False
+
+
+def _data_settings(args: EvalSettings, sources: list[FeatureSource]) -> dict[str, Any]:
     """Dataset of the classification protocols: flags first, else the first checkpoint's config."""
     cfg = next((s.config for s in sources if s.config), {})
     data = dict(cfg.get("data", {}))
-    kind = getattr(args, "data_kind", None) or data.get("kind")
-    root = getattr(args, "data_root", None) or data.get("root")
+    kind = args.data_kind or data.get("kind")
+    root = args.data_root or data.get("root")
     if not kind:
         raise DatasetError("no dataset to evaluate on: pass --data-kind and --data-root (no pwself checkpoint given)")
     # A checkpoint's model takes its own channels; without one the data is read as --in-chans says (default 3).
-    channels = cfg.get("backbone", {}).get("in_chans") or getattr(args, "in_chans", None) or 3
+    channels = cfg.get("backbone", {}).get("in_chans") or args.in_chans or 3
     return {"kind": kind, "root": root or "", "image_size": data.get("image_size", 32), "channels": channels,
             "synthetic_size": data.get("synthetic_size", 512),
             "synthetic_classes": data.get("synthetic_classes", 4), "seed": cfg.get("seed", 0)}
 
 
-def open_sources(models: list[str], args: argparse.Namespace, channels: int, size: int) -> list[FeatureSource]:
+def open_sources(models: list[str], args: EvalSettings, channels: int, size: int) -> list[FeatureSource]:
     """Open every model on the ``--device`` (a timm name takes ``channels`` and ``size`` unless flags say)."""
     from pwself.runtime import resolve_device
 
-    device = resolve_device(getattr(args, "device", None) or "auto")
+    device = resolve_device(args.device or "auto")
     sources = [open_source(m, in_chans=args.in_chans or channels, img_size=args.img_size or size) for m in models]
     for src in sources:  # features are extracted where the backbone is
         src.backbone.to(device)
     return sources
 
 
-def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str, Any]:
     """Evaluate every model with every protocol; returns ``{"models": [...], protocol: {model: result}}``."""
     from pwself.eval.knn import knn_classify
     from pwself.eval.linear import linear_probe
 
-    progress = not args.no_progress
+    progress = args.progress
     cache = args.cache_dir or None
     # Open checkpoints first (they carry the dataset); timm names then take the data's channels/size.
     first = [open_source(m) for m in models if Path(m).exists()]
@@ -78,16 +119,16 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
     if "copydetect" in protocols:
         from pwself.eval.copydetect import evaluate_copydetect, generate_copydetect_set, read_copydays
 
-        path = getattr(args, "data_path", None) or args.copydetect_path
-        if getattr(args, "generate_from", None):
+        path = args.copydetect_path
+        if args.generate_from:
             layout = generate_copydetect_set(args.generate_from, path)
         else:
             layout = read_copydays(path)
         for src in open_sources(models, args, 3, 224):
-            imsize = getattr(args, "imsize", None) or src.size
+            imsize = args.imsize or src.size
             channels = src.backbone.patch_embed.proj.in_channels
             res = evaluate_copydetect(src.backbone, layout, src.mean, src.std, imsize, channels,
-                                      whiten=not getattr(args, "no_whitening", False), progress=progress)
+                                      whiten=args.whiten, progress=progress)
             out.setdefault("copydetect", {})[src.name] = res
     if "retrieval" in protocols:
         from pwself.eval.retrieval import evaluate_retrieval
@@ -96,9 +137,8 @@ def run(models: list[str], protocols: list[str], args: argparse.Namespace) -> di
         for src in open_sources(models, args, 3, 224):
             channels = src.backbone.patch_embed.proj.in_channels
             res = evaluate_retrieval(src.backbone, args.gnd, images, src.mean, src.std,
-                                     imsize=getattr(args, "imsize", None) or 224,
-                                     crop_queries=not getattr(args, "no_crop_queries", False),
-                                     multiscale=getattr(args, "multiscale", False), channels=channels)
+                                     imsize=args.imsize or 224, crop_queries=args.crop_queries,
+                                     multiscale=args.multiscale, channels=channels)
             out.setdefault("retrieval", {})[src.name] = res
     return out
 
