@@ -429,9 +429,7 @@ def _check_outputs(*paths: str | Path) -> None:
 
 
 def cmd_eval_dense(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from pwself.data.dense import open_dense
+    from pwself.data.dense import dense_input
     from pwself.eval import suite
     from pwself.eval.dense import DenseSettings, dense_markdown, evaluate_dense
     from pwself.runtime import resolve_device
@@ -442,9 +440,7 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
         raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
                          "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
-    first = open_dense(args.data, "train", 3, 8).images[0]  # a timm model takes the data's channels and side
-    with Image.open(first) as im:
-        channels, side = (1 if im.mode in ("L", "I", "I;16") else 3), min(im.size)
+    channels, side = dense_input(args.data)  # a timm model takes the data's channels and side
     sources = suite.open_sources(args.models, _eval_settings(args), channels, args.size or side)
     settings = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
                              resolve_device(args.device), not args.no_progress)
@@ -551,15 +547,9 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
         runs[label] = points
     floors = None
     if args.floors:
-        from pwself.config import load_config
-        from pwself.eval.floors import pixel_floor, random_init_floor
+        from pwself.eval.floors import run_knn_floors
 
-        first = Path(args.runs[0].rpartition("=")[2])
-        cfg = load_config(str(first / "config.yaml"), [])
-        floors = {"random init": random_init_floor(cfg, first / "floor_random_init.json", linear=False)["knn10"]}
-        pixels = pixel_floor(cfg, first / "floor_pixels.json")
-        if pixels:
-            floors["raw pixels"] = pixels["knn10"]
+        floors = run_knn_floors(Path(args.runs[0].rpartition("=")[2]))
     out = plot_learning_curves(runs, args.output, floors, "cpu_s" if args.clock == "cpu" else "train_s")
     out.with_suffix(".json").write_text(json.dumps({"runs": runs, "floors": floors}, indent=2))
     for label, points in runs.items():
@@ -595,14 +585,12 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pwself.checkpoint import latest_checkpoint
-    from pwself.export import FOLDER_FILES, export_checkpoint, export_folder
+    from pwself.export import EXPORT_NAMES, FOLDER_FILES, export_checkpoint, export_folder
     from pwself.rundir import RunDirError, check_output, holds_run
 
     source = Path(args.checkpoint).expanduser()
     default = source if source.is_dir() else source.parent
-    names = {"safetensors": "teacher_backbone_export.safetensors", "timm": "teacher_backbone_timm.pth",
-             "folder": "model"}
-    output = Path(args.out or args.output or default / names[args.format]).expanduser()
+    output = Path(args.out or args.output or default / EXPORT_NAMES[args.format]).expanduser()
     inputs = (source, *([latest_checkpoint(source)] if source.is_dir() and latest_checkpoint(source) else []))
     if args.format == "folder":
         if holds_run(output):

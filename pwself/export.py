@@ -144,6 +144,9 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path) -> str:
 
 
 FOLDER_FILES = ("model.safetensors", "config.json", "README.md")  # what export_folder writes
+# The default output beside the checkpoint, per format: never the run's own teacher_backbone.safetensors.
+EXPORT_NAMES = {"safetensors": "teacher_backbone_export.safetensors", "timm": "teacher_backbone_timm.pth",
+                "folder": "model"}
 
 
 def export_folder(checkpoint: str | Path, output: str | Path) -> Path:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from pwself.data.datasets import IMAGE_EXTENSIONS, DatasetError, expand_path, open_image
 
-__all__ = ["IGNORE_INDEX", "DenseSplit", "open_dense", "dense_classes"]
+__all__ = ["IGNORE_INDEX", "DenseSplit", "open_dense", "dense_classes", "dense_input"]
 
 IGNORE_INDEX = 255
 
@@ -109,3 +109,9 @@ def open_dense(root: str | Path, split: str, channels: int, size: int) -> DenseS
                            "`pwself make-scenes OUT`)")
     images, masks = _split_files(root, split)
     return DenseSplit(images, masks, channels, size)
+
+
+def dense_input(root: str | Path) -> tuple[int, int]:
+    """``(channels, side)`` of a dense dataset's first training image: the input a timm model is built for."""
+    with Image.open(open_dense(root, "train", 3, 8).images[0]) as im:
+        return (1 if im.mode in ("L", "I", "I;16") else 3), min(im.size)

@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from pwself.config import TrainConfig, config_to_dict
 from pwself.data import open_dataset
 
-__all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "dense_probe", "MAX_PIXEL_DIM"]
+__all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "dense_probe", "MAX_PIXEL_DIM",
+           "run_knn_floors"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
 
@@ -125,3 +126,16 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
                         [0.5] * cfg.backbone.in_chans, [0.5] * cfg.backbone.in_chans, settings)
     cache.write_text(json.dumps(res))
     return res
+
+
+def run_knn_floors(run_dir: Path) -> dict[str, float]:
+    """The k = 10 kNN floors of a run's config, by name (``random init``, and ``raw pixels`` when small enough),
+    cached in the run folder: the lines a learning-curve plot draws."""
+    from pwself.config import load_config
+
+    cfg = load_config(str(run_dir / "config.yaml"), [])
+    floors = {"random init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False)["knn10"]}
+    pixels = pixel_floor(cfg, run_dir / "floor_pixels.json")
+    if pixels:
+        floors["raw pixels"] = pixels["knn10"]
+    return floors
