@@ -13,8 +13,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from pwself.losses import PairRows
+
 __all__ = ["BackboneConfig", "HeadConfig", "portable_init", "make_vit", "DINOHead", "TokenOutput", "forward_tokens",
-           "HeadOutput", "DistillNet", "ema_update"]
+           "Selection", "HeadOutput", "DistillNet", "ema_update"]
 
 
 @dataclass
@@ -221,6 +223,22 @@ def forward_tokens(backbone: VisionTransformer, x: Tensor) -> TokenOutput:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """The patch tokens a step's loss uses and how they pair.
+
+    Attributes:
+        student_keys: ``[Us]`` distinct keys of the student patch tokens the head runs on.
+        teacher_keys: ``[Ut]`` distinct keys of the teacher patch tokens the head runs on (``None`` when the
+            targets are CLS outputs).
+        rows: The pairs as rows of the student patch outputs and the teacher targets.
+    """
+
+    student_keys: Tensor
+    teacher_keys: Tensor | None
+    rows: PairRows
+
+
+@dataclass(frozen=True)
 class HeadOutput:
     """What a :class:`DistillNet` gives the objective for one batch of views.
 
@@ -236,12 +254,12 @@ class HeadOutput:
     cls: Tensor
     cls_tokens: Tensor
     patch: Tensor | None = None
-    selection: Any = None
+    selection: Selection | None = None
     head: nn.Module | None = None
 
 
-Select = Callable[[Sequence[TokenOutput]], Any]
-"""A token selection, or a function of the backbone tokens that makes one (matching by content)."""
+Select = Callable[[Sequence[TokenOutput]], "Selection | None"]
+"""A function of the backbone tokens that makes the token selection (matching by content)."""
 
 
 class DistillNet(nn.Module):
@@ -249,8 +267,8 @@ class DistillNet(nn.Module):
     patch tokens, each once (gathered before the head, as dinov2 does for iBOT).
 
     Patch tokens are addressed by keys: indices into the patch tokens of all crops flattened crop by crop
-    (view-major, then sample, then token). A selection is any object whose ``student_keys`` attribute holds
-    the ``[U]`` distinct keys of the student's patch tokens in the loss (or ``None``).
+    (view-major, then sample, then token). A :class:`Selection` holds the ``[U]`` distinct keys of the
+    student's patch tokens in the loss.
     """
 
     def __init__(self, backbone: BackboneConfig, head: HeadConfig, img_size: int) -> None:
@@ -286,11 +304,12 @@ class DistillNet(nn.Module):
         n = cls_tokens.shape[0]
         return HeadOutput(out[:n], cls_tokens, out[n:])
 
-    def forward(self, crops: Sequence[Tensor], select: Any = None, recompute_head: bool = False) -> HeadOutput:
+    def forward(self, crops: Sequence[Tensor], select: Selection | Select | None = None,
+                recompute_head: bool = False) -> HeadOutput:
         """Backbone, then head. ``select`` is a selection or a function of the tokens that returns one."""
         tokens = self.encode(crops)
         selection = select(tokens) if callable(select) else select
-        out = self.project(tokens, getattr(selection, "student_keys", None), recompute_head)
+        out = self.project(tokens, selection.student_keys if selection is not None else None, recompute_head)
         return replace(out, selection=selection)
 
 

@@ -6,9 +6,9 @@ every student view (a fixed-size patch of the image when the views are configure
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from pwself.models import DistillNet, HeadOutput, TokenOutput
+from pwself.models import DistillNet, HeadOutput, Selection, TokenOutput
 from pwself.objectives.base import Objective
 from pwself.views import MultiCropViews
 
@@ -24,6 +24,6 @@ class BagSSL(Objective):
         return [(0, j) for j in range(n_views)]
 
     def teacher_output(self, teacher: DistillNet, tokens: Sequence[TokenOutput], views: MultiCropViews,
-                       selection: Any) -> HeadOutput:
+                       selection: Selection | None) -> HeadOutput:
         bag = tokens[0].cls.unflatten(0, (views.n_global, views.batch_size)).mean(0)  # [B, D]
         return HeadOutput(teacher.head(bag), bag)

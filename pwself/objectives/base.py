@@ -10,33 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pwself.losses import Center, PairRows, PatchInputs, distillation_loss, teacher_probs, view_pairs
 from pwself.matching import PatchPairs
-from pwself.models import DistillNet, HeadConfig, HeadOutput, TokenOutput
+from pwself.models import DistillNet, HeadConfig, HeadOutput, Selection, TokenOutput
 from pwself.views import MultiCropViews, ViewConfig
 
 __all__ = ["Objective", "Selection", "view_grids", "patch_key_layout", "select_pairs"]
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The patch tokens a step's loss uses and how they pair.
-
-    Attributes:
-        student_keys: ``[Us]`` distinct keys of the student patch tokens the head runs on.
-        teacher_keys: ``[Ut]`` distinct keys of the teacher patch tokens the head runs on (``None`` when the
-            targets are CLS outputs).
-        rows: The pairs as rows of the student patch outputs and the teacher targets.
-    """
-
-    student_keys: Tensor
-    teacher_keys: Tensor | None
-    rows: PairRows
 
 
 @dataclass
@@ -174,9 +158,9 @@ class Objective(nn.Module):
         return None
 
     def teacher_output(self, teacher: DistillNet, tokens: Sequence[TokenOutput], views: MultiCropViews,
-                       selection: Any) -> HeadOutput:
+                       selection: Selection | None) -> HeadOutput:
         """The teacher head on its CLS tokens and the selected teacher patch tokens."""
-        return teacher.project(tokens, getattr(selection, "teacher_keys", None))
+        return teacher.project(tokens, selection.teacher_keys if selection is not None else None)
 
     def term_weights(self, n_patch: Tensor) -> tuple[Tensor, Tensor]:
         """Weights ``(a, c)`` of ``H_cls`` and the patch sum ``S`` per (pair, sample) from ``[P, B]`` counts."""
