@@ -99,8 +99,6 @@ class LoGo(Objective):
     def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
              ) -> dict[str, Tensor]:
         terms = super().loss(student, teacher, views, teacher_temp)
-        if views.n_local < 2:
-            raise ValueError("LoGo needs at least 2 local views (views.n_local)")
         local = student.cls_tokens[views.n_global * views.batch_size:].unflatten(0, (views.n_local, views.batch_size))
         encoder_term, affinity_loss = self._call_local_terms(local)
         return {**terms, "loss": terms["loss"] + self.logo_weight * encoder_term + affinity_loss,
