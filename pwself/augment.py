@@ -20,6 +20,8 @@ from kornia.enhance import adjust_hue
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
+PHOTOMETRIC_MODES = ("image", "patch", "none")  # photometric.mode
+
 __all__ = ["PhotometricConfig", "PhotometricAugment", "to_patches", "from_patches"]
 
 Mode = Literal["image", "patch", "none"]
@@ -92,7 +94,7 @@ class PhotometricAugment:
     """
 
     def __init__(self, config: PhotometricConfig, patch_size: int) -> None:
-        if config.mode not in ("image", "patch", "none"):
+        if config.mode not in PHOTOMETRIC_MODES:
             raise ValueError(f"photometric mode {config.mode!r}: use one of image, patch, none")
         self.config, self.patch_size = config, patch_size
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
-from pwself.augment import PhotometricConfig
-from pwself.data import DataConfig
-from pwself.models import BackboneConfig, HeadConfig
+from pwself.augment import PHOTOMETRIC_MODES, PhotometricConfig
+from pwself.data import DATA_KINDS, DataConfig
+from pwself.matching import MATCHERS
+from pwself.models import PATCH_HEADS, BackboneConfig, HeadConfig
 from pwself.objectives import OBJECTIVES
 from pwself.objectives.base import LossConfig
 from pwself.views import ViewConfig
@@ -187,10 +188,8 @@ class TrainConfig:
         problem = OBJECTIVES[self.loss.objective].config_problem(self.views, self.head)
         if problem:
             raise ConfigError(f"loss.objective={self.loss.objective}: {problem}")
-        if self.loss.matcher not in ("geometric", "feature-nn"):
-            raise ConfigError(f"loss.matcher={self.loss.matcher!r}: use geometric or feature-nn")
-        if self.head.patch_head not in ("shared", "separate", "split"):
-            raise ConfigError(f"head.patch_head={self.head.patch_head!r}: use shared, separate or split")
+        _choice("loss.matcher", self.loss.matcher, MATCHERS)
+        _choice("head.patch_head", self.head.patch_head, PATCH_HEADS)
         if self.head.patch_head == "shared" and self.head.patch_out_dim not in (0, self.head.out_dim):
             raise ConfigError(f"head.patch_out_dim={self.head.patch_out_dim} needs a patch head of its own: set "
                               "head.patch_head=separate or split")
@@ -198,10 +197,8 @@ class TrainConfig:
             raise ConfigError(f"loss.lam={self.loss.lam} is outside [0, 1]: it is the CLS weight of the loss")
         if not 0.0 < self.loss.patch_fraction <= 1.0:
             raise ConfigError(f"loss.patch_fraction={self.loss.patch_fraction} must be in (0, 1]")
-        if self.photometric.mode not in ("image", "patch", "none"):
-            raise ConfigError(f"photometric.mode={self.photometric.mode!r}: use image, patch or none")
-        if self.data.kind not in ("idx", "cifar", "folder", "synthetic"):
-            raise ConfigError(f"data.kind={self.data.kind!r}: use idx, cifar, folder or synthetic")
+        _choice("photometric.mode", self.photometric.mode, PHOTOMETRIC_MODES)
+        _choice("data.kind", self.data.kind, DATA_KINDS)
         if self.data.max_side < -1 or 0 < self.data.max_side < v.global_size:
             raise ConfigError(f"data.max_side={self.data.max_side} must be -1 (derived from the views), 0 (never "
                               f"shrink) or at least views.global_size={v.global_size}")
@@ -215,6 +212,12 @@ class TrainConfig:
             raise ConfigError(
                 f"backbone.embed_dim={self.backbone.embed_dim} is not divisible by num_heads={self.backbone.num_heads}"
             )
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a value outside its registry, naming the choices (which the owning module lists)."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
 
 
 def _positive(x: float) -> bool:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+MATCHERS = ("geometric", "feature-nn")  # loss.matcher: by crop geometry (SPEC §3), or by content (EsViT)
+
 __all__ = ["match_pair", "match_patches", "PatchPairs", "match_views", "match_features", "match_views_by_features",
            "axis_run", "pair_runs"]
 

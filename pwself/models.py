@@ -15,6 +15,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from pwself.losses import PairRows
 
+PATCH_HEADS = ("shared", "separate", "split")  # head.patch_head (see HeadConfig)
+
 __all__ = ["BackboneConfig", "HeadConfig", "portable_init", "make_vit", "DINOHead", "TokenOutput", "forward_tokens",
            "Selection", "HeadOutput", "DistillNet", "ema_update"]
 

@@ -25,7 +25,10 @@ from pwself.data.datasets import (
     worker_error,
 )
 
+DATA_KINDS = ("idx", "cifar", "folder", "synthetic")  # data.kind, each opened by build_dataset
+
 __all__ = [
+    "DATA_KINDS",
     "DataConfig",
     "FASHION_MNIST_DIR",
     "DatasetError",
