@@ -251,7 +251,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.config import apply_overrides, load_config
-    from pwself.pretrain import pretrain
+    from pwself.pretraining import pretrain
     from pwself.viz import write_report
 
     cfg = load_config(args.config)

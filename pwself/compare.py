@@ -43,7 +43,7 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     each result is kept in the run directory and read back on a rerun."""
     from functools import cache
 
-    from pwself.pretrain import cached_json, open_teacher, run_experiment
+    from pwself.pretraining import cached_json, open_teacher, run_experiment
 
     run_experiment(cfg, progress)
     run_dir = Path(cfg.out_dir)

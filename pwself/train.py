@@ -88,7 +88,7 @@ FloorsHook = Callable[[TrainConfig, Path], dict[str, Any]]
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What a run evaluates, given by its caller: training itself only trains (:mod:`pwself.pretrain` gives
+    """What a run evaluates, given by its caller: training itself only trains (:mod:`pwself.pretraining` gives
     the standard kNN and floors).
 
     Attributes:
@@ -524,7 +524,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         progress: Show a tqdm progress bar.
         overwrite: Start over in a folder that holds another run, moving that run aside (without it, such a
             folder is refused).
-        evaluation: What to evaluate (kNN, floors); ``None``: nothing (:func:`pwself.pretrain.pretrain` runs
+        evaluation: What to evaluate (kNN, floors); ``None``: nothing (:func:`pwself.pretraining.pretrain` runs
             the standard evaluation).
 
     Returns:

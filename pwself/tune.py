@@ -99,7 +99,7 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
 def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progress: bool) -> float:
     """Train one trial (reused when finished with the same config; continued when interrupted) and score it
     once (``tune_score.json``)."""
-    from pwself.pretrain import cached_json, open_teacher, run_experiment
+    from pwself.pretraining import cached_json, open_teacher, run_experiment
 
     run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)
     score = cached_json(run_dir / "tune_score.json", lambda: {

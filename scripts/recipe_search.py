@@ -19,7 +19,7 @@ from pwself.checkpoint import latest_checkpoint
 from pwself.config import load_config
 from pwself.data import open_dataset
 from pwself.eval import extract_features, knn_classify
-from pwself.pretrain import pretrain
+from pwself.pretraining import pretrain
 
 OUT = Path("runs/search")
 

@@ -21,7 +21,7 @@ LAYERS = {
     4: ["step"],
     5: ["train", "export", "eval", "eval.features", "eval.knn", "eval.source", "eval.dense", "eval.copydetect",
         "eval.retrieval", "eval.floors", "eval.suite", "viz"],
-    6: ["pretrain", "compare", "tune"],
+    6: ["pretraining", "compare", "tune"],
     7: ["cli", ""],  # "" is the package itself (pwself.load, pwself.pretrain)
 }
 def _module_name(path: Path) -> str:

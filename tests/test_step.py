@@ -97,3 +97,18 @@ def test_removed_keys_are_refused_as_overrides_and_ignored_in_saved_configs():
     old = config_to_dict(load_config())
     old["backbone"]["img_size"], old["data"]["channels"] = 28, 3
     assert config_to_dict(config_from_dict(old)) == config_to_dict(load_config())
+
+
+def test_pwself_pretrain_evaluates_and_train_alone_does_not(tmp_path):
+    """``pwself.pretrain`` = training + the standard kNN (and stays callable: its module is not named like it);
+    ``pwself.train.train`` only trains unless given an Evaluation."""
+    import pwself
+    from pwself.train import train
+
+    items = [t for t in TINY if "=" in t] + ["epochs=1", "batch_size=32", "knn_floors=false"]
+    for k in range(2):
+        result = pwself.pretrain(load_config(None, [*items, f"out_dir={tmp_path / f'p{k}'}"]), progress=False)
+        assert set(result.knn) == {10, 20} and (tmp_path / f"p{k}" / "knn.json").exists()
+    bare = train(load_config(None, [*items, f"out_dir={tmp_path / 't'}"]), progress=False)
+    assert bare.knn is None and not (tmp_path / "t" / "knn.json").exists()
+    assert (tmp_path / "t" / "finished.json").exists()
