@@ -32,8 +32,6 @@ def pixel_floor(cfg: TrainConfig, cache: Path, linear: bool = False) -> dict[str
     import torch.nn.functional as F
 
     from pwself.data import iterate_batches
-    from pwself.eval.knn import knn_classify
-    from pwself.eval.linear import linear_probe
 
     if cache.exists():
         floor = json.loads(cache.read_text())
@@ -47,13 +45,24 @@ def pixel_floor(cfg: TrainConfig, cache: Path, linear: bool = False) -> dict[str
     for split, ds in (("train", train), ("test", open_split(cfg, "test"))):
         images, labels = zip(*iterate_batches(ds, list(torch.arange(len(ds)).split(1024)), cfg.data.num_workers))
         data[split] = (F.normalize(torch.cat(images).flatten(1).float(), dim=1), torch.cat(labels))
-    if (data["train"][1] < 0).any() or (data["test"][1] < 0).any():
+    floor = _scores(data, linear)
+    if floor is not None:
+        cache.write_text(json.dumps(floor))
+    return floor
+
+
+def _scores(feats: dict, linear: bool) -> dict[str, float] | None:
+    """kNN (k = 10, 20) and (with ``linear``) the linear probe of ``{"train"|"test": (features, labels)}``;
+    ``None`` for unlabelled data."""
+    from pwself.eval.knn import knn_classify
+    from pwself.eval.linear import linear_probe
+
+    if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         return None
-    knn = knn_classify(*data["train"], *data["test"], ks=(10, 20))
+    knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
     floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
     if linear:
-        floor["linear"] = linear_probe(*data["train"], *data["test"])["top1"]
-    cache.write_text(json.dumps(floor))
+        floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
     return floor
 
 
@@ -82,8 +91,7 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
     of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
     from), CLS features at the global view size: what pretraining adds is the distance to this row.
     ``None`` for unlabelled data."""
-    from pwself.eval import extract_features, knn_classify
-    from pwself.eval.linear import linear_probe
+    from pwself.eval import extract_features
 
     if cache.exists():
         floor = json.loads(cache.read_text())
@@ -94,12 +102,9 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
     device = next(src.backbone.parameters()).device
     feats = {split: extract_features(src.backbone, ds, src.mean, src.std, size=src.size, progress=False,
                                      num_workers=cfg.data.num_workers, device=device) for split, ds in splits.items()}
-    if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
+    floor = _scores(feats, linear)
+    if floor is None:
         return None
-    knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
-    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
-    if linear:
-        floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
     if dense is not None:
         floor["miou"] = dense_probe(src, dense, cache.parent / "features", device)["miou"]
     cache.write_text(json.dumps(floor))
