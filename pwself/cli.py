@@ -15,6 +15,8 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,23 +43,6 @@ knn.json, finished.json (written last: the run finished), training_curves.png, r
 """
 
 
-def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="self-supervised pretraining (PW-Self / DINO)", description=PRETRAIN_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file, or the name of a shipped config (fmnist_demo)")
-    p.add_argument("--out-dir", help="run directory (default runs/pwself)")
-    p.add_argument("--epochs", type=int, help="number of epochs")
-    p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--objective", choices=list(OBJECTIVES), help=f"loss (default {DEFAULT_OBJECTIVE})")
-    p.add_argument("--seed", type=int, help="seed of the whole run")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
-    p.add_argument("--auto-resume", action="store_true", help="start a run, continue an interrupted one exactly, or "
-                   "show a finished one's result without training again (what `make demo` runs)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out-dir that holds another run (that run is moved aside, not deleted)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
 
 
 EVAL_HELP = """\
@@ -84,34 +69,52 @@ def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _add_eval_knn(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("eval-knn", help="weighted kNN (T=0.07, k grid) on frozen features", description=EVAL_HELP,
-                       formatter_class=fmt)
+def _args_pretrain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file, or the name of a shipped config (fmnist_demo)")
+    p.add_argument("--out-dir", help="run directory (default runs/pwself)")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--batch-size", type=int, help="images per step")
+    p.add_argument("--objective", choices=list(OBJECTIVES), help=f"loss (default {DEFAULT_OBJECTIVE})")
+    p.add_argument("--seed", type=int, help="seed of the whole run")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.add_argument("--auto-resume", action="store_true", help="start a run, continue an interrupted one exactly, or "
+                   "show a finished one's result without training again (what `make demo` runs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out-dir that holds another run (that run is moved aside, not deleted)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
+
+
+def _args_eval_knn(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p)
     p.add_argument("--ks", default="10,20,100,200", help="comma-separated k values (default 10,20,100,200)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
-    p = sub.add_parser("eval-linear", help="linear probe on frozen features (lr x wd grid, chosen on held-out train)",
-                       description=EVAL_HELP, formatter_class=fmt)
+
+
+def _args_eval_linear(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p)
     p.add_argument("--epochs", type=int, default=30, help="epochs of each linear head (default 30)")
-    p = sub.add_parser("eval-copydetect", help="copy detection mAP (Copydays layout, CLS+GeM, PCA whitening)",
-                       description=EVAL_HELP, formatter_class=fmt)
+
+
+def _args_eval_copydetect(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p, labelled=False)
     p.add_argument("--data-path", required=True, help="Copydays-layout folder (original/, strong/, ...)")
     p.add_argument("--generate-from", help="first build the set at --data-path from this image folder")
     p.add_argument("--imsize", type=int, help="square input side (default: the model's global size)")
     p.add_argument("--no-whitening", action="store_true", help="skip PCA whitening")
-    p = sub.add_parser("eval-retrieval", help="revisited Oxford/Paris retrieval mAP (E/M/H)", description=EVAL_HELP,
-                       formatter_class=fmt)
+
+
+def _args_eval_retrieval(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p, labelled=False)
     p.add_argument("--gnd", required=True, help="gnd_<ds>.pkl (or .json with imlist/qimlist/gnd)")
     p.add_argument("--images", help="image folder (default: jpg/ beside the gnd file)")
     p.add_argument("--imsize", type=int, default=224, help="longest side (thumbnail, default 224)")
     p.add_argument("--no-crop-queries", action="store_true", help="use full query images (dino's numbers)")
     p.add_argument("--multiscale", action="store_true", help="average descriptors over scales 1, 1/sqrt2, 1/2")
-    p = sub.add_parser("eval", help="every protocol that the given data allows", description=EVAL_HELP,
-                       formatter_class=fmt)
+
+
+def _args_eval(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p)
     p.add_argument("--ks", default="10,20,100,200", help="kNN k values")
     p.add_argument("--temperature", type=float, default=0.07)
@@ -121,8 +124,7 @@ def _add_eval_knn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="retrieval image folder")
 
 
-def _add_viz(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("viz-matches", help="draw two views of each image and their matched patches (paper Fig. 2)")
+def _args_viz_matches(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out-dir", default="viz_matches", help="where the PNGs go")
     p.add_argument("--size", type=int, default=0,
@@ -132,42 +134,39 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int, default=8, help="patch side (default 8)")
     p.add_argument("--photometric", default="patch", choices=["patch", "image", "none"])
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("viz-curves", help="kNN against training time of several runs (knn_every_epochs runs)")
+
+
+def _args_viz_curves(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run directories (label: the directory name, or LABEL=DIR)")
     p.add_argument("--output", default="learning_curves.png", help="PNG path (a .json of the points beside it)")
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
                    help="x axis: the process's CPU time (immune to other load; default) or wall time")
     p.add_argument("--floors", action="store_true", help="add the random-init and raw-pixel kNN lines (computed "
                    "with the first run's config, cached in its directory)")
-    p = sub.add_parser("viz-attention", help="last-layer CLS attention per head and a patch-feature PCA map")
+
+
+def _args_viz_attention(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out-dir", default="viz_attention", help="where the PNGs go")
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="the teacher backbone with timm key names: a model folder, safetensors or .pth")
+def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint .pt file or run directory")
     p.add_argument("out", nargs="?", help="output file, or folder for --format folder (default: beside the checkpoint)")
     p.add_argument("--format", default="safetensors", choices=["safetensors", "timm", "folder"],
                    help="folder: model.safetensors + config.json + README.md model card, loads with pwself.load")
     p.add_argument("--output", help="same as OUT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never a run's own files)")
-    p = sub.add_parser("push-to-hub", help="upload an exported model folder to the Hugging Face Hub (extra [hub])")
+
+
+def _args_push_to_hub(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="folder written by pwself export RUN --format folder")
     p.add_argument("repo_id", help="USER/NAME")
     p.add_argument("--private", action="store_true")
 
 
-def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="train and evaluate several objectives on the same data/model/budget/seeds; table + bar plot",
-        description="Runs every objective x seed sequentially into OUT/<objective>_seed<seed>/ (finished runs are "
-        "skipped, interrupted ones resume), evaluates kNN, a linear probe (and with --dense the dense probe), and "
-        "writes comparison.md/.json/.png. "
-        "An objective may carry overrides after ':' joined by '+', e.g. pwml:photometric.mode=none.",
-    )
+def _args_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"comma-separated, from {', '.join(OBJECTIVES)} "
                    "(default: all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -182,14 +181,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="base config overrides")
 
 
-def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tune", help="choose an objective's knobs on held-out train data (kNN), the same budget for every method",
-        description="Trains --trials settings drawn from the KEY=CHOICE1,CHOICE2 grid (KEY=VALUE: fixed for all), "
-        "each with the base config's budget, into OUT/trial_<i>/, and scores each by kNN (k=10) on a held-out "
-        "share of the train split; the test split is never read. Writes OUT/tune.md/.json and prints the "
-        "`pwself compare --objectives` entry of the chosen setting.",
-    )
+def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", required=True, help=f"one of {', '.join(OBJECTIVES)}")
     p.add_argument("--trials", type=int, required=True, help="settings to train (the same number for every method)")
     p.add_argument("--config", help="base YAML config (the budget)")
@@ -201,6 +193,53 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    "--out-dir); a later call without it reads their scores and chooses")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("space", nargs="+", metavar="KEY=CHOICES", help="e.g. loss.logo_weight=0.1,0.5,1 optim.lr=1e-3,3e-3")
+
+
+def _args_config(p: argparse.ArgumentParser) -> None:
+    verbs = p.add_subparsers(dest="verb", required=True)
+    show = verbs.add_parser("show", help="print the config (defaults <- --config <- KEY=VALUE) as commented YAML",
+                            description="Print every key, its value and a one-line description, as YAML you can save "
+                            "and pass back with --config FILE.")
+    show.add_argument("--config", help="YAML file or shipped config name (fmnist_demo)")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. optim.lr=1e-3")
+
+
+def _args_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory of pwself pretrain")
+
+
+def _args_eval_dense(p: argparse.ArgumentParser) -> None:
+    _add_eval_common(p, labelled=False)
+    p.add_argument("--data", required=True, help="dense dataset folder (make one with `pwself make-scenes OUT`)")
+    p.add_argument("--train-images", type=int, default=2000, help="train images the heads learn from (0: all; "
+                   "default 2000)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each head (default 10)")
+    p.add_argument("--size", type=int, help="model input side (default: each model's global view size)")
+    p.add_argument("--pixel-floor", action="store_true", help="also probe each patch's raw pixels (the floor)")
+
+
+def _args_make_scenes(p: argparse.ArgumentParser) -> None:
+    from pwself.data.datasets import FASHION_MNIST_DIR
+    p.add_argument("out", help="output folder")
+    p.add_argument("--size", type=int, default=42, help="canvas side in pixels (default 42)")
+    p.add_argument("--train", type=int, default=10000, help="train scenes (default 10000)")
+    p.add_argument("--test", type=int, default=2000, help="test scenes (default 2000)")
+    p.add_argument("--items", default="2,4", help="MIN,MAX items per scene (default 2,4)")
+    p.add_argument("--item-size", default="14,28", help="MIN,MAX item side in pixels (default 14,28)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default=FASHION_MNIST_DIR, help=f"IDX folder (default {FASHION_MNIST_DIR})")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    p.add_argument("--no-progress", action="store_true")
+
+
+
+
+
+
+
+
+
+
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -227,14 +266,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="show every config key with its value and meaning")
-    verbs = p.add_subparsers(dest="verb", required=True)
-    show = verbs.add_parser("show", help="print the config (defaults <- --config <- KEY=VALUE) as commented YAML",
-                            description="Print every key, its value and a one-line description, as YAML you can save "
-                            "and pass back with --config FILE.")
-    show.add_argument("--config", help="YAML file or shipped config name (fmnist_demo)")
-    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. optim.lr=1e-3")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -244,9 +275,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write the HTML/Markdown report of a run directory")
-    p.add_argument("run_dir", help="run directory of pwself pretrain")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -334,36 +362,6 @@ def _continue_hint(args: argparse.Namespace) -> str:
     return "run the same command again to continue (finished work is kept)"
 
 
-def _add_dense(sub: argparse._SubParsersAction) -> None:
-    from pwself.data.datasets import FASHION_MNIST_DIR
-
-    p = sub.add_parser("eval-dense", help="dense probe: a linear classifier on each patch token, scored as mIoU",
-                       description="Frozen patch tokens (last block, after the final norm), one linear layer per "
-                       "token, logits upsampled bilinearly to the mask; a grid of learning rates chosen on held-out "
-                       "train; mIoU, pixel accuracy and per-class IoU on test. Data: DIR/{train,test}/images/* with "
-                       "DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = ignore).")
-    _add_eval_common(p, labelled=False)
-    p.add_argument("--data", required=True, help="dense dataset folder (make one with `pwself make-scenes OUT`)")
-    p.add_argument("--train-images", type=int, default=2000, help="train images the heads learn from (0: all; "
-                   "default 2000)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of each head (default 10)")
-    p.add_argument("--size", type=int, help="model input side (default: each model's global view size)")
-    p.add_argument("--pixel-floor", action="store_true", help="also probe each patch's raw pixels (the floor)")
-    p = sub.add_parser("make-scenes", help="build the Fashion-MNIST scene dataset for the dense probe",
-                       description="Canvases holding several Fashion-MNIST items at random positions and sizes, "
-                       "later items in front; masks: 0 background, 1 + class, 255 faint rims. Train scenes from the "
-                       "train split, test scenes from the test split; OUT/dominant/{train,test}/<class>/ holds the "
-                       "same images by dominant class for kNN, linear and pretraining (data.kind=folder).")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--size", type=int, default=42, help="canvas side in pixels (default 42)")
-    p.add_argument("--train", type=int, default=10000, help="train scenes (default 10000)")
-    p.add_argument("--test", type=int, default=2000, help="test scenes (default 2000)")
-    p.add_argument("--items", default="2,4", help="MIN,MAX items per scene (default 2,4)")
-    p.add_argument("--item-size", default="14,28", help="MIN,MAX item side in pixels (default 14,28)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default=FASHION_MNIST_DIR, help=f"IDX folder (default {FASHION_MNIST_DIR})")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _pair(text: str, flag: str) -> tuple[int, int]:
@@ -656,6 +654,96 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+COMPARE_HELP = (
+    "Runs every objective x seed sequentially into OUT/<objective>_seed<seed>/ (finished runs are "
+    "skipped, interrupted ones resume), evaluates kNN, a linear probe (and with --dense the dense probe), and "
+    "writes comparison.md/.json/.png. "
+    "An objective may carry overrides after ':' joined by '+', e.g. pwml:photometric.mode=none."
+)
+
+TUNE_HELP = (
+    "Trains --trials settings drawn from the KEY=CHOICE1,CHOICE2 grid (KEY=VALUE: fixed for all), "
+    "each with the base config's budget, into OUT/trial_<i>/, and scores each by kNN (k=10) on a held-out "
+    "share of the train split; the test split is never read. Writes OUT/tune.md/.json and prints the "
+    "`pwself compare --objectives` entry of the chosen setting."
+)
+
+EVAL_DENSE_HELP = (
+    "Frozen patch tokens (last block, after the final norm), one linear layer per "
+                   "token, logits upsampled bilinearly to the mask; a grid of learning rates chosen on held-out "
+                   "train; mIoU, pixel accuracy and per-class IoU on test. Data: DIR/{train,test}/images/* with "
+                   "DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = ignore)."
+)
+
+MAKE_SCENES_HELP = (
+    "Canvases holding several Fashion-MNIST items at random positions and sizes, "
+                   "later items in front; masks: 0 background, 1 + class, 255 faint rims. Train scenes from the "
+                   "train split, test scenes from the test split; OUT/dominant/{train,test}/<class>/ holds the "
+                   "same images by dominant class for kNN, linear and pretraining (data.kind=folder)."
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, help, the function that adds its arguments, and its handler (which parses
+    and calls the library, nothing more); ``raw`` keeps the description's line breaks."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+    description: str | None = None
+    raw: bool = False
+
+
+COMMANDS = (
+    Command("pretrain", "self-supervised pretraining (PW-Self / DINO)",
+            _args_pretrain, cmd_pretrain,
+            description=PRETRAIN_HELP, raw=True),
+    Command("eval-knn", "weighted kNN (T=0.07, k grid) on frozen features",
+            _args_eval_knn, cmd_eval,
+            description=EVAL_HELP, raw=True),
+    Command("eval-linear", "linear probe on frozen features (lr x wd grid, chosen on held-out train)",
+            _args_eval_linear, cmd_eval,
+            description=EVAL_HELP, raw=True),
+    Command("eval-copydetect", "copy detection mAP (Copydays layout, CLS+GeM, PCA whitening)",
+            _args_eval_copydetect, cmd_eval,
+            description=EVAL_HELP, raw=True),
+    Command("eval-retrieval", "revisited Oxford/Paris retrieval mAP (E/M/H)",
+            _args_eval_retrieval, cmd_eval,
+            description=EVAL_HELP, raw=True),
+    Command("eval", "every protocol that the given data allows",
+            _args_eval, cmd_eval,
+            description=EVAL_HELP, raw=True),
+    Command("viz-matches", "draw two views of each image and their matched patches (paper Fig. 2)",
+            _args_viz_matches, cmd_viz_matches),
+    Command("viz-curves", "kNN against training time of several runs (knn_every_epochs runs)",
+            _args_viz_curves, cmd_viz_curves),
+    Command("viz-attention", "last-layer CLS attention per head and a patch-feature PCA map",
+            _args_viz_attention, cmd_viz_attention),
+    Command("export", "the teacher backbone with timm key names: a model folder, safetensors or .pth",
+            _args_export, cmd_export),
+    Command("push-to-hub", "upload an exported model folder to the Hugging Face Hub (extra [hub])",
+            _args_push_to_hub, cmd_push_to_hub),
+    Command("compare", "train and evaluate several objectives on the same data/model/budget/seeds; table + bar plot",
+            _args_compare, cmd_compare,
+            description=COMPARE_HELP),
+    Command("tune", "choose an objective's knobs on held-out train data (kNN), the same budget for every method",
+            _args_tune, cmd_tune,
+            description=TUNE_HELP),
+    Command("config", "show every config key with its value and meaning",
+            _args_config, cmd_config),
+    Command("report", "write the HTML/Markdown report of a run directory",
+            _args_report, cmd_report),
+    Command("eval-dense", "dense probe: a linear classifier on each patch token, scored as mIoU",
+            _args_eval_dense, cmd_eval_dense,
+            description=EVAL_DENSE_HELP),
+    Command("make-scenes", "build the Fashion-MNIST scene dataset for the dense probe",
+            _args_make_scenes, cmd_make_scenes,
+            description=MAKE_SCENES_HELP),
+)
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("pwself")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
@@ -687,22 +775,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pwself", description="Patch-wise self-supervised pretraining of ViTs.")
     parser.add_argument("--version", action="version", version=f"pwself {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_pretrain(sub)
-    _add_eval_knn(sub)
-    _add_dense(sub)
-    _add_viz(sub)
-    _add_export(sub)
-    _add_compare(sub)
-    _add_tune(sub)
-    _add_report(sub)
-    _add_config(sub)
+    for command in COMMANDS:
+        fmt = argparse.RawDescriptionHelpFormatter if command.raw else argparse.HelpFormatter
+        p = sub.add_parser(command.name, help=command.help, description=command.description, formatter_class=fmt)
+        command.add_arguments(p)
     args = _parse(parser, sub, argv)
-    handlers = {"pretrain": cmd_pretrain, "eval-knn": cmd_eval, "eval-linear": cmd_eval, "eval": cmd_eval,
-                "eval-copydetect": cmd_eval, "eval-retrieval": cmd_eval, "report": cmd_report,
-                "viz-matches": cmd_viz_matches, "compare": cmd_compare, "viz-attention": cmd_viz_attention,
-                "export": cmd_export, "config": cmd_config, "push-to-hub": cmd_push_to_hub,
-                "eval-dense": cmd_eval_dense, "viz-curves": cmd_viz_curves, "tune": cmd_tune,
-                "make-scenes": cmd_make_scenes}
+    handlers = {command.name: command.handler for command in COMMANDS}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError

@@ -403,8 +403,9 @@ def test_an_interrupt_names_what_continues_the_work(argv, hint, capsys, monkeypa
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_eval", interrupted)
-    monkeypatch.setattr(cli, "cmd_pretrain", interrupted)
+    from dataclasses import replace
+
+    monkeypatch.setattr(cli, "COMMANDS", tuple(replace(c, handler=interrupted) for c in cli.COMMANDS))
     assert main(argv) == 130
     assert hint in capsys.readouterr().err
 
