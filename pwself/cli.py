@@ -527,8 +527,8 @@ def cmd_viz_matches(args: argparse.Namespace) -> int:
                            title=Path(path).name)
         plt.close(fig)
         pngs.append(png)
-    _save_grid(pngs, out / "grid.png")
-    print(f"wrote {len(pngs)} PNGs and {out / 'grid.png'}")
+    _save_grid(pngs, out / "matches_grid.png")  # each viz command's files have their own names
+    print(f"wrote {len(pngs)} PNGs and {out / 'matches_grid.png'}")
     return 0
 
 
@@ -576,8 +576,8 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
         png = out / f"{Path(path).stem}_attention.png"
         plt.close(draw_attention(backbone, img, cfg.data.mean, cfg.data.std, size, png, title=Path(path).name))
         pngs.append(png)
-    _save_grid(pngs, out / "grid.png")
-    print(f"wrote {len(pngs)} PNGs and {out / 'grid.png'}")
+    _save_grid(pngs, out / "attention_grid.png")
+    print(f"wrote {len(pngs)} PNGs and {out / 'attention_grid.png'}")
     return 0
 
 

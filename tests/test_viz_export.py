@@ -65,12 +65,14 @@ def test_report_html_and_figures(run_dir, capsys):
 
 
 def test_viz_matches_and_attention_cli(run_dir, image_files, tmp_path):
-    assert main(["viz-matches", *image_files, "--out-dir", str(tmp_path / "m")]) == 0
-    for name in ("img0_matches.png", "img1_matches.png", "grid.png"):
-        _decodable_png(tmp_path / "m" / name)
-    assert main(["viz-attention", str(run_dir), *image_files, "--out-dir", str(tmp_path / "a")]) == 0
-    for name in ("img0_attention.png", "grid.png"):
-        _decodable_png(tmp_path / "a" / name)
+    assert main(["viz-matches", *image_files, "--out-dir", str(tmp_path / "viz")]) == 0
+    matches = (tmp_path / "viz" / "matches_grid.png").read_bytes()
+    assert main(["viz-attention", str(run_dir), *image_files, "--out-dir", str(tmp_path / "viz")]) == 0
+    for name in ("img0_matches.png", "img1_matches.png", "matches_grid.png", "img0_attention.png",
+                 "attention_grid.png"):
+        _decodable_png(tmp_path / "viz" / name)
+    # the README runs both into one folder: neither replaces the other's files
+    assert (tmp_path / "viz" / "matches_grid.png").read_bytes() == matches
 
 
 def test_viz_bad_input_one_line(tmp_path, capsys):
