@@ -133,6 +133,11 @@ def test_cli_make_scenes_then_eval_dense_with_floor(tmp_path, fake_fmnist, capsy
     assert set(res) == {"vit_tiny_patch16_224 (random init)", "raw pixels (floor)"}
     assert 0 <= res["raw pixels (floor)"]["miou"] <= 100
     assert "| raw pixels (floor) |" in (tmp_path / "d.md").read_text()
+    for r in res.values():  # what the numbers were measured with is recorded (issue 28, item 5)
+        assert (r["input_size"], r["patch_size"], r["train_images"], r["epochs"]) == (32, 16, 40, 2)
+        assert r["best"]["at_grid_edge"] == (r["best"]["lr"] in (r["grid"][0]["lr"], r["grid"][-1]["lr"]))
+    assert "lr grid 0.001, 0.003" in (tmp_path / "d.md").read_text() and "| 32 / 16 | 40, 2 |" in (
+        tmp_path / "d.md").read_text()
     assert len(list((tmp_path / "c").glob("dense_*.pt"))) == 4  # two encoders x two splits, cached
     assert main(["make-scenes", str(out), "--items", "3", "--source", str(fake_fmnist)]) == 2
     assert "--items 2,4" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from pwself.data.dense import IGNORE_INDEX, DenseSplit, dense_classes, open_dens
 from pwself.eval.features import normalize_images
 from pwself.eval.source import load_or_compute
 from pwself.models import forward_tokens
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DenseFeatures", "backbone_encoder", "pixel_encoder", "dense_features", "confusion_matrix",
            "segmentation_scores", "dense_probe", "dense_markdown", "DenseSettings", "evaluate_dense",
@@ -203,8 +206,10 @@ def dense_probe(train: DenseFeatures, test: DenseFeatures, names: Sequence[str],
         if val_miou[k] > val_miou[best]:
             best = k
     conf = _test_confusion((test.tokens - mu) / sd, test.masks, weight[best], bias[best], n_classes)
-    return {**segmentation_scores(conf, names), "best": {"lr": lrs[best], "val_miou": val_miou[best]},
-            "grid": [{"lr": lr, "val_miou": v} for lr, v in zip(lrs, val_miou)]}
+    return {**segmentation_scores(conf, names),
+            "best": {"lr": lrs[best], "val_miou": val_miou[best], "at_grid_edge": best in (0, len(lrs) - 1)},
+            "grid": [{"lr": lr, "val_miou": v} for lr, v in zip(lrs, val_miou)],
+            "train_images": n, "epochs": epochs}
 
 
 def dense_markdown(results: dict[str, dict]) -> str:
@@ -213,10 +218,16 @@ def dense_markdown(results: dict[str, dict]) -> str:
         return ""
     names = list(next(iter(results.values()))["per_class_iou"])
     lines = ["### Dense probe (linear per patch token, logits upsampled to the mask): test %", "",
-             "| model | mIoU | pixel acc | mean acc | chosen lr |", "|---|---|---|---|---|"]
+             "| model | mIoU | pixel acc | mean acc | chosen lr | input px / patch | train images, epochs |",
+             "|---|---|---|---|---|---|---|"]
     for model, r in results.items():
         cells = [f"{r[k]:.2f}" for k in ("miou", "pixel_acc", "mean_acc")]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {r['best']['lr']:g} |")
+        edge = " (grid edge)" if r["best"].get("at_grid_edge") else ""
+        shape = f"{r['input_size']} / {r['patch_size']}" if "input_size" in r else "?"
+        run = f"{r['train_images']}, {r['epochs']}" if "train_images" in r else "?"
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {r['best']['lr']:g}{edge} | {shape} | {run} |")
+    grid = ", ".join(f"{g['lr']:g}" for g in next(iter(results.values()))["grid"])
+    lines += ["", f"lr grid {grid}, chosen on a held-out tenth of train by mIoU."]
     lines += ["", "Per-class IoU (— : class absent from the test masks and never predicted)", "",
               "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for model, r in results.items():
@@ -299,6 +310,7 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
         src.backbone.eval()
         results[src.name] = probe_encoder(backbone_encoder(src.backbone), {"weights": src.key}, root, channels,
                                           size, src.mean, src.std, settings, names)
+        results[src.name].update(input_size=size, patch_size=patch)
         names = list(results[src.name]["per_class_iou"])  # the masks are scanned for the first model only
     if settings.pixel_floor and sources:
         src = sources[0]
@@ -306,4 +318,9 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
         results["raw pixels (floor)"] = probe_encoder(pixel_encoder(patch), {"weights": f"pixels{patch}"}, root,
                                                       src.backbone.patch_embed.proj.in_channels, size, src.mean,
                                                       src.std, settings, names)
+        results["raw pixels (floor)"].update(input_size=size, patch_size=patch)
+    for name, res in results.items():
+        if res["best"]["at_grid_edge"]:
+            log.warning("dense probe of %s: the chosen lr %g is at the edge of the grid (%g..%g): the best lr may "
+                        "lie beyond it", name, res["best"]["lr"], res["grid"][0]["lr"], res["grid"][-1]["lr"])
     return results
