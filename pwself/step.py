@@ -81,6 +81,9 @@ class ViewPipeline:
             views = MultiCropViews(to_unit(batch.global_crops), to_unit(batch.local_crops), batch.boxes, batch.flips,
                                    batch.n_global, batch.n_local)
         else:
+            if not batch.is_floating_point():
+                raise ValueError(f"the step takes float images in [0, 1], got {batch.dtype}: pass "
+                                 "images.float() / 255")
             views = self.multicrop(batch.to(self.dtype), generator)
         return MultiCropViews(
             (self.augment(views.global_crops, generator) - self.mean) / self.std,

@@ -112,3 +112,15 @@ def test_pwself_pretrain_evaluates_and_train_alone_does_not(tmp_path):
     bare = train(load_config(None, [*items, f"out_dir={tmp_path / 't'}"]), progress=False)
     assert bare.knn is None and not (tmp_path / "t" / "knn.json").exists()
     assert (tmp_path / "t" / "finished.json").exists()
+
+
+def test_uint8_images_are_one_line_not_a_silent_scale_error():
+    import pytest
+    import torch
+
+    from pwself.step import build_step
+
+    step = build_step(load_config(None, [t for t in TINY if "=" in t]), torch.device("cpu"), [0.5], [0.25])
+    images = (torch.rand(4, 1, 16, 16) * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"float images in \[0, 1\], got torch.uint8: pass images.float\(\) / 255"):
+        step(images, 0.04, 0.996, torch.Generator().manual_seed(0))
