@@ -43,13 +43,23 @@ def _run_config(ckpt: dict[str, Any]) -> TrainConfig:
     return config_from_dict(ckpt["config"])
 
 
+def input_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What the run's inputs must be, in timm's ``pretrained_cfg`` fields (``timm.data.resolve_model_data_config``
+    and ``create_transform`` read them): side, mean, std, bicubic resize, no crop margin."""
+    size = cfg.views.global_size
+    return {"input_size": (cfg.backbone.in_chans, size, size), "mean": tuple(cfg.data.mean),
+            "std": tuple(cfg.data.std), "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": 0}
+
+
 def teacher_backbone(ckpt: dict[str, Any]) -> VisionTransformer:
-    """The teacher's backbone of a loaded checkpoint, in eval mode."""
+    """The teacher's backbone of a loaded checkpoint, in eval mode, carrying the run's preprocessing in its
+    ``pretrained_cfg``."""
     cfg = _run_config(ckpt)
     model = make_vit(cfg.backbone, cfg.views.global_size)
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **input_config(cfg)}
     return model.eval()
 
 
@@ -89,8 +99,7 @@ def _folder_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
         "architecture": TIMM_BASE_NAME, "img_size": size, "patch_size": b.patch_size, "in_chans": b.in_chans,
         "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0, "num_features": b.embed_dim,
         "model_args": model_args,
-        "pretrained_cfg": {"input_size": [b.in_chans, size, size], "mean": list(cfg.data.mean),
-                           "std": list(cfg.data.std), "num_classes": 0, "interpolation": "bicubic", "crop_pct": 1.0},
+        "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in input_config(cfg).items()},
         "pwself": {"objective": cfg.loss.objective, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
                    "data": {"kind": cfg.data.kind, "root": cfg.data.root}},
     }
@@ -111,14 +120,16 @@ Self-supervised teacher backbone trained with `pwself` (objective `{objective}`)
 ## Load
 
 ```python
-import pwself
+import pwself, timm
 model = pwself.load("THIS_FOLDER")  # timm ViT, eval mode; model.forward_features(x): CLS first
+data_cfg = timm.data.resolve_model_data_config(model)  # this run's input size, mean, std, bicubic
+transform = timm.data.create_transform(**data_cfg)       # PIL image -> normalized tensor
 
 # or with timm alone:
-import json, timm
+import json
 cfg = json.load(open("THIS_FOLDER/config.json"))
-model = timm.create_model(cfg["architecture"], pretrained=True,
-                          pretrained_cfg_overlay=dict(file="THIS_FOLDER/model.safetensors"), **cfg["model_args"])
+model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                          pretrained_cfg_overlay=dict(file="THIS_FOLDER/model.safetensors", **cfg["pretrained_cfg"]))
 ```
 """
 
@@ -174,8 +185,9 @@ def _load_folder(folder: Path) -> VisionTransformer:
     import timm
 
     cfg = json.loads((folder / "config.json").read_text())
-    model = timm.create_model(cfg["architecture"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")), **cfg["model_args"])
+    inputs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("pretrained_cfg", {}).items()}
+    model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), **inputs))
     return model.eval()
 
 

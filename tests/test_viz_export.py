@@ -145,3 +145,35 @@ def test_push_to_hub_uploads_the_folder_through_huggingface_hub(run_dir, tmp_pat
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ImportError, match=r"pip install 'pwself\[hub\]'"):
         push_to_hub(folder, "me/tiny")
+
+
+def test_every_way_of_loading_carries_the_runs_preprocessing(run_dir, tmp_path):
+    """A run folder, a checkpoint file and an export folder all give timm the run's input size, mean, std and
+    interpolation (issue 28, item 1); the card's timm-alone snippet does too."""
+    import json
+
+    from timm.data import create_transform, resolve_model_data_config
+
+    cfg = yaml_config(run_dir)
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--format", "folder", str(out)]) == 0
+    folder_cfg = json.loads((out / "config.json").read_text())
+    by_timm = timm.create_model(folder_cfg["architecture"], pretrained=True, **folder_cfg["model_args"],
+                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"),
+                                                            **folder_cfg["pretrained_cfg"]))
+    checkpoint = sorted(run_dir.glob("checkpoint_0*.pt"))[-1]
+    for model in (pwself.load(run_dir), pwself.load(checkpoint), pwself.load(out), by_timm):
+        data = resolve_model_data_config(model)
+        size = cfg["views"]["global_size"]
+        assert tuple(data["input_size"]) == (cfg["backbone"]["in_chans"], size, size)
+        assert tuple(data["mean"]) == pytest.approx(tuple(cfg["data"]["mean"]))
+        assert tuple(data["std"]) == pytest.approx(tuple(cfg["data"]["std"]))
+        assert (data["interpolation"], data["crop_pct"]) == ("bicubic", 1.0)
+        assert create_transform(**data) is not None
+    assert "resolve_model_data_config" in (out / "README.md").read_text()
+
+
+def yaml_config(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
