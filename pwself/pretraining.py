@@ -16,6 +16,7 @@ import pwself.train as training
 from pwself.config import TrainConfig, load_config
 from pwself.eval import knn as knn_eval
 from pwself.eval.floors import pixel_floor, random_init_floor
+from pwself.rundir import write_atomic
 
 __all__ = ["pretrain", "standard_evaluation", "run_experiment", "cached_json", "open_teacher"]
 
@@ -60,9 +61,7 @@ def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, 
     if path.exists():
         return json.loads(path.read_text())
     result = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(result, indent=2))
     return result
 
 

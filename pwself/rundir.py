@@ -8,10 +8,11 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["RunDirError", "RunInUseError", "holds_run", "holds_weights", "prepare_run_dir", "RunLock", "free_space",
-           "FINISHED_FILE", "move_aside", "check_output", "run_owned"]
+           "FINISHED_FILE", "move_aside", "check_output", "run_owned", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,21 @@ def check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = (), wha
         raise RunDirError(f"{what} {path} exists: choose another path or pass --overwrite to replace it")
 
 
+def _aside_path(folder: Path) -> Path:
+    """The sibling ``NAME.replaced-TIME`` where a folder's old contents go (never deleted)."""
+    return folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def move_aside(folder: Path) -> Path:
-    """Move a whole folder to a sibling ``NAME.replaced-TIME`` (never deleted); the new place."""
-    aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Move a whole folder to :func:`_aside_path`; the new place."""
+    aside = _aside_path(folder)
     folder.rename(aside)
     return aside
 
 
 def _move_aside(run_dir: Path) -> Path:
-    """Move everything of the old run (all but the lock) into a sibling ``NAME.replaced-TIME`` folder."""
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    """Move everything of the old run (all but the lock) into :func:`_aside_path`."""
+    aside = _aside_path(run_dir)
     aside.mkdir()
     for item in run_dir.iterdir():
         if item.name != LOCK_NAME:
@@ -156,3 +162,18 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLo
                               "--overwrite (the old run is moved aside, not deleted), or choose another --out-dir")
         moved = _move_aside(run_dir)
     return lock, moved
+
+
+def write_atomic(path: Path, content: str | Callable[[Path], object]) -> None:
+    """Write a file through a temporary one beside it: a full disk leaves no empty or torn file, and the error
+    names the file. ``content``: the text, or a function that writes the file at the path it is given."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None

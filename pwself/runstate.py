@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_max_side, saved_config
-from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights
+from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights, write_atomic
 
 __all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]
 
@@ -33,9 +33,7 @@ class RunState:
 def write_finished(run_dir: Path, step: int, knn: dict[int, dict[str, float]] | None,
                    floors: dict[str, Any] | None) -> None:
     """Mark the run finished, with its final kNN and floors (``None`` when not evaluated)."""
-    tmp = run_dir / f".{FINISHED_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "knn": knn, "floors": floors}, indent=2))
-    tmp.replace(run_dir / FINISHED_FILE)
+    write_atomic(run_dir / FINISHED_FILE, json.dumps({"step": step, "knn": knn, "floors": floors}, indent=2))
 
 
 def read_finished(run_dir: Path) -> dict[str, Any]:

@@ -466,9 +466,9 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
     if due and prog.bad_in_a_row:  # weights of a non-finite streak never replace (or rotate out) a good one
         log.warning("step %d: no checkpoint while the loss is non-finite (the last good one, %s, is kept)",
                     prog.step, prog.last_ckpt)
-    elif due and _weight_norm(step) > WEIGHT_NORM_LIMIT * prog.weight_norm_ref:  # exploding: finite, not good
+    elif due and (growth := _weight_norm(step) / prog.weight_norm_ref) > WEIGHT_NORM_LIMIT:  # exploding, finite
         log.warning("step %d: no checkpoint while the weights are %.3g times their starting norm (the last good one, "
-                    "%s, is kept)", prog.step, _weight_norm(step) / prog.weight_norm_ref, prog.last_ckpt)
+                    "%s, is kept)", prog.step, growth, prog.last_ckpt)
     elif due:
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pwself.rundir import write_atomic
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -425,21 +427,4 @@ def draw_attention(
 def save_figure(fig: Any, path: str | Path, dpi: int) -> None:
     """Save a figure through a temporary file: a full disk leaves no empty or torn PNG, and names the file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file (no torn file; an error names the file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
