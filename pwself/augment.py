@@ -20,6 +20,8 @@ from kornia.enhance import adjust_hue
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
+from pwself.sections import FRACTION, check_choice, check_interval, check_ranges
+
 PHOTOMETRIC_MODES = ("image", "patch", "none")  # photometric.mode
 
 __all__ = ["PhotometricConfig", "PhotometricAugment", "to_patches", "from_patches"]
@@ -58,6 +60,13 @@ class PhotometricConfig:
     solarize_p: float = 0.2
     noise_p: float = 0.2
     noise_std: float = 0.1
+
+    def validate(self) -> None:
+        """Raise :class:`~pwself.sections.ConfigError` for a probability outside [0, 1] or an unknown mode."""
+        check_choice("photometric.mode", self.mode, PHOTOMETRIC_MODES)
+        check_ranges(self, "photometric", {k: FRACTION for k in ("jitter_p", "grayscale_p", "blur_p", "solarize_p",
+                                                                 "noise_p")})
+        check_interval("photometric.blur_sigma", self.blur_sigma)
 
 
 def to_patches(x: Tensor, p: int) -> Tensor:

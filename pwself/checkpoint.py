@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pwself.config import config_from_dict
+
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
 
@@ -115,11 +117,17 @@ def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
-def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
-    """The :class:`~pwself.config.TrainConfig` stored in a checkpoint."""
-    from pwself.config import config_from_dict
+def saved_config(d: dict[str, Any]) -> TrainConfig:
+    """The config a run saved (``config.yaml`` or a checkpoint's), read as that run meant it: runs written before
+    ``data.max_side`` existed cut their views from the originals (0); renamed keys are read under their new
+    names (:data:`pwself.config.RENAMED_KEYS`)."""
+    d = {**d, "data": {"max_side": 0, **(d.get("data") or {})}}
+    return config_from_dict(d)
 
-    return config_from_dict(ckpt["config"])
+
+def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
+    """The :class:`~pwself.config.TrainConfig` stored in a checkpoint, as its run meant it."""
+    return saved_config(ckpt["config"])
 
 
 def export_backbone(backbone: nn.Module, path: str | Path) -> Path:

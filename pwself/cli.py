@@ -24,7 +24,7 @@ from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
-    from pwself.eval.suite import EvalSettings
+    from pwself.eval.protocols import EvalSettings
 
 __all__ = ["main"]
 
@@ -58,8 +58,9 @@ def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
     if labelled:
         p.add_argument("--data-kind", help="idx, cifar, folder or synthetic (default: the first checkpoint's)")
         p.add_argument("--data-root", help="dataset directory (default: the first checkpoint's)")
-        p.add_argument("--pooling", default="cls",
-                       help="cls, mean-patch, cls+mean, last4 (comma-separated for several)")
+        p.add_argument("--pooling", default="auto",
+                       help="auto (a pwself model as its objective pools, else cls), cls, mean-patch, cls+mean, last4, "
+                            "bag (comma-separated for several)")
     p.add_argument("--in-chans", type=int, help="input channels of a timm model (default: from the data)")
     p.add_argument("--img-size", type=int, help="input side of a timm model (default: from the data)")
     p.add_argument("--cache-dir", default=".pwself_cache", help="feature cache ('' to disable)")
@@ -192,7 +193,8 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial", type=int, metavar="I", help="train and score trial I only (parallel workers sharing "
                    "--out-dir); a later call without it reads their scores and chooses")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("space", nargs="+", metavar="KEY=CHOICES", help="e.g. loss.logo_weight=0.1,0.5,1 optim.lr=1e-3,3e-3")
+    p.add_argument("space", nargs="+", metavar="KEY=CHOICES",
+                   help="e.g. objectives.logo.weight=0.1,0.5,1 optim.lr=1e-3,3e-3")
 
 
 def _args_config(p: argparse.ArgumentParser) -> None:
@@ -389,11 +391,15 @@ def _eval_settings(args: argparse.Namespace) -> EvalSettings:
     """The evaluation flags as the typed settings the evaluation code takes (no Namespace below the CLI)."""
     from dataclasses import fields
 
-    from pwself.eval.suite import EvalSettings
+    from pwself.eval.protocols import EvalSettings
 
     flags = {f.name: getattr(args, f.name) for f in fields(EvalSettings) if hasattr(args, f.name)}
     flags.update(progress=not args.no_progress, whiten=not getattr(args, "no_whitening", False),
                  crop_queries=not getattr(args, "no_crop_queries", False))
+    if "ks" in flags:
+        flags["ks"] = tuple(int(k) for k in flags["ks"].split(","))
+    if "pooling" in flags:
+        flags["pooling"] = tuple(flags["pooling"].split(","))
     if getattr(args, "data_path", None):  # eval-copydetect names it --data-path, eval --copydetect-path
         flags["copydetect_path"] = args.data_path
     return EvalSettings(**flags)
@@ -410,6 +416,13 @@ def _check_eval_flags(args: argparse.Namespace) -> None:
             ks = [0]
         if not ks or min(ks) < 1:
             raise ValueError(f"--ks {args.ks!r}: give whole numbers >= 1 separated by commas, e.g. --ks 10,20")
+    if hasattr(args, "pooling"):
+        from pwself.eval.features import POOLINGS
+
+        bad = [p for p in args.pooling.split(",") if p not in ("auto", *POOLINGS)]
+        if bad:
+            raise ValueError(f"--pooling {args.pooling}: {', '.join(bad)} is not a pooling; use auto, "
+                             f"{', '.join(POOLINGS)} (comma-separated for several)")
     if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--temperature {args.temperature}: use a finite value > 0, e.g. 0.07")
     if hasattr(args, "epochs") and args.epochs < 1:

@@ -16,26 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
-from pwself.eval.floors import dense_probe, open_split, pixel_dense_floor, pixel_floor, random_init_floor
+from pwself.eval.floors import pixel_dense_floor, pixel_floor, random_init_floor
+from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, evaluate
+from pwself.eval.source import FeatureSource
 from pwself.rundir import RunInUseError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison"]
 
-def _linear_probe(cfg: TrainConfig, src, progress: bool) -> dict:  # noqa: ANN001 - a FeatureSource
-    """The linear probe of a run's teacher on features pooled as its objective says."""
-    from pwself.eval.linear import linear_probe
-    from pwself.eval.source import cached_features
-    from pwself.objectives import objective_class
-
-    data_id = {"kind": cfg.data.kind, "root": cfg.data.root, "seed": cfg.seed}
-    pooling = objective_class(cfg.loss.objective).pooling
-    device = next(src.backbone.parameters()).device
-    feats = {split: cached_features(src, open_split(cfg, split), {**data_id, "split": split}, pooling=pooling,
-                                    cache_dir=Path(cfg.out_dir) / "features", progress=progress, device=device)
-             for split in ("train", "test")}
-    return linear_probe(*feats["train"], *feats["test"])
+def _probe(cfg: TrainConfig, src: FeatureSource, protocol: str, progress: bool, dense: str | None = None) -> dict:
+    """One protocol of a run's teacher (features cached in the run folder)."""
+    settings = EvalSettings(cache_dir=str(Path(cfg.out_dir) / "features"), progress=progress, dense_root=dense)
+    data = EvalData.of_run(cfg) if protocol in FEATURE_PROTOCOLS else None
+    return evaluate(src, data, [protocol], settings)[protocol]
 
 
 def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict[str, Any]:
@@ -50,11 +44,10 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     source = cache(lambda: open_teacher(run_dir, cfg.device))  # opened once, and only when a probe has to run
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
-           "linear": cached_json(run_dir / "linear.json", lambda: _linear_probe(cfg, source(), progress))["top1"]}
+           "linear": cached_json(run_dir / "linear.json", lambda: _probe(cfg, source(), "linear", progress))["top1"]}
     if dense is not None:
-        device = next(source().backbone.parameters()).device
         row["miou"] = cached_json(run_dir / "dense.json",
-                                  lambda: dense_probe(source(), dense, run_dir / "features", device))["miou"]
+                                  lambda: _probe(cfg, source(), "dense", False, dense))["miou"]
     return row
 
 

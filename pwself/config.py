@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import types
@@ -20,12 +19,12 @@ from typing import Any
 
 import yaml
 
-from pwself.augment import PHOTOMETRIC_MODES, PhotometricConfig
-from pwself.data import DATA_KINDS, DataConfig
-from pwself.matching import MATCHERS
-from pwself.models import PATCH_HEADS, BackboneConfig, HeadConfig
-from pwself.objectives import OBJECTIVES
+from pwself.augment import PhotometricConfig
+from pwself.data import DataConfig
+from pwself.models import BackboneConfig, HeadConfig
+from pwself.objectives import check_objective, options_section
 from pwself.objectives.base import LossConfig
+from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_choice, check_ranges
 from pwself.views import ViewConfig
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,6 @@ __all__ = [
     "field_docs",
     "describe_config",
 ]
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the key and the fix."""
 
 
 @dataclass
@@ -81,6 +76,15 @@ class OptimConfig:
     freeze_last_layer_epochs: float = 1.0
     momentum_teacher: float = 0.996
     max_nonfinite_steps: int = 5
+
+    def validate(self) -> None:
+        check_ranges(self, "optim", {"lr": POSITIVE, "momentum_teacher": FRACTION,
+                                     **{k: NON_NEGATIVE for k in ("min_lr", "clip_grad", "weight_decay",
+                                                                  "weight_decay_end", "warmup_epochs",
+                                                                  "freeze_last_layer_epochs", "max_nonfinite_steps")}})
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}: the schedule ends "
+                              "at min_lr, so it must be at most lr")
 
 
 @dataclass
@@ -110,6 +114,7 @@ class TrainConfig:
         loss: Objective and temperatures.
         optim: Optimizer and schedules.
         log: Metric sinks besides metrics.jsonl.
+        objectives: Each objective's own knobs (``objectives.logo.weight``, ...), declared in its module.
         epochs: Passes over the training data (sets the length of every schedule).
         batch_size: Images per step and process.
         seed: Seed of the whole run (init, views, augmentation, data order).
@@ -135,6 +140,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    objectives: Any = field(default_factory=lambda: options_section()())
     epochs: int = 10
     batch_size: int = 64
     seed: int = 0
@@ -148,111 +154,21 @@ class TrainConfig:
     knn_every_epochs: float = 0
     knn_floors: bool = True
 
-    def _get(self, key: str) -> Any:
-        obj: Any = self
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
-
     def validate(self) -> None:
-        """Check every value's range and the cross-field constraints; raise :class:`ConfigError` naming the
-        key, the value and what is allowed."""
-        for key, (check, allowed) in _RANGES.items():
-            value = self._get(key)
-            if isinstance(value, float) and not math.isfinite(value) or not check(value):
-                raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
-        if self.optim.min_lr > self.optim.lr:
-            raise ConfigError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}: the schedule ends "
-                              "at min_lr, so it must be at most lr")
-        lo, hi = self.photometric.blur_sigma
-        if not 0 < lo <= hi:
-            raise ConfigError(f"photometric.blur_sigma={[lo, hi]} must be [low, high] with 0 < low <= high")
-        for key in ("views.global_scale", "views.local_scale"):
-            lo, hi = self._get(key)
-            if not 0 < lo <= hi <= 1:
-                raise ConfigError(f"{key}={[lo, hi]} must be [low, high] with 0 < low <= high <= 1")
-        p, v = self.backbone.patch_size, self.views
-        for name, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
-            if size % p:
-                raise ConfigError(f"{name}={size} is not a multiple of the patch size {p}: use a multiple of {p}")
-            if size < p:
-                raise ConfigError(f"{name}={size} is smaller than the patch size {p}")
-        if v.n_local and v.local_size >= v.global_size:
-            raise ConfigError(
-                f"views.local_size={v.local_size} must be smaller than views.global_size={v.global_size}"
-            )
-        if v.n_global < 1 or v.n_global + v.n_local < 2:
-            raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
-        if self.loss.objective not in OBJECTIVES:
-            raise ConfigError(f"loss.objective={self.loss.objective!r}: use one of {', '.join(OBJECTIVES)}")
-        problem = OBJECTIVES[self.loss.objective].config_problem(self.views, self.head)
-        if problem:
-            raise ConfigError(f"loss.objective={self.loss.objective}: {problem}")
-        _choice("loss.matcher", self.loss.matcher, MATCHERS)
-        _choice("head.patch_head", self.head.patch_head, PATCH_HEADS)
-        if self.head.patch_head == "shared" and self.head.patch_out_dim not in (0, self.head.out_dim):
-            raise ConfigError(f"head.patch_out_dim={self.head.patch_out_dim} needs a patch head of its own: set "
-                              "head.patch_head=separate or split")
-        if not 0.0 <= self.loss.lam <= 1.0:
-            raise ConfigError(f"loss.lam={self.loss.lam} is outside [0, 1]: it is the CLS weight of the loss")
-        if not 0.0 < self.loss.patch_fraction <= 1.0:
-            raise ConfigError(f"loss.patch_fraction={self.loss.patch_fraction} must be in (0, 1]")
-        _choice("photometric.mode", self.photometric.mode, PHOTOMETRIC_MODES)
-        _choice("data.kind", self.data.kind, DATA_KINDS)
-        if self.data.max_side < -1 or 0 < self.data.max_side < v.global_size:
-            raise ConfigError(f"data.max_side={self.data.max_side} must be -1 (derived from the views), 0 (never "
-                              f"shrink) or at least views.global_size={v.global_size}")
-        if self.data.on_bad_image not in ("fail", "skip"):
-            raise ConfigError(f"data.on_bad_image={self.data.on_bad_image!r}: use fail or skip")
-        if self.precision not in ("fp32", "bf16", "fp16", "fp64"):
-            raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 (CPU or CUDA), fp16 (CUDA) or fp64")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ConfigError("batch_size and epochs must be at least 1")
-        if self.backbone.embed_dim % self.backbone.num_heads:
-            raise ConfigError(
-                f"backbone.embed_dim={self.backbone.embed_dim} is not divisible by num_heads={self.backbone.num_heads}"
-            )
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Refuse a value outside its registry, naming the choices (which the owning module lists)."""
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: use {', '.join(allowed[:-1])} or {allowed[-1]}")
-
-
-def _positive(x: float) -> bool:
-    return x > 0
-
-
-def _non_negative(x: float) -> bool:
-    return x >= 0
-
-
-def _fraction(x: float) -> bool:
-    return 0 <= x <= 1
-
-
-_POS, _NONNEG, _FRAC = (_positive, "> 0"), (_non_negative, ">= 0"), (_fraction, "in [0, 1]")
-# Value ranges checked by TrainConfig.validate (finiteness too, for floats).
-_RANGES: dict[str, tuple[Any, str]] = {
-    **{k: _POS for k in ("optim.lr", "loss.teacher_temp", "loss.warmup_teacher_temp", "loss.student_temp",
-                         "backbone.patch_size", "backbone.num_heads", "backbone.embed_dim", "backbone.depth",
-                         "backbone.mlp_ratio", "backbone.in_chans", "head.out_dim", "head.hidden_dim",
-                         "head.bottleneck_dim", "head.n_layers", "data.image_size", "data.synthetic_size",
-                         "data.synthetic_classes", "log_every", "batch_size", "epochs", "views.global_size",
-                         "views.local_size")},
-    **{k: _NONNEG for k in ("optim.min_lr", "optim.clip_grad", "optim.weight_decay", "optim.weight_decay_end",
-                            "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "optim.max_nonfinite_steps",
-                            "loss.warmup_teacher_temp_epochs", "loss.logo_weight", "loss.cossl_weight",
-                            "views.n_local", "data.subset", "data.num_workers", "checkpoint_every_steps",
-                            "keep_checkpoints", "knn_every_epochs", "head.patch_out_dim")},
-    **{k: _FRAC for k in ("loss.center_momentum", "optim.momentum_teacher", "views.flip_p", "loss.lam",
-                          "photometric.jitter_p", "photometric.grayscale_p", "photometric.blur_p",
-                          "photometric.solarize_p", "photometric.noise_p")},
-    "backbone.drop_path_rate": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "loss.patch_fraction": (lambda x: 0 < x <= 1, "in (0, 1]"),
-    "views.n_global": (lambda x: x >= 1, ">= 1"),
-}
+        """Check every section (each checks itself: :mod:`pwself.sections`) and the run's own keys; raise
+        :class:`ConfigError` naming the key, the value and what is allowed."""
+        self.backbone.validate()  # first: the views are checked against its patch size
+        self.head.validate()
+        self.views.validate(self.backbone.patch_size)
+        self.data.validate(self.views.global_size)
+        self.photometric.validate()
+        self.loss.validate()
+        check_objective(self.loss, self.views, self.head, self.objectives)
+        self.optim.validate()
+        check_choice("precision", self.precision, ("fp32", "bf16", "fp16", "fp64"))
+        check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
+                                   **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "keep_checkpoints",
+                                                                "knn_every_epochs")}})
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -305,11 +221,41 @@ REMOVED_KEYS = {
     "backbone.img_size": "the backbone's input size is views.global_size",
     "data.channels": "images are read with backbone.in_chans channels",
 }
+# Keys of earlier versions and their names now: read under the new name (files), accepted with a note (overrides).
+RENAMED_KEYS = {
+    "loss.logo_weight": "objectives.logo.weight",  # an objective's own knobs live in its own module
+    "loss.cossl_weight": "objectives.cossl.weight",
+}
+
+
+def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a nested config dict with :data:`RENAMED_KEYS` moved to their new places."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, new in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(d.get(section), dict) and key in d[section]:
+            value = d[section].pop(key)
+            node = d
+            for part in new.split(".")[:-1]:
+                node[part] = node = dict(node.get(part) or {})
+            node[new.rsplit(".", 1)[1]] = value
+            log.info("config key %s is now %s", old, new)
+    return d
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    """Field types of a config dataclass; the ``objectives`` section is built from the objective registry."""
+    hints = typing.get_type_hints(cls)
+    if cls is TrainConfig:
+        hints["objectives"] = options_section()
+    return hints
 
 
 def config_from_dict(d: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
     """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
-    hints = typing.get_type_hints(cls)
+    if cls is TrainConfig:
+        d = _rename_keys(d)
+    hints = _section_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     removed = {k for k in d if prefix + k in REMOVED_KEYS}
     for k in sorted(removed):
@@ -331,6 +277,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-3)")
         key, raw = item.split("=", 1)
+        if key.strip() in RENAMED_KEYS:
+            log.warning("%s is now %s: write %s=%s", key.strip(), RENAMED_KEYS[key.strip()],
+                        RENAMED_KEYS[key.strip()], raw)
+            key = RENAMED_KEYS[key.strip()]
         value = yaml.safe_load(raw) if raw != "" else ""
         node = d
         parts = key.strip().split(".")
@@ -397,13 +347,6 @@ def resolve_max_side(cfg: TrainConfig) -> TrainConfig:
         kinds = [(v.global_size, v.global_scale[0])] + ([(v.local_size, v.local_scale[0])] if v.n_local else [])
         cfg.data.max_side = auto_max_side(kinds)
     return cfg
-
-
-def saved_config(d: dict[str, Any]) -> TrainConfig:
-    """The config a run saved (``config.yaml`` or a checkpoint's), read as that run meant it: runs written before
-    ``data.max_side`` existed cut their views from the originals (0)."""
-    d = {**d, "data": {"max_side": 0, **(d.get("data") or {})}}
-    return config_from_dict(d)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from pwself.losses import PairRows
+from pwself.sections import NON_NEGATIVE, POSITIVE, ConfigError, check_choice, check_ranges
 
 PATCH_HEADS = ("shared", "separate", "split")  # head.patch_head (see HeadConfig)
 
@@ -51,6 +52,14 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
 
+    def validate(self) -> None:
+        """Raise :class:`~pwself.sections.ConfigError` for sizes no ViT has."""
+        check_ranges(self, "backbone", {**{k: POSITIVE for k in ("patch_size", "num_heads", "embed_dim", "depth",
+                                                                  "mlp_ratio", "in_chans")},
+                                        "drop_path_rate": (lambda x: 0 <= x < 1, "in [0, 1)")})
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"backbone.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+
 
 @dataclass
 class HeadConfig:
@@ -74,6 +83,15 @@ class HeadConfig:
     norm_last_layer: bool = True
     patch_head: str = "shared"
     patch_out_dim: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`~pwself.sections.ConfigError` for a head that cannot be built."""
+        check_ranges(self, "head", {**{k: POSITIVE for k in ("out_dim", "hidden_dim", "bottleneck_dim", "n_layers")},
+                                    "patch_out_dim": NON_NEGATIVE})
+        check_choice("head.patch_head", self.patch_head, PATCH_HEADS)
+        if self.patch_head == "shared" and self.patch_out_dim not in (0, self.out_dim):
+            raise ConfigError(f"head.patch_out_dim={self.patch_out_dim} needs a patch head of its own: set "
+                              "head.patch_head=separate or split")
 
 
 def named_architecture(name: str) -> dict[str, Any]:

@@ -14,15 +14,17 @@ from torch import nn
 
 import pwself.train as training
 from pwself.config import TrainConfig, load_config
-from pwself.eval import knn as knn_eval
 from pwself.eval.floors import pixel_floor, random_init_floor
+from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 from pwself.rundir import write_atomic
 
 __all__ = ["pretrain", "standard_evaluation", "run_experiment", "cached_json", "open_teacher"]
 
 
 def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dict[str, float]]:
-    return knn_eval.evaluate_knn_run(backbone, cfg, progress=progress)
+    """k = 10, 20 on the run's test split, the train split as the bank (no cache: the weights change)."""
+    settings = EvalSettings(ks=(10, 20), cache_dir=None, progress=progress)
+    return evaluate(run_source(backbone, cfg), EvalData.of_run(cfg), ["knn"], settings)["knn"]
 
 
 def _floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:

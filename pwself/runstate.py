@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_max_side, saved_config
+from pwself.checkpoint import saved_config
+from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_max_side
 from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights, write_atomic
 
 __all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]

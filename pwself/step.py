@@ -160,7 +160,8 @@ class TrainStep:
 
 def make_objective(cfg: TrainConfig) -> Objective:
     """The run's objective, sized to its head (and patch head)."""
-    return build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim, cfg.head.patch_out_dim or None)
+    return build_objective(cfg.loss, cfg.head.out_dim, cfg.backbone.embed_dim, cfg.head.patch_out_dim or None,
+                           cfg.objectives)
 
 
 def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: list[float],

@@ -29,6 +29,7 @@ from pwself.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    saved_config,
     upgrade_checkpoint,
 )
 from pwself.config import (
@@ -39,7 +40,6 @@ from pwself.config import (
     config_to_dict,
     resolve_max_side,
     save_config,
-    saved_config,
 )
 from pwself.data import (
     DatasetError,

@@ -51,7 +51,8 @@ def parse_space(items: list[str]) -> TuneSpace:
         else:
             fixed.append(item)
     if not choices:
-        raise ValueError("nothing to tune: give at least one KEY=CHOICE1,CHOICE2 (e.g. loss.logo_weight=0.1,0.5,1)")
+        raise ValueError("nothing to tune: give at least one KEY=CHOICE1,CHOICE2 "
+                         "(e.g. objectives.logo.weight=0.1,0.5,1)")
     return TuneSpace(choices, fixed)
 
 
@@ -68,18 +69,16 @@ def sample_trials(space: TuneSpace, trials: int, seed: int = 0) -> list[dict[str
 def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float = 0.1, k: int = 10) -> float:
     """kNN top-1 (%) on a seeded ``val_fraction`` of the train split, the rest of train as the bank; pooled
     as the objective says. Reads the train split only."""
-    from pwself.data import open_dataset
-    from pwself.eval.knn import knn_classify, run_features
+    from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 
-    train = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-    feats, labels = run_features(backbone, cfg, train)
-    if (labels < 0).any():
+    settings = EvalSettings(ks=(k,), cache_dir=None, progress=False)
+    try:
+        res = evaluate(run_source(backbone, cfg), EvalData.heldout(cfg, val_fraction), ["knn"], settings)["knn"]
+    except ValueError as e:
+        if "needs labels" not in str(e):
+            raise
         raise ValueError("tuning scores kNN on held-out train labels: the training images are unlabelled; give "
-                         "it a labelled dataset (folder sub-folders, idx, cifar)")
-    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(12345))  # the same split every trial
-    n_val = max(1, round(val_fraction * len(feats)))
-    val, bank = perm[:n_val], perm[n_val:]
-    res = knn_classify(feats[bank], labels[bank], feats[val], labels[val], ks=(min(k, len(bank)),))
+                         "it a labelled dataset (folder sub-folders, idx, cifar)") from None
     return next(iter(res.values()))["top1"]
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_interval, check_ranges
+
 __all__ = ["MultiCrop", "MultiCropViews", "sample_boxes", "crop_and_resize"]
 
 
@@ -38,6 +40,24 @@ class ViewConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     flip_p: float = 0.5
+
+    def validate(self, patch_size: int) -> None:
+        """Raise :class:`~pwself.sections.ConfigError` for views a ViT of this patch size cannot take."""
+        check_ranges(self, "views", {"global_size": POSITIVE, "local_size": POSITIVE, "n_local": NON_NEGATIVE,
+                                     "flip_p": FRACTION})
+        check_interval("views.global_scale", self.global_scale, upper=1)
+        check_interval("views.local_scale", self.local_scale, upper=1)
+        for name, size in (("views.global_size", self.global_size), ("views.local_size", self.local_size)):
+            if size % patch_size:
+                raise ConfigError(f"{name}={size} is not a multiple of the patch size {patch_size}: use a multiple "
+                                  f"of {patch_size}")
+            if size < patch_size:
+                raise ConfigError(f"{name}={size} is smaller than the patch size {patch_size}")
+        if self.n_local and self.local_size >= self.global_size:
+            raise ConfigError(f"views.local_size={self.local_size} must be smaller than "
+                              f"views.global_size={self.global_size}")
+        if self.n_global < 1 or self.n_global + self.n_local < 2:
+            raise ConfigError("need at least 1 global view and 2 views in total (views.n_global, views.n_local)")
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ BAG_VIEWS = ["views.n_local=0", "views.global_size=14", "views.global_scale=[0.2
 SPACES: dict[str, list[str]] = {
     "dino": ["optim.lr=2e-3,4e-3", "loss.teacher_temp=0.02,0.04"],
     "pwml": ["optim.lr=2e-3,4e-3", "loss.teacher_temp=0.02,0.04"],
-    "logo": ["loss.logo_weight=1e-4,1e-2,0.1,1"],
-    "cossl": ["loss.cossl_weight=0.5,1", "head.patch_head=shared,separate"],
+    "logo": ["objectives.logo.weight=1e-4,1e-2,0.1,1"],
+    "cossl": ["objectives.cossl.weight=0.5,1", "head.patch_head=shared,separate"],
     "bagssl": [*BAG_VIEWS, "views.n_global=4,8", "optim.lr=2e-3,4e-3"],
 }
 

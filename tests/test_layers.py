@@ -12,15 +12,15 @@ PKG = Path(__file__).resolve().parents[1] / "pwself"
 # Lowest first. The order the brief asks for: cli -> experiments -> {train, eval} -> step -> objectives -> core,
 # with data and runtime at the bottom.
 LAYERS = {
-    0: ["runtime", "rundir", "data.photos", "losses", "matching", "views", "augment", "models", "eval.metrics",
-        "eval.linear"],
+    0: ["sections", "runtime", "rundir", "data.photos", "losses", "matching", "views", "augment", "models",
+        "eval.metrics", "eval.linear"],
     1: ["data", "data.datasets", "data.crops", "data.dense", "data.scenes"],
     2: ["objectives", "objectives.base", "objectives.dino", "objectives.patchwise", "objectives.cossl",
         "objectives.logo", "objectives.bagssl"],
     3: ["config", "schedules", "loggers", "checkpoint", "runstate", "init_weights"],
     4: ["step"],
     5: ["train", "export", "eval", "eval.features", "eval.knn", "eval.source", "eval.dense", "eval.copydetect",
-        "eval.retrieval", "eval.floors", "eval.suite", "viz"],
+        "eval.retrieval", "eval.protocols", "eval.floors", "eval.suite", "viz"],
     6: ["pretraining", "compare", "tune"],
     7: ["cli", ""],  # "" is the package itself (pwself.load, pwself.pretrain)
 }

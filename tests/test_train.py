@@ -154,7 +154,7 @@ def test_cossl_step_equals_reference(patch_head, w_s):
     from reference import reference_cossl
 
     student, teacher, obj = build_parts(tiny_config(**{"loss.objective": "cossl", "head.patch_head": patch_head,
-                                                       "loss.cossl_weight": w_s}), torch.float64)
+                                                       "objectives.cossl.weight": w_s}), torch.float64)
     assert (student.patch_head is None) == (patch_head == "shared")
     obj.cls_center.center.normal_()
     views = MultiCrop(2, 3, 16, 8)(torch.rand(3, 1, 20, 20, dtype=torch.float64), torch.Generator().manual_seed(3))
@@ -193,7 +193,7 @@ def test_cossl_patch_term_vanishes_when_patches_match_a_sharp_teacher_cls():
 
 
 def test_logo_step_trains_encoder_and_affinity():
-    student, teacher, obj, views = float32_setup("logo", **{"loss.logo_weight": 0.5})
+    student, teacher, obj, views = float32_setup("logo", **{"objectives.logo.weight": 0.5})
     out = distill_step(student, teacher, obj, views, 0.04)
     terms = out.terms
     assert out.teacher.patch is None and {"local_affinity", "affinity_loss"} <= set(terms)

@@ -24,6 +24,7 @@ from pwself.data.datasets import (
     make_synthetic,
     worker_error,
 )
+from pwself.sections import NON_NEGATIVE, POSITIVE, ConfigError, check_choice, check_ranges
 
 DATA_KINDS = ("idx", "cifar", "folder", "synthetic")  # data.kind, each opened by build_dataset
 
@@ -79,6 +80,17 @@ class DataConfig:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     max_side: int = -1
+
+    def validate(self, global_size: int) -> None:
+        """Raise :class:`~pwself.sections.ConfigError` for an unknown kind or a value out of range
+        (``global_size``: the views' side, below which ``max_side`` cannot shrink an image)."""
+        check_choice("data.kind", self.kind, DATA_KINDS)
+        check_choice("data.on_bad_image", self.on_bad_image, ("fail", "skip"))
+        check_ranges(self, "data", {**{k: POSITIVE for k in ("image_size", "synthetic_size", "synthetic_classes")},
+                                    **{k: NON_NEGATIVE for k in ("subset", "num_workers")}})
+        if self.max_side < -1 or 0 < self.max_side < global_size:
+            raise ConfigError(f"data.max_side={self.max_side} must be -1 (derived from the views), 0 (never "
+                              f"shrink) or at least views.global_size={global_size}")
 
 
 

@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 
 from pwself.config import TrainConfig, config_to_dict
 from pwself.data import open_dataset
+from pwself.eval.protocols import EvalData, EvalSettings, evaluate, features, score_features
 
-__all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "dense_probe", "MAX_PIXEL_DIM",
+__all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "MAX_PIXEL_DIM",
            "run_knn_floors"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
@@ -54,15 +55,12 @@ def pixel_floor(cfg: TrainConfig, cache: Path, linear: bool = False) -> dict[str
 def _scores(feats: dict, linear: bool) -> dict[str, float] | None:
     """kNN (k = 10, 20) and (with ``linear``) the linear probe of ``{"train"|"test": (features, labels)}``;
     ``None`` for unlabelled data."""
-    from pwself.eval.knn import knn_classify
-    from pwself.eval.linear import linear_probe
-
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         return None
-    knn = knn_classify(*feats["train"], *feats["test"], ks=(10, 20))
-    floor = {"knn10": knn[10]["top1"], "knn20": knn[20]["top1"]}
+    res = score_features(feats, ["knn", "linear"] if linear else ["knn"], EvalSettings(ks=(10, 20)))
+    floor = {"knn10": res["knn"][10]["top1"], "knn20": res["knn"][20]["top1"]}
     if linear:
-        floor["linear"] = linear_probe(*feats["train"], *feats["test"])["top1"]
+        floor["linear"] = res["linear"]["top1"]
     return floor
 
 
@@ -91,32 +89,20 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
     of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
     from), CLS features at the global view size: what pretraining adds is the distance to this row.
     ``None`` for unlabelled data."""
-    from pwself.eval import extract_features
-
     if cache.exists():
         floor = json.loads(cache.read_text())
         if dense is None or "miou" in floor:
             return floor
-    splits = {split: open_split(cfg, split) for split in ("train", "test")}
-    src = _random_init_source(cfg, splits)
-    device = next(src.backbone.parameters()).device
-    feats = {split: extract_features(src.backbone, ds, src.mean, src.std, size=src.size, progress=False,
-                                     num_workers=cfg.data.num_workers, device=device) for split, ds in splits.items()}
-    floor = _scores(feats, linear)
+    data = EvalData.of_run(cfg)
+    src = _random_init_source(cfg, {"train": data.train, "test": data.test})
+    floor = _scores(features(src, data, "cls", EvalSettings(cache_dir=None, progress=False)), linear)
     if floor is None:
         return None
     if dense is not None:
-        floor["miou"] = dense_probe(src, dense, cache.parent / "features", device)["miou"]
+        settings = EvalSettings(cache_dir=str(cache.parent / "features"), progress=False, dense_root=dense)
+        floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
     cache.write_text(json.dumps(floor))
     return floor
-
-
-def dense_probe(src, dense: str, cache_dir: Path, device) -> dict:  # noqa: ANN001 - a FeatureSource, a device
-    """The dense probe (default settings) of one feature source."""
-    from pwself.eval.dense import DenseSettings, evaluate_dense
-
-    settings = DenseSettings(cache_dir=str(cache_dir), device=device, progress=False)
-    return evaluate_dense([src], dense, settings)[src.name]
 
 
 def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:

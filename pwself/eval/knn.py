@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 if TYPE_CHECKING:
-    from torch.utils.data import Dataset
 
-    from pwself.config import TrainConfig
+    pass
 
-__all__ = ["knn_classify", "evaluate_knn_run"]
+__all__ = ["knn_classify"]
 
 
 @torch.no_grad()
@@ -77,31 +76,3 @@ def knn_classify(
             hits[k][1] += (pred[:, : min(5, k, c)] == y[:, None]).any(1).sum()
     n = len(test_features)
     return {k: {"top1": float(100 * h[0] / n), "top5": float(100 * h[1] / n)} for k, h in hits.items()}
-
-
-def run_features(backbone: nn.Module, cfg: TrainConfig, dataset: Dataset, progress: bool = False,
-                 desc: str = "features") -> tuple[Tensor, Tensor]:
-    """Features of a run's backbone on ``dataset``, pooled as its objective says (the CLS token at the global
-    view size; BagSSL's bag of tiles at native resolution), and the labels."""
-    from pwself.eval.features import extract_features
-    from pwself.objectives import objective_class
-
-    pooling = objective_class(cfg.loss.objective).pooling
-    return extract_features(backbone, dataset, cfg.data.mean, cfg.data.std,
-                            size=None if pooling == "bag" else cfg.views.global_size, pooling=pooling,
-                            device=next(backbone.parameters()).device, progress=progress,
-                            num_workers=cfg.data.num_workers, desc=desc)
-
-
-def evaluate_knn_run(
-    backbone: nn.Module, cfg: TrainConfig, ks: tuple[int, ...] = (10, 20), progress: bool = True
-) -> dict[int, dict[str, float]]:
-    """kNN of a run's backbone on its dataset's train (bank) and test splits, pooled as its objective says."""
-    from pwself.data import open_dataset
-
-    train, test = (open_dataset(cfg.data, split, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-                   for split in ("train", "test"))
-    f_tr, y_tr = run_features(backbone, cfg, train, progress, "features train")
-    f_te, y_te = run_features(backbone, cfg, test, progress, "features test")
-    ks = tuple(k for k in ks if k <= len(f_tr)) or (len(f_tr),)
-    return knn_classify(f_tr, y_tr, f_te, y_te, ks=ks)

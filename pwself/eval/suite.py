@@ -3,55 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pwself.data import DatasetError, build_dataset
-from pwself.eval.source import FeatureSource, cached_features, open_source
+from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, default_pooling, evaluate
+from pwself.eval.source import FeatureSource, open_source
 
 __all__ = ["run", "markdown", "write", "open_sources", "EvalSettings"]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What the evaluation commands set, as typed values (the CLI fills it from its flags).
-
-    Attributes:
-        data_kind, data_root: The dataset of kNN and linear (default: the first checkpoint's).
-        pooling: Comma-separated poolings (``cls``, ``mean-patch``, ...).
-        in_chans, img_size: Input channels and side of a timm model (default: from the data).
-        cache_dir: Feature cache ('' or ``None``: none).
-        device: Where features are extracted (``auto``: a GPU when there is one).
-        progress: Progress bars.
-        ks, temperature: kNN's k values (comma-separated) and vote temperature.
-        epochs: Linear probe epochs.
-        copydetect_path, generate_from, whiten: Copy detection's Copydays-layout folder, the image folder to
-            build it from first, PCA whitening.
-        imsize: Square input side of copy detection (default: the model's) and longest side of retrieval (224).
-        gnd, images, crop_queries, multiscale: Retrieval's ground truth, image folder (default: jpg/ beside the
-            ground truth), query cropping, multi-scale descriptors.
-    """
-
-    data_kind: str | None = None
-    data_root: str | None = None
-    pooling: str = "cls"
-    in_chans: int | None = None
-    img_size: int | None = None
-    cache_dir: str | None = ".pwself_cache"
-    device: str = "auto"
-    progress: bool = True
-    ks: str = "10,20,100,200"
-    temperature: float = 0.07
-    epochs: int = 30
-    copydetect_path: str | None = None
-    generate_from: str | None = None
-    whiten: bool = True
-    imsize: int | None = None
-    gnd: str | None = None
-    images: str | None = None
-    crop_queries: bool = True
-    multiscale: bool = False
 
 
 def _data_settings(args: EvalSettings, sources: list[FeatureSource]) -> dict[str, Any]:
@@ -81,65 +40,32 @@ def open_sources(models: list[str], args: EvalSettings, channels: int, size: int
 
 
 def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str, Any]:
-    """Evaluate every model with every protocol; returns ``{"models": [...], protocol: {model: result}}``."""
-    from pwself.eval.knn import knn_classify
-    from pwself.eval.linear import linear_probe
-
-    progress = args.progress
-    cache = args.cache_dir or None
+    """Evaluate every model with every protocol (:func:`pwself.eval.protocols.evaluate`); returns
+    ``{"models": [...], protocol: {model: result}}`` (kNN and linear: ``{pooling: {model: result}}``)."""
     # Open checkpoints first (they carry the dataset); timm names then take the data's channels/size.
     first = [open_source(m) for m in models if Path(m).exists()]
     out: dict[str, Any] = {"models": list(models)}
-    if {"knn", "linear"} & set(protocols):
+    feature_protocols = [p for p in protocols if p in FEATURE_PROTOCOLS]
+    data, channels, size = None, 3, 224
+    if feature_protocols:
         ds_cfg = _data_settings(args, first)
         opts = {k: ds_cfg[k] for k in ("image_size", "channels", "synthetic_size", "synthetic_classes", "seed")}
         train, test = (build_dataset(ds_cfg["kind"], ds_cfg["root"], split, **opts) for split in ("train", "test"))
-        image = train[0][0]
-        sources = open_sources(models, args, image.shape[0], image.shape[-1])
+        if "knn" in protocols and min(args.ks) > len(train):
+            raise ValueError(f"--ks {','.join(map(str, args.ks))}: every k is larger than the train bank ({len(train)} "
+                             f"images): use k <= {len(train)}")
+        data = EvalData(train, test, ds_cfg)
+        channels, size = train[0][0].shape[0], train[0][0].shape[-1]
         out["data"] = ds_cfg
-        for pooling in args.pooling.split(","):
-            feats = {}
-            for src in sources:
-                kw = dict(pooling=pooling, cache_dir=cache, progress=progress,
-                          device=next(src.backbone.parameters()).device)
-                f_tr, y_tr = cached_features(src, train, {**ds_cfg, "split": "train"}, **kw)
-                f_te, y_te = cached_features(src, test, {**ds_cfg, "split": "test"}, **kw)
-                feats[src.name] = (f_tr, y_tr, f_te, y_te)
-            for name, (f_tr, y_tr, f_te, y_te) in feats.items():
-                if "knn" in protocols:
-                    ks = [int(k) for k in args.ks.split(",") if int(k) <= len(f_tr)]
-                    if not ks:
-                        raise ValueError(f"--ks {args.ks}: every k is larger than the train bank ({len(f_tr)} images): "
-                                         f"use k <= {len(f_tr)}")
-                    res = knn_classify(f_tr, y_tr, f_te, y_te, ks=ks, temperature=args.temperature)
-                    out.setdefault("knn", {}).setdefault(pooling, {})[name] = {str(k): v for k, v in res.items()}
-                if "linear" in protocols:
-                    res = linear_probe(f_tr, y_tr, f_te, y_te, epochs=args.epochs)
-                    out.setdefault("linear", {}).setdefault(pooling, {})[name] = res
-    if "copydetect" in protocols:
-        from pwself.eval.copydetect import evaluate_copydetect, generate_copydetect_set, read_copydays
-
-        path = args.copydetect_path
-        if args.generate_from:
-            layout = generate_copydetect_set(args.generate_from, path)
-        else:
-            layout = read_copydays(path)
-        for src in open_sources(models, args, 3, 224):
-            imsize = args.imsize or src.size
-            channels = src.backbone.patch_embed.proj.in_channels
-            res = evaluate_copydetect(src.backbone, layout, src.mean, src.std, imsize, channels,
-                                      whiten=args.whiten, progress=progress)
-            out.setdefault("copydetect", {})[src.name] = res
-    if "retrieval" in protocols:
-        from pwself.eval.retrieval import evaluate_retrieval
-
-        images = args.images or str(Path(args.gnd).parent / "jpg")
-        for src in open_sources(models, args, 3, 224):
-            channels = src.backbone.patch_embed.proj.in_channels
-            res = evaluate_retrieval(src.backbone, args.gnd, images, src.mean, src.std,
-                                     imsize=args.imsize or 224, crop_queries=args.crop_queries,
-                                     multiscale=args.multiscale, channels=channels)
-            out.setdefault("retrieval", {})[src.name] = res
+    for src in open_sources(models, args, channels, size):
+        for pooling in args.pooling:  # `auto` is filed under the pooling it resolves to (cls, bag)
+            pooling = default_pooling(src) if pooling == "auto" else pooling
+            res = evaluate(src, data, feature_protocols, args, pooling)
+            for name, value in res.items():
+                value = {str(k): v for k, v in value.items()} if name == "knn" else value
+                out.setdefault(name, {}).setdefault(pooling, {})[src.name] = value
+        for name, value in evaluate(src, None, [p for p in protocols if p not in FEATURE_PROTOCOLS], args).items():
+            out.setdefault(name, {})[src.name] = value
     return out
 
 

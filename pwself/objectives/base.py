@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pwself.losses import Center, PairRows, PatchInputs, distillation_loss, teacher_probs, view_pairs
-from pwself.matching import PatchPairs
+from pwself.matching import MATCHERS, PatchPairs
 from pwself.models import DistillNet, HeadConfig, HeadOutput, Selection, TokenOutput
+from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, check_choice, check_ranges
 from pwself.views import MultiCropViews, ViewConfig
 
 __all__ = ["Objective", "Selection", "view_grids", "patch_key_layout", "select_pairs"]
@@ -37,9 +38,6 @@ class LossConfig:
         center_momentum: EMA momentum of the CLS and patch centers.
         matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
             teacher patch, EsViT style; to measure what geometry buys).
-        logo_weight: Weight lambda of LoGo's local-local affinity term (1e-4: the paper's, for SimSiam-LoGo).
-        cossl_weight: Weight ``w_s`` of CO-SSL's local loss (the mean over a view's patch tokens) beside the
-            image-level loss.
         patch_fraction: Fraction of the patch pairs (matched pairs; for ``cossl`` the student patch
             tokens) that enter the loss each step, drawn at random per pair. Their sum is divided by
             the fraction and the counts stay exact, so the loss is an unbiased estimate of the full
@@ -59,11 +57,17 @@ class LossConfig:
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
     matcher: str = "geometric"
-    logo_weight: float = 1e-4
-    cossl_weight: float = 1.0
     patch_fraction: float = 1.0
     recompute_head: bool = False
 
+    def validate(self) -> None:
+        """Raise :class:`~pwself.sections.ConfigError` for a value out of range or an unknown matcher (the
+        objective's name is checked against the registry by :func:`pwself.objectives.check_objective`)."""
+        check_ranges(self, "loss", {**{k: POSITIVE for k in ("teacher_temp", "warmup_teacher_temp", "student_temp")},
+                                    "warmup_teacher_temp_epochs": NON_NEGATIVE, "center_momentum": FRACTION,
+                                    "lam": (lambda x: 0 <= x <= 1, "in [0, 1]: it is the CLS weight of the loss"),
+                                    "patch_fraction": (lambda x: 0 < x <= 1, "in (0, 1]")})
+        check_choice("loss.matcher", self.matcher, MATCHERS)
 
 
 def view_grids(views: MultiCropViews, patch_size: int) -> list[tuple[int, int]]:
@@ -129,9 +133,15 @@ class Objective(nn.Module):
     """Feature pooling of a trained backbone for evaluation (see :func:`pwself.eval.features.pool_features`)."""
     patch_targets_are_cls: ClassVar[bool] = False
     """Patch outputs are compared with CLS outputs: the patch head must have the CLS head's width."""
+    Options: ClassVar[type | None] = None
+    """A dataclass of this objective's own knobs, set as ``objectives.NAME.KNOB=VALUE`` and passed to
+    ``__init__`` as ``options``: one-line meanings in its docstring's ``Attributes:``, ranges in its
+    ``validate(prefix)``. ``None``: no knobs of its own."""
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None,
+                 options: Any = None) -> None:
         super().__init__()
+        self.options = options if options is not None or self.Options is None else self.Options()
         self.patch_out_dim = patch_out_dim or out_dim
         self.student_temp = loss.student_temp
         self.recompute_head = False

@@ -7,6 +7,7 @@ and is never copied into the teacher.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from pwself.models import HeadOutput
 from pwself.objectives.base import Objective
+from pwself.sections import NON_NEGATIVE, check_ranges
 from pwself.views import MultiCropViews
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from pwself.objectives.base import LossConfig
     from pwself.views import ViewConfig
 
-__all__ = ["LoGo", "LoGoAffinity"]
+__all__ = ["LoGo", "LoGoOptions", "LoGoAffinity"]
 
 
 class LoGoAffinity(nn.Module):
@@ -81,12 +83,29 @@ class _LocalTerms(nn.Module):
         return self.affinity.terms(local)
 
 
-class LoGo(Objective):
-    """DINO's terms plus ``logo_weight`` times the same-image local affinity, plus the affinity network's loss."""
+@dataclass
+class LoGoOptions:
+    """LoGo's own knobs (``objectives.logo.*``).
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
-        super().__init__(loss, out_dim, embed_dim, patch_out_dim)
-        self.logo_weight = loss.logo_weight
+    Attributes:
+        weight: Weight lambda of the local-local affinity term (1e-4: the paper's, for SimSiam-LoGo).
+    """
+
+    weight: float = 1e-4
+
+    def validate(self, prefix: str) -> None:
+        check_ranges(self, prefix, {"weight": NON_NEGATIVE})
+
+
+class LoGo(Objective):
+    """DINO's terms plus ``weight`` times the same-image local affinity, plus the affinity network's loss."""
+
+    Options = LoGoOptions
+
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None,
+                 options: LoGoOptions | None = None) -> None:
+        super().__init__(loss, out_dim, embed_dim, patch_out_dim, options)
+        self.logo_weight = self.options.weight
         self.local_terms = _LocalTerms(LoGoAffinity(embed_dim))
         self.wrap_trainable(lambda module: module)
 

@@ -8,7 +8,7 @@ pairs: PWML ``(H_cls + S) / (1 + n)`` (the paper's default), PWSL ``H_cls + S``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -28,8 +28,9 @@ __all__ = ["PatchWise", "PWML", "PWSL", "PWLL"]
 class PatchWise(Objective):
     """The shared machinery of the three PW-Self losses: matching, token selection, patch center."""
 
-    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None) -> None:
-        super().__init__(loss, out_dim, embed_dim, patch_out_dim)
+    def __init__(self, loss: LossConfig, out_dim: int, embed_dim: int, patch_out_dim: int | None = None,
+                 options: Any = None) -> None:
+        super().__init__(loss, out_dim, embed_dim, patch_out_dim, options)
         self.patch_center = Center(self.patch_out_dim, loss.center_momentum)
         self.matcher, self.patch_fraction, self.lam = loss.matcher, loss.patch_fraction, loss.lam
         self.recompute_head = loss.recompute_head
