@@ -31,7 +31,7 @@ from pwself.losses import view_pairs
 from pwself.matching import match_pair, match_patches, match_views
 from pwself.objectives.base import view_grids
 from pwself.step import StepOutput, build_step
-from pwself.views import MultiCrop, sample_boxes
+from pwself.views import MultiCrop, ViewConfig, sample_boxes
 
 SMALL = ["views.global_size=28", "views.local_size=16", "views.n_local=6",
          "backbone.in_chans=1", "backbone.embed_dim=128", "backbone.depth=4", "backbone.num_heads=4",
@@ -299,10 +299,10 @@ def bench_folder_loader(quick: bool) -> dict:
     import numpy as np
     from PIL import Image
 
-    from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
+    from pwself.data.crops import FolderMultiCrop, ViewLoader
 
     n, batch = (32, 8) if quick else (96, 16)
-    spec = CropSpec(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
+    spec = ViewConfig(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
     out: dict = {"images": n, "batch": batch, "original": "500x375 JPEG", "loader_images_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -335,9 +335,9 @@ def bench_folder_loader(quick: bool) -> dict:
 
 def _loader_img_s(files: list[Path], max_side: int, cache: Path, batch: int) -> float:
     """Images/s of one loader worker process cutting ViT-S views (the DataLoader path training uses)."""
-    from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
+    from pwself.data.crops import FolderMultiCrop, ViewLoader
 
-    spec = CropSpec(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
+    spec = ViewConfig(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
     loader = ViewLoader(FolderMultiCrop(files, 3, spec, 0, max_side, cache), 1, pin_memory=False)
     batches = list(torch.arange(len(files)).split(batch))
     for _ in loader.epoch(batches[:1], 0):  # start the worker

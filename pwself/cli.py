@@ -440,9 +440,10 @@ def _check_outputs(*paths: str | Path) -> None:
 
 
 def cmd_eval_dense(args: argparse.Namespace) -> int:
-    from pwself.data.dense import dense_input
+    from dataclasses import replace
+
     from pwself.eval import suite
-    from pwself.eval.dense import DenseSettings, dense_markdown, evaluate_dense
+    from pwself.eval.dense import DenseSettings, dense_markdown
     from pwself.runtime import resolve_device
 
     if args.output:
@@ -451,11 +452,10 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
         raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
                          "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
-    channels, side = dense_input(args.data)  # a timm model takes the data's channels and side
-    sources = suite.open_sources(args.models, _eval_settings(args), channels, args.size or side)
-    settings = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
-                             resolve_device(args.device), not args.no_progress)
-    results = evaluate_dense(sources, args.data, settings)
+    dense = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
+                          resolve_device(args.device), not args.no_progress)
+    settings = replace(_eval_settings(args), dense_root=args.data, dense=dense)
+    results = suite.run(args.models, ["dense"], settings)["dense"]
     table = dense_markdown(results)
     print(table)
     if args.output:

@@ -64,9 +64,7 @@ class ViewPipeline:
     def __init__(self, cfg: TrainConfig, mean: list[float], std: list[float], device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
         self.device, self.dtype = device, dtype
-        v = cfg.views
-        self.multicrop = MultiCrop(v.n_global, v.n_local, v.global_size, v.local_size, v.global_scale, v.local_scale,
-                                   flip_p=v.flip_p)
+        self.multicrop = MultiCrop.from_config(cfg.views)
         self.augment = PhotometricAugment(cfg.photometric, cfg.backbone.patch_size)
         self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1)

@@ -51,7 +51,7 @@ from pwself.data import (
     open_dataset,
     take_subset,
 )
-from pwself.data.crops import CropSpec, FolderMultiCrop, ViewLoader
+from pwself.data.crops import FolderMultiCrop, ViewLoader
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.runstate import write_finished
@@ -277,10 +277,7 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
 def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: torch.device) -> ViewLoader:
     """Views of a folder's images cut from the full-resolution originals in DataLoader workers."""
     base = getattr(dataset, "dataset", dataset)  # a Subset keeps the first images
-    v = cfg.views
-    spec = CropSpec(v.n_global, v.n_local, v.global_size, v.local_size, tuple(v.global_scale), tuple(v.local_scale),
-                    v.flip_p)
-    crops = FolderMultiCrop(base.files[: len(dataset)], cfg.backbone.in_chans, spec, cfg.seed, base.max_side,
+    crops = FolderMultiCrop(base.files[: len(dataset)], cfg.backbone.in_chans, cfg.views, cfg.seed, base.max_side,
                             base.cache_dir)
     return ViewLoader(crops, cfg.data.num_workers, pin_memory=device.type == "cuda")
 

@@ -19,6 +19,9 @@ from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check
 __all__ = ["MultiCrop", "MultiCropViews", "sample_boxes", "crop_and_resize"]
 
 
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of every crop (torchvision's RandomResizedCrop default)
+
+
 @dataclass
 class ViewConfig:
     """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size.
@@ -189,7 +192,7 @@ class MultiCrop:
         local_size: int = 16,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        ratio: tuple[float, float] = CROP_RATIO,
         flip_p: float = 0.5,
     ) -> None:
         if n_global < 1:
@@ -198,6 +201,12 @@ class MultiCrop:
         self.global_size, self.local_size = global_size, local_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.ratio, self.flip_p = tuple(ratio), flip_p
+
+    @classmethod
+    def from_config(cls, views: ViewConfig) -> MultiCrop:
+        """The multi-crop a run's ``views`` section describes."""
+        return cls(views.n_global, views.n_local, views.global_size, views.local_size, views.global_scale,
+                   views.local_scale, flip_p=views.flip_p)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> MultiCropViews:
         """Cut the views of a batch.

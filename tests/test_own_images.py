@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 from pwself.cli import main
-from pwself.data.crops import CropSpec, FolderMultiCrop, collate_views, sample_seed
+from pwself.data.crops import FolderMultiCrop, collate_views, sample_seed
 from pwself.losses import view_pairs
 from pwself.matching import match_pair, match_views
+from pwself.views import ViewConfig
 
 SIZES = [(500, 375), (300, 600), (64, 64)]
-SPEC = CropSpec(2, 4, 32, 16, (0.4, 1.0), (0.05, 0.4), 0.5)
+SPEC = ViewConfig(2, 4, 32, 16, (0.4, 1.0), (0.05, 0.4), 0.5)
 SMALL = ["backbone.in_chans=3", "views.global_size=32", "views.local_size=16", "views.n_local=2",
          "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
          "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "knn_floors=false"]

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from pwself.config import ConfigError, load_config, resolve_max_side
-from pwself.data.crops import CropSpec, FolderMultiCrop, cut_views, sample_seed
+from pwself.data.crops import FolderMultiCrop, cut_views, sample_seed
 from pwself.data.datasets import ImageFolderDataset, scan_images
 from pwself.data.photos import auto_max_side, open_image, shrunk_path, write_synthetic_photo
 from pwself.matching import match_views
+from pwself.views import ViewConfig
 
-VIT_S = CropSpec(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
+VIT_S = ViewConfig(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
 
 
 @pytest.fixture()

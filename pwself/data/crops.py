@@ -11,7 +11,6 @@ training device.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from pwself.data.datasets import DatasetError, worker_error
 from pwself.data.photos import open_for_views
-from pwself.views import MultiCropViews, sample_boxes
+from pwself.views import CROP_RATIO, MultiCropViews, ViewConfig, sample_boxes
 
-__all__ = ["CropSpec", "sample_seed", "cut_views", "FolderMultiCrop", "collate_views", "ViewLoader"]
-
-
-@dataclass(frozen=True)
-class CropSpec:
-    """What to cut from each image: the ``views`` config section, as plain values."""
-
-    n_global: int
-    n_local: int
-    global_size: int
-    local_size: int
-    global_scale: tuple[float, float]
-    local_scale: tuple[float, float]
-    flip_p: float
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+__all__ = ["sample_seed", "cut_views", "FolderMultiCrop", "collate_views", "ViewLoader"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -45,7 +30,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 63)
 
 
-def cut_views(image: object, spec: CropSpec, generator: torch.Generator, source_size: tuple[int, int] | None = None,
+def cut_views(image: object, spec: ViewConfig, generator: torch.Generator, source_size: tuple[int, int] | None = None,
               ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The crops of one PIL image: ``(uint8 [C, S, S] per view, boxes [V, 4], flips [V])``, globals first.
 
@@ -58,8 +43,8 @@ def cut_views(image: object, spec: CropSpec, generator: torch.Generator, source_
 
     w, h = source_size or image.size
     sx, sy = image.size[0] / w, image.size[1] / h
-    boxes = torch.cat([sample_boxes(spec.n_global, h, w, spec.global_scale, spec.ratio, generator),
-                       sample_boxes(spec.n_local, h, w, spec.local_scale, spec.ratio, generator)])
+    boxes = torch.cat([sample_boxes(spec.n_global, h, w, spec.global_scale, CROP_RATIO, generator),
+                       sample_boxes(spec.n_local, h, w, spec.local_scale, CROP_RATIO, generator)])
     flips = torch.rand(spec.n_global + spec.n_local, generator=generator) < spec.flip_p
     sizes = [spec.global_size] * spec.n_global + [spec.local_size] * spec.n_local
     crops = []
@@ -85,7 +70,7 @@ class FolderMultiCrop(Dataset):
         cache_dir: Where the shrunk copies live.
     """
 
-    def __init__(self, files: Sequence[Path], channels: int, spec: CropSpec, seed: int, max_side: int = 0,
+    def __init__(self, files: Sequence[Path], channels: int, spec: ViewConfig, seed: int, max_side: int = 0,
                  cache_dir: Path | None = None) -> None:
         self.files, self.channels, self.spec, self.seed = list(files), channels, spec, seed
         self.max_side, self.cache_dir = max_side, cache_dir or Path(".")

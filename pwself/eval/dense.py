@@ -295,6 +295,18 @@ def probe_encoder(encode: Encoder, key: dict, root: str, channels: int, size: in
     return dense_probe(train, test, names, epochs=settings.epochs)
 
 
+PIXEL_ROW = "raw pixels (floor)"
+
+
+def pixel_row(src, root: str, settings: DenseSettings, names: list[str] | None = None) -> dict:  # noqa: ANN001
+    """The dense probe on each patch's raw pixels, at the patch size, channels and input side of ``src`` (a
+    :class:`~pwself.eval.source.FeatureSource`)."""
+    patch, size = src.backbone.patch_embed.patch_size[0], settings.size or src.size
+    res = probe_encoder(pixel_encoder(patch), {"weights": f"pixels{patch}"}, root,
+                        src.backbone.patch_embed.proj.in_channels, size, src.mean, src.std, settings, names)
+    return {**res, "input_size": size, "patch_size": patch}
+
+
 def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSettings()) -> dict[str, dict]:
     """Dense probe of every :class:`~pwself.eval.source.FeatureSource` on the dense dataset at ``root``
     (``{model name: result}``), with the raw-pixel floor row when ``settings.pixel_floor``."""
@@ -313,12 +325,7 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
         results[src.name].update(input_size=size, patch_size=patch)
         names = list(results[src.name]["per_class_iou"])  # the masks are scanned for the first model only
     if settings.pixel_floor and sources:
-        src = sources[0]
-        patch, size = src.backbone.patch_embed.patch_size[0], settings.size or src.size
-        results["raw pixels (floor)"] = probe_encoder(pixel_encoder(patch), {"weights": f"pixels{patch}"}, root,
-                                                      src.backbone.patch_embed.proj.in_channels, size, src.mean,
-                                                      src.std, settings, names)
-        results["raw pixels (floor)"].update(input_size=size, patch_size=patch)
+        results[PIXEL_ROW] = pixel_row(sources[0], root, settings, names)
     for name, res in results.items():
         if res["best"]["at_grid_edge"]:
             log.warning("dense probe of %s: the chosen lr %g is at the edge of the grid (%g..%g): the best lr may "

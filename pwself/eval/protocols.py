@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from pwself.eval.source import FeatureSource, cached_features
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
+    from pwself.eval.dense import DenseSettings
 
 __all__ = ["EvalSettings", "EvalData", "PROTOCOLS", "FEATURE_PROTOCOLS", "evaluate", "score_features",
            "default_pooling", "run_source"]
@@ -50,6 +51,8 @@ class EvalSettings:
         gnd, images, crop_queries, multiscale: Retrieval's ground truth, image folder (default: jpg/ beside the
             ground truth), query cropping, multi-scale descriptors.
         dense_root: The dense probe's dataset (``pwself make-scenes`` layout).
+        dense: The dense probe's settings (default: its defaults, with ``cache_dir`` and ``progress`` from here;
+            the device is the model's; the raw-pixel row is :func:`pwself.eval.suite.run`'s).
     """
 
     data_kind: str | None = None
@@ -72,6 +75,7 @@ class EvalSettings:
     crop_queries: bool = True
     multiscale: bool = False
     dense_root: str | None = None
+    dense: DenseSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -175,8 +179,8 @@ def _dense(source: FeatureSource, settings: EvalSettings) -> dict[str, Any]:
 
     if not settings.dense_root:
         raise ValueError("the dense probe needs a dense dataset: pass --dense DIR (made by pwself make-scenes)")
-    dense = DenseSettings(cache_dir=settings.cache_dir or None, device=next(source.backbone.parameters()).device,
-                          progress=settings.progress)
+    dense = settings.dense or DenseSettings(cache_dir=settings.cache_dir or None, progress=settings.progress)
+    dense = replace(dense, device=next(source.backbone.parameters()).device, pixel_floor=False)
     return evaluate_dense([source], settings.dense_root, dense)[source.name]
 
 
@@ -190,8 +194,8 @@ PROTOCOLS = (*FEATURE_PROTOCOLS, *MODEL_PROTOCOLS)
 def score_features(feats: dict[str, Split], protocols: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
     """The feature protocols on features already extracted (``{"train": .., "test": ..}``); raw pixels use this."""
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
-        raise ValueError(f"{' and '.join(protocols)} needs labels: the dataset has unlabelled images (label -1); give a "
-                         "labelled one (folder sub-folders, idx, cifar) with --data-kind/--data-root")
+        raise ValueError(f"{' and '.join(protocols)} needs labels: the dataset has unlabelled images (label -1); "
+                         "give a labelled one (folder sub-folders, idx, cifar) with --data-kind/--data-root")
     return {name: FEATURE_PROTOCOLS[name](feats, settings) for name in protocols}
 
 

@@ -57,7 +57,13 @@ def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str
         data = EvalData(train, test, ds_cfg)
         channels, size = train[0][0].shape[0], train[0][0].shape[-1]
         out["data"] = ds_cfg
-    for src in open_sources(models, args, channels, size):
+    if "dense" in protocols and not feature_protocols:  # a timm model takes the dense data's channels and side
+        from pwself.data.dense import dense_input
+
+        channels, size = dense_input(args.dense_root)
+        size = args.dense.size if args.dense and args.dense.size else size
+    sources = open_sources(models, args, channels, size)
+    for src in sources:
         for pooling in args.pooling:  # `auto` is filed under the pooling it resolves to (cls, bag)
             pooling = default_pooling(src) if pooling == "auto" else pooling
             res = evaluate(src, data, feature_protocols, args, pooling)
@@ -66,6 +72,11 @@ def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str
                 out.setdefault(name, {}).setdefault(pooling, {})[src.name] = value
         for name, value in evaluate(src, None, [p for p in protocols if p not in FEATURE_PROTOCOLS], args).items():
             out.setdefault(name, {})[src.name] = value
+    if "dense" in protocols and args.dense and args.dense.pixel_floor and sources:
+        from pwself.eval.dense import PIXEL_ROW, pixel_row
+
+        names = list(out["dense"][sources[0].name]["per_class_iou"])
+        out["dense"][PIXEL_ROW] = pixel_row(sources[0], args.dense_root, args.dense, names)
     return out
 
 
