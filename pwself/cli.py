@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, RECIPES
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
@@ -75,7 +75,8 @@ def _args_pretrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", help="run directory (default runs/pwself)")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--batch-size", type=int, help="images per step")
-    p.add_argument("--objective", choices=list(OBJECTIVES), help=f"loss (default {DEFAULT_OBJECTIVE})")
+    p.add_argument("--objective", choices=[*OBJECTIVES, *RECIPES],
+                   help=f"loss, or a recipe of several keys ({', '.join(RECIPES)}) (default {DEFAULT_OBJECTIVE})")
     p.add_argument("--seed", type=int, help="seed of the whole run")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto, a GPU when there is one)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
@@ -183,7 +184,7 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
 
 
 def _args_tune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", required=True, help=f"one of {', '.join(OBJECTIVES)}")
+    p.add_argument("--objective", required=True, help=f"one of {', '.join([*OBJECTIVES, *RECIPES])}")
     p.add_argument("--trials", type=int, required=True, help="settings to train (the same number for every method)")
     p.add_argument("--config", help="base YAML config (the budget)")
     p.add_argument("--out-dir", default="runs/tune")
@@ -281,13 +282,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.config import apply_overrides, load_config
+    from pwself.objectives import objective_overrides
     from pwself.pretraining import pretrain
     from pwself.viz import write_report
 
     cfg = load_config(args.config)
-    flags = {"out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size,
-             "loss.objective": args.objective, "seed": args.seed, "device": args.device}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    flags = {"out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+             "device": args.device}
+    recipe = objective_overrides(args.objective) if args.objective else []
+    overrides = recipe + [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)
     if (args.resume or args.auto_resume) and args.config is None:
         from pwself.data import expand_path

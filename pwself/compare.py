@@ -19,6 +19,7 @@ from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_d
 from pwself.eval.floors import pixel_dense_floor, pixel_floor, random_init_floor
 from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, evaluate
 from pwself.eval.source import FeatureSource
+from pwself.objectives import objective_overrides
 from pwself.rundir import RunInUseError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run_comparison(
     plan = []  # every run's config, checked before any trains
     for label in objectives:
         objective, _, extra = label.partition(":")
-        overrides = [f"loss.objective={objective}"] + [o for o in extra.split("+") if o]
+        overrides = objective_overrides(objective) + [o for o in extra.split("+") if o]
         for seed in seeds:
             # knn_floors off: the comparison computes each floor once for all its runs
             cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / run_name(label, seed)}",

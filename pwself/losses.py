@@ -35,6 +35,8 @@ __all__ = [
     "distillation_loss",
     "view_pairs",
     "at_least_fp32",
+    "sinkhorn_knopp",
+    "koleo_loss",
 ]
 
 TermWeights = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -164,6 +166,47 @@ def target_cross_entropy(logits: Tensor, target: Tensor, temp: float, *reported:
 def teacher_probs(logits: Tensor, center: Center, temp: float) -> Tensor:
     """Centered and sharpened teacher distribution ``softmax((t - C) / tau_t)``, float32 (at least), no gradient."""
     return F.softmax((at_least_fp32(logits.detach()) - center.center) / temp, dim=-1)
+
+
+def _all_reduce(x: Tensor, op: str = "sum") -> Tensor:
+    """``x`` reduced over every process in place (sum or max); ``x`` itself without DDP."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
+    """Sinkhorn-Knopp teacher targets (SwAV; dinov2's ``sinkhorn_knopp_teacher``), instead of an EMA center.
+
+    ``Q = exp(z / tau)^T``, divided by its total; then ``iterations`` times each prototype row is scaled to
+    sum ``1/K`` and each sample column to ``1/N``; returned times ``N`` so that each row of the ``[N, K]``
+    result is a distribution. Under DDP, ``N``, the sums and the maximum run over every process's rows. The
+    maximum is subtracted first: it cancels in the normalization (dinov2 exponentiates directly).
+    """
+    z = at_least_fp32(logits.detach()) / temp
+    n = _all_reduce(z.new_tensor([float(z.shape[0])]))
+    top = _all_reduce(z.max().reshape(1) if z.numel() else z.new_full((1,), -torch.inf), "max")
+    q = torch.exp(z - top).T  # [K, N]
+    q /= _all_reduce(q.sum().reshape(1))
+    k = q.shape[0]
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(1, keepdim=True)) * k
+        q /= q.sum(0, keepdim=True) * n
+    return (q * n).T
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """KoLeo regularizer (Sablayrolles et al. 2019; dinov2's ``KoLeoLoss``) of ``[B, D]`` features: L2-normalize,
+    find each row's nearest other row by inner product, ``-mean log(||x_i - x_nn(i)|| + eps)``. Spreads
+    the features of a batch apart; float32 (at least), outside autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(at_least_fp32(x), p=2, dim=-1, eps=eps)
+        with torch.no_grad():
+            dots = x @ x.T
+            dots.fill_diagonal_(-1.0)
+            nearest = dots.argmax(1)
+        return -torch.log(F.pairwise_distance(x, x[nearest], p=2, eps=eps) + eps).mean()
 
 
 @dataclass(frozen=True)

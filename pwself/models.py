@@ -19,7 +19,7 @@ from pwself.sections import NON_NEGATIVE, POSITIVE, ConfigError, check_choice, c
 PATCH_HEADS = ("shared", "separate", "split")  # head.patch_head (see HeadConfig)
 
 __all__ = ["BackboneConfig", "HeadConfig", "portable_init", "make_vit", "DINOHead", "TokenOutput", "forward_tokens",
-           "Selection", "HeadOutput", "DistillNet", "ema_update"]
+           "MaskedCells", "Selection", "HeadOutput", "DistillNet", "ema_update"]
 
 
 @dataclass
@@ -233,13 +233,47 @@ class TokenOutput:
     grid: tuple[int, int]
 
 
-def forward_tokens(backbone: VisionTransformer, x: Tensor) -> TokenOutput:
-    """Run the backbone and split its normalized tokens into CLS and patch tokens."""
-    tokens = backbone.forward_features(x)
+def forward_tokens(backbone: VisionTransformer, x: Tensor, masks: Tensor | None = None,
+                   mask_token: Tensor | None = None) -> TokenOutput:
+    """Run the backbone and split its normalized tokens into CLS and patch tokens.
+
+    With ``masks`` (``[N, T]`` bool), the patch embedding of every masked cell is replaced by ``mask_token``
+    (``[1, D]``) before the position embedding is added (iBOT, dinov2): the backbone itself stays timm's.
+    """
+    if masks is None:
+        tokens = backbone.forward_features(x)
+    else:
+        def put_mask_token(module: nn.Module, inputs: Any, embedded: Tensor) -> Tensor:  # [N, H, W, D]
+            cells = masks.view(*embedded.shape[:-1], 1)
+            return torch.where(cells, mask_token.to(embedded.dtype), embedded)
+
+        hook = backbone.patch_embed.register_forward_hook(put_mask_token)
+        try:
+            tokens = backbone.forward_features(x)
+        finally:
+            hook.remove()
     p = backbone.patch_embed.patch_size
     grid = (x.shape[-2] // p[0], x.shape[-1] // p[1])
     n_prefix = backbone.num_prefix_tokens
     return TokenOutput(tokens[:, 0], tokens[:, n_prefix:], grid)
+
+
+@dataclass(frozen=True)
+class MaskedCells:
+    """Masked patch distillation's part of a step: the student's global crops with masked cells, and the rows
+    of those cells' outputs (iBOT: each masked cell predicts the teacher's token of the same cell, unmasked).
+
+    Attributes:
+        masks: ``[G * B, T]`` bool masks of the student's global crops (view-major), applied in the forward.
+        student_row: ``[M]`` row of each masked cell in the student patch outputs.
+        teacher_row: ``[M]`` row of the same cell in the teacher patch outputs.
+        weight: ``[M]`` weight of each cell's cross-entropy: 1 / (masked cells of its crop) / (G * B).
+    """
+
+    masks: Tensor
+    student_row: Tensor
+    teacher_row: Tensor
+    weight: Tensor
 
 
 @dataclass(frozen=True)
@@ -250,12 +284,15 @@ class Selection:
         student_keys: ``[Us]`` distinct keys of the student patch tokens the head runs on.
         teacher_keys: ``[Ut]`` distinct keys of the teacher patch tokens the head runs on (``None`` when the
             targets are CLS outputs).
-        rows: The pairs as rows of the student patch outputs and the teacher targets.
+        rows: The pairs as rows of the student patch outputs and the teacher targets (``None``: no pairs
+            across views, only masked cells).
+        masked: The masked cells, when the student's global crops are masked.
     """
 
     student_keys: Tensor
     teacher_keys: Tensor | None
-    rows: PairRows
+    rows: PairRows | None
+    masked: MaskedCells | None = None
 
 
 @dataclass(frozen=True)
@@ -291,9 +328,11 @@ class DistillNet(nn.Module):
     student's patch tokens in the loss.
     """
 
-    def __init__(self, backbone: BackboneConfig, head: HeadConfig, img_size: int) -> None:
+    def __init__(self, backbone: BackboneConfig, head: HeadConfig, img_size: int, mask_token: bool = False) -> None:
         super().__init__()
         self.backbone = make_vit(backbone, img_size)
+        # iBOT's learnable mask token, outside the backbone so that the exported backbone is a plain timm ViT.
+        self.mask_token = nn.Parameter(torch.zeros(1, backbone.embed_dim)) if mask_token else None
         with portable_init():
             self.head = DINOHead(backbone.embed_dim, head)
             self.patch_head: nn.Module | None = None  # None: the CLS head serves the patch tokens too
@@ -304,9 +343,13 @@ class DistillNet(nn.Module):
                 self.patch_head = SplitPatchHead(self.head, head)
         self.float()
 
-    def encode(self, crops: Sequence[Tensor]) -> list[TokenOutput]:
-        """Backbone tokens of each non-empty batch of crops (one backbone call per crop size)."""
-        return [forward_tokens(self.backbone, x) for x in crops if x.shape[0]]
+    def encode(self, crops: Sequence[Tensor], masks: Tensor | None = None) -> list[TokenOutput]:
+        """Backbone tokens of each non-empty batch of crops (one backbone call per crop size); ``masks``
+        (``[N, T]`` bool) mask the first batch, the global crops, with the mask token."""
+        if masks is not None and self.mask_token is None:
+            raise ValueError("masked crops need a mask token: build the DistillNet with mask_token=True")
+        return [forward_tokens(self.backbone, x, masks if i == 0 else None, self.mask_token)
+                for i, x in enumerate(crops) if x.shape[0]]
 
     def project(self, tokens: Sequence[TokenOutput], keys: Tensor | None = None,
                 recompute_head: bool = False) -> HeadOutput:
@@ -326,8 +369,10 @@ class DistillNet(nn.Module):
 
     def forward(self, crops: Sequence[Tensor], select: Selection | Select | None = None,
                 recompute_head: bool = False) -> HeadOutput:
-        """Backbone, then head. ``select`` is a selection or a function of the tokens that returns one."""
-        tokens = self.encode(crops)
+        """Backbone, then head. ``select`` is a selection or a function of the tokens that returns one; a
+        selection with masked cells masks the global crops."""
+        masked = select.masked if isinstance(select, Selection) else None
+        tokens = self.encode(crops, masked.masks if masked is not None else None)
         selection = select(tokens) if callable(select) else select
         out = self.project(tokens, selection.student_keys if selection is not None else None, recompute_head)
         return replace(out, selection=selection)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pwself.augment import PhotometricAugment
 from pwself.config import TrainConfig
 from pwself.models import DistillNet, HeadOutput, ema_update, portable_init
-from pwself.objectives import Objective, build_objective
+from pwself.objectives import Objective, build_objective, objective_class
 from pwself.objectives.base import view_grids
 from pwself.runtime import all_true
 from pwself.views import MultiCrop, MultiCropViews
@@ -168,7 +168,8 @@ def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: l
     ``load_init``), its EMA teacher (eval mode: deterministic, no drop path), the objective, AdamW and the
     view pipeline; DDP-wrapped when ``distributed``."""
     torch.manual_seed(cfg.seed)
-    model = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size)
+    masked = objective_class(cfg.loss.objective).uses_mask_token
+    model = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size, mask_token=masked)
     if cfg.backbone.init and load_init:
         from pwself.init_weights import load_backbone_weights
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
+from pwself.objectives import objective_overrides
 
 __all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_trial", "run_tuning", "tune_markdown"]
 
@@ -85,7 +86,7 @@ def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float
 def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fixed: list[str], run_dir: Path
                  ) -> TrainConfig:
     """The validated config of one trial (a bad value fails here, before any trial trains)."""
-    overrides = [f"loss.objective={objective}", *fixed, *(f"{k}={v}" for k, v in setting.items()),
+    overrides = [*objective_overrides(objective), *fixed, *(f"{k}={v}" for k, v in setting.items()),
                  f"out_dir={run_dir}", "knn_at_end=false", "knn_floors=false", "knn_every_epochs=0"]
     cfg = apply_overrides(base, overrides)
     try:

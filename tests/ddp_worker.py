@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pwself.losses import sinkhorn_knopp
 from pwself.runtime import gather_rows, init_distributed, shard_indices
 from pwself.step import distill_step
 
@@ -31,8 +32,12 @@ with torch.no_grad():
         rows = out.teacher.cls if name == "cls" else out.teacher.patch
         if center is not None:
             center.center.mul_(center.momentum).add_(rows.float().mean(0, keepdim=True), alpha=1 - center.momentum)
+# Sinkhorn-Knopp over the rows of both ranks: rank 0's half of the targets of all 10 rows.
+sk_logits = torch.randn(10, 6, generator=torch.Generator().manual_seed(7))
+sk_half = sinkhorn_knopp(sk_logits[5 * info.rank: 5 * (info.rank + 1)], 0.1)
 if info.rank == 0:
     state = {k: v.detach() for k, v in student.state_dict().items()}
+    state["sinkhorn_rank0"] = sk_half
     state.update({f"objective.{k}": v for k, v in objective.state_dict().items()})
     state.update({f"rank0_alone.{k}": v for k, v in alone.state_dict().items()})
     torch.save(state, sys.argv[1])

@@ -72,6 +72,10 @@ def test_two_process_step_equals_single_process_step_on_combined_batch(tmp_path)
     out = _torchrun([str(HERE / "ddp_worker.py"), str(tmp_path / "ddp.pt")], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    from pwself.losses import sinkhorn_knopp
+
+    sk = sinkhorn_knopp(torch.randn(10, 6, generator=torch.Generator().manual_seed(7)), 0.1)
+    torch.testing.assert_close(ddp.pop("sinkhorn_rank0"), sk[:5])  # N, sums and maximum span both ranks
     student, teacher, objective, opt = setup()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     one_step(student, teacher, objective, opt, ranks=[0, 1])

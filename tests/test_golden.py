@@ -8,7 +8,8 @@ to the float64 numbers at float32's own precision (float32 and float64 runs draw
 
 Regenerate only on purpose, and say in the commit which numbers changed and why:
 
-    python tests/test_golden.py --regen
+    python tests/test_golden.py --regen            # every variant
+    python tests/test_golden.py --regen NAME ...   # add or renew these only, the others kept as they are
 """
 
 import json
@@ -40,10 +41,14 @@ VARIANTS = {
     "pwml_patch_fraction": ["loss.objective=pwml", "loss.patch_fraction=0.25"],
     "pwml_recompute_head": ["loss.objective=pwml", "loss.recompute_head=true"],
     "pwml_image_photometric": ["loss.objective=pwml", "photometric.mode=image"],
+    "ibot": ["loss.objective=ibot"],
+    "pwml_ibot": ["loss.objective=pwml_ibot"],
+    "dinov2_sinkhorn": ["loss.objective=ibot", "loss.koleo_weight=0.1", "head.patch_head=separate",
+                        "loss.centering=sinkhorn"],
 }
 # Logged terms and the rounding of metrics.jsonl (decimals): a logged value is exact to half of its last digit.
-TERMS = {"loss": 6, "cls": 6, "patch": 6, "n_match": 6, "local_affinity": 6, "affinity_loss": 6, "grad_norm": 4,
-         "teacher_entropy": 4}
+TERMS = {"loss": 6, "cls": 6, "patch": 6, "n_match": 6, "local_affinity": 6, "affinity_loss": 6, "ibot": 6,
+         "koleo": 6, "grad_norm": 4, "teacher_entropy": 4}
 # (rel, abs) tolerances. float64: the spread over forced kernel variants on one machine was <= 4e-14 relative
 # (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, MKL_CBWR, 1 or 2 threads). float32 against
 # the float64 numbers: the gap was <= 9e-6 relative on terms and <= 9e-7 absolute on weight sums, with the
@@ -175,7 +180,9 @@ if __name__ == "__main__" and "--regen" in sys.argv:
     import tempfile
 
     sys.path.insert(0, str(HERE.parent))
+    names = sys.argv[sys.argv.index("--regen") + 1:] or list(VARIANTS)
+    out = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        out = {name: run_variant(name, Path(tmp) / name) for name in VARIANTS}
+        out.update({name: run_variant(name, Path(tmp) / name) for name in names})
     GOLDEN.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")

@@ -8,7 +8,7 @@ from reference import reference_loss
 
 from pwself.config import TrainConfig, load_config
 from pwself.models import DistillNet, ema_update, forward_tokens
-from pwself.objectives import build_objective
+from pwself.objectives import build_objective, objective_class
 from pwself.schedules import apply_schedules, make_schedules
 from pwself.step import distill_step, make_objective, param_groups
 from pwself.views import MultiCrop
@@ -24,7 +24,8 @@ def tiny_config(**over) -> TrainConfig:
 def build_parts(cfg: TrainConfig, dtype=torch.float32):
     """Seeded student network, its teacher copy and the configured objective (as build_step makes them)."""
     torch.manual_seed(0)
-    student = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size).to(dtype)
+    masked = objective_class(cfg.loss.objective).uses_mask_token
+    student = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size, mask_token=masked).to(dtype)
     objective = make_objective(cfg).to(dtype)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     return student, teacher, objective

@@ -16,13 +16,14 @@ from pwself.objectives.bagssl import BagSSL
 from pwself.objectives.base import LossConfig, Objective, Selection
 from pwself.objectives.cossl import COSSL
 from pwself.objectives.dino import DINO
+from pwself.objectives.ibot import IBOT, PWMLiBOT
 from pwself.objectives.logo import LoGo
 from pwself.objectives.patchwise import PWLL, PWML, PWSL
 from pwself.sections import ConfigError
 from pwself.views import ViewConfig
 
 __all__ = ["OBJECTIVES", "DEFAULT_OBJECTIVE", "Objective", "Selection", "objective_class", "build_objective",
-           "register_objective", "options_section", "check_objective"]
+           "register_objective", "options_section", "check_objective", "RECIPES", "objective_overrides"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "dino": DINO,
@@ -32,21 +33,38 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "cossl": COSSL,
     "logo": LoGo,
     "bagssl": BagSSL,
+    "ibot": IBOT,
+    "pwml_ibot": PWMLiBOT,
 }
 DEFAULT_OBJECTIVE = LossConfig().objective
+
+RECIPES: dict[str, tuple[str, ...]] = {
+    # DINOv2's training loss: DINO + iBOT (its own patch head) + KoLeo; add loss.centering=sinkhorn for SK.
+    "dinov2": ("loss.objective=ibot", "loss.koleo_weight=0.1", "head.patch_head=separate"),
+}
+"""Named settings of several keys, usable wherever an objective name is (``--objective``, ``--objectives``)."""
+
+
+def objective_overrides(name: str) -> list[str]:
+    """The ``KEY=VALUE`` settings that select ``name``: a recipe's, or ``loss.objective=NAME``."""
+    return list(RECIPES[name]) if name in RECIPES else [f"loss.objective={name}"]
 
 
 def register_objective(name: str, cls: type[Objective]) -> None:
     """Add an objective from outside the package (a plugin, a test): the same as a line in :data:`OBJECTIVES`."""
     if not (isinstance(cls, type) and issubclass(cls, Objective)):
         raise TypeError(f"objective {name!r} must be an Objective subclass, got {cls!r}")
+    if not name.isidentifier():  # its knobs are a config section: objectives.NAME.KNOB
+        raise ValueError(f"objective name {name!r} must be a Python identifier (letters, digits, _)")
     OBJECTIVES[name] = cls
 
 
 def objective_class(name: str) -> type[Objective]:
     """The class registered as ``name``; ``ValueError`` naming the valid choices otherwise."""
+    if name in RECIPES:
+        return objective_class(dict(o.split("=", 1) for o in RECIPES[name])["loss.objective"])
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}: use one of {', '.join(OBJECTIVES)}")
+        raise ValueError(f"unknown objective {name!r}: use one of {', '.join([*OBJECTIVES, *RECIPES])}")
     return OBJECTIVES[name]
 
 
@@ -70,8 +88,9 @@ def check_objective(loss: LossConfig, views: ViewConfig, head: HeadConfig, optio
     """Raise :class:`~pwself.sections.ConfigError` unless ``loss.objective`` is registered, can train on these
     views and head, and every objective's options are in range."""
     if loss.objective not in OBJECTIVES:
-        raise ConfigError(f"loss.objective={loss.objective!r}: use one of {', '.join(OBJECTIVES)}")
-    problem = OBJECTIVES[loss.objective].config_problem(views, head)
+        recipes = f" (recipes go in --objective: {', '.join(RECIPES)})" if RECIPES else ""
+        raise ConfigError(f"loss.objective={loss.objective!r}: use one of {', '.join(OBJECTIVES)}{recipes}")
+    problem = OBJECTIVES[loss.objective].config_problem(views, head, loss)
     if problem:
         raise ConfigError(f"loss.objective={loss.objective}: {problem}")
     for f in dataclasses.fields(options):

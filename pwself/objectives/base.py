@@ -15,13 +15,25 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pwself.losses import Center, PairRows, PatchInputs, distillation_loss, teacher_probs, view_pairs
+from pwself.losses import (
+    Center,
+    PairRows,
+    PatchInputs,
+    distillation_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    teacher_probs,
+    view_pairs,
+)
 from pwself.matching import MATCHERS, PatchPairs
 from pwself.models import DistillNet, HeadConfig, HeadOutput, Selection, TokenOutput
 from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, check_choice, check_ranges
 from pwself.views import MultiCropViews, ViewConfig
 
 __all__ = ["Objective", "Selection", "view_grids", "patch_key_layout", "select_pairs"]
+
+
+CENTERINGS = ("center", "sinkhorn")  # loss.centering: EMA center (DINO) or Sinkhorn-Knopp (DINOv2)
 
 
 @dataclass
@@ -47,6 +59,11 @@ class LossConfig:
             (activation checkpointing) instead of keeping their activations: the same loss and
             gradients with about DINO's activation memory, for a little more time per step. Worth it
             with a large ``head.out_dim`` on a GPU, where ``[tokens, out_dim]`` logits fill memory.
+        koleo_weight: Weight of the KoLeo regularizer on the student's backbone CLS features of each global view
+            across the batch (dinov2: 0.1; 0: off).
+        centering: Teacher targets centred by an EMA ``center`` (DINO) or made by ``sinkhorn`` (Sinkhorn-Knopp,
+            as DINOv2/v3; the EMA centers are then unused).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (dinov2: 3).
     """
 
     objective: str = "pwml"  # pwself.objectives.DEFAULT_OBJECTIVE
@@ -59,6 +76,9 @@ class LossConfig:
     matcher: str = "geometric"
     patch_fraction: float = 1.0
     recompute_head: bool = False
+    koleo_weight: float = 0.0
+    centering: str = "center"
+    sinkhorn_iterations: int = 3
 
     def validate(self) -> None:
         """Raise :class:`~pwself.sections.ConfigError` for a value out of range or an unknown matcher (the
@@ -66,8 +86,10 @@ class LossConfig:
         check_ranges(self, "loss", {**{k: POSITIVE for k in ("teacher_temp", "warmup_teacher_temp", "student_temp")},
                                     "warmup_teacher_temp_epochs": NON_NEGATIVE, "center_momentum": FRACTION,
                                     "lam": (lambda x: 0 <= x <= 1, "in [0, 1]: it is the CLS weight of the loss"),
-                                    "patch_fraction": (lambda x: 0 < x <= 1, "in (0, 1]")})
+                                    "patch_fraction": (lambda x: 0 < x <= 1, "in (0, 1]"),
+                                    "koleo_weight": NON_NEGATIVE, "sinkhorn_iterations": POSITIVE})
         check_choice("loss.matcher", self.matcher, MATCHERS)
+        check_choice("loss.centering", self.centering, CENTERINGS)
 
 
 def view_grids(views: MultiCropViews, patch_size: int) -> list[tuple[int, int]]:
@@ -133,6 +155,8 @@ class Objective(nn.Module):
     """Feature pooling of a trained backbone for evaluation (see :func:`pwself.eval.features.pool_features`)."""
     patch_targets_are_cls: ClassVar[bool] = False
     """Patch outputs are compared with CLS outputs: the patch head must have the CLS head's width."""
+    uses_mask_token: ClassVar[bool] = False
+    """The student's global crops are masked: the network gets a learnable mask token."""
     Options: ClassVar[type | None] = None
     """A dataclass of this objective's own knobs, set as ``objectives.NAME.KNOB=VALUE`` and passed to
     ``__init__`` as ``options``: one-line meanings in its docstring's ``Attributes:``, ranges in its
@@ -146,10 +170,12 @@ class Objective(nn.Module):
         self.student_temp = loss.student_temp
         self.recompute_head = False
         self.cls_center = Center(out_dim, loss.center_momentum)
+        self.koleo_weight, self.centering, self.sinkhorn_iterations = (loss.koleo_weight, loss.centering,
+                                                                       loss.sinkhorn_iterations)
 
     @classmethod
-    def config_problem(cls, views: ViewConfig, head: HeadConfig) -> str | None:
-        """Why these views and head cannot train this objective, or ``None``."""
+    def config_problem(cls, views: ViewConfig, head: HeadConfig, loss: LossConfig) -> str | None:
+        """Why these views, head and loss settings cannot train this objective, or ``None``."""
         if cls.patch_targets_are_cls and head.patch_out_dim not in (0, head.out_dim):
             return (f"head.patch_out_dim={head.patch_out_dim}: its patch outputs are compared with CLS outputs of "
                     f"head.out_dim={head.out_dim}, use head.patch_out_dim=0")
@@ -172,6 +198,13 @@ class Objective(nn.Module):
         """The teacher head on its CLS tokens and the selected teacher patch tokens."""
         return teacher.project(tokens, selection.teacher_keys if selection is not None else None)
 
+    def targets(self, logits: Tensor, center: Center, teacher_temp: float) -> Tensor:
+        """Teacher distributions of ``[N, K]`` logits: centred by ``center`` and sharpened, or Sinkhorn-Knopp
+        (``loss.centering``), over all ``N`` rows at once."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(logits, teacher_temp, self.sinkhorn_iterations)
+        return teacher_probs(logits, center, teacher_temp)
+
     def term_weights(self, n_patch: Tensor) -> tuple[Tensor, Tensor]:
         """Weights ``(a, c)`` of ``H_cls`` and the patch sum ``S`` per (pair, sample) from ``[P, B]`` counts."""
         n = n_patch.float()
@@ -185,10 +218,15 @@ class Objective(nn.Module):
              ) -> dict[str, Tensor]:
         """Loss and reported terms; ``terms["loss"]`` carries the graph."""
         b, n_views = views.batch_size, views.n_global + views.n_local
-        t_probs = teacher_probs(teacher.cls.unflatten(0, (-1, b)), self.cls_center, teacher_temp)
+        t_probs = self.targets(teacher.cls, self.cls_center, teacher_temp).unflatten(0, (-1, b))
         pairs = self.pairs(views.n_global, n_views)
-        return distillation_loss(student.cls.unflatten(0, (n_views, b)), t_probs, pairs, self.student_temp,
-                                 self.term_weights, self.patch_inputs(student, teacher, teacher_temp))
+        terms = distillation_loss(student.cls.unflatten(0, (n_views, b)), t_probs, pairs, self.student_temp,
+                                  self.term_weights, self.patch_inputs(student, teacher, teacher_temp))
+        if self.koleo_weight > 0:  # dinov2: summed over the global crop indices, each across the batch
+            per_view = student.cls_tokens[: views.n_global * b].unflatten(0, (views.n_global, b))
+            koleo = sum(koleo_loss(x) for x in per_view)
+            terms = {**terms, "loss": terms["loss"] + self.koleo_weight * koleo, "koleo": koleo.detach()}
+        return terms
 
     @torch.no_grad()
     def update_centers(self, teacher: HeadOutput) -> None:

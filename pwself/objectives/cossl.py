@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from pwself.losses import PatchInputs, teacher_probs
+from pwself.losses import PatchInputs
 from pwself.models import HeadOutput, TokenOutput
 from pwself.objectives.base import Objective, Selection, patch_key_layout, select_pairs
 from pwself.sections import NON_NEGATIVE, check_ranges
@@ -76,5 +76,5 @@ class COSSL(Objective):
 
     def patch_inputs(self, student: HeadOutput, teacher: HeadOutput, teacher_temp: float) -> PatchInputs:
         assert student.patch is not None
-        return PatchInputs(student.patch, teacher_probs(teacher.cls, self.cls_center, teacher_temp),
+        return PatchInputs(student.patch, self.targets(teacher.cls, self.cls_center, teacher_temp),
                            student.selection.rows, student.head)

@@ -110,10 +110,10 @@ class LoGo(Objective):
         self.wrap_trainable(lambda module: module)
 
     @classmethod
-    def config_problem(cls, views: ViewConfig, head: HeadConfig) -> str | None:
+    def config_problem(cls, views: ViewConfig, head: HeadConfig, loss: LossConfig) -> str | None:
         if views.n_local < 2:
             return f"views.n_local={views.n_local}: it pushes local views apart, use views.n_local=2 or more"
-        return super().config_problem(views, head)
+        return super().config_problem(views, head, loss)
 
     def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
              ) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from pwself.losses import Center, PatchInputs, teacher_probs
+from pwself.losses import Center, PatchInputs
 from pwself.matching import match_views, match_views_by_features
 from pwself.models import HeadOutput, TokenOutput
 from pwself.objectives.base import Objective, Selection, matched_keys, select_pairs
@@ -61,7 +61,7 @@ class PatchWise(Objective):
 
     def patch_inputs(self, student: HeadOutput, teacher: HeadOutput, teacher_temp: float) -> PatchInputs:
         assert student.patch is not None and teacher.patch is not None
-        return PatchInputs(student.patch, teacher_probs(teacher.patch, self.patch_center, teacher_temp),
+        return PatchInputs(student.patch, self.targets(teacher.patch, self.patch_center, teacher_temp),
                            student.selection.rows, student.head)
 
     @torch.no_grad()
