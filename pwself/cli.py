@@ -143,8 +143,10 @@ def _args_viz_curves(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="learning_curves.png", help="PNG path (a .json of the points beside it)")
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
                    help="x axis: the process's CPU time (immune to other load; default) or wall time")
-    p.add_argument("--floors", action="store_true", help="add the random-init and raw-pixel kNN lines (computed "
+    p.add_argument("--floors", action="store_true", help="add the random-init and raw-pixel lines (computed "
                    "with the first run's config, cached in its directory)")
+    p.add_argument("--metric", default="knn", choices=["knn", "miou"],
+                   help="knn (knn_every_epochs runs) or miou: the dense probe (dense_every_epochs runs)")
 
 
 def _args_viz_attention(p: argparse.ArgumentParser) -> None:
@@ -555,20 +557,24 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
     runs = {}
     for spec in args.runs:
         label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-        points = learning_curve(path)
+        points = learning_curve(path, args.metric)
         if not points:
-            raise ValueError(f"{path} has no timed kNN evaluation: train with knn_every_epochs=0.5 (and knn_at_end)")
+            hint = ("knn_every_epochs=0.5 (and knn_at_end)" if args.metric == "knn"
+                    else "dense_every_epochs=0.5 dense_data=DIR")
+            raise ValueError(f"{path} has no timed {args.metric} evaluation: train with {hint}")
         runs[label] = points
     floors = None
     if args.floors:
-        from pwself.eval.floors import run_knn_floors
+        from pwself.eval.floors import run_floors
 
-        floors = run_knn_floors(Path(args.runs[0].rpartition("=")[2]))
-    out = plot_learning_curves(runs, args.output, floors, "cpu_s" if args.clock == "cpu" else "train_s")
+        floors = run_floors(Path(args.runs[0].rpartition("=")[2]), args.metric)
+    ylabel = "kNN top-1 % (k = 10, test)" if args.metric == "knn" else "dense probe mIoU % (test)"
+    out = plot_learning_curves(runs, args.output, floors, "cpu_s" if args.clock == "cpu" else "train_s", ylabel)
     out.with_suffix(".json").write_text(json.dumps({"runs": runs, "floors": floors}, indent=2))
     for label, points in runs.items():
         last = points[-1]
-        print(f"{label}: {last['top1']:.2f}% kNN k=10 after {last['step']} steps, {last['cpu_s'] / 60:.1f} "
+        what = "kNN k=10" if args.metric == "knn" else "mIoU"
+        print(f"{label}: {last['top1']:.2f}% {what} after {last['step']} steps, {last['cpu_s'] / 60:.1f} "
               f"CPU-min ({last['train_s'] / 60:.1f} wall min)")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
@@ -733,7 +739,8 @@ COMMANDS = (
             description=EVAL_HELP, raw=True),
     Command("viz-matches", "draw two views of each image and their matched patches (paper Fig. 2)",
             _args_viz_matches, cmd_viz_matches),
-    Command("viz-curves", "kNN against training time of several runs (knn_every_epochs runs)",
+    Command("viz-curves", "kNN or dense mIoU against training time of several runs (knn_every_epochs, "
+            "dense_every_epochs runs)",
             _args_viz_curves, cmd_viz_curves),
     Command("viz-attention", "last-layer CLS attention per head and a patch-feature PCA map",
             _args_viz_attention, cmd_viz_attention),

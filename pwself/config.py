@@ -128,6 +128,9 @@ class TrainConfig:
         knn_at_end: Evaluate kNN on the held-out split when training ends.
         knn_every_epochs: Also evaluate kNN every N epochs during training (0: never; 0.5: twice an epoch);
             each row of ``knn_history.jsonl`` carries the training seconds so far (evaluation excluded).
+        dense_every_epochs: Also run the dense probe on ``dense_data`` every N epochs and at the end (0: never):
+            ``dense_history.jsonl`` rows carry the training seconds so far, for a dense learning curve.
+        dense_data: A dense dataset (``pwself make-scenes`` layout) for ``dense_every_epochs``.
         knn_floors: Beside the final kNN, the same protocol on a random init of the backbone and on raw
             pixels (when small enough): the numbers that give the result meaning.
     """
@@ -152,6 +155,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     knn_at_end: bool = True
     knn_every_epochs: float = 0
+    dense_every_epochs: float = 0
+    dense_data: str = ""
     knn_floors: bool = True
 
     def validate(self) -> None:
@@ -168,7 +173,10 @@ class TrainConfig:
         check_choice("precision", self.precision, ("fp32", "bf16", "fp16", "fp64"))
         check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
                                    **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "keep_checkpoints",
-                                                                "knn_every_epochs")}})
+                                                                "knn_every_epochs", "dense_every_epochs")}})
+        if self.dense_every_epochs and not self.dense_data:
+            raise ConfigError(f"dense_every_epochs={self.dense_every_epochs} needs dense_data=DIR (made by pwself "
+                              "make-scenes)")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -383,7 +391,8 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 # not one: it sets the length of every cosine schedule, so a resumed run with other epochs would not continue
 # the run it resumes (train a new run instead).
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
-                    "knn_every_epochs", "data.num_workers", "data.root", "data.on_bad_image",
+                    "knn_every_epochs", "dense_every_epochs", "dense_data", "data.num_workers", "data.root",
+                    "data.on_bad_image",
                     "optim.max_nonfinite_steps", "loss.recompute_head", "knn_floors", "log.tensorboard",
                     "log.wandb")
 

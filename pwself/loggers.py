@@ -89,6 +89,15 @@ class MetricLoggers:
             _append(self.run_dir / "knn_history.jsonl", json_row(row) + "\n")
         self._scalars("knn", {f"top1_k{k}": r["top1"] for k, r in result.items()}, step)
 
+    def dense(self, step: int, result: dict[str, Any], epoch: float, train_time: tuple[float, float]) -> None:
+        """A dense probe during training: to ``dense_history.jsonl`` with the training seconds so far, and as
+        a ``dense/miou`` scalar."""
+        row = {"step": step, "epoch": round(epoch, 4), "train_s": round(train_time[0], 2),
+               "cpu_s": round(train_time[1], 2), "miou": result["miou"], "lr": result["best"]["lr"],
+               "at_grid_edge": result["best"]["at_grid_edge"]}
+        _append(self.run_dir / "dense_history.jsonl", json_row(row) + "\n")
+        self._scalars("dense", {"miou": result["miou"]}, step)
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()

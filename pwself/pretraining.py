@@ -27,6 +27,12 @@ def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dic
     return evaluate(run_source(backbone, cfg), EvalData.of_run(cfg), ["knn"], settings)["knn"]
 
 
+def _dense(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """The dense probe (default settings) of the teacher on ``cfg.dense_data`` (no cache: the weights change)."""
+    settings = EvalSettings(cache_dir=None, progress=False, dense_root=cfg.dense_data)
+    return evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
+
+
 def _floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """kNN of the same protocol on the seed's own random init and on raw pixels, cached in the run folder."""
     return {"random_init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False),
@@ -35,7 +41,7 @@ def _floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
 def standard_evaluation() -> training.Evaluation:
     """The kNN and floors every pwself command evaluates a pretraining run with."""
-    return training.Evaluation(knn=_knn, floors=_floors)
+    return training.Evaluation(knn=_knn, floors=_floors, dense=_dense)
 
 
 def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False

@@ -84,6 +84,7 @@ class TrainResult:
 
 KnnHook = Callable[[nn.Module, TrainConfig, bool], dict[int, dict[str, float]]]
 FloorsHook = Callable[[TrainConfig, Path], dict[str, Any]]
+DenseHook = Callable[[nn.Module, TrainConfig], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,13 @@ class Evaluation:
         knn: ``(teacher backbone, cfg, progress) -> {k: {"top1", "top5"}}``, at the end (``knn_at_end``) and
             during training (``knn_every_epochs``) when a labelled held-out split exists; ``None``: no kNN.
         floors: ``(cfg, run_dir) -> floors`` beside the final kNN (``knn_floors``); ``None``: none.
+        dense: ``(teacher backbone, cfg) -> dense probe result`` every ``dense_every_epochs`` and at the end;
+            ``None``: none.
     """
 
     knn: KnnHook | None = None
     floors: FloorsHook | None = None
+    dense: DenseHook | None = None
 
 
 @dataclass
@@ -478,7 +482,20 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
             if run.loggers is not None:
                 run.loggers.knn(prog.step, res, prog.step / run.steps_per_epoch, (prog.train_s, prog.cpu_s))
             prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()  # evaluating is not training
+    if cfg.dense_every_epochs and run.evaluation.dense and prog.step < total:
+        if prog.step % max(1, round(cfg.dense_every_epochs * run.steps_per_epoch)) == 0:
+            _dense_point(run, step, prog)
     return row
+
+
+def _dense_point(run: _Run, step: TrainStep, prog: _Progress) -> None:
+    """One point of the dense learning curve (``dense_history.jsonl``); its time is not training time."""
+    _tick(prog)
+    assert run.evaluation.dense is not None
+    res = run.evaluation.dense(step.teacher.backbone, run.cfg)
+    if run.loggers is not None:
+        run.loggers.dense(prog.step, res, prog.step / run.steps_per_epoch, (prog.train_s, prog.cpu_s))
+    prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()
 
 
 def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> TrainResult:
@@ -491,6 +508,8 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
     knn, floors = None, None
+    if run.cfg.dense_every_epochs and run.evaluation.dense:
+        _dense_point(run, step, prog)
     if run.cfg.knn_at_end and run.heldout and run.evaluation.knn:
         knn = run.evaluation.knn(step.teacher.backbone, run.cfg, progress and run.info.is_main)
         if run.info.is_main:

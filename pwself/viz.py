@@ -85,12 +85,19 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     return path
 
 
-def learning_curve(run_dir: str | Path) -> list[dict[str, float]]:
-    """kNN (k = 10) of a run against its training time: the in-training evaluations (``knn_history.jsonl``,
-    written with ``knn_every_epochs``) and the final one (``knn.json``). Each point has ``step``,
+def learning_curve(run_dir: str | Path, metric: str = "knn") -> list[dict[str, float]]:
+    """kNN (k = 10) or, with ``metric="miou"``, dense mIoU of a run against its training time.
+
+    kNN: the in-training evaluations (``knn_history.jsonl``, written with ``knn_every_epochs``) and the final
+    one (``knn.json``); mIoU: ``dense_history.jsonl`` (``dense_every_epochs``). Each point has ``step``,
     ``train_s`` (wall seconds training, evaluations excluded), ``cpu_s`` (CPU seconds of the process) and
-    ``top1``; rows from runs older than the time logging have no point."""
+    ``top1`` (the metric's value); rows from runs older than the time logging have no point, and a step
+    evaluated twice (a resumed run) keeps its last row."""
     run_dir = Path(run_dir)
+    if metric == "miou":
+        rows = {r["step"]: r for r in read_metrics(run_dir / "dense_history.jsonl")}
+        return [{"step": r["step"], "train_s": r["train_s"], "cpu_s": r["cpu_s"], "top1": r["miou"]}
+                for _, r in sorted(rows.items())]
     rows = read_metrics(run_dir / "knn_history.jsonl")
     if (run_dir / "knn.json").exists():
         rows.append(json.loads((run_dir / "knn.json").read_text()))
@@ -99,9 +106,11 @@ def learning_curve(run_dir: str | Path) -> list[dict[str, float]]:
 
 
 def plot_learning_curves(runs: dict[str, list[dict[str, float]]], path: str | Path,
-                         floors: dict[str, float] | None = None, clock: str = "cpu_s") -> Path:
-    """kNN k=10 against training minutes (``clock``: ``cpu_s`` or ``train_s``) of several runs, with the
-    floors (``{label: value}``) as horizontal lines; each run's last point is labelled."""
+                         floors: dict[str, float] | None = None, clock: str = "cpu_s",
+                         ylabel: str = "kNN top-1 % (k = 10, test)") -> Path:
+    """kNN k=10 (or the metric ``ylabel`` names) against training minutes (``clock``: ``cpu_s`` or ``train_s``)
+    of several runs, with the floors (``{label: value}``) as horizontal lines; each run's last point is
+    labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +127,7 @@ def plot_learning_curves(runs: dict[str, list[dict[str, float]]], path: str | Pa
         ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"{label} ({value:.2f})")
     ax.set_xlabel("training CPU-minutes (process CPU time, evaluation excluded)" if clock == "cpu_s"
                   else "training minutes (wall clock, evaluation excluded)")
-    ax.set_ylabel("kNN top-1 % (k = 10, test)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -145,3 +145,44 @@ def test_cli_make_scenes_then_eval_dense_with_floor(tmp_path, fake_fmnist, capsy
     assert "use --epochs 1 or more" in capsys.readouterr().err
     assert main(["make-scenes", str(tmp_path / "other"), "--size", "4", "--source", str(fake_fmnist)]) == 2
     assert "use a size >= 8" in capsys.readouterr().err
+
+
+def test_probe_grid_grows_past_an_edge_until_the_best_is_inside():
+    names = ["bg", "a", "b", "c"]
+    train, test = _stripes(120, 4, 4, 4, 0, ignore_share=0.0), _stripes(40, 4, 4, 4, 1)
+    noise = torch.randn(train.tokens.shape, generator=torch.Generator().manual_seed(3))
+    noisy = DenseFeatures(train.tokens + noise, train.masks)
+    # Measured: 10 epochs rise from lr 0.1 to a peak at 3 and fall at 10; the grid (0.1, 0.3) grows to it.
+    res = dense_probe(noisy, test, names, lrs=(0.1, 0.3), epochs=10)
+    assert [g["lr"] for g in res["grid"]] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert res["best"]["lr"] == 3.0 and not res["best"]["at_grid_edge"]
+    # 2 epochs still rise at lr 30 after the 4 extensions allowed: reported as at the edge.
+    short = dense_probe(noisy, test, names, lrs=(0.1, 0.3), epochs=2)
+    assert short["grid"][-1]["lr"] == 30.0 and short["best"] == {**short["best"], "lr": 30.0, "at_grid_edge": True}
+    # A head does not depend on which heads trained beside it: the grid's values are reproduced alone.
+    alone = dense_probe(noisy, test, names, lrs=(3.0,), epochs=10, max_extensions=0)
+    assert alone["grid"][0]["val_miou"] == res["best"]["val_miou"]
+
+
+@pytest.mark.slow
+def test_dense_learning_curve_during_training_and_its_plot(tmp_path, fake_fmnist, capsys):
+    from test_cli import TINY
+
+    scenes = tmp_path / "scenes"
+    assert main(["make-scenes", str(scenes), "--size", "16", "--train", "30", "--test", "10", "--item-size", "6,10",
+                 "--source", str(fake_fmnist), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out-dir", str(run), "--batch-size", "32", "--epochs", "2", "--no-progress", *TINY,
+                 "dense_every_epochs=1", f"dense_data={scenes}", "knn_at_end=false"]) == 0
+    rows = [json.loads(x) for x in (run / "dense_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]  # 96 images / 32: one point per epoch, the last at the end
+    assert all(0 <= r["miou"] <= 100 and r["train_s"] > 0 for r in rows) and rows[1]["cpu_s"] > rows[0]["cpu_s"]
+    capsys.readouterr()
+    assert main(["viz-curves", f"tiny={run}", "--metric", "miou", "--floors", "--output",
+                 str(tmp_path / "curve.png")]) == 0
+    saved = json.loads((tmp_path / "curve.json").read_text())
+    assert [p["top1"] for p in saved["runs"]["tiny"]] == [r["miou"] for r in rows]
+    assert set(saved["floors"]) == {"random init", "raw pixels"} and "mIoU after 6 steps" in capsys.readouterr().out
+    assert main(["viz-curves", str(run), "--output", str(tmp_path / "k.png")]) == 2  # no kNN points: the hint
+    assert main(["pretrain", "--out-dir", str(tmp_path / "r2"), *TINY, "dense_every_epochs=1"]) == 2
+    assert "needs dense_data=DIR" in capsys.readouterr().err

@@ -129,11 +129,13 @@ def _logits(x: Tensor, weight: Tensor, bias: Tensor, size: tuple[int, int]) -> T
 
 
 def _train_heads(x: Tensor, y: Tensor, lrs: Sequence[float], n_classes: int, epochs: int, batch_size: int,
-                 g: torch.Generator) -> tuple[Tensor, Tensor]:
+                 seed: int) -> tuple[Tensor, Tensor]:
     """One linear head per learning rate, trained together on the same batches: SGD with momentum 0.9, a
-    per-iteration cosine, per-pixel cross-entropy averaged over the labelled pixels."""
+    per-iteration cosine, per-pixel cross-entropy averaged over the labelled pixels. Heads start at zero and
+    the batch order depends on ``seed`` only, so a head is the same whichever other heads train beside it."""
     k, d = len(lrs), x.shape[-1]
-    weight = nn.Parameter(torch.randn(k, d, n_classes, generator=g) * 0.01)
+    g = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter(torch.zeros(k, d, n_classes))
     bias = nn.Parameter(torch.zeros(k, n_classes))
     # Heads share no parameters, so the sum of their losses trains each on its own; a head's learning rate
     # is a scale on its gradient under one SGD (the same update as its own lr: momentum, no weight decay).
@@ -174,41 +176,68 @@ def _test_confusion(x: Tensor, masks: list[Tensor], weight: Tensor, bias: Tensor
     return conf
 
 
-def dense_probe(train: DenseFeatures, test: DenseFeatures, names: Sequence[str],
-                lrs: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0), epochs: int = 10,
-                batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0) -> dict:
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""The dense probe's starting learning-rate grid (per 256 images; scaled by the batch)."""
+
+
+def _next_lr(lr: float, up: bool) -> float:
+    """The grid's next value beyond ``lr``: steps of 3 and 10/3 (1, 3, 10, 30, ...)."""
+    ones = abs(math.log10(lr) - round(math.log10(lr))) < 1e-6
+    step = 3.0 if ones == up else 10 / 3
+    return float(f"{(lr * step if up else lr / step):.3g}")
+
+
+def _rising_edge(grid: list[float], best: int, heads: dict) -> bool | None:
+    """``True`` (top) or ``False`` (bottom) when the best lr is an end of the grid and beats its neighbour (the
+    score still rises towards that end), else ``None`` (a plateau reaching an end is not an edge)."""
+    if len(grid) > 1 and best == len(grid) - 1 and heads[grid[-1]][2] > heads[grid[-2]][2]:
+        return True
+    if len(grid) > 1 and best == 0 and heads[grid[0]][2] > heads[grid[1]][2]:
+        return False
+    return None
+
+
+def dense_probe(train: DenseFeatures, test: DenseFeatures, names: Sequence[str], lrs: Sequence[float] = LRS,
+                epochs: int = 10, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
+                max_extensions: int = 4) -> dict:
     """Train a grid of per-token linear heads, choose one on held-out train (mean IoU), score it on test.
 
+    When the best lr is at an end of the grid, the grid grows past that end (up to ``max_extensions`` more
+    values each way) until the best is inside it: a probe picked at its grid's edge is under-trained.
+
     Returns ``{"miou", "mean_acc", "pixel_acc", "per_class_iou"}`` on test for the chosen head, ``"best"``
-    (its lr and held-out mIoU) and ``"grid"`` (held-out mIoU of every lr).
+    (its lr, held-out mIoU, whether it is still at the grid's edge) and ``"grid"`` (held-out mIoU per lr).
     """
     if train.tokens.shape[-1] != test.tokens.shape[-1]:
         raise ValueError(f"train and test tokens differ in dimension ({train.tokens.shape[-1]} vs "
                          f"{test.tokens.shape[-1]})")
-    n_classes = len(names)
-    g = torch.Generator().manual_seed(seed)
-    n = len(train.tokens)
-    perm = torch.randperm(n, generator=g)
+    n_classes, n = len(names), len(train.tokens)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(val_fraction * n))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     mu = train.tokens[tr_idx].mean((0, 1, 2))
     sd = train.tokens[tr_idx].std((0, 1, 2)).clamp(min=1e-6)
     x_all = (train.tokens - mu) / sd
-    size = tuple(train.masks[0].shape)
-    y_all = _targets(train.masks, size)
-    weight, bias = _train_heads(x_all[tr_idx], y_all[tr_idx], lrs, n_classes, epochs, batch_size, g)
-    val_miou = []
-    for k in range(len(lrs)):
-        conf = _test_confusion(x_all[val_idx], list(y_all[val_idx]), weight[k], bias[k], n_classes)
-        val_miou.append(segmentation_scores(conf, names)["miou"])
-    best = 0
-    for k in range(1, len(lrs)):  # strict >: the first (smallest) lr wins a tie
-        if val_miou[k] > val_miou[best]:
-            best = k
-    conf = _test_confusion((test.tokens - mu) / sd, test.masks, weight[best], bias[best], n_classes)
+    y_all = _targets(train.masks, tuple(train.masks[0].shape))
+    heads: dict[float, tuple[Tensor, Tensor, float]] = {}
+    grid, grown = sorted(lrs), {True: 0, False: 0}
+    while True:
+        new = [lr for lr in grid if lr not in heads]
+        weight, bias = _train_heads(x_all[tr_idx], y_all[tr_idx], new, n_classes, epochs, batch_size, seed + 1)
+        for k, lr in enumerate(new):
+            conf = _test_confusion(x_all[val_idx], list(y_all[val_idx]), weight[k], bias[k], n_classes)
+            heads[lr] = (weight[k], bias[k], segmentation_scores(conf, names)["miou"])
+        best = max(range(len(grid)), key=lambda i: (heads[grid[i]][2], -i))  # the smaller lr wins a tie
+        edge = _rising_edge(grid, best, heads)
+        if edge is None or grown[edge] >= max_extensions:
+            break
+        grown[edge] += 1
+        grid = grid + [_next_lr(grid[-1], True)] if edge else [_next_lr(grid[0], False)] + grid
+    w, b, val = heads[grid[best]]
+    conf = _test_confusion((test.tokens - mu) / sd, test.masks, w, b, n_classes)
     return {**segmentation_scores(conf, names),
-            "best": {"lr": lrs[best], "val_miou": val_miou[best], "at_grid_edge": best in (0, len(lrs) - 1)},
-            "grid": [{"lr": lr, "val_miou": v} for lr, v in zip(lrs, val_miou)],
+            "best": {"lr": grid[best], "val_miou": val, "at_grid_edge": _rising_edge(grid, best, heads) is not None},
+            "grid": [{"lr": lr, "val_miou": heads[lr][2]} for lr in grid],
             "train_images": n, "epochs": epochs}
 
 

@@ -14,7 +14,7 @@ from pwself.data import open_dataset
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, features, score_features
 
 __all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "MAX_PIXEL_DIM",
-           "run_knn_floors"]
+           "run_floors"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
 
@@ -119,12 +119,19 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
     return res
 
 
-def run_knn_floors(run_dir: Path) -> dict[str, float]:
-    """The k = 10 kNN floors of a run's config, by name (``random init``, and ``raw pixels`` when small enough),
-    cached in the run folder: the lines a learning-curve plot draws."""
+def run_floors(run_dir: Path, metric: str = "knn") -> dict[str, float]:
+    """The floors of a run's config, by name (``random init``, and ``raw pixels`` when small enough), cached in
+    the run folder: the lines a learning-curve plot draws. ``metric``: ``knn`` (k = 10) or ``miou`` (the dense
+    probe on the run's ``dense_data``)."""
     from pwself.config import load_config
 
     cfg = load_config(str(run_dir / "config.yaml"), [])
+    if metric == "miou":
+        if not cfg.dense_data:
+            raise ValueError(f"{run_dir} has no dense_data in its config: train with dense_data=DIR")
+        random = random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False, dense=cfg.dense_data)
+        pixels = pixel_dense_floor(cfg, cfg.dense_data, run_dir / "floor_pixels_dense.json")
+        return {"random init": random["miou"], "raw pixels": pixels["miou"]}
     floors = {"random init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False)["knn10"]}
     pixels = pixel_floor(cfg, run_dir / "floor_pixels.json")
     if pixels:
