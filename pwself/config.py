@@ -343,6 +343,28 @@ def apply_backbone_name(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def resolve_in_chans(cfg: TrainConfig) -> TrainConfig:
+    """Replace ``backbone.in_chans=0`` by the data's channel count, saying so in one line (a folder that does not
+    exist yet keeps 0: opening it fails with its own message)."""
+    if cfg.backbone.in_chans:
+        return cfg
+    data = cfg.data
+    if data.kind == "folder":
+        from pwself.data import expand_path, folder_channels
+
+        root = expand_path(data.root)
+        channels = folder_channels(root / "train" if (root / "train").is_dir() else root)
+        if channels is None:
+            return cfg
+        what = "colour images" if channels == 3 else "grey images only"
+        log.info("backbone.in_chans=%d from the data (%s in %s); set backbone.in_chans=%d to override", channels,
+                 what, data.root, 1 if channels == 3 else 3)
+    else:
+        channels = 3 if data.kind == "cifar" else 1
+    cfg.backbone.in_chans = channels
+    return cfg
+
+
 def resolve_max_side(cfg: TrainConfig) -> TrainConfig:
     """Replace ``data.max_side=-1`` by the bound its views need (:func:`pwself.data.photos.auto_max_side`);
     0 for data that is not a folder (nothing to shrink)."""
@@ -374,7 +396,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = config_from_dict(d)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    cfg = apply_backbone_name(cfg)
+    cfg = resolve_in_chans(apply_backbone_name(cfg))
     cfg.validate()
     return cfg
 

@@ -34,7 +34,8 @@ class BackboneConfig:
             num_heads and mlp_ratio; empty: those keys as given.
         init: Local weights file or folder to start from (pwself, timm, DINO or dinov2); empty: random init.
         patch_size: Patch side ``p``.
-        in_chans: Image channels (1 for grayscale data, 3 for RGB).
+        in_chans: Image channels (1 for grayscale data, 3 for RGB); 0: from the data (1 for idx and synthetic,
+            3 for cifar, a folder's images: 3 when any is colour), said in one line and written into config.yaml.
         embed_dim: Token width.
         depth: Number of transformer blocks.
         num_heads: Attention heads.
@@ -45,7 +46,7 @@ class BackboneConfig:
     name: str = ""
     init: str = ""
     patch_size: int = 4
-    in_chans: int = 1
+    in_chans: int = 0
     embed_dim: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -55,7 +56,8 @@ class BackboneConfig:
     def validate(self) -> None:
         """Raise :class:`~pwself.sections.ConfigError` for sizes no ViT has."""
         check_ranges(self, "backbone", {**{k: POSITIVE for k in ("patch_size", "num_heads", "embed_dim", "depth",
-                                                                  "mlp_ratio", "in_chans")},
+                                                                  "mlp_ratio")},
+                                        "in_chans": NON_NEGATIVE,
                                         "drop_path_rate": (lambda x: 0 <= x < 1, "in [0, 1)")})
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"backbone.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pwself.checkpoint import saved_config
-from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_max_side
+from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_in_chans, resolve_max_side
 from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights, write_atomic
 
 __all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]
@@ -62,7 +62,7 @@ def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     names the keys that differ, then ``start_over``: what to do about it in the caller's context."""
     if not holds_run(run_dir) or not holds_weights(run_dir):
         return RunState("new")
-    saved, now = _saved_config(run_dir), config_to_dict(resolve_max_side(copy.deepcopy(cfg)))
+    saved, now = _saved_config(run_dir), config_to_dict(resolve_max_side(resolve_in_chans(copy.deepcopy(cfg))))
     if not now["data"]["mean"]:  # measured at the start of a run: compare what the user set
         now["data"]["mean"], now["data"]["std"] = saved["data"]["mean"], saved["data"]["std"]
     diff = config_diff(saved, now)

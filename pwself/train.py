@@ -38,6 +38,7 @@ from pwself.config import (
     apply_backbone_name,
     config_diff,
     config_to_dict,
+    resolve_in_chans,
     resolve_max_side,
     save_config,
 )
@@ -222,7 +223,7 @@ def _check_data_root(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
 def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
     """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
     channel statistics and write ``config.yaml``."""
-    cfg = resolve_max_side(apply_backbone_name(copy.deepcopy(cfg)))
+    cfg = resolve_max_side(resolve_in_chans(apply_backbone_name(copy.deepcopy(cfg))))
     cfg.validate()
     check_loggers(cfg.log)
     if cfg.backbone.init and not resume and not expand_path(cfg.backbone.init).exists():

@@ -85,6 +85,29 @@ def test_pretrain_on_an_unlabelled_folder_under_home_with_defaults(tmp_path, mon
     assert "report:" in captured.out
 
 
+def test_channels_come_from_the_data_unless_set(tmp_path, caplog):
+    """Issue 28, item 2: an RGB folder trained with the defaults is RGB (said in one line), a grey folder grey,
+    and a value the user sets wins."""
+    import logging
+
+    from pwself.config import load_config
+
+    _photos(tmp_path / "rgb")
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((40, 50), 30 * k, np.uint8)).save(grey / f"g{k}.png")
+    with caplog.at_level(logging.INFO, logger="pwself.config"):
+        rgb = load_config(None, ["data.kind=folder", f"data.root={tmp_path / 'rgb'}"])
+    assert rgb.backbone.in_chans == 3
+    assert f"backbone.in_chans=3 from the data (colour images in {tmp_path / 'rgb'})" in caplog.text
+    assert load_config(None, ["data.kind=folder", f"data.root={grey}"]).backbone.in_chans == 1
+    assert load_config(None, ["data.kind=folder", f"data.root={tmp_path / 'rgb'}",
+                              "backbone.in_chans=1"]).backbone.in_chans == 1
+    assert load_config(None, ["data.kind=cifar"]).backbone.in_chans == 3
+    assert load_config(None, []).backbone.in_chans == 1  # Fashion-MNIST
+
+
 @pytest.mark.slow
 def test_a_folder_run_resumes_exactly_with_views_cut_in_workers(tmp_path):
     from pwself.checkpoint import load_checkpoint

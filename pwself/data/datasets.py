@@ -38,9 +38,31 @@ __all__ = [
     "ImageFolderDataset",
     "make_synthetic",
     "IMAGE_EXTENSIONS",
+    "folder_channels",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+def folder_channels(root: str | Path, sample: int = 32) -> int | None:
+    """3 when any of ``sample`` images spread over a folder is colour (read from the headers, no decode), else 1;
+    ``None`` when the folder does not exist or holds no image (the dataset says why when it is opened)."""
+    from PIL import Image
+
+    root = expand_path(root)
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        return None
+    for p in files[:: max(1, len(files) // sample)][:sample]:
+        try:
+            with Image.open(p) as im:
+                if im.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                    return 3
+        except OSError:
+            continue  # an unreadable file is the scan's to report
+    return 1
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
