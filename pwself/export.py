@@ -91,30 +91,43 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "sa
     return output, code
 
 
-def _folder_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """timm ``pretrained_cfg``-style ``config.json``: what builds the model and what its inputs must be."""
-    b, size = cfg.backbone, cfg.views.global_size
-    model_args = timm_create_kwargs(cfg)
-    return {
-        "architecture": TIMM_BASE_NAME, "img_size": size, "patch_size": b.patch_size, "in_chans": b.in_chans,
-        "mean": list(cfg.data.mean), "std": list(cfg.data.std), "num_classes": 0, "num_features": b.embed_dim,
-        "model_args": model_args,
-        "pretrained_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in input_config(cfg).items()},
-        "pwself": {"objective": cfg.loss.objective, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
-                   "data": {"kind": cfg.data.kind, "root": cfg.data.root}},
-    }
+def _folder_extras(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What pwself adds to timm's ``config.json``: the input side, channels, normalization and the run."""
+    b = cfg.backbone
+    return {"img_size": cfg.views.global_size, "patch_size": b.patch_size, "in_chans": b.in_chans,
+            "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "pwself": {"objective": cfg.loss.objective, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
+                       "data": {"kind": cfg.data.kind, "root": cfg.data.root}}}
 
 
-_CARD = """# pwself {objective} ViT (width {width}, depth {depth}, patch {patch})
+# Hugging Face reads the front matter (model index, filters); timm's hub loader reads config.json.
+_FRONT_MATTER = """---
+library_name: timm
+license: {license}
+pipeline_tag: image-feature-extraction
+tags:
+- timm
+- image-feature-extraction
+- self-supervised
+- pwself
+- {objective}
+{datasets}---
+"""
+_DATASETS = {"idx": "fashion_mnist", "cifar": "cifar10"}  # the data kinds with a known dataset on the Hub
+
+_CARD = """# pwself {objective} ViT (width {width}, depth {depth}, {heads} heads, patch {patch}, {side} px input)
 
 Self-supervised teacher backbone trained with `pwself` (objective `{objective}`) for {steps} steps of batch
-{batch} on `{kind}` data (`{root}`), seed {seed}.
+{batch} on `{kind}` data (`{root}`), seed {seed}. A timm `VisionTransformer` built with the keyword
+arguments in `config.json` (`model_args`); its `architecture` field names the timm builder they are
+passed to, not the size of this model.
 
 ## Recipe
 
 - views: {n_global} x {global_size} px global (scale {global_scale}) + {n_local} x {local_size} px local
   (scale {local_scale}); photometric augmentation `{photometric}`
-- head output {out_dim}; teacher temperature {teacher_temp}; lr {lr} (batch 256); teacher momentum {momentum}
+- head output {out_dim}; teacher temperature {teacher_temp}; teacher momentum {momentum}
+- lr {lr} per 256 images, i.e. {lr_batch:.3g} at batch {batch} (linear scaling)
 - inputs: {channels} channel(s), normalized with mean {mean} and std {std}
 {results}
 ## Load
@@ -134,8 +147,9 @@ model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_arg
 """
 
 
-def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path) -> str:
-    """README.md of an exported model: what it is, how it was trained, what it scored, how to load it."""
+def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_license: str = "apache-2.0") -> str:
+    """README.md of an exported model: Hugging Face front matter (``library_name: timm``, license, tags, dataset),
+    then what it is, how it was trained, what it scored, how to load it."""
     rows = []
     if (run_dir / "knn.json").is_file():
         knn = json.loads((run_dir / "knn.json").read_text())["knn"]
@@ -145,8 +159,11 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path) -> str:
     results = ("\n## Results (frozen features, top-1 %)\n\n| protocol | top-1 |\n|---|---|\n" + "\n".join(rows) + "\n"
                if rows else "")
     b, v, d = cfg.backbone, cfg.views, cfg.data
-    return _CARD.format(
-        objective=cfg.loss.objective, width=b.embed_dim, depth=b.depth, patch=b.patch_size,
+    datasets = f"datasets:\n- {_DATASETS[d.kind]}\n" if d.kind in _DATASETS else ""
+    front = _FRONT_MATTER.format(license=card_license, objective=cfg.loss.objective, datasets=datasets)
+    return front + "\n" + _CARD.format(
+        objective=cfg.loss.objective, width=b.embed_dim, depth=b.depth, heads=b.num_heads, patch=b.patch_size,
+        side=v.global_size, lr_batch=cfg.optim.lr * cfg.batch_size / 256,
         steps=int(ckpt.get("step", 0)), batch=cfg.batch_size, kind=d.kind, root=d.root, seed=cfg.seed,
         n_global=v.n_global, global_size=v.global_size, global_scale=list(v.global_scale), n_local=v.n_local,
         local_size=v.local_size, local_scale=list(v.local_scale), photometric=cfg.photometric.mode,
@@ -160,24 +177,36 @@ EXPORT_NAMES = {"safetensors": "teacher_backbone_export.safetensors", "timm": "t
                 "folder": "model"}
 
 
-def export_folder(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write a model folder: ``model.safetensors`` (timm key names), ``config.json`` and a ``README.md`` model card.
+def export_folder(checkpoint: str | Path, output: str | Path, card_license: str = "apache-2.0") -> Path:
+    """Write a model folder with timm's own writer (``save_for_hf``: ``model.safetensors`` and ``config.json``,
+    which ``timm.create_model("local-dir:FOLDER")`` and the Hub read) and a ``README.md`` model card.
 
     Args:
         checkpoint: pwself checkpoint file or run directory (its ``knn.json``/``linear.json`` go on the card).
-        output: The folder to write (created; files in it are replaced atomically).
+        output: The folder to write (created; each file is replaced whole, never left half-written).
+        card_license: The card's license (the weights are the user's: set the one their data allows).
     """
+    import os
+    import tempfile
+
+    from timm.models import save_for_hf
+
     ckpt = load_checkpoint(checkpoint)
     cfg = _run_config(ckpt)
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    export_backbone(teacher_backbone(ckpt), out / "model.safetensors")
-    for name, text in (("config.json", json.dumps(_folder_config(cfg, ckpt), indent=2) + "\n"),
-                       ("README.md", _model_card(cfg, ckpt, run_dir))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    model = teacher_backbone(ckpt)
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": TIMM_BASE_NAME}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        save_for_hf(model, tmp, model_config=_folder_extras(cfg, ckpt), model_args=timm_create_kwargs(cfg),
+                    safe_serialization=True)
+        (Path(tmp) / "README.md").write_text(_model_card(cfg, ckpt, run_dir, card_license))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in FOLDER_FILES:
+            os.chmod(Path(tmp) / name, 0o666 & ~umask)  # as any file the run writes (mkstemp makes 0600)
+            os.replace(Path(tmp) / name, out / name)
     return out
 
 

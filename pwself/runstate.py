@@ -32,9 +32,11 @@ class RunState:
 
 
 def write_finished(run_dir: Path, step: int, knn: dict[int, dict[str, float]] | None,
-                   floors: dict[str, Any] | None) -> None:
-    """Mark the run finished, with its final kNN and floors (``None`` when not evaluated)."""
-    write_atomic(run_dir / FINISHED_FILE, json.dumps({"step": step, "knn": knn, "floors": floors}, indent=2))
+                   floors: dict[str, Any] | None, about: dict[str, Any] | None = None) -> None:
+    """Mark the run finished, with its final kNN and floors (``None`` when not evaluated) and ``about`` the run
+    (version, date, device, images, training seconds: what the report shows)."""
+    write_atomic(run_dir / FINISHED_FILE, json.dumps({"step": step, "knn": knn, "floors": floors, **(about or {})},
+                                                     indent=2))
 
 
 def read_finished(run_dir: Path) -> dict[str, Any]:

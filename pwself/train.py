@@ -499,6 +499,17 @@ def _dense_point(run: _Run, step: TrainStep, prog: _Progress) -> None:
     prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()
 
 
+def _about(run: _Run, prog: _Progress) -> dict[str, Any]:
+    """What the report says about a finished run besides its numbers."""
+    import datetime
+    from importlib.metadata import version
+
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return {"version": version("pwself"), "finished_at": now,
+            "device": str(run.device), "world_size": run.info.world_size, "images": len(run.dataset),
+            "train_s": round(prog.train_s, 1), "cpu_s": round(prog.cpu_s, 1)}
+
+
 def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> TrainResult:
     """Export the teacher backbone and evaluate it with kNN."""
     ds = run.dataset
@@ -524,7 +535,7 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     if run.loggers is not None:
         run.loggers.close()
     if run.info.is_main:  # last: a run cut off before this point is continued, not shown as done
-        write_finished(run.dir, prog.step, knn, floors)
+        write_finished(run.dir, prog.step, knn, floors, _about(run, prog))
     checkpoint = prog.last_ckpt or latest_checkpoint(run.dir) or run.dir
     return TrainResult(run.dir, Path(checkpoint), backbone_path, knn, run.cfg, floors)
 

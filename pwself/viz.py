@@ -47,32 +47,38 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    mark = {"marker": "o", "markersize": 4} if len(rows) <= 20 else {}  # a line through a few points hides them
+    if not rows:
+        for ax in axes.flat:
+            ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
     ax = axes[0, 0]
     for key, style in (("loss", "-"), ("cls", "--"), ("patch", ":")):
         if rows and key in rows[0]:
-            ax.plot(steps, [r[key] for r in rows], style, label=key)
+            ax.plot(steps, [r[key] for r in rows], style, label=key, **mark)
     ax.set_title("loss (total, CLS and patch cross-entropy)")
     ax.set_xlabel("step")
-    ax.legend()
+    if rows:
+        ax.legend()
     ax = axes[0, 1]
     if rows and "n_match" in rows[0]:
-        ax.plot(steps, [r["n_match"] for r in rows], color="tab:green")
+        ax.plot(steps, [r["n_match"] for r in rows], color="tab:green", **mark)
     ax.set_title("matched patch pairs per view pair and image")
     ax.set_xlabel("step")
     ax = axes[1, 0]
     if rows:
-        ax.plot(steps, [r["lr"] for r in rows], label="lr")
+        ax.plot(steps, [r["lr"] for r in rows], label="lr", **mark)
         ax.set_ylabel("lr")
         ax2 = ax.twinx()
-        ax2.plot(steps, [r["momentum"] for r in rows], color="tab:red", label="teacher momentum")
-        ax2.plot(steps, [r["teacher_temp"] * 10 for r in rows], color="tab:purple", label="teacher temp x10")
+        ax2.plot(steps, [r["momentum"] for r in rows], color="tab:red", label="teacher momentum", **mark)
+        ax2.plot(steps, [r["teacher_temp"] * 10 for r in rows], color="tab:purple", label="teacher temp x10",
+                 **mark)
         ax2.legend(loc="lower right")
     ax.set_title("schedules")
     ax.set_xlabel("step")
     ax = axes[1, 1]
     if rows and "teacher_entropy" in rows[0]:
-        ax.plot(steps, [r["teacher_entropy"] for r in rows], label="per-image entropy")
-        ax.plot(steps, [r["teacher_mean_entropy"] for r in rows], label="entropy of batch mean")
+        ax.plot(steps, [r["teacher_entropy"] for r in rows], label="per-image entropy", **mark)
+        ax.plot(steps, [r["teacher_mean_entropy"] for r in rows], label="entropy of batch mean", **mark)
         ax.legend()
     ax.set_title("teacher CLS distribution (nats; collapse: both equal)")
     ax.set_xlabel("step")
@@ -154,6 +160,26 @@ def knn_markdown(knn: dict[Any, dict[str, float]], label: str = "model",
     return "\n".join(lines)
 
 
+def _training_image(dataset: Any, index: int, channels: int, show: int = 512) -> tuple[torch.Tensor | None, str]:
+    """A folder's image ``index`` as training crops it: the photo itself (not the evaluation's resized centre
+    crop), shrunk to ``show`` px for the figure, and its label; ``(None, "")`` for other datasets."""
+    files = getattr(getattr(dataset, "dataset", dataset), "files", None)
+    if files is None:
+        return None, ""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(files[index]) as im:
+        size = im.size
+        im = im.convert("L" if channels == 1 else "RGB")
+        im.thumbnail((show, show))
+        arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)
+    arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+    shown = f", shown at {arr.shape[-1]}x{arr.shape[-2]}" if max(size) > show else ""
+    return arr, f"training photo {files[index].name} ({size[0]}x{size[1]} px{shown})"
+
+
 def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple[list[tuple[str, Path]], str]:
     """Match and attention figures on a few images of the run's data; a note instead if that fails."""
     import matplotlib.pyplot as plt
@@ -170,8 +196,10 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
         figs = []
         for k, img in enumerate(images):
             out = run_dir / f"matches_{k}.png"
-            plt.close(draw_matches(img, p, v.global_size, v.local_size, seed=k, photometric=tc.photometric.mode,
-                                   path=out))
+            photo, source = _training_image(dataset, k, tc.backbone.in_chans)
+            plt.close(draw_matches(img if photo is None else photo, p, v.global_size, v.local_size, seed=k,
+                                   photometric=tc.photometric.mode, path=out, source=source or
+                                   f"training image ({img.shape[-2]}x{img.shape[-1]} px)"))
             figs.append((f"patch matches, image {k} (global vs local view)", out))
         backbone = load(run_dir)
         for k, img in enumerate(images):
@@ -181,6 +209,23 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
         return figs, ""
     except Exception as e:  # noqa: BLE001 - the report must not fail because a figure did
         return [], f"(figures skipped: {type(e).__name__}: {e})"
+
+
+def _about_run(run_dir: Path, cfg: dict[str, Any], has_knn: bool) -> str:
+    """One line on how the run was made (version, date, device, images, time) and why kNN is missing if it is."""
+    finished = json.loads((run_dir / "finished.json").read_text()) if (run_dir / "finished.json").is_file() else {}
+    if "version" in finished:
+        procs = f", {finished['world_size']} processes" if finished.get("world_size", 1) > 1 else ""
+        parts = [f"pwself {finished['version']}", f"finished {finished['finished_at']}",
+                 f"device {finished['device']}{procs}", f"{finished['images']} training images",
+                 f"{finished['train_s'] / 60:.1f} min training ({finished['cpu_s'] / 60:.1f} CPU-min)"]
+    else:
+        parts = ["not finished (or finished by an older pwself): no version, date or timing recorded"]
+    if not has_knn:
+        why = ("knn_at_end=false" if cfg.get("knn_at_end") is False
+               else "the data has no labelled held-out split (e.g. an unlabelled folder)")
+        parts.append(f"kNN skipped: {why}")
+    return "; ".join(parts)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -204,8 +249,8 @@ def write_report(run_dir: str | Path) -> Path:
     md = [f"# pwself run `{run_dir}`", ""]
     summary = (f"objective {objective}, {rows[-1]['step']} steps, final loss {rows[-1]['loss']:.4f}"
                if rows else "no metrics logged")
-    md.append(summary)
-    md.append("")
+    about = _about_run(run_dir, cfg, knn is not None)
+    md += [summary, "", about, ""]
     if knn:
         md += ["## kNN on frozen teacher features (weighted, T = 0.07)", "", knn_markdown(knn, objective, floors),
                ""]
@@ -243,7 +288,7 @@ def write_report(run_dir: str | Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pwself report {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style></head>
-<body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(summary)}</p>{table}
+<body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(summary)}</p><p>{html.escape(about)}</p>{table}
 <h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{img}" style="max-width:100%">
 {figure_html}<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
     out = run_dir / "report.html"
@@ -266,6 +311,7 @@ def draw_matches(
     photometric: str = "patch",
     path: str | Path | None = None,
     title: str = "",
+    source: str = "image",
 ) -> Figure:
     """Figure 2 of the paper for one image: a global and a local view, their patch grids, matched pairs.
 
@@ -282,6 +328,7 @@ def draw_matches(
         photometric: ``patch``, ``image`` or ``none``.
         path: Where to save the PNG (optional).
         title: Figure title.
+        source: What ``image`` is, for its panel's title (e.g. the training photo and its size).
     """
     import matplotlib
 
@@ -313,7 +360,8 @@ def draw_matches(
         x0, y0, x1, y1 = box
         ax0.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=color, lw=2, label=name))
     ax0.legend(loc="upper right", fontsize=8)
-    ax0.set_title(f"original, crop boxes; {len(pairs)} matched patch pairs")
+    ax0.set_title(f"{source}, crop boxes; {len(pairs)} matched patch pairs"
+                  + ("" if pairs else " (the two crops do not overlap: draw another seed)"))
     ax0.axis("off")
     for row, imgs, label in ((1, crops, "after crop/flip"), (2, augmented, f"after {photometric} photometric aug")):
         axes = [fig.add_subplot(gs[row, c]) for c in range(2)]

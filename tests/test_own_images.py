@@ -83,6 +83,23 @@ def test_pretrain_on_an_unlabelled_folder_under_home_with_defaults(tmp_path, mon
         assert (out / name).exists(), name
     assert not (out / "knn.json").exists()
     assert "report:" in captured.out
+    # Issue 28, item 3: the report says how the run was made and why kNN is missing.
+    page = (out / "report.html").read_text()
+    assert "pwself 0.1.0; finished 20" in page and "device cpu; 12 training images;" in page
+    assert "kNN skipped: the data has no labelled held-out split" in page
+
+
+def test_the_matches_figure_shows_the_training_photo_not_the_evaluation_crop(tmp_path):
+    import types
+
+    from pwself.viz import _training_image, draw_matches
+
+    files = _photos(tmp_path)
+    photo, label = _training_image(types.SimpleNamespace(files=files), 1, 3, show=256)
+    assert label == "training photo photo1.jpg (300x600 px, shown at 128x256)" and photo.shape == (3, 256, 128)
+    fig = draw_matches(photo, 8, 32, 16, source=label)
+    assert fig.axes[0].get_title().startswith("training photo photo1.jpg (300x600 px, shown at 128x256), crop boxes;")
+    assert _training_image(types.SimpleNamespace(), 0, 1) == (None, "")  # idx, cifar, synthetic: the image itself
 
 
 def test_channels_come_from_the_data_unless_set(tmp_path, caplog):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 from test_cli import TINY
 
@@ -117,6 +118,17 @@ def test_export_folder_loads_in_timm_and_pwself_with_a_model_card(run_dir, tmp_p
         torch.testing.assert_close(pwself.load(out).forward_features(x), ref, rtol=0, atol=1e-5)
     card = " ".join((out / "README.md").read_text().split())
     assert "objective `pwml`" in card and "3 steps of batch 32" in card and "pwself.load(" in card
+    # Issue 28, items 3 and 9: the card says the model's own size and the lr it trained with, and carries the
+    # front matter the Hub reads; config.json is timm's own (save_for_hf), so timm's local-dir loader takes it.
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["library_name"] == "timm" and front["license"] == "apache-2.0" and "pwml" in front["tags"]
+    assert "datasets" not in front  # synthetic data: no Hub dataset to name (idx: fashion_mnist)
+    assert "(width 32, depth 1, 2 heads, patch 4, 16 px input)" in card and "names the timm builder" in card
+    assert "lr 0.0005 per 256 images, i.e. 6.25e-05 at batch 32" in card
+    local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert local.pretrained_cfg["input_size"] == (1, 16, 16) and local.pretrained_cfg["interpolation"] == "bicubic"
+    with torch.no_grad():
+        torch.testing.assert_close(local.forward_features(x), ref, rtol=0, atol=1e-5)
 
 
 def test_push_to_hub_uploads_the_folder_through_huggingface_hub(run_dir, tmp_path, monkeypatch):
@@ -177,3 +189,24 @@ def yaml_config(run_dir):
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_training_curves_mark_a_single_row_and_say_when_nothing_is_logged(tmp_path):
+    """Issue 28, item 3: one logged row is drawn as points (a line through one point is invisible)."""
+    import matplotlib.pyplot as plt
+
+    from pwself.viz import plot_training_curves
+
+    row = {"step": 3, "epoch": 1, "loss": 3.6, "cls": 1.3, "patch": 4.5, "n_match": 4.1, "lr": 5e-6,
+           "momentum": 0.996, "teacher_temp": 0.04, "teacher_entropy": 0.8, "teacher_mean_entropy": 0.9}
+    figures = []
+    real_close = plt.close
+    plt.close = lambda fig=None: figures.append(fig)  # keep the figure to look at its lines
+    try:
+        plot_training_curves([row], tmp_path / "one.png")
+        plot_training_curves([], tmp_path / "none.png")
+    finally:
+        plt.close = real_close
+    lines = [line for ax in figures[0].axes for line in ax.get_lines()]
+    assert lines and all(line.get_marker() == "o" for line in lines)
+    assert all(ax.texts[0].get_text() == "nothing logged yet" for ax in figures[1].axes[:4])
