@@ -1,11 +1,36 @@
-"""pwself: patch-wise self-supervised pretraining of Vision Transformers (PW-Self, DINO and relatives)."""
+"""pwself: patch-wise self-supervised pretraining of Vision Transformers (PW-Self, DINO, iBOT and relatives).
+
+The stable API is what this package exports (:data:`__all__`); each name is imported on first use, so
+``import pwself`` stays light. Everything else (``pwself.train`` internals, ``cli``, ``rundir``, ``runstate``,
+the checkpoint layout) is internal and may change between versions.
+
+>>> import pwself
+>>> sorted(pwself.OBJECTIVES)[:3]
+['bagssl', 'cossl', 'dino']
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "pretrain", "__version__"]
+
+# The stable building blocks, by the module that defines them.
+_EXPORTS = {
+    "TrainConfig": "pwself.config", "load_config": "pwself.config",
+    "MultiCrop": "pwself.views", "MultiCropViews": "pwself.views",
+    "match_pair": "pwself.matching", "match_views": "pwself.matching",
+    "DINOHead": "pwself.models", "DistillNet": "pwself.models",
+    "distillation_loss": "pwself.losses", "koleo_loss": "pwself.losses", "sinkhorn_knopp": "pwself.losses",
+    "draw_masks": "pwself.masking",
+    "cosine_schedule": "pwself.schedules",
+    "build_step": "pwself.step",
+    "Objective": "pwself.objectives", "OBJECTIVES": "pwself.objectives", "register_objective": "pwself.objectives",
+    "evaluate": "pwself.eval.protocols", "EvalData": "pwself.eval.protocols", "EvalSettings": "pwself.eval.protocols",
+    "knn_classify": "pwself.eval.knn",
+}
+__all__ = ["load", "pretrain", "__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -16,8 +41,22 @@ if TYPE_CHECKING:
     from pwself.train import TrainResult
 
 
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # imported once
+        return value
+    raise AttributeError(f"module 'pwself' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 def load(path: str | Path) -> VisionTransformer:
-    """Load the teacher backbone of a pwself checkpoint as a timm ViT (see :func:`pwself.export.load`)."""
+    """Load the teacher backbone of a pwself run folder, checkpoint or export folder as a timm ViT in eval mode,
+    carrying the run's input size, mean, std and interpolation in its ``pretrained_cfg`` (so
+    ``timm.data.resolve_model_data_config(model)`` gives the right transform; see :func:`pwself.export.load`)."""
     from pwself.export import load as _load
 
     return _load(path)

@@ -183,6 +183,12 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
     sum ``1/K`` and each sample column to ``1/N``; returned times ``N`` so that each row of the ``[N, K]``
     result is a distribution. Under DDP, ``N``, the sums and the maximum run over every process's rows. The
     maximum is subtracted first: it cancels in the normalization (dinov2 exponentiates directly).
+
+    Example:
+        >>> import torch, pwself
+        >>> q = pwself.sinkhorn_knopp(torch.randn(8, 5), temp=0.1)
+        >>> torch.allclose(q.sum(1), torch.ones(8)), q.shape
+        (True, torch.Size([8, 5]))
     """
     z = at_least_fp32(logits.detach()) / temp
     n = _all_reduce(z.new_tensor([float(z.shape[0])]))
@@ -199,7 +205,14 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
 def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
     """KoLeo regularizer (Sablayrolles et al. 2019; dinov2's ``KoLeoLoss``) of ``[B, D]`` features: L2-normalize,
     find each row's nearest other row by inner product, ``-mean log(||x_i - x_nn(i)|| + eps)``. Spreads
-    the features of a batch apart; float32 (at least), outside autocast."""
+    the features of a batch apart; float32 (at least), outside autocast.
+
+    Example:
+        >>> import torch, pwself
+        >>> x = torch.randn(16, 8)
+        >>> bool(pwself.koleo_loss(x) < pwself.koleo_loss(x + 10))  # squeezed together: a larger loss
+        True
+    """
     with torch.autocast(x.device.type, enabled=False):
         x = F.normalize(at_least_fp32(x), p=2, dim=-1, eps=eps)
         with torch.no_grad():
@@ -292,6 +305,17 @@ def distillation_loss(
         ``loss`` (scalar to minimize), ``cls`` (mean CLS cross-entropy), ``patch`` (mean over pairs and
         samples with a match of the mean patch cross-entropy) and ``n_match`` (mean matched patch pairs
         per pair and sample).
+
+    Example:
+        DINO's CLS loss of 4 views (2 global) of 3 images with 16 prototypes:
+
+        >>> import torch, pwself
+        >>> from pwself.losses import Center, teacher_probs, view_pairs
+        >>> t = teacher_probs(torch.randn(2, 3, 16), Center(16), 0.04)
+        >>> dino = lambda n: (torch.ones_like(n, dtype=torch.float), torch.zeros_like(n, dtype=torch.float))
+        >>> terms = pwself.distillation_loss(torch.randn(4, 3, 16), t, view_pairs(2, 4), 0.1, dino)
+        >>> sorted(terms), terms["loss"].shape
+        (['cls', 'loss', 'n_match', 'patch'], torch.Size([]))
     """
     n_pairs, batch, dev = len(pairs), student_cls.shape[1], student_cls.device
     t_idx = torch.tensor([i for i, _ in pairs], device=dev)

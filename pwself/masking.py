@@ -59,7 +59,14 @@ def draw_masks(n_crops: int, grid: tuple[int, int], ratio: tuple[float, float] =
                probability: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
     """Masks of ``n_crops`` global crops as dinov2's collate draws them: ``floor(n_crops * probability)`` crops
     are masked, crop ``i`` of them at a ratio drawn uniformly in the ``i``-th of equal bins of ``ratio``, the
-    rest unmasked, then the order is shuffled. Returns ``[n_crops, rows * cols]`` bool."""
+    rest unmasked, then the order is shuffled. Returns ``[n_crops, rows * cols]`` bool.
+
+    Example:
+        >>> import torch, pwself
+        >>> masks = pwself.draw_masks(8, (14, 14), generator=torch.Generator().manual_seed(0))
+        >>> masks.shape, int((masks.sum(1) > 0).sum())  # half of the crops masked
+        (torch.Size([8, 196]), 4)
+    """
     n_tokens, n_masked = grid[0] * grid[1], int(n_crops * probability)
     bounds = torch.linspace(ratio[0], ratio[1], n_masked + 1, dtype=torch.float64).tolist()
     masks = [block_mask(grid, int(n_tokens * _uniform(generator, bounds[i], bounds[i + 1])), generator)

@@ -97,6 +97,16 @@ def match_pair(
     Returns:
         List of ``(token_a, token_b)`` patch-token indices (CLS excluded), row-major: row pair first,
         then column pair. Empty when the boxes do not overlap enough.
+
+    Example:
+        Two views of 2x2 patches of an 8x8 image: the same crop, once flipped (columns swap); then a crop of
+        the right half, whose left column of patches lies inside the right column of the first:
+
+        >>> import pwself
+        >>> pwself.match_pair((0, 0, 8, 8), False, (2, 2), (0, 0, 8, 8), True, (2, 2))
+        [(0, 1), (1, 0), (2, 3), (3, 2)]
+        >>> pwself.match_pair((0, 0, 8, 8), False, (2, 2), (4, 0, 8, 8), False, (2, 2))
+        [(1, 0), (3, 2)]
     """
     ax0, ay0, ax1, ay1 = (float(v) for v in box_a)
     bx0, by0, bx1, by1 = (float(v) for v in box_b)
@@ -269,6 +279,13 @@ def match_views(
         The :class:`PatchPairs` of the batch. The matches of one (pair, sample) are contiguous and in
         :func:`match_pair` order; pairs are grouped by kind (teacher grid, student grid), in ``pairs``
         order inside a kind.
+
+    Example:
+        >>> import torch, pwself
+        >>> views = pwself.MultiCrop(2, 2, 16, 8)(torch.rand(3, 1, 20, 20), torch.Generator().manual_seed(0))
+        >>> m = pwself.match_views(views.boxes, views.flips, [(4, 4)] * 2 + [(2, 2)] * 2, [(0, 1), (0, 2), (0, 3)])
+        >>> m.n_pairs, m.batch, len(m.teacher_token) == len(m.student_token) == len(m.pair_index)
+        (3, 3, True)
     """
     batch = boxes.shape[1]
     if not pairs:

@@ -173,6 +173,13 @@ class DINOHead(nn.Module):
     Args:
         in_dim: Backbone token width.
         cfg: Head sizes.
+
+    Example:
+        >>> import torch, pwself
+        >>> from pwself.models import HeadConfig
+        >>> head = pwself.DINOHead(128, HeadConfig(out_dim=256))
+        >>> head(torch.randn(4, 36, 128)).shape
+        torch.Size([4, 36, 256])
     """
 
     def __init__(self, in_dim: int, cfg: HeadConfig) -> None:
@@ -328,6 +335,15 @@ class DistillNet(nn.Module):
     Patch tokens are addressed by keys: indices into the patch tokens of all crops flattened crop by crop
     (view-major, then sample, then token). A :class:`Selection` holds the ``[U]`` distinct keys of the
     student's patch tokens in the loss.
+
+    Example:
+        >>> import torch, pwself
+        >>> from pwself.models import BackboneConfig, HeadConfig
+        >>> net = pwself.DistillNet(BackboneConfig(in_chans=1, patch_size=4, embed_dim=32, depth=1, num_heads=2),
+        ...                         HeadConfig(out_dim=64), img_size=16)
+        >>> out = net([torch.rand(6, 1, 16, 16), torch.rand(12, 1, 8, 8)])  # globals, then locals
+        >>> out.cls.shape, out.cls_tokens.shape, out.patch is None
+        (torch.Size([18, 64]), torch.Size([18, 32]), True)
     """
 
     def __init__(self, backbone: BackboneConfig, head: HeadConfig, img_size: int, mask_token: bool = False) -> None:

@@ -13,7 +13,13 @@ __all__ = ["cosine_schedule", "Schedules", "make_schedules", "apply_schedules"]
 
 
 def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> list[float]:
-    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup`` steps, then cosine to ``final``."""
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup`` steps, then cosine to ``final``.
+
+    Example:
+        >>> import pwself
+        >>> [round(v, 3) for v in pwself.cosine_schedule(1.0, 0.0, 6, warmup=2)]
+        [0.0, 0.5, 1.0, 0.854, 0.5, 0.146]
+    """
     out = [warmup_start + (base - warmup_start) * i / warmup for i in range(min(warmup, total))]
     rest = total - len(out)
     out += [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / max(rest, 1))) for i in range(rest)]

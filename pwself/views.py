@@ -182,6 +182,12 @@ class MultiCrop:
         local_scale: Area range of local crops.
         ratio: Aspect-ratio range.
         flip_p: Probability of a horizontal flip.
+
+    Example:
+        >>> import torch, pwself
+        >>> views = pwself.MultiCrop(2, 6, 28, 16)(torch.rand(4, 1, 32, 32), torch.Generator().manual_seed(0))
+        >>> views.global_crops.shape, views.local_crops.shape, views.boxes.shape
+        (torch.Size([8, 1, 28, 28]), torch.Size([24, 1, 16, 16]), torch.Size([8, 4, 4]))
     """
 
     def __init__(

@@ -47,6 +47,13 @@ def knn_classify(
 
     Returns:
         ``{k: {"top1": %, "top5": %}}``.
+
+    Example:
+        >>> import torch, pwself
+        >>> bank = torch.nn.functional.normalize(torch.eye(4).repeat(5, 1) + 0.01 * torch.rand(20, 4), dim=1)
+        >>> labels = torch.arange(4).repeat(5)
+        >>> pwself.knn_classify(bank, labels, bank[:4], labels[:4], ks=(1, 5))[5]["top1"]
+        100.0
     """
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(

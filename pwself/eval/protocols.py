@@ -219,6 +219,21 @@ def evaluate(source: FeatureSource, data: EvalData | None, protocols: Sequence[s
         protocols: Protocol names.
         settings: Every protocol's settings.
         pooling: Pooling of the feature protocols (``auto``: :func:`default_pooling`).
+
+    Example:
+        kNN and the linear probe of a run's live backbone on its own data (``run_source`` wraps a module;
+        :func:`pwself.eval.source.open_source` opens a run folder, checkpoint or timm name):
+
+        >>> import torch, pwself
+        >>> from pwself.eval.protocols import run_source
+        >>> cfg = pwself.load_config(None, ["data.kind=synthetic", "data.synthetic_size=64",
+        ...                                 "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2"])
+        >>> cfg.data.mean, cfg.data.std = [0.5], [0.25]
+        >>> backbone = pwself.DistillNet(cfg.backbone, cfg.head, 28).backbone.eval()
+        >>> settings = pwself.EvalSettings(ks=(10,), cache_dir=None, progress=False, epochs=2)
+        >>> res = pwself.evaluate(run_source(backbone, cfg), pwself.EvalData.of_run(cfg), ["knn", "linear"], settings)
+        >>> sorted(res), sorted(res["knn"])
+        (['knn', 'linear'], [10])
     """
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
