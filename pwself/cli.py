@@ -131,10 +131,12 @@ def _args_viz_matches(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="viz_matches", help="where the PNGs go")
     p.add_argument("--size", type=int, default=0,
                    help="side the image is resized to first (default 0: the original, as training crops it)")
-    p.add_argument("--global-size", type=int, default=48, help="global view side (default 48)")
-    p.add_argument("--local-size", type=int, default=24, help="local view side (default 24)")
-    p.add_argument("--patch-size", type=int, default=8, help="patch side (default 8)")
-    p.add_argument("--photometric", default="patch", choices=["patch", "image", "none"])
+    p.add_argument("--run", help="a run folder or checkpoint: its view sizes, patch size, photometric mode and "
+                   "channels (flags given here still win)")
+    p.add_argument("--global-size", type=int, help="global view side (default: the run's, else 48)")
+    p.add_argument("--local-size", type=int, help="local view side (default: the run's, else 24)")
+    p.add_argument("--patch-size", type=int, help="patch side (default: the run's, else 8)")
+    p.add_argument("--photometric", choices=["patch", "image", "none"], help="default: the run's, else patch")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -528,21 +530,45 @@ def _save_grid(pngs: list[Path], path: Path) -> None:
     plt.close(fig)
 
 
+def _run_views(spec: str) -> dict:
+    """The sizes a run cut its views with (a run folder's config.yaml, or a checkpoint's config)."""
+    from pwself.checkpoint import load_checkpoint, saved_config
+
+    path = Path(spec)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        import yaml
+
+        cfg = saved_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    elif path.exists():
+        cfg = saved_config(load_checkpoint(path)["config"])
+    else:
+        raise FileNotFoundError(f"--run {spec} does not exist: pass a run folder or a checkpoint file")
+    return {"global_size": cfg.views.global_size, "local_size": cfg.views.local_size,
+            "patch_size": cfg.backbone.patch_size, "photometric": cfg.photometric.mode,
+            "channels": cfg.backbone.in_chans or 3}
+
+
 def cmd_viz_matches(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     from pwself.viz import draw_matches
 
-    for name, v in (("--global-size", args.global_size), ("--local-size", args.local_size)):
-        if v % args.patch_size:
-            raise ValueError(f"{name} {v} is not a multiple of --patch-size {args.patch_size}")
+    run = _run_views(args.run) if args.run else {}
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else run.get(k, default)
+             for k, default in (("global_size", 48), ("local_size", 24), ("patch_size", 8), ("photometric", "patch"))}
+    for name in ("global_size", "local_size"):
+        if sizes[name] % sizes["patch_size"]:
+            raise ValueError(f"--{name.replace('_', '-')} {sizes[name]} is not a multiple of --patch-size "
+                             f"{sizes['patch_size']}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = []
-    for path, img in zip(args.images, _read_images(args.images, args.size, 3)):
+    for path, img in zip(args.images, _read_images(args.images, args.size, run.get("channels", 3))):
         png = out / f"{Path(path).stem}_matches.png"
-        fig = draw_matches(img, args.patch_size, args.global_size, args.local_size, args.seed, args.photometric, png,
-                           title=Path(path).name)
+        fig = draw_matches(img, sizes["patch_size"], sizes["global_size"], sizes["local_size"], args.seed,
+                           sizes["photometric"], png, title=Path(path).name)
+        if fig.matched_pairs == 0:
+            print(f"{Path(path).name}: the two crops do not overlap, so no patch matches; try another --seed")
         plt.close(fig)
         pngs.append(png)
     _save_grid(pngs, out / "matches_grid.png")  # each viz command's files have their own names

@@ -329,6 +329,9 @@ def draw_matches(
         path: Where to save the PNG (optional).
         title: Figure title.
         source: What ``image`` is, for its panel's title (e.g. the training photo and its size).
+
+    Returns:
+        The figure; its ``matched_pairs`` attribute is the number of matched patch pairs.
     """
     import matplotlib
 
@@ -371,6 +374,7 @@ def draw_matches(
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path, dpi=100)
+    fig.matched_pairs = len(pairs)
     return fig
 
 

@@ -76,6 +76,31 @@ def test_viz_matches_and_attention_cli(run_dir, image_files, tmp_path):
     assert (tmp_path / "viz" / "matches_grid.png").read_bytes() == matches
 
 
+def test_viz_matches_takes_a_runs_sizes_and_explains_zero_matches(run_dir, image_files, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Issue 28, item 8: --run reads the run's view, patch and photometric settings (flags still win), and a
+    pair of crops without a match says why."""
+    import pwself.viz as viz
+
+    calls, real = [], viz.draw_matches
+
+    def spy(img, patch, global_size, local_size, seed, photometric, path, **kw):
+        fig = real(img, patch, global_size, local_size, seed, photometric, path, **kw)
+        calls.append((img.shape[0], patch, global_size, local_size, photometric))
+        fig.matched_pairs = 0 if len(calls) == 1 else fig.matched_pairs  # as if the first pair did not overlap
+        return fig
+
+    monkeypatch.setattr(viz, "draw_matches", spy)
+    assert main(["viz-matches", *image_files, "--run", str(run_dir), "--out-dir", str(tmp_path / "v")]) == 0
+    assert calls[0] == (1, 4, 16, 8, "patch")  # TINY: grey, patch 4, views 16 / 8
+    assert "img0.png: the two crops do not overlap, so no patch matches; try another --seed" in capsys.readouterr().out
+    assert main(["viz-matches", image_files[0], "--run", str(run_dir), "--global-size", "24",
+                 "--out-dir", str(tmp_path / "v")]) == 0
+    assert calls[-1][2] == 24
+    assert main(["viz-matches", image_files[0], "--run", str(tmp_path / "nope")]) == 2
+    assert "--run" in capsys.readouterr().err
+
+
 def test_viz_bad_input_one_line(tmp_path, capsys):
     assert main(["viz-matches", str(tmp_path / "nope.png")]) == 2
     err = capsys.readouterr().err.strip()
