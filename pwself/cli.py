@@ -164,6 +164,9 @@ def _args_export(p: argparse.ArgumentParser) -> None:
                    help="folder: model.safetensors + config.json + README.md model card, loads with pwself.load")
     p.add_argument("--output", help="same as OUT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never a run's own files)")
+    p.add_argument("--license", default="apache-2.0",
+                   help="the model card's license, a Hugging Face license id (default apache-2.0): set the one "
+                        "your training images allow")
 
 
 def _args_push_to_hub(p: argparse.ArgumentParser) -> None:
@@ -290,12 +293,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.pretraining import pretrain
     from pwself.viz import write_report
 
-    cfg = load_config(args.config)
     flags = {"out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
              "device": args.device}
     recipe = objective_overrides(args.objective) if args.objective else []
     overrides = recipe + [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    cfg = apply_overrides(cfg, overrides)
+    cfg = load_config(args.config, overrides)  # what comes from the data (channels) is read after the overrides
     if (args.resume or args.auto_resume) and args.config is None:
         from pwself.data import expand_path
 
@@ -643,7 +645,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise RunDirError(f"export: {output} holds a run: choose a new folder for the model (e.g. {output}/model)")
         for name in FOLDER_FILES:
             check_output(output / name, args.overwrite, inputs, what="export")
-        folder = export_folder(args.checkpoint, output)
+        folder = export_folder(args.checkpoint, output, card_license=args.license)
         print(f"wrote {folder}/ (model.safetensors, config.json, README.md)\nload it with:\n  import pwself\n"
               f"  model = pwself.load({str(folder)!r})")
         return 0
@@ -816,11 +818,11 @@ def _parse(parser: argparse.ArgumentParser, sub: argparse._SubParsersAction,
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``pwself`` command."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The ``pwself`` command line as the handlers get it (``SystemExit`` on a usage error, as argparse does);
+    the README's commands are checked against it."""
     from pwself import __version__
 
-    _setup_logging()
     parser = argparse.ArgumentParser(prog="pwself", description="Patch-wise self-supervised pretraining of ViTs.")
     parser.add_argument("--version", action="version", version=f"pwself {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -828,7 +830,13 @@ def main(argv: list[str] | None = None) -> int:
         fmt = argparse.RawDescriptionHelpFormatter if command.raw else argparse.HelpFormatter
         p = sub.add_parser(command.name, help=command.help, description=command.description, formatter_class=fmt)
         command.add_arguments(p)
-    args = _parse(parser, sub, argv)
+    return _parse(parser, sub, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pwself`` command."""
+    _setup_logging()
+    args = parse_args(argv)
     handlers = {command.name: command.handler for command in COMMANDS}
     from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError

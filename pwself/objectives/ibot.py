@@ -90,8 +90,10 @@ class _MaskedTerm:
         (target,) = pair_targets(probs, cells.student_row, cells.teacher_row, (cells.weight,), student.patch.shape[0])
         return target_cross_entropy(student.patch, target, self.student_temp)[0]  # type: ignore[attr-defined]
 
-    def with_masked_term(self, terms: dict[str, Tensor], student: HeadOutput, teacher: HeadOutput,
-                         teacher_temp: float) -> dict[str, Tensor]:
+    def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
+             ) -> dict[str, Tensor]:
+        """The next class's loss (DINO's, PWML's) plus ``weight`` x the masked term."""
+        terms = super().loss(student, teacher, views, teacher_temp)  # type: ignore[misc]
         masked = self.masked_loss(student, teacher, teacher_temp)
         return {**terms, "loss": terms["loss"] + self.options.weight * masked, "ibot": masked.detach()}
 
@@ -112,11 +114,6 @@ class IBOT(_MaskedTerm, Objective):
         masks, keys, weight = masked_cells(views, grids[0], self.options, generator)
         rows = torch.arange(len(keys), device=keys.device)
         return Selection(keys, keys, None, MaskedCells(masks, rows, rows, weight))
-
-    def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
-             ) -> dict[str, Tensor]:
-        return self.with_masked_term(super().loss(student, teacher, views, teacher_temp), student, teacher,
-                                     teacher_temp)
 
     @torch.no_grad()
     def update_centers(self, teacher: HeadOutput) -> None:
@@ -158,8 +155,3 @@ class PWMLiBOT(_MaskedTerm, PWML):
         assert isinstance(pairs, Selection), "geometric matching selects before the forward"
         masks, keys, weight = masked_cells(views, grids[0], self.options, generator)
         return _merge(pairs, keys, masks, weight)
-
-    def loss(self, student: HeadOutput, teacher: HeadOutput, views: MultiCropViews, teacher_temp: float
-             ) -> dict[str, Tensor]:
-        return self.with_masked_term(super().loss(student, teacher, views, teacher_temp), student, teacher,
-                                     teacher_temp)
