@@ -258,8 +258,9 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
     views = _folder_views(cfg, dataset, device) if cfg.data.kind == "folder" else None
     steps_per_epoch = len(dataset) // (cfg.batch_size * info.world_size)
     if steps_per_epoch == 0:
+        most = len(dataset) // info.world_size
         raise ValueError(f"batch_size={cfg.batch_size} x {info.world_size} process(es) is larger than the dataset "
-                         f"({len(dataset)} images): lower it")
+                         f"({len(dataset)} images): lower it, e.g. --batch-size {most} (or batch_size={most})")
     data_id = {"root": str(expand_path(cfg.data.root)), "images": len(dataset), "fingerprint": fingerprint(dataset)}
     ckpt = _resume_checkpoint(cfg, run_dir, info) if resume else None
     if ckpt is not None:

@@ -89,6 +89,17 @@ def test_pretrain_on_an_unlabelled_folder_under_home_with_defaults(tmp_path, mon
     assert "kNN skipped: the data has no labelled held-out split" in page
 
 
+def test_a_folder_smaller_than_the_default_batch_is_told_the_flag_that_fits(tmp_path, capsys):
+    _photos(tmp_path / "photos", repeat=4)  # 12 photos, the default batch is 64
+    argv = ["pretrain", "data.kind=folder", f"data.root={tmp_path / 'photos'}", "--epochs", "1",
+            "--out-dir", str(tmp_path / "run"), "--no-progress", *SMALL]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "batch_size=64 x 1 process(es) is larger than the dataset (12 images)" in err
+    assert "--batch-size 12" in err
+    assert main([*argv, "--batch-size", "12", "data.num_workers=1"]) == 0  # the fix it names works as written
+
+
 def test_the_matches_figure_shows_the_training_photo_not_the_evaluation_crop(tmp_path):
     import types
 
