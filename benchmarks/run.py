@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from pwself.augment import PhotometricAugment, PhotometricConfig
-from pwself.config import TrainConfig, apply_backbone_name, apply_overrides
+from pwself.config import TrainConfig, apply_backbone_name, apply_overrides, load_config
 from pwself.data import iterate_batches, make_synthetic
 from pwself.losses import view_pairs
 from pwself.matching import match_pair, match_patches, match_views
+from pwself.objectives import objective_overrides
 from pwself.objectives.base import view_grids
 from pwself.step import StepOutput, build_step
 from pwself.views import MultiCrop, ViewConfig, sample_boxes
@@ -144,6 +145,31 @@ def bench_step_ratio(batch: int, repeat: int) -> dict:
         "matching_s": max(match, 0.0), "matching_share_of_step": max(match, 0.0) / med["pwml"],
         "images_per_s_pwml": batch / med["pwml"], "images_per_s_dino": batch / med["dino"],
     }
+
+
+DENSE_BASELINES = ("dino", "ibot", "dinov2", "pwml", "pwml_ibot")  # issue 26's five, recipes included
+
+
+def bench_dense_baselines(batch: int, repeat: int) -> dict:
+    """1b. Step time and FLOPs of the dense comparison's objectives over DINO, on its own config
+    (``fmnist_scenes``: 42 px scenes, 6 x 6 patches), steps interleaved so machine noise hits all alike."""
+    runners = {}
+    for name in DENSE_BASELINES:
+        cfg = load_config("fmnist_scenes", [*objective_overrides(name), "backbone.in_chans=1"])
+        runners[name] = StepRunner(cfg, batch, image=cfg.views.global_size)
+    times: dict[str, list[float]] = {o: [] for o in runners}
+    for r in runners.values():
+        r.step_once()
+    for _ in range(repeat):
+        for o, r in runners.items():
+            t0 = time.perf_counter()
+            r.step_once()
+            times[o].append(time.perf_counter() - t0)
+    med = {o: statistics.median(t) for o, t in times.items()}
+    flops = {o: _step_flops(r) for o, r in runners.items()}
+    return {"batch": batch, "config": "fmnist_scenes", "step_s": med,
+            "step_ratio_over_dino": {o: med[o] / med["dino"] for o in runners},
+            "flop_ratio_over_dino": {o: flops[o] / flops["dino"] for o in runners}}
 
 
 def bench_matching(batch: int, repeat: int) -> dict:
@@ -519,6 +545,7 @@ def main() -> None:
     }
     steps = [
         ("step_ratio", lambda: bench_step_ratio(32 if q else 64, 3 if q else 10)),
+        ("dense_baselines", lambda: bench_dense_baselines(32 if q else 64, 3 if q else 10)),
         ("matching", lambda: bench_matching(256, 3 if q else 10)),
         ("augment", lambda: bench_augment(64, 3 if q else 10)),
         ("pipeline", lambda: bench_pipeline(64, 3 if q else 8)),
@@ -572,6 +599,12 @@ def print_table(r: dict) -> None:
         ("activation memory pwml(recompute_head) / dino", f"{r['memory']['ratio_pwml_recompute_over_dino']:.3f}",
          "<= 1.10", f"{r['memory']['pwml_recompute_saved_mb']:.0f} MB saved for backward"),
     ]
+    if "dense_baselines" in r:
+        db = r["dense_baselines"]
+        for o in DENSE_BASELINES[1:]:
+            rows.append((f"scenes step time {o} / dino", f"{db['step_ratio_over_dino'][o]:.3f}", "",
+                         f"{db['step_s'][o] * 1e3:.0f} ms vs {db['step_s']['dino'] * 1e3:.0f} ms (B={db['batch']}); "
+                         f"FLOPs / dino {db['flop_ratio_over_dino'][o]:.3f}"))
     if "folder_loader" in r:
         fl = r["folder_loader"]
         ips = ", ".join(f"{w} workers {v:.0f}" for w, v in fl["loader_images_per_s"].items())

@@ -57,3 +57,15 @@ def test_official_style_step_has_the_pwml_loss_and_more_flops():
     torch.testing.assert_close(losses["official"], losses["pwml"], rtol=1e-5, atol=1e-6)
     flops = {name: bench._step_flops(r) for name, r in runners.items()}
     assert flops["official"] > flops["pwml"] > flops["split"]
+
+
+@pytest.mark.slow
+def test_dense_baselines_benchmark_times_every_objective_of_the_dense_comparison(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "dense_baselines",
+                    "--output", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    db = json.loads(out.read_text())["dense_baselines"]
+    assert list(db["step_s"]) == ["dino", "ibot", "dinov2", "pwml", "pwml_ibot"]
+    assert db["step_ratio_over_dino"]["dino"] == 1.0 and db["flop_ratio_over_dino"]["dino"] == 1.0
+    # The masked term adds the patch tokens of the global views to the head: more FLOPs than DINO's CLS only.
+    assert db["flop_ratio_over_dino"]["ibot"] > 1.0 and db["flop_ratio_over_dino"]["pwml_ibot"] > 1.0
