@@ -116,10 +116,8 @@ def step_flops(runner: StepRunner) -> dict[str, int]:
     return {"total": total, "head": total - backbones.get_total_flops()}
 
 
-def bench_step_ratio(batch: int, repeat: int) -> dict:
-    """1. Step time pwml / dino (and pwml with patch_fraction 0.25 and 0.1, recompute_head), interleaved so machine
-    noise hits all alike."""
-    runners = {o: runner_for(o, batch) for o in VARIANTS}
+def interleaved_step_medians(runners: dict[str, StepRunner], repeat: int) -> dict[str, float]:
+    """Median seconds of one step of each runner, the runners taking turns so machine noise hits all alike."""
     times: dict[str, list[float]] = {o: [] for o in runners}
     for r in runners.values():
         r.step_once()
@@ -128,7 +126,14 @@ def bench_step_ratio(batch: int, repeat: int) -> dict:
             t0 = time.perf_counter()
             r.step_once()
             times[o].append(time.perf_counter() - t0)
-    med = {o: statistics.median(t) for o, t in times.items()}
+    return {o: statistics.median(t) for o, t in times.items()}
+
+
+def bench_step_ratio(batch: int, repeat: int) -> dict:
+    """1. Step time pwml / dino (and pwml with patch_fraction 0.25 and 0.1, recompute_head), interleaved so machine
+    noise hits all alike."""
+    runners = {o: runner_for(o, batch) for o in VARIANTS}
+    med = interleaved_step_medians(runners, repeat)
     flops = {o: step_flops(r) for o, r in runners.items()}
     pw = runners["pwml"]
     match = timeit(pw.matching_only, repeat) - timeit(lambda: pw.step.views.multicrop(pw.images, pw.gen), repeat)
@@ -157,15 +162,7 @@ def bench_dense_baselines(batch: int, repeat: int) -> dict:
     for name in DENSE_BASELINES:
         cfg = load_config("fmnist_scenes", [*objective_overrides(name), "backbone.in_chans=1"])
         runners[name] = StepRunner(cfg, batch, image=cfg.views.global_size)
-    times: dict[str, list[float]] = {o: [] for o in runners}
-    for r in runners.values():
-        r.step_once()
-    for _ in range(repeat):
-        for o, r in runners.items():
-            t0 = time.perf_counter()
-            r.step_once()
-            times[o].append(time.perf_counter() - t0)
-    med = {o: statistics.median(t) for o, t in times.items()}
+    med = interleaved_step_medians(runners, repeat)
     flops = {o: _step_flops(r) for o, r in runners.items()}
     return {"batch": batch, "config": "fmnist_scenes", "step_s": med,
             "step_ratio_over_dino": {o: med[o] / med["dino"] for o in runners},

@@ -10,12 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(tmp_path: Path, only: str) -> dict:
+    """``benchmarks/run.py --quick --only ONLY`` in a scratch folder; its JSON."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", only,
+                    "--output", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_benchmark_script_writes_ratios(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "matching,augment",
-                    "--output", str(out)], check=True, capture_output=True, cwd=tmp_path)
-    res = json.loads(out.read_text())
+    res = _bench(tmp_path, "matching,augment")
     assert res["quick"] is True and set(res) >= {"machine", "matching", "augment"}
     assert res["matching"]["pairs"] == 18 and res["matching"]["speedup"] > 0
     assert res["augment"]["ratio_patch_over_image"] > 0
@@ -23,10 +28,7 @@ def test_benchmark_script_writes_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_photo_loader_benchmark_writes_its_keys(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "photo_loader",
-                    "--output", str(out)], check=True, capture_output=True, cwd=tmp_path)
-    pl = json.loads(out.read_text())["photo_loader"]
+    pl = _bench(tmp_path, "photo_loader")["photo_loader"]
     for key in ("small_img_s", "large_img_s", "ratio", "large_img_s_no_cache", "ratio_no_cache"):
         assert pl[key] > 0, key
     assert pl["ratio"] == pytest.approx(pl["large_img_s"] / pl["small_img_s"])
@@ -61,10 +63,7 @@ def test_official_style_step_has_the_pwml_loss_and_more_flops():
 
 @pytest.mark.slow
 def test_dense_baselines_benchmark_times_every_objective_of_the_dense_comparison(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "dense_baselines",
-                    "--output", str(out)], check=True, capture_output=True, cwd=tmp_path)
-    db = json.loads(out.read_text())["dense_baselines"]
+    db = _bench(tmp_path, "dense_baselines")["dense_baselines"]
     assert list(db["step_s"]) == ["dino", "ibot", "dinov2", "pwml", "pwml_ibot"]
     assert db["step_ratio_over_dino"]["dino"] == 1.0 and db["flop_ratio_over_dino"]["dino"] == 1.0
     # The masked term adds the patch tokens of the global views to the head: more FLOPs than DINO's CLS only.
