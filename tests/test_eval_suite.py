@@ -195,3 +195,19 @@ def test_a_run_kept_without_checkpoints_opens_from_its_exported_weights(tmp_path
     (tmp_path / "run" / "teacher_backbone.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no checkpoint nor teacher_backbone.safetensors"):
         source_mod.open_source(str(tmp_path / "run"))
+
+
+def test_a_timm_model_reads_data_whose_side_does_not_fit_its_patches(caplog):
+    """The README's `eval-knn RUN vit_tiny_patch16_224` on Fashion-MNIST: 28 px data, 16 px patches. The model
+    reads the images at 32 px (said in one line) instead of failing in timm's patch embedding."""
+    import logging
+
+    from pwself.data import make_synthetic
+
+    with caplog.at_level(logging.INFO):
+        src = source_mod.open_source("vit_tiny_patch16_224", in_chans=1, img_size=28)
+    assert src.size == 32 and src.key.endswith(":1:32:seed0")
+    assert "images read at 32 px (the data's 28 px rounded up to its 16 px patches)" in caplog.text
+    feats, _ = source_mod.cached_features(src, make_synthetic(4, 28, 1), {"kind": "synthetic"}, "cls", None,
+                                          progress=False)
+    assert feats.shape == (4, 192) and torch.isfinite(feats).all()

@@ -121,6 +121,12 @@ def open_source(
 
     if spec not in timm.list_models():
         raise FileNotFoundError(f"{spec!r} is neither an existing checkpoint path nor a timm model name")
+    patch = timm.create_model(spec, pretrained=False, num_classes=0, img_size=224).patch_embed.patch_size[0]
+    if img_size % patch:  # the data's side (28 for Fashion-MNIST) need not fit a patch-16 model: read it larger
+        fitted = -(-img_size // patch) * patch
+        log.info("%s: images read at %d px (the data's %d px rounded up to its %d px patches)", spec, fitted,
+                 img_size, patch)
+        img_size = fitted
     torch.manual_seed(seed)
     backbone = timm.create_model(spec, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size,
                                  dynamic_img_size=True).eval()
