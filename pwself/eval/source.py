@@ -121,15 +121,18 @@ def open_source(
 
     if spec not in timm.list_models():
         raise FileNotFoundError(f"{spec!r} is neither an existing checkpoint path nor a timm model name")
-    patch = timm.create_model(spec, pretrained=False, num_classes=0, img_size=224).patch_embed.patch_size[0]
+    def build(side: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return timm.create_model(spec, pretrained=False, num_classes=0, in_chans=in_chans, img_size=side,
+                                 dynamic_img_size=True).eval()
+
+    backbone = build(img_size)
+    patch = backbone.patch_embed.patch_size[0]
     if img_size % patch:  # the data's side (28 for Fashion-MNIST) need not fit a patch-16 model: read it larger
         fitted = -(-img_size // patch) * patch
         log.info("%s: images read at %d px (the data's %d px rounded up to its %d px patches)", spec, fitted,
                  img_size, patch)
-        img_size = fitted
-    torch.manual_seed(seed)
-    backbone = timm.create_model(spec, pretrained=False, num_classes=0, in_chans=in_chans, img_size=img_size,
-                                 dynamic_img_size=True).eval()
+        backbone, img_size = build(fitted), fitted
     m = mean or ([0.485, 0.456, 0.406] if in_chans == 3 else [0.5] * in_chans)
     s = std or ([0.229, 0.224, 0.225] if in_chans == 3 else [0.5] * in_chans)
     return FeatureSource(f"{spec} (random init)", backbone, list(m), list(s), img_size,
