@@ -195,7 +195,13 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, required=True, help="settings to train (the same number for every method)")
     p.add_argument("--config", help="base YAML config (the budget)")
     p.add_argument("--out-dir", default="runs/tune")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for the score")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for the kNN score")
+    p.add_argument("--select", choices=["knn", "miou"], default="knn", help="score each trial by held-out kNN "
+                   "(default) or by the dense probe's held-out mIoU on --dense (tuning for dense features)")
+    p.add_argument("--dense", metavar="DIR", help="dense dataset of --select miou (pwself make-scenes layout); "
+                   "only its train split is read")
+    p.add_argument("--dense-heldout", type=int, default=500, metavar="N",
+                   help="train images of --dense held out for the mIoU score (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order the grid is drawn in")
     p.add_argument("--device", help="training device (default: the config's, auto)")
     p.add_argument("--trial", type=int, metavar="I", help="train and score trial I only (parallel workers sharing "
@@ -255,21 +261,22 @@ def _args_make_scenes(p: argparse.ArgumentParser) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pwself.config import load_config
     from pwself.objectives import objective_class
-    from pwself.tune import parse_space, run_trial, run_tuning, tune_markdown
+    from pwself.tune import Selection, parse_space, run_trial, run_tuning, tune_markdown
 
     objective_class(args.objective)  # an unknown name fails before anything trains
-    if args.trials < 1 or not 0 < args.val_fraction < 1:
-        raise ValueError(f"--trials {args.trials} --val-fraction {args.val_fraction}: use --trials 1 or more and "
-                         "--val-fraction in (0, 1), e.g. 0.1")
+    if args.trials < 1:
+        raise ValueError(f"--trials {args.trials}: use --trials 1 or more")
+    select = Selection(args.select, args.val_fraction, args.dense, args.dense_heldout)
+    select.validate()
     space = parse_space(args.space)
     base = load_config(args.config, [*space.fixed] + ([f"device={args.device}"] if args.device else []))
     if args.trial is not None:
-        row = run_trial(base, args.objective, space, args.trials, args.trial, args.out_dir, args.val_fraction,
-                        args.seed, progress=not args.no_progress)
-        print(f"trial {args.trial} {row['setting']}: held-out kNN {row['heldout_knn10']:.2f}; run again without "
+        row = run_trial(base, args.objective, space, args.trials, args.trial, args.out_dir, select, args.seed,
+                        progress=not args.no_progress)
+        print(f"trial {args.trial} {row['setting']}: {select.title} {row[select.key]:.2f}; run again without "
               "--trial to choose")
         return 0
-    result = run_tuning(base, args.objective, space, args.trials, args.out_dir, args.val_fraction, args.seed,
+    result = run_tuning(base, args.objective, space, args.trials, args.out_dir, select, args.seed,
                         progress=not args.no_progress)
     print(tune_markdown(result))
     print(f"wrote {Path(args.out_dir) / 'tune.md'}; compare it with: --objectives '{result['compare_label']}'")
@@ -714,7 +721,8 @@ COMPARE_HELP = (
 TUNE_HELP = (
     "Trains --trials settings drawn from the KEY=CHOICE1,CHOICE2 grid (KEY=VALUE: fixed for all), "
     "each with the base config's budget, into OUT/trial_<i>/, and scores each by kNN (k=10) on a held-out "
-    "share of the train split; the test split is never read. Writes OUT/tune.md/.json and prints the "
+    "share of the train split, or with --select miou --dense DIR by the dense probe's mIoU on held-out images "
+    "of DIR/train; the test split is never read. Writes OUT/tune.md/.json and prints the "
     "`pwself compare --objectives` entry of the chosen setting."
 )
 
@@ -779,7 +787,8 @@ COMMANDS = (
     Command("compare", "train and evaluate several objectives on the same data/model/budget/seeds; table + bar plot",
             _args_compare, cmd_compare,
             description=COMPARE_HELP),
-    Command("tune", "choose an objective's knobs on held-out train data (kNN), the same budget for every method",
+    Command("tune", "choose an objective's knobs on held-out train data (kNN or dense mIoU), the same budget for every "
+            "method",
             _args_tune, cmd_tune,
             description=TUNE_HELP),
     Command("config", "show every config key with its value and meaning",

@@ -1,10 +1,11 @@
 """Equal-budget tuning of an objective's own knobs, chosen on held-out training data, never on test.
 
 ``run_tuning`` trains ``trials`` settings drawn (seeded) from a grid of choices, each for the base config's
-budget, into ``OUT/trial_<i>/``, and scores each by weighted kNN (k = 10, T = 0.07) of its teacher features
-with a seeded share of the *train* split as queries and the rest of train as the bank. The test split is
-never opened: runs have ``knn_at_end=false`` and ``knn_floors=false``. Giving every method the same
-``trials`` and budget is what makes a comparison of tuned methods fair.
+budget, into ``OUT/trial_<i>/``, and scores each (:class:`Selection`) by weighted kNN (k = 10, T = 0.07) of
+its teacher features with a seeded share of the *train* split as queries and the rest of train as the bank,
+or, for dense features, by the dense probe's mIoU on held-out images of a dense dataset's *train* split. The
+test split is never opened: runs have ``knn_at_end=false`` and ``knn_floors=false``. Giving every method the
+same ``trials`` and budget is what makes a comparison of tuned methods fair.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
 from pwself.objectives import objective_overrides
 
-__all__ = ["TuneSpace", "parse_space", "sample_trials", "heldout_knn", "run_trial", "run_tuning", "tune_markdown"]
+__all__ = ["TuneSpace", "Selection", "parse_space", "sample_trials", "heldout_knn", "heldout_miou", "run_trial",
+           "run_tuning", "tune_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,43 @@ class TuneSpace:
 
     choices: dict[str, list[str]]
     fixed: list[str]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a trial is scored by, read from training data only.
+
+    Attributes:
+        metric: ``knn`` (kNN top-1 on a held-out share of the run's train split) or ``miou`` (the dense
+            probe's mean IoU on held-out images of a dense dataset's train split: tuning for dense features).
+        val_fraction: kNN's held-out share.
+        dense_root: The dense dataset of ``miou`` (``pwself make-scenes`` layout).
+        dense_heldout: Images of its train split held out for the score (the probe learns from others).
+    """
+
+    metric: str = "knn"
+    val_fraction: float = 0.1
+    dense_root: str | None = None
+    dense_heldout: int = 500
+
+    def validate(self) -> None:
+        if self.metric not in ("knn", "miou"):
+            raise ValueError(f"--select {self.metric}: use knn (held-out kNN) or miou (held-out dense mIoU)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction {self.val_fraction}: use a share in (0, 1), e.g. 0.1")
+        if self.metric == "miou" and not self.dense_root:
+            raise ValueError("--select miou scores the dense probe: pass --dense DIR (made by pwself make-scenes)")
+        if self.dense_heldout < 1:
+            raise ValueError(f"--dense-heldout {self.dense_heldout}: hold out 1 or more images, e.g. 500")
+
+    @property
+    def key(self) -> str:
+        """The score's name in ``tune.json`` rows."""
+        return "heldout_knn10" if self.metric == "knn" else "heldout_miou"
+
+    @property
+    def title(self) -> str:
+        return "held-out kNN" if self.metric == "knn" else "held-out dense mIoU"
 
 
 def parse_space(items: list[str]) -> TuneSpace:
@@ -83,6 +122,17 @@ def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float
     return next(iter(res.values()))["top1"]
 
 
+def heldout_miou(backbone: torch.nn.Module, cfg: TrainConfig, dense_root: str, heldout: int = 500) -> float:
+    """The dense probe's mIoU (%) on ``heldout`` seeded images of ``dense_root``'s train split, the probe
+    trained on others of that split. Reads the train split only."""
+    from pwself.eval.dense import DenseSettings
+    from pwself.eval.protocols import EvalSettings, evaluate, run_source
+
+    dense = DenseSettings(heldout=heldout, cache_dir=None, progress=False)
+    settings = EvalSettings(cache_dir=None, progress=False, dense_root=dense_root, dense=dense)
+    return evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]["miou"]
+
+
 def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fixed: list[str], run_dir: Path
                  ) -> TrainConfig:
     """The validated config of one trial (a bad value fails here, before any trial trains)."""
@@ -96,57 +146,70 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
     return cfg
 
 
-def _trial(cfg: TrainConfig, setting: dict[str, str], val_fraction: float, progress: bool) -> float:
+def _trial(cfg: TrainConfig, setting: dict[str, str], select: Selection, progress: bool) -> float:
     """Train one trial (reused when finished with the same config; continued when interrupted) and score it
-    once (``tune_score.json``)."""
-    from pwself.pretraining import cached_json, open_teacher, run_experiment
+    once per metric and held-out set (``tune_score.json``, ``tune_score_miou.json``)."""
+    from pwself.pretraining import open_teacher, run_experiment
+    from pwself.rundir import write_atomic
 
     run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)
-    score = cached_json(run_dir / "tune_score.json", lambda: {
-        "setting": setting, "heldout_knn10": heldout_knn(open_teacher(run_dir, cfg.device).backbone, saved,
-                                                         val_fraction)})
-    return score["heldout_knn10"]
+    held = ({"val_fraction": select.val_fraction} if select.metric == "knn"
+            else {"dense_root": str(select.dense_root), "dense_heldout": select.dense_heldout})
+    path = run_dir / ("tune_score.json" if select.metric == "knn" else "tune_score_miou.json")
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("heldout") == held and select.key in cached:
+        return cached[select.key]
+    backbone = open_teacher(run_dir, cfg.device).backbone
+    score = (heldout_knn(backbone, saved, select.val_fraction) if select.metric == "knn"
+             else heldout_miou(backbone, saved, str(select.dense_root), select.dense_heldout))
+    write_atomic(path, json.dumps({"setting": setting, select.key: score, "heldout": held}, indent=2))
+    return score
 
 
 def run_trial(base: TrainConfig, objective: str, space: TuneSpace, trials: int, index: int, out_dir: str | Path,
-              val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+              select: Selection = Selection(), seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train and score trial ``index`` of :func:`run_tuning`'s draw alone (a parallel worker's share); a later
     :func:`run_tuning` over the same ``out_dir`` reads its score instead of training it again."""
+    select.validate()
     settings = sample_trials(space, trials, seed)
     if not 0 <= index < len(settings):
         raise ValueError(f"--trial {index}: this grid and --trials give trials 0..{len(settings) - 1}")
     out = Path(out_dir)
     cfgs = [trial_config(base, objective, st, space.fixed, out / f"trial_{i}") for i, st in enumerate(settings)]
-    score = _trial(cfgs[index], settings[index], val_fraction, progress)
-    return {"setting": settings[index], "heldout_knn10": score}
+    return {"setting": settings[index], select.key: _trial(cfgs[index], settings[index], select, progress)}
 
 
 def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int, out_dir: str | Path,
-               val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+               select: Selection = Selection(), seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train and score ``trials`` settings of ``objective``; writes ``OUT/tune.json`` and ``OUT/tune.md``.
 
     Trials scored before (e.g. by :func:`run_trial` workers) are read, not trained again.
 
-    Returns ``{"objective", "trials": [{"setting", "heldout_knn10"}], "best": {...}, "compare_label"}``;
-    ``compare_label`` is the ``pwself compare --objectives`` entry that runs the chosen setting.
+    Returns ``{"objective", "select", "trials": [{"setting", <score>}], "best": {...}, "compare_label"}``, the
+    score named by ``select.key``; ``compare_label`` is the ``pwself compare --objectives`` entry that runs
+    the chosen setting.
     """
+    select.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, settings = [], sample_trials(space, trials, seed)
     cfgs = [trial_config(base, objective, st, space.fixed, out_dir / f"trial_{i}") for i, st in enumerate(settings)]
     for i, (setting, cfg) in enumerate(zip(settings, cfgs)):
-        score = _trial(cfg, setting, val_fraction, progress)
-        rows.append({"setting": setting, "heldout_knn10": score})
-        log.info("trial %d/%d %s: held-out kNN %.2f", i + 1, trials, setting, score)
+        score = _trial(cfg, setting, select, progress)
+        rows.append({"setting": setting, select.key: score})
+        log.info("trial %d/%d %s: %s %.2f", i + 1, trials, setting, select.title, score)
     best = rows[0]
     for row in rows[1:]:  # strict >: the earlier trial wins a tie
-        if row["heldout_knn10"] > best["heldout_knn10"]:
+        if row[select.key] > best[select.key]:
             best = row
     chosen = [*space.fixed, *(f"{k}={v}" for k, v in best["setting"].items())]
-    result = {"objective": objective, "trials": rows, "best": best, "val_fraction": val_fraction,
+    result = {"objective": objective, "select": select.metric, "score_key": select.key, "trials": rows,
+              "best": best, "val_fraction": select.val_fraction,
               "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "data": config_to_dict(base)["data"]},
               "config": config_to_dict(base),
               "compare_label": objective + (":" + "+".join(chosen) if chosen else "")}
+    if select.metric == "miou":
+        result.update(dense_root=str(select.dense_root), dense_heldout=select.dense_heldout)
     (out_dir / "tune.json").write_text(json.dumps(result, indent=2))
     (out_dir / "tune.md").write_text(tune_markdown(result))
     return result
@@ -154,10 +217,16 @@ def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int,
 
 def tune_markdown(result: dict[str, Any]) -> str:
     """The trials as a table, best first, and the chosen setting."""
+    key = result.get("score_key", "heldout_knn10")
     keys = list(result["trials"][0]["setting"]) if result["trials"] else []
-    lines = [f"Tuning {result['objective']}: held-out kNN k=10 (top-1 %) on {result['val_fraction']:.0%} of train",
-             "", "| " + " | ".join(keys) + " | held-out kNN |", "|" + "---|" * (len(keys) + 1)]
-    for row in sorted(result["trials"], key=lambda r: -r["heldout_knn10"]):
-        lines.append("| " + " | ".join(row["setting"][k] for k in keys) + f" | {row['heldout_knn10']:.2f} |")
+    if key == "heldout_miou":
+        head, title = (f"Tuning {result['objective']}: dense probe mIoU (%) on {result['dense_heldout']} held-out "
+                       f"train images of {result['dense_root']}"), "held-out mIoU"
+    else:
+        head = f"Tuning {result['objective']}: held-out kNN k=10 (top-1 %) on {result['val_fraction']:.0%} of train"
+        title = "held-out kNN"
+    lines = [head, "", "| " + " | ".join(keys) + f" | {title} |", "|" + "---|" * (len(keys) + 1)]
+    for row in sorted(result["trials"], key=lambda r: -r[key]):
+        lines.append("| " + " | ".join(row["setting"][k] for k in keys) + f" | {row[key]:.2f} |")
     lines += ["", f"chosen: `{result['compare_label']}`"]
     return "\n".join(lines) + "\n"

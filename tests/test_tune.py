@@ -101,3 +101,75 @@ def test_fair_comparison_adds_logo_and_cossl_to_dinos_chosen_recipe():
     assert fair.claim_labels({"pwml": "pwml"}) == {}
     assert set(fair.SPACES) == {"dino", "pwml", "logo", "cossl", "bagssl"}
     assert all(len(sample_trials(parse_space(space), 4)) == 4 for space in fair.SPACES.values())  # equal trials
+
+
+def _scenes(tmp_path, fake_fmnist, n_train=30):
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    out = tmp_path / "scenes"
+    make_scenes(out, SceneSpec(size=16, n_train=n_train, n_test=10, item_size=(6, 10)), str(fake_fmnist),
+                progress=False)
+    return out
+
+
+def test_dense_heldout_split_is_seeded_disjoint_from_the_probes_images_and_skips_test(tmp_path, fake_fmnist,
+                                                                                       monkeypatch):
+    import pwself.eval.dense as dense_mod
+    from pwself.data.datasets import DatasetError
+
+    root = _scenes(tmp_path, fake_fmnist)
+    opened = []
+    real = dense_mod.open_dense
+    monkeypatch.setattr(dense_mod, "open_dense", lambda r, split, *a: opened.append(split) or real(r, split, *a))
+    train, held = dense_mod._split_pair(str(root), 1, 16, train_images=20, heldout=8)
+    assert opened == ["train"] and len(train) == 20 and len(held) == 8
+    assert not set(train.images) & set(held.images)  # the probe never learns from a scored image
+    assert all(p.parent == root / "train" / "images" for p in held.images)
+    assert [m.stem for m in held.masks] == [p.stem for p in held.images]
+    assert dense_mod._split_pair(str(root), 1, 16, 20, 8)[1].images == held.images  # the same for every model
+    all_train, test = dense_mod._split_pair(str(root), 1, 16, train_images=0)
+    assert len(all_train) == 30 and test.images[0].parent == root / "test" / "images"
+    with pytest.raises(DatasetError, match="pass --dense-heldout 6"):
+        dense_mod._split_pair(str(root), 1, 16, 20, 30)
+
+
+@pytest.mark.slow
+def test_dense_selection_chooses_by_heldout_miou_without_the_test_split(tmp_path, fake_fmnist, monkeypatch, capsys):
+    import shutil
+
+    import pwself.tune as tune_mod
+
+    root = _scenes(tmp_path, fake_fmnist, n_train=40)
+    shutil.rmtree(root / "test")  # tuning must not need it
+    out = tmp_path / "tune"
+    args = ["tune", "--objective", "pwml", "--trials", "2", "--no-progress", "--out-dir", str(out), *TINY,
+            "epochs=1", "batch_size=32", "optim.lr=1e-4,5e-2", "data.synthetic_size=64", "--select", "miou",
+            "--dense", str(root), "--dense-heldout", "10"]
+    assert main(args) == 0
+    res = json.loads((out / "tune.json").read_text())
+    scores = [t["heldout_miou"] for t in res["trials"]]
+    assert res["select"] == "miou" and all(0 <= s <= 100 for s in scores)
+    assert res["best"]["heldout_miou"] == max(scores)
+    assert "held-out mIoU" in capsys.readouterr().out
+    # The score is the dense probe's mIoU on the held-out images, whatever else the run has scored.
+    direct = tune_mod.heldout_miou(_teacher(out / "trial_0"), _saved(out / "trial_0"), str(root), 10)
+    assert direct == pytest.approx(res["trials"][0]["heldout_miou"], abs=1e-9)
+    # A different held-out set rescores the trials; nothing is trained again.
+    monkeypatch.setattr("pwself.train.train", lambda *a, **k: pytest.fail("a finished trial was retrained"))
+    assert main([*args[:-1], "12"]) == 0
+    again = json.loads((out / "trial_0" / "tune_score_miou.json").read_text())
+    assert again["heldout"] == {"dense_root": str(root), "dense_heldout": 12}
+    assert main(args[:-4]) == 2
+    assert "pass --dense DIR" in capsys.readouterr().err
+
+
+def _teacher(run_dir):
+    from pwself.pretraining import open_teacher
+
+    return open_teacher(run_dir, "cpu").backbone
+
+
+def _saved(run_dir):
+    from pwself.config import load_config
+
+    return load_config(str(run_dir / "config.yaml"), [])

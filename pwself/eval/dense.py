@@ -277,6 +277,8 @@ class DenseSettings:
         cache_dir: Where tokens are cached (``None``: nowhere).
         device: Where the backbones run.
         progress: Progress bars.
+        heldout: Score on this many train images (a seeded draw the probe does not learn from) instead of the
+            test split, which is then never opened (0: score on test). Tuning chooses on it.
     """
 
     train_images: int = 2000
@@ -286,12 +288,28 @@ class DenseSettings:
     cache_dir: str | None = None
     device: str | torch.device = "cpu"
     progress: bool = True
+    heldout: int = 0
 
 
-def _split_pair(root: str, channels: int, size: int, train_images: int) -> tuple[DenseSplit, DenseSplit]:
-    train, test = open_dense(root, "train", channels, size), open_dense(root, "test", channels, size)
+def _subset(split: DenseSplit, idx: list[int]) -> DenseSplit:
+    return DenseSplit([split.images[i] for i in idx], [split.masks[i] for i in idx], split.channels, split.size)
+
+
+def _split_pair(root: str, channels: int, size: int, train_images: int, heldout: int = 0
+                ) -> tuple[DenseSplit, DenseSplit]:
+    """The probe's train images and the images it is scored on: test, or with ``heldout`` that many train
+    images (a seeded draw, the same for every model) that the probe does not learn from."""
+    train = open_dense(root, "train", channels, size)
+    if heldout:
+        if heldout >= len(train):
+            raise DatasetError(f"{root}/train has {len(train)} images, too few to hold {heldout} out for the dense "
+                               f"score: pass --dense-heldout {max(1, len(train) // 5)}")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345)).tolist()
+        test, train = _subset(train, sorted(perm[:heldout])), _subset(train, sorted(perm[heldout:]))
+    else:
+        test = open_dense(root, "test", channels, size)
     if train_images:
-        train = DenseSplit(train.images[:train_images], train.masks[:train_images], channels, size)
+        train = _subset(train, list(range(min(train_images, len(train)))))
     return train, test
 
 
@@ -318,10 +336,11 @@ def probe_encoder(encode: Encoder, key: dict, root: str, channels: int, size: in
                   std: list[float], settings: DenseSettings, names: list[str] | None = None) -> dict:
     """The dense probe of one encoder on the dataset at ``root`` (images at ``size``); ``key`` identifies
     the encoder's weights for the cache."""
-    splits = _split_pair(root, channels, size, settings.train_images)
+    splits = _split_pair(root, channels, size, settings.train_images, settings.heldout)
     names = names or dense_classes(root, list(splits))
     train, test = _source_features(encode, {**key, "root": str(root)}, splits, mean, std, settings)
-    return dense_probe(train, test, names, epochs=settings.epochs)
+    res = dense_probe(train, test, names, epochs=settings.epochs)
+    return {**res, "scored_on": f"{settings.heldout} held-out train images" if settings.heldout else "test"}
 
 
 PIXEL_ROW = "raw pixels (floor)"
