@@ -14,6 +14,13 @@ output folder (a GPU takes many of these small models at once); finished work is
 
     python scripts/fair_comparison.py --out runs/fair --jobs 2                # CPU: hours
     python scripts/fair_comparison.py --out runs/fair --jobs 16 --device cuda # one GPU: minutes
+
+With ``--dense DIR`` it is the dense study (issue 26): the dense objectives (:data:`DENSE_METHODS`) on the
+scenes, each trial scored by the dense probe's mIoU on held-out images of ``DIR/train`` (``tune --select
+miou``), and the compared runs get the dense probe on test beside kNN and linear:
+
+    pwself make-scenes data/scenes
+    python scripts/fair_comparison.py --dense data/scenes --out runs/fair_dense --jobs 2
 """
 
 from __future__ import annotations
@@ -33,14 +40,21 @@ from pwself.compare import run_name
 # before) get the lr and teacher temperature; the related methods get the knob their paper adds, at the
 # paper's value among the choices where the paper gives one (LoGo lambda 1e-4, CO-SSL's own local head,
 # BagSSL's fixed-scale patch views).
+# The dense objectives share DINO's grid: the same trials for every method of the dense question.
 BAG_VIEWS = ["views.n_local=0", "views.global_size=14", "views.global_scale=[0.25,0.25]"]
+LR_TEMP = ["optim.lr=2e-3,4e-3", "loss.teacher_temp=0.02,0.04"]
 SPACES: dict[str, list[str]] = {
-    "dino": ["optim.lr=2e-3,4e-3", "loss.teacher_temp=0.02,0.04"],
-    "pwml": ["optim.lr=2e-3,4e-3", "loss.teacher_temp=0.02,0.04"],
+    "dino": LR_TEMP,
+    "pwml": LR_TEMP,
     "logo": ["objectives.logo.weight=1e-4,1e-2,0.1,1"],
     "cossl": ["objectives.cossl.weight=0.5,1", "head.patch_head=shared,separate"],
     "bagssl": [*BAG_VIEWS, "views.n_global=4,8", "optim.lr=2e-3,4e-3"],
+    "ibot": LR_TEMP,
+    "dinov2": LR_TEMP,
+    "pwml_ibot": LR_TEMP,
 }
+KNN_METHODS = ["dino", "pwml", "logo", "cossl", "bagssl"]
+DENSE_METHODS = ["dino", "ibot", "dinov2", "pwml", "pwml_ibot"]
 
 
 def _pwself(*args: str) -> list[str]:
@@ -68,6 +82,8 @@ def _run_all(commands: list[tuple[str, list[str]]], jobs: int, logs: Path) -> No
 def tune_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     """Every method's trials in parallel, then each method's choice; returns the compare label per method."""
     common = ["--trials", str(args.trials), "--config", args.config, "--no-progress", *args.device_flag]
+    if args.dense:
+        common += ["--select", "miou", "--dense", args.dense]
     work = [(f"tune_{m}_{i}", _pwself("tune", "--objective", m, "--out-dir", str(out / "tune" / m), "--trial",
                                       str(i), *common, *SPACES[m]))
             for i in range(args.trials) for m in args.methods]
@@ -79,8 +95,8 @@ def tune_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
 
 def claim_labels(labels: dict[str, str]) -> dict[str, str]:
     """The runs that test "X beats the DINO it is added to": DINO at the shared recipe, and LoGo / CO-SSL with
-    their chosen knob on DINO's chosen recipe (empty when DINO is not among the methods)."""
-    if "dino" not in labels:
+    their chosen knob on DINO's chosen recipe (empty when DINO or both additions are not among the methods)."""
+    if "dino" not in labels or not {"logo", "cossl"} & set(labels):
         return {}
     dino = labels["dino"].partition(":")[2]
     extra = {"dino_shared": "dino"}
@@ -94,6 +110,7 @@ def claim_labels(labels: dict[str, str]) -> dict[str, str]:
 def compare_all(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> None:
     """Every (method, seed) run in parallel, then one collecting ``compare`` for the table, floors and plot."""
     common = ["--config", args.config, "--out-dir", str(out / "compare"), "--no-progress", *args.device_flag]
+    common += ["--dense", args.dense] if args.dense else []
     work = [(f"run_{m}_{s}", _pwself("compare", "--objectives", label, "--seeds", s, "--runs-only", *common))
             for m, label in labels.items() for s in args.seeds.split(",")]
     _run_all(work, args.jobs, out / "logs")
@@ -104,6 +121,8 @@ def compare_all(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> 
 def pooling_claims(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> None:
     """kNN of the same runs with CLS and with BagSSL's bag pooling (its claim: the bag is the better image
     representation, also of other methods' runs)."""
+    if "bagssl" not in labels:
+        return
     runs = [str(out / "compare" / run_name(label, s))
             for m, label in labels.items() if m in ("bagssl", "dino", "pwml") for s in args.seeds.split(",")]
     if runs:
@@ -114,14 +133,20 @@ def pooling_claims(args: argparse.Namespace, out: Path, labels: dict[str, str]) 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/fair")
-    p.add_argument("--config", default="fmnist_compare", help="base config: the budget every trial and run gets")
-    p.add_argument("--methods", default=",".join(SPACES), help=f"from {', '.join(SPACES)}")
+    p.add_argument("--config", help="base config: the budget every trial and run gets (default fmnist_compare, "
+                   "with --dense fmnist_scenes)")
+    p.add_argument("--methods", help=f"from {', '.join(SPACES)} (default {','.join(KNN_METHODS)}, with --dense "
+                   f"{','.join(DENSE_METHODS)})")
+    p.add_argument("--dense", metavar="DIR", help="the dense study on this pwself make-scenes folder: trials chosen "
+                   "by held-out dense mIoU, runs scored by the dense probe too")
     p.add_argument("--trials", type=int, default=4, help="trials per method (the same for every method)")
     p.add_argument("--seeds", default="1,2,3", help="seeds of the compared runs (tuning used the config's seed)")
     p.add_argument("--jobs", type=int, default=2, help="trials or runs at a time")
     p.add_argument("--device", help="cpu, cuda, ... (default: the config's, auto)")
     args = p.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.config = args.config or ("fmnist_scenes" if args.dense else "fmnist_compare")
+    methods = args.methods or ",".join(DENSE_METHODS if args.dense else KNN_METHODS)
+    args.methods = [m for m in methods.split(",") if m]
     unknown = sorted(set(args.methods) - set(SPACES))
     if unknown:
         raise SystemExit(f"--methods {','.join(unknown)}: not in {', '.join(SPACES)}")

@@ -87,7 +87,7 @@ def test_parallel_trials_are_read_back_not_trained_again(tmp_path, monkeypatch, 
     assert "--trial 2: this grid and --trials give trials 0..1" in capsys.readouterr().err
 
 
-def test_fair_comparison_adds_logo_and_cossl_to_dinos_chosen_recipe():
+def _fair_script():
     import importlib.util
     from pathlib import Path
 
@@ -95,12 +95,53 @@ def test_fair_comparison_adds_logo_and_cossl_to_dinos_chosen_recipe():
     spec = importlib.util.spec_from_file_location("fair_comparison", path)
     fair = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fair)
+    return fair
+
+
+def test_fair_comparison_adds_logo_and_cossl_to_dinos_chosen_recipe():
+    fair = _fair_script()
     chosen = {"dino": "dino:optim.lr=2e-3", "logo": "logo:loss.logo_weight=1e-2", "cossl": "cossl", "pwml": "pwml"}
     assert fair.claim_labels(chosen) == {"dino_shared": "dino", "cossl_on_dino": "cossl:optim.lr=2e-3",
                                          "logo_on_dino": "logo:optim.lr=2e-3+loss.logo_weight=1e-2"}
     assert fair.claim_labels({"pwml": "pwml"}) == {}
-    assert set(fair.SPACES) == {"dino", "pwml", "logo", "cossl", "bagssl"}
+    assert fair.claim_labels({"dino": "dino:optim.lr=2e-3", "ibot": "ibot"}) == {}  # nothing added to DINO
+    assert set(fair.SPACES) == {"dino", "pwml", "logo", "cossl", "bagssl", "ibot", "dinov2", "pwml_ibot"}
     assert all(len(sample_trials(parse_space(space), 4)) == 4 for space in fair.SPACES.values())  # equal trials
+    assert all(fair.SPACES[m] == fair.SPACES["dino"] for m in fair.DENSE_METHODS)  # the same trials
+
+
+def test_fair_comparison_dense_study_selects_by_heldout_miou_and_probes_dense(tmp_path, monkeypatch, capsys):
+    fair = _fair_script()
+    calls = []
+
+    def fake_run_all(commands, jobs, logs):
+        for name, argv in commands:
+            calls.append((name, argv))
+            if name.startswith("tune_") and "--trial" not in argv:  # the collecting call writes the choice
+                out = Path(argv[argv.index("--out-dir") + 1])
+                out.mkdir(parents=True, exist_ok=True)
+                label = f"{argv[argv.index('--objective') + 1]}:optim.lr=2e-3"
+                (out / "tune.json").write_text(json.dumps({"compare_label": label}))
+            if name == "compare":
+                out = Path(argv[argv.index("--out-dir") + 1])
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "comparison.md").write_text("table\n")
+
+    from pathlib import Path
+
+    monkeypatch.setattr(fair, "_run_all", fake_run_all)
+    fair.main(["--dense", "data/scenes", "--out", str(tmp_path), "--trials", "2", "--seeds", "1"])
+    tunes = [argv for name, argv in calls if name.startswith("tune_")]
+    assert len(tunes) == 5 * 2 + 5  # every method's two trials, then its choice
+    for argv in tunes:
+        assert argv[argv.index("--select") + 1] == "miou" and argv[argv.index("--dense") + 1] == "data/scenes"
+        assert argv[argv.index("--config") + 1] == "fmnist_scenes"
+    runs = [argv for name, argv in calls if name.startswith("run_") or name == "compare"]
+    assert len(runs) == 5 + 1 and all(argv[argv.index("--dense") + 1] == "data/scenes" for argv in runs)
+    assert {argv[argv.index("--objectives") + 1] for argv in runs[:-1]} == {
+        f"{m}:optim.lr=2e-3" for m in fair.DENSE_METHODS}
+    assert not any(name == "pooling" for name, _ in calls)  # BagSSL's pooling claim is not part of it
+    assert json.loads((tmp_path / "chosen.json").read_text())["ibot"] == "ibot:optim.lr=2e-3"
 
 
 def _scenes(tmp_path, fake_fmnist, n_train=30):
