@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: one DistributedDataParallel step on this rank's half-batch."""
 
+import os
 import sys
 
 import torch
@@ -42,4 +43,7 @@ if info.rank == 0:
     state.update({f"rank0_alone.{k}": v for k, v in alone.state_dict().items()})
     torch.save(state, sys.argv[1])
 dist.barrier()
-dist.destroy_process_group()
+# Leave without tearing gloo down: its teardown in torch 2.14 sometimes aborts one rank ("terminate called
+# without an active exception", about 1 run in 5 under CPU load) after every result is written.
+sys.stdout.flush()
+os._exit(0)
