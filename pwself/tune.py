@@ -73,6 +73,13 @@ class Selection:
         return "heldout_knn10" if self.metric == "knn" else "heldout_miou"
 
     @property
+    def heldout(self) -> dict[str, Any]:
+        """What identifies the held-out data the score was read on (kept beside each cached score)."""
+        if self.metric == "knn":
+            return {"val_fraction": self.val_fraction}
+        return {"dense_root": str(self.dense_root), "dense_heldout": self.dense_heldout}
+
+    @property
     def title(self) -> str:
         return "held-out kNN" if self.metric == "knn" else "held-out dense mIoU"
 
@@ -153,8 +160,7 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], select: Selection, progres
     from pwself.rundir import write_atomic
 
     run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)
-    held = ({"val_fraction": select.val_fraction} if select.metric == "knn"
-            else {"dense_root": str(select.dense_root), "dense_heldout": select.dense_heldout})
+    held = select.heldout
     path = run_dir / ("tune_score.json" if select.metric == "knn" else "tune_score_miou.json")
     cached = json.loads(path.read_text()) if path.exists() else {}
     if cached.get("heldout") == held and select.key in cached:
@@ -204,12 +210,10 @@ def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int,
             best = row
     chosen = [*space.fixed, *(f"{k}={v}" for k, v in best["setting"].items())]
     result = {"objective": objective, "select": select.metric, "score_key": select.key, "trials": rows,
-              "best": best, "val_fraction": select.val_fraction,
+              "best": best, "val_fraction": select.val_fraction, **select.heldout,
               "budget": {"epochs": base.epochs, "batch_size": base.batch_size, "data": config_to_dict(base)["data"]},
               "config": config_to_dict(base),
               "compare_label": objective + (":" + "+".join(chosen) if chosen else "")}
-    if select.metric == "miou":
-        result.update(dense_root=str(select.dense_root), dense_heldout=select.dense_heldout)
     (out_dir / "tune.json").write_text(json.dumps(result, indent=2))
     (out_dir / "tune.md").write_text(tune_markdown(result))
     return result
