@@ -64,6 +64,9 @@ class Selection:
             raise ValueError(f"--val-fraction {self.val_fraction}: use a share in (0, 1), e.g. 0.1")
         if self.metric == "miou" and not self.dense_root:
             raise ValueError("--select miou scores the dense probe: pass --dense DIR (made by pwself make-scenes)")
+        if self.metric == "knn" and self.dense_root:
+            raise ValueError(f"--dense {self.dense_root} is read by --select miou only: add --select miou to score "
+                             "trials by held-out dense mIoU, or drop --dense")
         if self.dense_heldout < 1:
             raise ValueError(f"--dense-heldout {self.dense_heldout}: hold out 1 or more images, e.g. 500")
 

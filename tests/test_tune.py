@@ -47,6 +47,20 @@ def _shuffled_test_labels(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [
+    (["--dense", "data/scenes"], "--dense data/scenes is read by --select miou only: add --select miou"),
+    (["--select", "miou"], "--select miou scores the dense probe: pass --dense DIR"),
+    (["--val-fraction", "1.5"], "--val-fraction 1.5: use a share in (0, 1)"),
+    (["--select", "miou", "--dense", "d", "--dense-heldout", "0"], "--dense-heldout 0: hold out 1 or more"),
+])
+def test_tune_selection_flags_that_would_be_ignored_or_wrong_are_one_line_errors(tmp_path, monkeypatch, capsys,
+                                                                                 flags, message):
+    monkeypatch.setattr("pwself.train.train", lambda *a, **k: pytest.fail("trained despite a bad flag"))
+    rc = main(["tune", "--objective", "pwml", "--trials", "2", "--out-dir", str(tmp_path), *TINY, "optim.lr=1e-4,5e-2",
+               *flags])
+    assert rc == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_choice_is_made_on_heldout_train_and_ignores_test_labels(tmp_path, monkeypatch, capsys):
     args = ["tune", "--objective", "dino", "--trials", "2", "--no-progress", "--val-fraction", "0.25", *TINY,
             "epochs=1", "batch_size=32", "optim.lr=1e-4,5e-2", "data.synthetic_size=128"]
