@@ -111,8 +111,9 @@ def compare_all(args: argparse.Namespace, out: Path, labels: dict[str, str]) -> 
     """Every (method, seed) run in parallel, then one collecting ``compare`` for the table, floors and plot."""
     common = ["--config", args.config, "--out-dir", str(out / "compare"), "--no-progress", *args.device_flag]
     common += ["--dense", args.dense] if args.dense else []
+    # Seed by seed: a study stopped part-way leaves every method at the same seeds, a fair table already.
     work = [(f"run_{m}_{s}", _pwself("compare", "--objectives", label, "--seeds", s, "--runs-only", *common))
-            for m, label in labels.items() for s in args.seeds.split(",")]
+            for s in args.seeds.split(",") for m, label in labels.items()]
     _run_all(work, args.jobs, out / "logs")
     _run_all([("compare", _pwself("compare", "--objectives", ",".join(labels.values()), "--seeds", args.seeds,
                                   *common))], 1, out / "logs")

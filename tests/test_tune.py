@@ -144,16 +144,18 @@ def test_fair_comparison_dense_study_selects_by_heldout_miou_and_probes_dense(tm
     from pathlib import Path
 
     monkeypatch.setattr(fair, "_run_all", fake_run_all)
-    fair.main(["--dense", "data/scenes", "--out", str(tmp_path), "--trials", "2", "--seeds", "1"])
+    fair.main(["--dense", "data/scenes", "--out", str(tmp_path), "--trials", "2", "--seeds", "1,2"])
     tunes = [argv for name, argv in calls if name.startswith("tune_")]
     assert len(tunes) == 5 * 2 + 5  # every method's two trials, then its choice
     for argv in tunes:
         assert argv[argv.index("--select") + 1] == "miou" and argv[argv.index("--dense") + 1] == "data/scenes"
         assert argv[argv.index("--config") + 1] == "fmnist_scenes"
     runs = [argv for name, argv in calls if name.startswith("run_") or name == "compare"]
-    assert len(runs) == 5 + 1 and all(argv[argv.index("--dense") + 1] == "data/scenes" for argv in runs)
+    assert len(runs) == 5 * 2 + 1 and all(argv[argv.index("--dense") + 1] == "data/scenes" for argv in runs)
     assert {argv[argv.index("--objectives") + 1] for argv in runs[:-1]} == {
         f"{m}:optim.lr=2e-3" for m in fair.DENSE_METHODS}
+    # Seed by seed, so a study stopped part-way has every method at the same seeds.
+    assert [argv[argv.index("--seeds") + 1] for argv in runs[:-1]] == ["1"] * 5 + ["2"] * 5
     assert not any(name == "pooling" for name, _ in calls)  # BagSSL's pooling claim is not part of it
     assert json.loads((tmp_path / "chosen.json").read_text())["ibot"] == "ibot:optim.lr=2e-3"
 
