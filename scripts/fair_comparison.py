@@ -9,6 +9,8 @@
    they run with their chosen knob on DINO's chosen recipe, beside DINO at the shared recipe they were tuned
    on (:func:`claim_labels`). BagSSL: CLS against its bag pooling of the same runs (``eval-knn``).
 
+Every method's trials land side by side in ``OUT/tuning.md``, the choices in ``OUT/chosen.json``.
+
 Trials and runs are independent, so they run ``--jobs`` at a time as separate ``pwself`` processes sharing one
 output folder (a GPU takes many of these small models at once); finished work is read back on a rerun.
 
@@ -90,7 +92,26 @@ def tune_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     _run_all(work, args.jobs, out / "logs")
     _run_all([(f"tune_{m}", _pwself("tune", "--objective", m, "--out-dir", str(out / "tune" / m), *common, *SPACES[m]))
               for m in args.methods], args.jobs, out / "logs")
-    return {m: json.loads((out / "tune" / m / "tune.json").read_text())["compare_label"] for m in args.methods}
+    results = {m: json.loads((out / "tune" / m / "tune.json").read_text()) for m in args.methods}
+    (out / "tuning.md").write_text(tuning_markdown(results))
+    return {m: r["compare_label"] for m, r in results.items()}
+
+
+def tuning_markdown(results: dict[str, dict]) -> str:
+    """Every method's held-out score per setting side by side (methods sharing a grid share rows), each
+    method's choice in bold: how much the choice matters, and whether the methods want the same setting."""
+    def label(setting: dict[str, str]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in setting.items())
+
+    rows: dict[str, dict[str, str]] = {}
+    for m, r in results.items():
+        key, best = r["score_key"], label(r["best"]["setting"])
+        for t in r["trials"]:
+            cell = f"{t[key]:.2f}"
+            rows.setdefault(label(t["setting"]), {})[m] = f"**{cell}**" if label(t["setting"]) == best else cell
+    lines = ["| setting | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    lines += [f"| {s} | " + " | ".join(cells.get(m, "") for m in results) + " |" for s, cells in sorted(rows.items())]
+    return "\n".join(lines) + "\n"
 
 
 def claim_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     labels = tune_all(args, out)
     (out / "chosen.json").write_text(json.dumps(labels, indent=2))
-    print("chosen:", json.dumps(labels, indent=2), flush=True)
+    print((out / "tuning.md").read_text() + "\nchosen:", json.dumps(labels, indent=2), flush=True)
     compare_all(args, out, {**labels, **claim_labels(labels)})
     pooling_claims(args, out, labels)
     print((out / "compare" / "comparison.md").read_text())

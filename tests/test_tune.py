@@ -134,8 +134,11 @@ def test_fair_comparison_dense_study_selects_by_heldout_miou_and_probes_dense(tm
             if name.startswith("tune_") and "--trial" not in argv:  # the collecting call writes the choice
                 out = Path(argv[argv.index("--out-dir") + 1])
                 out.mkdir(parents=True, exist_ok=True)
-                label = f"{argv[argv.index('--objective') + 1]}:optim.lr=2e-3"
-                (out / "tune.json").write_text(json.dumps({"compare_label": label}))
+                m = argv[argv.index("--objective") + 1]
+                trials = [{"setting": {"optim.lr": lr}, "heldout_miou": score}
+                          for lr, score in (("2e-3", 17.0 + len(m) / 10), ("4e-3", 16.5))]
+                (out / "tune.json").write_text(json.dumps({"compare_label": f"{m}:optim.lr=2e-3", "trials": trials,
+                                                           "best": trials[0], "score_key": "heldout_miou"}))
             if name == "compare":
                 out = Path(argv[argv.index("--out-dir") + 1])
                 out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +161,11 @@ def test_fair_comparison_dense_study_selects_by_heldout_miou_and_probes_dense(tm
     assert [argv[argv.index("--seeds") + 1] for argv in runs[:-1]] == ["1"] * 5 + ["2"] * 5
     assert not any(name == "pooling" for name, _ in calls)  # BagSSL's pooling claim is not part of it
     assert json.loads((tmp_path / "chosen.json").read_text())["ibot"] == "ibot:optim.lr=2e-3"
+    # One table of every method's trials, the same settings on the same rows, each choice in bold.
+    assert (tmp_path / "tuning.md").read_text().splitlines() == [
+        "| setting | dino | ibot | dinov2 | pwml | pwml_ibot |", "|---|---|---|---|---|---|",
+        "| optim.lr=2e-3 | **17.40** | **17.40** | **17.60** | **17.40** | **17.90** |",
+        "| optim.lr=4e-3 | 16.50 | 16.50 | 16.50 | 16.50 | 16.50 |"]
 
 
 def _scenes(tmp_path, fake_fmnist, n_train=30):
