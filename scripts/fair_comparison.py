@@ -81,8 +81,8 @@ def _run_all(commands: list[tuple[str, list[str]]], jobs: int, logs: Path) -> No
         raise SystemExit(f"failed: {', '.join(failed)} (logs in {logs})")
 
 
-def tune_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
-    """Every method's trials in parallel, then each method's choice; returns the compare label per method."""
+def tune_all(args: argparse.Namespace, out: Path) -> dict[str, dict]:
+    """Every method's trials in parallel, then each method's choice; returns each method's ``tune.json``."""
     common = ["--trials", str(args.trials), "--config", args.config, "--no-progress", *args.device_flag]
     if args.dense:
         common += ["--select", "miou", "--dense", args.dense]
@@ -92,9 +92,7 @@ def tune_all(args: argparse.Namespace, out: Path) -> dict[str, str]:
     _run_all(work, args.jobs, out / "logs")
     _run_all([(f"tune_{m}", _pwself("tune", "--objective", m, "--out-dir", str(out / "tune" / m), *common, *SPACES[m]))
               for m in args.methods], args.jobs, out / "logs")
-    results = {m: json.loads((out / "tune" / m / "tune.json").read_text()) for m in args.methods}
-    (out / "tuning.md").write_text(tuning_markdown(results))
-    return {m: r["compare_label"] for m, r in results.items()}
+    return {m: json.loads((out / "tune" / m / "tune.json").read_text()) for m in args.methods}
 
 
 def tuning_markdown(results: dict[str, dict]) -> str:
@@ -107,8 +105,8 @@ def tuning_markdown(results: dict[str, dict]) -> str:
     for m, r in results.items():
         key, best = r["score_key"], label(r["best"]["setting"])
         for t in r["trials"]:
-            cell = f"{t[key]:.2f}"
-            rows.setdefault(label(t["setting"]), {})[m] = f"**{cell}**" if label(t["setting"]) == best else cell
+            setting, cell = label(t["setting"]), f"{t[key]:.2f}"
+            rows.setdefault(setting, {})[m] = f"**{cell}**" if setting == best else cell
     lines = ["| setting | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     lines += [f"| {s} | " + " | ".join(cells.get(m, "") for m in results) + " |" for s, cells in sorted(rows.items())]
     return "\n".join(lines) + "\n"
@@ -174,9 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--methods {','.join(unknown)}: not in {', '.join(SPACES)}")
     args.device_flag = ["--device", args.device] if args.device else []
     out = Path(args.out)
-    labels = tune_all(args, out)
+    results = tune_all(args, out)
+    labels = {m: r["compare_label"] for m, r in results.items()}
+    table = tuning_markdown(results)
+    (out / "tuning.md").write_text(table)
     (out / "chosen.json").write_text(json.dumps(labels, indent=2))
-    print((out / "tuning.md").read_text() + "\nchosen:", json.dumps(labels, indent=2), flush=True)
+    print(table + "\nchosen:", json.dumps(labels, indent=2), flush=True)
     compare_all(args, out, {**labels, **claim_labels(labels)})
     pooling_claims(args, out, labels)
     print((out / "compare" / "comparison.md").read_text())
