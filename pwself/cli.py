@@ -324,14 +324,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             return _show_finished(cfg, expand_path(cfg.out_dir), state.result or {})
         resume = state.kind == "interrupted"
     result = pretrain(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
-    import torch.distributed as dist
+    from pwself.runtime import leave_distributed
 
-    if dist.is_initialized():
-        is_main = dist.get_rank() == 0
-        dist.barrier()
-        dist.destroy_process_group()
-        if not is_main:
-            return 0
+    if not leave_distributed():  # under torchrun only rank 0 reports
+        return 0
     _print_result(cfg, result.run_dir, result.knn, result.floors, write_report(result.run_dir))
     return 0
 
