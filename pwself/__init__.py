@@ -23,6 +23,7 @@ _EXPORTS = {
     "match_pair": "pwself.matching", "match_views": "pwself.matching",
     "DINOHead": "pwself.models", "DistillNet": "pwself.models",
     "distillation_loss": "pwself.losses", "koleo_loss": "pwself.losses", "sinkhorn_knopp": "pwself.losses",
+    "gram_loss": "pwself.losses",
     "draw_masks": "pwself.masking",
     "cosine_schedule": "pwself.schedules",
     "build_step": "pwself.step",

@@ -167,6 +167,9 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--license", default="apache-2.0",
                    help="the model card's license, a Hugging Face license id (default apache-2.0): set the one "
                         "your training images allow")
+    p.add_argument("--heads", action="store_true",
+                   help="with --format folder: also write the teacher's heads (heads.safetensors), so that "
+                        "backbone.init=FOLDER continues them")
 
 
 def _args_push_to_hub(p: argparse.ArgumentParser) -> None:
@@ -643,13 +646,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     default = source if source.is_dir() else source.parent
     output = Path(args.out or args.output or default / EXPORT_NAMES[args.format]).expanduser()
     inputs = (source, *([latest_checkpoint(source)] if source.is_dir() and latest_checkpoint(source) else []))
+    if args.heads and args.format != "folder":
+        raise ValueError("export --heads writes heads.safetensors into a model folder: add --format folder")
     if args.format == "folder":
         if holds_run(output):
             raise RunDirError(f"export: {output} holds a run: choose a new folder for the model (e.g. {output}/model)")
         for name in FOLDER_FILES:
             check_output(output / name, args.overwrite, inputs, what="export")
-        folder = export_folder(args.checkpoint, output, card_license=args.license)
-        print(f"wrote {folder}/ (model.safetensors, config.json, README.md)\nload it with:\n  import pwself\n"
+        folder = export_folder(args.checkpoint, output, card_license=args.license, heads=args.heads)
+        files = "model.safetensors, config.json, README.md" + (", heads.safetensors" if args.heads else "")
+        print(f"wrote {folder}/ ({files})\nload it with:\n  import pwself\n"
               f"  model = pwself.load({str(folder)!r})")
         return 0
     if not output.parent.is_dir():

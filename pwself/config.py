@@ -65,6 +65,13 @@ class OptimConfig:
         freeze_last_layer_epochs: Epochs during which the head's last layer does not learn.
         momentum_teacher: EMA momentum at the start (cosine to 1).
         max_nonfinite_steps: Non-finite losses in a row that are skipped before the run stops.
+        head_warmup_epochs: Epochs (fractions allowed) at the start during which only the heads (and iBOT's mask
+            token) learn and the backbone stays exactly as loaded; the teacher's heads follow the student's. For
+            a started backbone (``backbone.init``) with new heads: without it, the random heads' gradients reach
+            the backbone from the first step.
+        layer_decay: Layer-wise lr decay (BEiT, dinov2 fine-tuning): block ``i`` of ``depth`` learns at
+            ``lr * layer_decay ** (depth - i)``, the embeddings at ``layer_decay ** (depth + 1)``, the final norm
+            and the heads at ``lr`` (1: off).
     """
 
     lr: float = 5e-4
@@ -76,12 +83,16 @@ class OptimConfig:
     freeze_last_layer_epochs: float = 1.0
     momentum_teacher: float = 0.996
     max_nonfinite_steps: int = 5
+    head_warmup_epochs: float = 0.0
+    layer_decay: float = 1.0
 
     def validate(self) -> None:
         check_ranges(self, "optim", {"lr": POSITIVE, "momentum_teacher": FRACTION,
+                                     "layer_decay": (lambda x: 0 < x <= 1, "in (0, 1] (1: off)"),
                                      **{k: NON_NEGATIVE for k in ("min_lr", "clip_grad", "weight_decay",
                                                                   "weight_decay_end", "warmup_epochs",
-                                                                  "freeze_last_layer_epochs", "max_nonfinite_steps")}})
+                                                                  "freeze_last_layer_epochs", "max_nonfinite_steps",
+                                                                  "head_warmup_epochs")}})
         if self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}: the schedule ends "
                               "at min_lr, so it must be at most lr")
@@ -174,6 +185,9 @@ class TrainConfig:
         check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
                                    **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "keep_checkpoints",
                                                                 "knn_every_epochs", "dense_every_epochs")}})
+        if self.loss.gram_weight and not self.backbone.init:
+            raise ConfigError(f"loss.gram_weight={self.loss.gram_weight} anchors to the starting model: set "
+                              "backbone.init=FILE (a released or pretrained backbone), or loss.gram_weight=0")
         if self.dense_every_epochs and not self.dense_data:
             raise ConfigError(f"dense_every_epochs={self.dense_every_epochs} needs dense_data=DIR (made by pwself "
                               "make-scenes)")
@@ -208,6 +222,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(arg, v, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping such as {{embed_dim: 96, depth: 2}}, got {value!r}")
+        return dict(value)
     if origin in (typing.Union, types.UnionType) or origin is typing.Literal:
         return value
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -331,7 +349,7 @@ def apply_backbone_name(cfg: TrainConfig) -> TrainConfig:
         from pwself.models import named_architecture
 
         try:
-            sizes = named_architecture(cfg.backbone.name)
+            sizes = named_architecture(cfg.backbone.name, cfg.backbone.model_args)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         changed = {k: v for k, v in sizes.items() if getattr(cfg.backbone, k) != v}

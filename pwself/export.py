@@ -11,19 +11,27 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pwself.checkpoint import CheckpointError, export_backbone, load_checkpoint
-from pwself.config import TrainConfig, config_from_dict
+from pwself.config import TrainConfig, config_from_dict, config_to_dict
 from pwself.models import make_vit
 
-__all__ = ["TIMM_BASE_NAME", "timm_create_kwargs", "teacher_backbone", "export_checkpoint", "export_folder",
-           "push_to_hub", "load"]
+__all__ = ["TIMM_BASE_NAME", "timm_architecture", "timm_create_kwargs", "teacher_backbone", "export_checkpoint",
+           "export_folder", "push_to_hub", "load"]
 
-# Any ViT builder name works: the architecture comes from the keyword arguments.
+# A plain ViT's builder: any ViT builder name works, the architecture comes from the keyword arguments.
 TIMM_BASE_NAME = "vit_tiny_patch16_224"
 
 
+def timm_architecture(cfg: TrainConfig) -> str:
+    """The timm name a run's backbone is built by: ``backbone.name`` (any family), else the plain ViT builder."""
+    return cfg.backbone.name or TIMM_BASE_NAME
+
+
 def timm_create_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments that make ``timm.create_model(TIMM_BASE_NAME, ...)`` build a run's backbone."""
+    """Keyword arguments that make ``timm.create_model(timm_architecture(cfg), ...)`` build a run's backbone."""
     backbone = cfg.backbone
+    if backbone.name:
+        return {"img_size": cfg.views.global_size, "in_chans": backbone.in_chans, **backbone.model_args,
+                "num_classes": 0, "dynamic_img_size": True}
     return {
         "img_size": cfg.views.global_size,
         "patch_size": backbone.patch_size,
@@ -59,7 +67,9 @@ def teacher_backbone(ckpt: dict[str, Any]) -> VisionTransformer:
     prefix = "backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **input_config(cfg)}
+    # Only what describes this model: a named family's own cfg names its released weights (hub id, tag, license).
+    own = {k: v for k, v in getattr(model, "pretrained_cfg", {}).items() if k in ("first_conv", "classifier")}
+    model.pretrained_cfg = {"architecture": timm_architecture(cfg), **own, **input_config(cfg)}
     return model.eval()
 
 
@@ -85,8 +95,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "sa
         tmp.replace(output)
     else:
         raise ValueError(f"export format {fmt!r}: use safetensors or timm")
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_create_kwargs(_run_config(ckpt)).items())
-    code = (f"timm.create_model({TIMM_BASE_NAME!r}, pretrained=True, "
+    cfg = _run_config(ckpt)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in timm_create_kwargs(cfg).items())
+    code = (f"timm.create_model({timm_architecture(cfg)!r}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={str(output)!r}), {kwargs})")
     return output, code
 
@@ -97,6 +108,7 @@ def _folder_extras(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
     return {"img_size": cfg.views.global_size, "patch_size": b.patch_size, "in_chans": b.in_chans,
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "pwself": {"objective": cfg.loss.objective, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
+                       "head": config_to_dict(cfg.head),
                        "data": {"kind": cfg.data.kind, "root": cfg.data.root}}}
 
 
@@ -118,9 +130,7 @@ _DATASETS = {"idx": "fashion_mnist", "cifar": "cifar10"}  # the data kinds with 
 _CARD = """# pwself {objective} ViT (width {width}, depth {depth}, {heads} heads, patch {patch}, {side} px input)
 
 Self-supervised teacher backbone trained with `pwself` (objective `{objective}`) for {steps} steps of batch
-{batch} on `{kind}` data (`{root}`), seed {seed}. A timm `VisionTransformer` built with the keyword
-arguments in `config.json` (`model_args`); its `architecture` field names the timm builder they are
-passed to, not the size of this model.
+{batch} on `{kind}` data (`{root}`), seed {seed}. {built}
 
 ## Recipe
 
@@ -147,6 +157,24 @@ model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_arg
 """
 
 
+def _built(cfg: TrainConfig) -> str:
+    """The card's sentence on how timm builds the model."""
+    if cfg.backbone.name:
+        return (f"timm's `{cfg.backbone.name}` ({type_words(cfg)}) built with the keyword arguments in "
+                "`config.json` (`model_args`), loaded strictly by that name.")
+    return ("A timm `VisionTransformer` built with the keyword arguments in `config.json` (`model_args`); its "
+            "`architecture` field names the timm builder they are passed to, not the size of this model.")
+
+
+def type_words(cfg: TrainConfig) -> str:
+    """What the named backbone is beyond its sizes (registers, layer scale, RoPE), read from the model built."""
+    from pwself.models import describe_backbone
+
+    with torch.device("meta"):
+        model = make_vit(cfg.backbone, cfg.views.global_size)
+    return describe_backbone(model) or "plain ViT"
+
+
 def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_license: str = "apache-2.0") -> str:
     """README.md of an exported model: Hugging Face front matter (``library_name: timm``, license, tags, dataset),
     then what it is, how it was trained, what it scored, how to load it."""
@@ -162,8 +190,8 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_lice
     datasets = f"datasets:\n- {_DATASETS[d.kind]}\n" if d.kind in _DATASETS else ""
     front = _FRONT_MATTER.format(license=card_license, objective=cfg.loss.objective, datasets=datasets)
     return front + "\n" + _CARD.format(
-        objective=cfg.loss.objective, width=b.embed_dim, depth=b.depth, heads=b.num_heads, patch=b.patch_size,
-        side=v.global_size, lr_batch=cfg.optim.lr * cfg.batch_size / 256,
+        built=_built(cfg), objective=cfg.loss.objective, width=b.embed_dim, depth=b.depth, heads=b.num_heads,
+        patch=b.patch_size, side=v.global_size, lr_batch=cfg.optim.lr * cfg.batch_size / 256,
         steps=int(ckpt.get("step", 0)), batch=cfg.batch_size, kind=d.kind, root=d.root, seed=cfg.seed,
         n_global=v.n_global, global_size=v.global_size, global_scale=list(v.global_scale), n_local=v.n_local,
         local_size=v.local_size, local_scale=list(v.local_scale), photometric=cfg.photometric.mode,
@@ -177,7 +205,15 @@ EXPORT_NAMES = {"safetensors": "teacher_backbone_export.safetensors", "timm": "t
                 "folder": "model"}
 
 
-def export_folder(checkpoint: str | Path, output: str | Path, card_license: str = "apache-2.0") -> Path:
+def head_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The teacher's heads and mask token of a checkpoint (``head.*``, ``patch_head.*``, ``mask_token``): what
+    another run needs besides the backbone to continue the training (``backbone.init`` reads them back)."""
+    return {k: v.contiguous() for k, v in ckpt["teacher"].items()
+            if k.startswith(("head.", "patch_head.")) or k == "mask_token"}
+
+
+def export_folder(checkpoint: str | Path, output: str | Path, card_license: str = "apache-2.0",
+                  heads: bool = False) -> Path:
     """Write a model folder with timm's own writer (``save_for_hf``: ``model.safetensors`` and ``config.json``,
     which ``timm.create_model("local-dir:FOLDER")`` and the Hub read) and a ``README.md`` model card.
 
@@ -185,6 +221,8 @@ def export_folder(checkpoint: str | Path, output: str | Path, card_license: str 
         checkpoint: pwself checkpoint file or run directory (its ``knn.json``/``linear.json`` go on the card).
         output: The folder to write (created; each file is replaced whole, never left half-written).
         card_license: The card's license (the weights are the user's: set the one their data allows).
+        heads: Also write the teacher's heads (and iBOT's mask token) as ``heads.safetensors``, and their sizes
+            in ``config.json`` (``pwself.head``), so that a run with ``backbone.init=FOLDER`` continues them.
     """
     import os
     import tempfile
@@ -197,14 +235,22 @@ def export_folder(checkpoint: str | Path, output: str | Path, card_license: str 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model = teacher_backbone(ckpt)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": TIMM_BASE_NAME}
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": timm_architecture(cfg)}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         save_for_hf(model, tmp, model_config=_folder_extras(cfg, ckpt), model_args=timm_create_kwargs(cfg),
                     safe_serialization=True)
         (Path(tmp) / "README.md").write_text(_model_card(cfg, ckpt, run_dir, card_license))
+        names = list(FOLDER_FILES)
+        if heads:
+            from safetensors.torch import save_file
+
+            from pwself.init_weights import HEADS_FILE
+
+            save_file(head_state(ckpt), str(Path(tmp) / HEADS_FILE))
+            names.append(HEADS_FILE)
         umask = os.umask(0)
         os.umask(umask)
-        for name in FOLDER_FILES:
+        for name in names:
             os.chmod(Path(tmp) / name, 0o666 & ~umask)  # as any file the run writes (mkstemp makes 0600)
             os.replace(Path(tmp) / name, out / name)
     return out

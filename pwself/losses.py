@@ -37,6 +37,7 @@ __all__ = [
     "at_least_fp32",
     "sinkhorn_knopp",
     "koleo_loss",
+    "gram_loss",
 ]
 
 TermWeights = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -220,6 +221,26 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
             dots.fill_diagonal_(-1.0)
             nearest = dots.argmax(1)
         return -torch.log(F.pairwise_distance(x, x[nearest], p=2, eps=eps) + eps).mean()
+
+
+def gram_loss(student: Tensor, anchor: Tensor) -> Tensor:
+    """Gram anchoring (DINOv3, Siméoni et al. 2025, eq. 2; its ``GramLoss`` with ``apply_norm``, image level, no
+    removal of negatives): the mean squared difference between the Gram matrices ``X Xᵀ`` of each image's
+    L2-normalised ``[N, T, D]`` student patch tokens and those of the anchor (no gradient to the anchor). Keeps
+    which patches look alike, not the features themselves; float32 (at least), outside autocast.
+
+    Example:
+        >>> import torch, pwself
+        >>> x = torch.randn(2, 9, 16)
+        >>> float(pwself.gram_loss(x, 3 * x))  # the same directions: the same Gram matrices
+        0.0
+        >>> bool(pwself.gram_loss(x, torch.randn(2, 9, 16)) > 0)
+        True
+    """
+    with torch.autocast(student.device.type, enabled=False):
+        s = F.normalize(at_least_fp32(student), dim=-1)
+        a = F.normalize(at_least_fp32(anchor.detach()).to(s.dtype), dim=-1)
+        return F.mse_loss(s @ s.transpose(-1, -2), a @ a.transpose(-1, -2))
 
 
 @dataclass(frozen=True)

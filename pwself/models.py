@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,15 +24,20 @@ __all__ = ["BackboneConfig", "HeadConfig", "portable_init", "make_vit", "DINOHea
 
 @dataclass
 class BackboneConfig:
-    """A timm :class:`VisionTransformer`.
+    """A timm ViT: the plain :class:`VisionTransformer` built from the size keys, or any timm ViT family by name
+    (layer scale and register tokens: ``vit_*_dinov2``, ``vit_*_reg4_dinov2``; RoPE: ``vit_*_dinov3``).
 
     The nominal input side is the global view size (``views.global_size``), not a key of its own; other
-    sizes work (``dynamic_img_size``).
+    sizes work (``dynamic_img_size``: position embeddings resampled, RoPE built for each grid).
 
     Attributes:
-        name: A timm ViT architecture (e.g. ``vit_small_patch16_224``) that sets patch_size, embed_dim, depth,
-            num_heads and mlp_ratio; empty: those keys as given.
-        init: Local weights file or folder to start from (pwself, timm, DINO or dinov2); empty: random init.
+        name: A timm ViT architecture (e.g. ``vit_small_patch16_224``, ``vit_small_patch14_reg4_dinov2``,
+            ``vit_small_patch16_dinov3``): the model timm builds for it, whose sizes then fill patch_size,
+            embed_dim, depth, num_heads and mlp_ratio; empty: a plain ViT of those keys.
+        model_args: timm keyword arguments for ``name`` (e.g. ``{embed_dim: 96, depth: 2, num_heads: 2}`` to
+            shrink it), as in an exported ``config.json``; only with ``name``.
+        init: Local weights file or folder to start from (pwself, timm, DINO, dinov2 or dinov3); empty: random
+            init. Head weights in the file (DINO, dinov2, pwself) start the heads.
         patch_size: Patch side ``p``.
         in_chans: Image channels (1 for grayscale data, 3 for RGB); 0: from the data (1 for idx and synthetic,
             3 for cifar, a folder's images: 3 when any is colour), said in one line and written into config.yaml.
@@ -44,6 +49,7 @@ class BackboneConfig:
     """
 
     name: str = ""
+    model_args: dict[str, Any] = field(default_factory=dict)
     init: str = ""
     patch_size: int = 4
     in_chans: int = 0
@@ -61,6 +67,14 @@ class BackboneConfig:
                                         "drop_path_rate": (lambda x: 0 <= x < 1, "in [0, 1)")})
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"backbone.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        if self.model_args and not self.name:
+            raise ConfigError("backbone.model_args needs backbone.name (the timm architecture they are passed to): "
+                              "set backbone.name, or give the sizes as backbone.embed_dim, depth, num_heads")
+        fixed = sorted(set(self.model_args) & set(_BUILD_KEYS))
+        if fixed:
+            raise ConfigError(f"backbone.model_args sets {', '.join(fixed)}, which pwself sets itself: use "
+                              "views.global_size for img_size, backbone.in_chans for in_chans, backbone."
+                              "drop_path_rate for drop_path_rate")
 
 
 @dataclass
@@ -96,22 +110,52 @@ class HeadConfig:
                               "head.patch_head=separate or split")
 
 
-def named_architecture(name: str) -> dict[str, Any]:
-    """The size keys of a timm ViT architecture, read from the model built on the meta device (no weights, no
-    download). ``ValueError`` for names that are not a plain timm ``VisionTransformer``."""
+# Keyword arguments pwself gives timm for every named backbone (from its own keys), never from model_args.
+_BUILD_KEYS = ("img_size", "in_chans", "num_classes", "dynamic_img_size", "drop_path_rate", "pretrained")
+
+
+def _timm_vit_classes() -> tuple[type, ...]:
+    from timm.models.eva import Eva
+
+    return (VisionTransformer, Eva)
+
+
+def named_architecture(name: str, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The size keys of the timm ViT built for ``name`` with ``model_args``, read from the model built on the
+    meta device (no weights, no download). ``ValueError`` for names that are not a timm ViT with a class token
+    (the plain ``VisionTransformer``, with or without layer scale and registers, or ``Eva`` with RoPE)."""
     import timm
 
     if name not in timm.list_models():
-        raise ValueError(f"backbone.name={name!r} is not a timm model: use e.g. vit_small_patch16_224 or "
-                         "vit_base_patch16_224 (timm.list_models('vit_*') lists them)")
-    with torch.device("meta"):
-        m = timm.create_model(name, pretrained=False, num_classes=0)
-    if type(m) is not VisionTransformer or m.num_reg_tokens or not isinstance(m.blocks[0].ls1, nn.Identity) \
-            or not m.has_class_token:
-        raise ValueError(f"backbone.name={name!r} is not a plain ViT (class token, no layer scale, no register "
-                         "tokens): use e.g. vit_small_patch16_224")
+        raise ValueError(f"backbone.name={name!r} is not a timm model: use e.g. vit_small_patch16_224, "
+                         "vit_small_patch14_reg4_dinov2 or vit_small_patch16_dinov3 (timm.list_models('vit_*') "
+                         "lists them)")
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(name, pretrained=False, num_classes=0, **(model_args or {}))
+    except TypeError as e:
+        raise ValueError(f"backbone.model_args={model_args} does not fit {name} ({e}): give timm keyword "
+                         "arguments of that architecture, e.g. {embed_dim: 96, depth: 2, num_heads: 2}") from None
+    if not isinstance(m, _timm_vit_classes()) or getattr(m, "cls_token", None) is None:
+        raise ValueError(f"backbone.name={name!r} is not a timm ViT with a class token ({type(m).__name__}): use "
+                         "e.g. vit_small_patch16_224, vit_small_patch14_reg4_dinov2 or vit_small_patch16_dinov3")
+    attn = m.blocks[0].attn
     return {"patch_size": m.patch_embed.patch_size[0], "embed_dim": m.embed_dim, "depth": len(m.blocks),
-            "num_heads": m.blocks[0].attn.num_heads, "mlp_ratio": m.blocks[0].mlp.fc1.out_features / m.embed_dim}
+            "num_heads": attn.num_heads, "mlp_ratio": m.blocks[0].mlp.fc1.out_features / m.embed_dim}
+
+
+def describe_backbone(model: nn.Module) -> str:
+    """What a backbone is beyond its sizes, in a few words: ``4 registers, layer scale, RoPE``."""
+    parts = []
+    reg = getattr(model, "reg_token", None)
+    if reg is not None:
+        parts.append(f"{reg.shape[1]} register{'s' if reg.shape[1] > 1 else ''}")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters()}
+    if names & {"gamma", "gamma_1"}:
+        parts.append("layer scale")
+    if getattr(model, "rope", None) is not None:
+        parts.append("RoPE")
+    return ", ".join(parts)
 
 
 @contextmanager
@@ -128,29 +172,45 @@ def portable_init() -> Iterator[None]:
 
 
 class _ViT(VisionTransformer):
-    """timm's plain ViT, except that a float64 position embedding is resampled in float64 for other view sizes:
-    timm resamples in float32, whose bicubic kernel rounds differently on other CPUs, and ``precision=fp64``
-    runs must give the same numbers on every machine. Its weights and outputs are timm's otherwise."""
+    """timm's ViT (plain, layer scale, registers), except that a float64 position embedding is resampled in
+    float64 for other view sizes: timm resamples in float32, whose bicubic kernel rounds differently on other
+    CPUs, and ``precision=fp64`` runs must give the same numbers on every machine. Its weights and outputs are
+    timm's otherwise (the order of adding and joining the prefix tokens follows ``_pos_embed``)."""
 
     def _pos_embed(self, x: Tensor) -> Tensor:
-        if self.pos_embed.dtype != torch.float64:
+        if self.pos_embed is None or self.pos_embed.dtype != torch.float64:
             return super()._pos_embed(x)
         b, h, w, c = x.shape  # dynamic_img_size: NHWC patch tokens
+        n_pos_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
         gh, gw = self.patch_embed.grid_size
-        grid = self.pos_embed[:, 1:].reshape(1, gh, gw, c).permute(0, 3, 1, 2)
+        grid = self.pos_embed[:, n_pos_prefix:].reshape(1, gh, gw, c).permute(0, 3, 1, 2)
         if (h, w) != (gh, gw):  # timm's resample_abs_pos_embed defaults
             grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
-        pos = torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
-        return self.pos_drop(torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, -1, c)], 1) + pos)
+        pos = torch.cat([self.pos_embed[:, :n_pos_prefix], grid.flatten(2).transpose(1, 2)], 1)
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        x = x.reshape(b, -1, c)
+        x = torch.cat([*prefix, x + pos], 1) if self.no_embed_class else torch.cat([*prefix, x], 1) + pos
+        return self.pos_drop(x)
 
 
 def make_vit(cfg: BackboneConfig, img_size: int) -> VisionTransformer:
-    """Create the timm ViT backbone for ``img_size`` inputs (no classifier; ``dynamic_img_size`` for multi-crop)."""
+    """Create the timm ViT backbone for ``img_size`` inputs (no classifier; ``dynamic_img_size`` for multi-crop):
+    the model timm builds for ``cfg.name`` and ``cfg.model_args``, or a plain ViT of the size keys."""
     if img_size % cfg.patch_size:
         raise ValueError(
             f"image size {img_size} is not a multiple of the patch size {cfg.patch_size}: "
             f"use a global size divisible by {cfg.patch_size}"
         )
+    if cfg.name:
+        import timm
+
+        with portable_init():
+            vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=img_size,
+                                    in_chans=cfg.in_chans, dynamic_img_size=True, drop_path_rate=cfg.drop_path_rate,
+                                    **cfg.model_args)
+        if type(vit) is VisionTransformer:
+            vit.__class__ = _ViT  # the same module, with the float64 resampling above
+        return vit.float()
     with portable_init():
         vit = _ViT(
             img_size=img_size,
@@ -315,6 +375,7 @@ class HeadOutput:
             is set; ``None`` when no patch token was selected.
         selection: The token selection the patches were gathered by (objective-defined).
         head: Set when ``patch`` holds tokens: the head the loss applies under activation checkpointing.
+        global_patches: ``[G * B, T, D]`` backbone patch tokens of the global crops (Gram anchoring reads them).
     """
 
     cls: Tensor
@@ -322,6 +383,7 @@ class HeadOutput:
     patch: Tensor | None = None
     selection: Selection | None = None
     head: nn.Module | None = None
+    global_patches: Tensor | None = None
 
 
 Select = Callable[[Sequence[TokenOutput]], "Selection | None"]
@@ -393,7 +455,7 @@ class DistillNet(nn.Module):
         tokens = self.encode(crops, masked.masks if masked is not None else None)
         selection = select(tokens) if callable(select) else select
         out = self.project(tokens, selection.student_keys if selection is not None else None, recompute_head)
-        return replace(out, selection=selection)
+        return replace(out, selection=selection, global_patches=tokens[0].patches)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from torch import nn
 
 import pwself.train as training
 from pwself.config import TrainConfig, load_config
-from pwself.eval.floors import pixel_floor, random_init_floor
+from pwself.eval.floors import pixel_floor, random_init_floor, start_floor
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 from pwself.rundir import write_atomic
 
@@ -34,9 +34,13 @@ def _dense(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """kNN of the same protocol on the seed's own random init and on raw pixels, cached in the run folder."""
-    return {"random_init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False),
-            "pixels": pixel_floor(cfg, run_dir / "floor_pixels.json")}
+    """kNN of the same protocol on the seed's own random init and on raw pixels, and on the starting model of a
+    run with ``backbone.init`` (with its dense probe when the run has ``dense_data``), cached in the run folder."""
+    floors = {"random_init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False),
+              "pixels": pixel_floor(cfg, run_dir / "floor_pixels.json")}
+    if cfg.backbone.init:
+        floors["start"] = start_floor(cfg, run_dir / "floor_start.json", cfg.dense_data or None)
+    return floors
 
 
 def standard_evaluation() -> training.Evaluation:

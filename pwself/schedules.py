@@ -28,13 +28,15 @@ def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, warm
 
 @dataclass(frozen=True)
 class Schedules:
-    """Per-step values: learning rate, weight decay, teacher momentum and temperature, last-layer switch."""
+    """Per-step values: learning rate, weight decay, teacher momentum and temperature, last-layer switch and
+    backbone switch (off during the head warm-up)."""
 
     lr: list[float]
     weight_decay: list[float]
     momentum: list[float]
     teacher_temp: list[float]
     last_layer_on: list[bool]
+    backbone_on: list[bool] | None = None  # None: always on
 
 
 def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world_size: int = 1) -> Schedules:
@@ -49,11 +51,17 @@ def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world_size: int = 1) 
     rise = lc.teacher_temp - lc.warmup_teacher_temp
     temp = [lc.warmup_teacher_temp + rise * min(i / warm, 1.0) if warm else lc.teacher_temp for i in range(total)]
     freeze = int(o.freeze_last_layer_epochs * steps_per_epoch)
-    return Schedules(lr, wd, mom, temp, [i >= freeze for i in range(total)])
+    heads_only = round(o.head_warmup_epochs * steps_per_epoch)
+    return Schedules(lr, wd, mom, temp, [i >= freeze for i in range(total)],
+                     [i >= heads_only for i in range(total)] if heads_only else None)
 
 
 def apply_schedules(opt: torch.optim.Optimizer, sch: Schedules, step: int) -> None:
-    """Set lr and weight decay of every group for ``step`` (the head's last layer has lr 0 while frozen)."""
+    """Set lr and weight decay of every group for ``step``: the head's last layer has lr 0 while frozen, the
+    backbone lr 0 during the head warm-up (exactly unchanged: AdamW's decay is scaled by lr), each group its
+    layer-wise ``lr_scale``."""
     for g in opt.param_groups:
-        g["lr"] = sch.lr[step] if (sch.last_layer_on[step] or not g["last_layer"]) else 0.0
+        frozen = (g["last_layer"] and not sch.last_layer_on[step]) or (
+            g.get("backbone", False) and sch.backbone_on is not None and not sch.backbone_on[step])
+        g["lr"] = 0.0 if frozen else sch.lr[step] * g.get("lr_scale", 1.0)
         g["weight_decay"] = sch.weight_decay[step] if g["decay"] else 0.0

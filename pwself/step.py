@@ -8,6 +8,7 @@ precision), so what a benchmark measures is exactly what trains.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,14 +19,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pwself.augment import PhotometricAugment
 from pwself.config import TrainConfig
-from pwself.models import DistillNet, HeadOutput, ema_update, portable_init
+from pwself.losses import gram_loss
+from pwself.models import DistillNet, HeadOutput, ema_update, forward_tokens, portable_init
 from pwself.objectives import Objective, build_objective, objective_class
 from pwself.objectives.base import view_grids
 from pwself.runtime import all_true
 from pwself.views import MultiCrop, MultiCropViews
 
-__all__ = ["StepOutput", "distill_step", "ViewPipeline", "param_groups", "TrainStep", "make_objective", "build_step",
-           "unwrap"]
+log = logging.getLogger(__name__)
+
+__all__ = ["StepOutput", "GramAnchor", "distill_step", "ViewPipeline", "param_groups", "TrainStep", "make_objective",
+           "build_step", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +46,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+@dataclass(frozen=True)
+class GramAnchor:
+    """Gram anchoring (``loss.gram_weight``): a frozen copy of the starting backbone and the term's weight."""
+
+    backbone: nn.Module
+    weight: float
+
+    def term(self, global_crops: Tensor, student_patches: Tensor) -> Tensor:
+        """The Gram loss of the student's global-crop patch tokens against the anchor's on the same crops."""
+        with torch.no_grad():
+            anchor = forward_tokens(self.backbone, global_crops).patches
+        return gram_loss(student_patches, anchor)
+
+
 def distill_step(
     student: nn.Module, teacher: DistillNet, objective: Objective, views: MultiCropViews, teacher_temp: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, anchor: GramAnchor | None = None,
 ) -> StepOutput:
     """Forward the teacher and the student (a :class:`DistillNet`, possibly DDP-wrapped) on the views and
-    compute the objective's loss. Random draws (patch subsets) come from the CPU ``generator``."""
+    compute the objective's loss, plus Gram anchoring when an ``anchor`` is given (any objective). Random draws
+    (patch subsets) come from the CPU ``generator``."""
     with torch.no_grad():
         t_tokens = teacher.encode([views.global_crops])
     grids = view_grids(views, teacher.backbone.patch_embed.patch_size[0])
@@ -55,7 +74,11 @@ def distill_step(
     s_out = student([views.global_crops, views.local_crops], select, objective.recompute_head)
     with torch.no_grad():
         t_out = objective.teacher_output(teacher, t_tokens, views, s_out.selection)
-    return StepOutput(objective.loss(s_out, t_out, views, teacher_temp), t_out)
+    terms = objective.loss(s_out, t_out, views, teacher_temp)
+    if anchor is not None:
+        gram = anchor.term(views.global_crops, s_out.global_patches)
+        terms = {**terms, "gram": gram.detach(), "loss": terms["loss"] + anchor.weight * gram}
+    return StepOutput(terms, t_out)
 
 
 class ViewPipeline:
@@ -90,16 +113,43 @@ class ViewPipeline:
         )
 
 
-def param_groups(named: Iterator[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
-    """AdamW groups tagged ``decay`` and ``last_layer``: no decay on biases, norms and position/CLS tokens."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def _layer_scale(name: str, depth: int, layer_decay: float) -> float:
+    """The lr factor of a student parameter under layer-wise decay (dinov2's ``get_vit_lr_decay_rate``)."""
+    if not name.startswith("backbone."):
+        return 1.0  # heads, the mask token, the objective's own modules
+    rest = name.removeprefix("backbone.")
+    if rest.startswith("blocks."):
+        layer = int(rest.split(".")[1]) + 1
+    elif rest.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "rope")):
+        layer = 0
+    else:
+        layer = depth + 1  # the final norm
+    return layer_decay ** (depth + 1 - layer)
+
+
+def param_groups(named: Iterator[tuple[str, nn.Parameter]], split_backbone: bool = False, layer_decay: float = 1.0,
+                 depth: int = 0) -> list[dict[str, Any]]:
+    """AdamW groups tagged ``decay`` and ``last_layer``: no decay on biases, norms and position/CLS/register tokens.
+    With ``split_backbone`` (a head warm-up or layer-wise decay), the backbone's parameters are groups of their
+    own tagged ``backbone`` with their ``lr_scale`` (groups are only split when asked: a run's optimizer state
+    keeps its layout)."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
     for name, p in named:
         if not p.requires_grad:
             continue
         decay = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token", "reg_token"))
         last = name.startswith(("head.last_layer", "patch_head.last_layer"))
-        groups.setdefault((decay, last), []).append(p)
-    return [{"params": ps, "decay": d, "last_layer": last} for (d, last), ps in sorted(groups.items())]
+        key: tuple = (decay, last)
+        if split_backbone:
+            key += (name.startswith("backbone."), _layer_scale(name, depth, layer_decay))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for key, ps in sorted(groups.items()):
+        group = {"params": ps, "decay": key[0], "last_layer": key[1]}
+        if split_backbone:
+            group.update(backbone=key[2], lr_scale=key[3])
+        out.append(group)
+    return out
 
 
 @dataclass
@@ -114,6 +164,7 @@ class TrainStep:
     views: ViewPipeline
     clip_grad: float
     amp_dtype: torch.dtype | None
+    anchor: GramAnchor | None = None
 
     @property
     def model(self) -> DistillNet:
@@ -130,7 +181,8 @@ class TrainStep:
         views = self.views(batch, generator)
         device = views.global_crops.device
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            return distill_step(self.student, self.teacher, self.objective, views, teacher_temp, generator)
+            return distill_step(self.student, self.teacher, self.objective, views, teacher_temp, generator,
+                                self.anchor)
 
     def update(self, out: StepOutput, momentum: float) -> float:
         """Backward, clip, optimizer step, EMA teacher and centers; the gradient norm (NaN when not clipped)."""
@@ -184,18 +236,24 @@ def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: l
     masked = objective_class(cfg.loss.objective).uses_mask_token
     model = DistillNet(cfg.backbone, cfg.head, cfg.views.global_size, mask_token=masked)
     if cfg.backbone.init and load_init:
-        from pwself.init_weights import load_backbone_weights
+        from pwself.init_weights import load_start
 
-        load_backbone_weights(model.backbone, cfg.backbone.init)
+        log.info(load_start(model, cfg.backbone.init))
     dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
     model = model.to(device, dtype)
+    # The anchor is the starting model; a resumed run overwrites it with the checkpoint's (the same weights).
+    anchor = (GramAnchor(copy.deepcopy(model.backbone).requires_grad_(False).eval(), cfg.loss.gram_weight)
+              if cfg.loss.gram_weight else None)
     with portable_init():
         objective = make_objective(cfg)
     objective = objective.to(device, dtype)
     teacher = copy.deepcopy(model).requires_grad_(False).eval()
     named = [*model.named_parameters(), *objective.named_parameters(prefix="objective")]
     # The fused kernel (CPU and CUDA) is one op for all parameters, several times faster than the loop.
-    optimizer = torch.optim.AdamW(param_groups(iter(named)), fused=device.type in ("cpu", "cuda"))
+    o = cfg.optim
+    groups = param_groups(iter(named), split_backbone=o.head_warmup_epochs > 0 or o.layer_decay < 1,
+                          layer_decay=o.layer_decay, depth=cfg.backbone.depth)
+    optimizer = torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"))
     student: nn.Module = model
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -204,4 +262,4 @@ def build_step(cfg: TrainConfig, device: torch.device, mean: list[float], std: l
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return TrainStep(student, teacher, objective, optimizer, scaler, ViewPipeline(cfg, mean, std, device, dtype),
-                     cfg.optim.clip_grad, amp_dtype)
+                     cfg.optim.clip_grad, amp_dtype, anchor)

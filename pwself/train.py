@@ -374,6 +374,8 @@ def _restore(step: TrainStep, ckpt: dict[str, Any], gen: torch.Generator, rank: 
     step.objective.load_state_dict(ckpt["objective"], strict=ckpt.get("format", 2) >= 2)  # format 1: extra center
     step.optimizer.load_state_dict(ckpt["optimizer"])
     step.scaler.load_state_dict(ckpt["scaler"])
+    if step.anchor is not None:
+        step.anchor.backbone.load_state_dict(ckpt["anchor"])
     gen.set_state(ckpt["generators"][rank])
     torch.set_rng_state(ckpt["torch_rngs"][rank])
     _set_host_rng(ckpt["host_rngs"][rank])
@@ -430,6 +432,7 @@ def _checkpoint_state(run: _Run, step: TrainStep, gen: torch.Generator, prog: _P
         "epoch": prog.step // run.steps_per_epoch, "config": config_to_dict(run.cfg),
         "world_size": run.info.world_size, "format": 2, "dataset": run.data_id,
         "weight_norm_ref": prog.weight_norm_ref,
+        **({"anchor": step.anchor.backbone.state_dict()} if step.anchor is not None else {}),
     }
 
 

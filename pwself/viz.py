@@ -151,7 +151,8 @@ def knn_markdown(knn: dict[Any, dict[str, float]], label: str = "model",
     lines = [f"| {label} | k | top-1 (%) | top-5 (%) |", "|---|---|---|---|"]
     for k, v in sorted(knn.items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {label} | {k} | {v['top1']:.2f} | {v['top5']:.2f} |")
-    names = {"random_init": "*random init, same backbone*", "pixels": "*raw pixels*"}
+    names = {"start": "*starting model (backbone.init)*", "random_init": "*random init, same backbone*",
+             "pixels": "*raw pixels*"}
     for key, name in names.items():
         floor = (floors or {}).get(key)
         for k in sorted(int(str(k)) for k in knn) if floor else ():

@@ -13,7 +13,7 @@ from pwself.config import TrainConfig, config_to_dict
 from pwself.data import open_dataset
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, features, score_features
 
-__all__ = ["pixel_floor", "random_init_floor", "pixel_dense_floor", "open_split", "MAX_PIXEL_DIM",
+__all__ = ["pixel_floor", "random_init_floor", "start_floor", "pixel_dense_floor", "open_split", "MAX_PIXEL_DIM",
            "run_floors"]
 
 MAX_PIXEL_DIM = 16384  # above this (e.g. 3 x 74 x 74) a raw-pixel kNN is too slow to be a side result
@@ -100,6 +100,44 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
         return None
     if dense is not None:
         settings = EvalSettings(cache_dir=str(cache.parent / "features"), progress=False, dense_root=dense)
+        floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
+    cache.write_text(json.dumps(floor))
+    return floor
+
+
+def _start_source(cfg: TrainConfig):  # noqa: ANN202 - a FeatureSource
+    """The model a run with ``backbone.init`` starts from (its file, loaded as training loads it), with the run's
+    normalization, as a feature source."""
+    from pwself.eval.source import FeatureSource, file_sha256
+    from pwself.init_weights import load_backbone_weights
+    from pwself.models import make_vit
+    from pwself.runtime import resolve_device
+
+    backbone = make_vit(cfg.backbone, cfg.views.global_size)
+    load_backbone_weights(backbone, cfg.backbone.init)
+    path = Path(cfg.backbone.init).expanduser()
+    key = f"start:{file_sha256(path) if path.is_file() else path.resolve()}:{cfg.views.global_size}"
+    return FeatureSource("starting model", backbone.to(resolve_device(cfg.device)).eval(), list(cfg.data.mean),
+                         list(cfg.data.std), cfg.views.global_size, key)
+
+
+def start_floor(cfg: TrainConfig, cache: Path, dense: str | None = None) -> dict[str, float] | None:
+    """kNN (k = 10, 20) and (with ``dense``) the dense probe of the starting model of a run with ``backbone.init``:
+    what post-training kept or changed is the distance to this row. ``None`` without ``backbone.init`` or for
+    unlabelled data."""
+    if not cfg.backbone.init:
+        return None
+    if cache.exists():
+        floor = json.loads(cache.read_text())
+        if dense is None or "miou" in floor:
+            return floor
+    data = EvalData.of_run(cfg)
+    src = _start_source(cfg)
+    floor = _scores(features(src, data, "cls", EvalSettings(cache_dir=None, progress=False)), False)
+    if floor is None:
+        return None
+    if dense is not None:
+        settings = EvalSettings(cache_dir=None, progress=False, dense_root=dense)
         floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
     cache.write_text(json.dumps(floor))
     return floor

@@ -64,6 +64,10 @@ class LossConfig:
         centering: Teacher targets centred by an EMA ``center`` (DINO) or made by ``sinkhorn`` (Sinkhorn-Knopp,
             as DINOv2/v3; the EMA centers are then unused).
         sinkhorn_iterations: Sinkhorn-Knopp iterations (dinov2: 3).
+        gram_weight: Weight of Gram anchoring (DINOv3; 0: off): the MSE between the Gram matrices of the student's
+            L2-normalised patch tokens of each global crop and those of a frozen anchor, the starting model of
+            ``backbone.init``, on the same crop; keeps the patch similarities of a released backbone while it is
+            post-trained (``docs/algorithm.md``, "Gram anchoring"). Needs ``backbone.init``.
     """
 
     objective: str = "pwml"  # pwself.objectives.DEFAULT_OBJECTIVE
@@ -79,6 +83,7 @@ class LossConfig:
     koleo_weight: float = 0.0
     centering: str = "center"
     sinkhorn_iterations: int = 3
+    gram_weight: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`~pwself.sections.ConfigError` for a value out of range or an unknown matcher (the
@@ -87,7 +92,8 @@ class LossConfig:
                                     "warmup_teacher_temp_epochs": NON_NEGATIVE, "center_momentum": FRACTION,
                                     "lam": (lambda x: 0 <= x <= 1, "in [0, 1]: it is the CLS weight of the loss"),
                                     "patch_fraction": (lambda x: 0 < x <= 1, "in (0, 1]"),
-                                    "koleo_weight": NON_NEGATIVE, "sinkhorn_iterations": POSITIVE})
+                                    "koleo_weight": NON_NEGATIVE, "sinkhorn_iterations": POSITIVE,
+                                    "gram_weight": NON_NEGATIVE})
         check_choice("loss.matcher", self.matcher, MATCHERS)
         check_choice("loss.centering", self.centering, CENTERINGS)
 
