@@ -22,8 +22,8 @@ FINISHED_FILE = "finished.json"  # written last by a run that finished (pwself.r
 UNSTARTED_FILES = ("config.yaml", "metrics.jsonl", "knn_history.jsonl", "wandb_id.txt")
 # Every file a run writes into its folder (besides checkpoint_*.pt): no other command may replace one.
 RUN_FILES = (*UNSTARTED_FILES, FINISHED_FILE, "knn.json", "floors.json", "floor_random_init.json",
-             "floor_pixels.json", "floor_start.json", "teacher_backbone.safetensors", "training_curves.png", "report.md", "report.html",
-             LOCK_NAME)
+             "floor_pixels.json", "floor_start.json", "teacher_backbone.safetensors", "training_curves.png",
+             "report.md", "report.html", LOCK_NAME)
 
 
 class RunDirError(RuntimeError):

@@ -405,24 +405,26 @@ def _draw_view_pair(fig: Figure, axes: list, imgs: list, grids: list, flips: lis
 
 
 def cls_attention(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Last-block CLS-to-patch attention of a timm ViT: ``[B, heads, rows, cols]``."""
+    """Last-block CLS-to-patch attention of a timm ViT (any family: registers, RoPE): ``[B, heads, rows, cols]``.
+    The block's own softmax is read where timm's unfused path passes it to ``attn_drop``, so position handling
+    (RoPE included) is the model's."""
     import torch
 
-    block = backbone.blocks[-1]
+    attn = backbone.blocks[-1].attn
     captured = {}
-    handle = block.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
-    with torch.no_grad():
-        backbone.forward_features(x)
+    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: captured.__setitem__("a", i[0]))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        with torch.no_grad():
+            backbone.forward_features(x)
+    finally:
         handle.remove()
-        h = captured["x"]
-        attn = block.attn
-        b, n, d = h.shape
-        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # [B, heads, N, N]
+        attn.fused_attn = fused
+    a = captured["a"]  # [B, heads, N, N]
+    b = a.shape[0]
     p = backbone.patch_embed.patch_size[0]
     rows, cols = x.shape[-2] // p, x.shape[-1] // p
-    return a[:, :, 0, backbone.num_prefix_tokens :].reshape(b, attn.num_heads, rows, cols)
+    return a[:, :, 0, backbone.num_prefix_tokens :].reshape(b, a.shape[1], rows, cols)
 
 
 def patch_pca_rgb(tokens: torch.Tensor) -> torch.Tensor:

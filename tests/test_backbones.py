@@ -229,7 +229,7 @@ def test_gram_loss_equals_the_loop_reference_and_leaves_the_anchor_alone():
     s = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     a = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     loss = gram_loss(s, a)
-    assert float(loss) == pytest.approx(reference_gram(s.detach(), a.detach()), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(reference_gram(s.detach(), a.detach()), rel=1e-12)
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and a.grad is None
 
@@ -246,8 +246,8 @@ def test_gram_anchoring_is_zero_at_the_start_and_counts_in_the_loss(tmp_path):
     assert float(out.terms["gram"]) == 0.0  # the student is the anchor at the first step
     out = step.forward(images, 0.04, gen)
     assert float(out.terms["gram"]) > 0
-    assert float(out.terms["loss"]) == pytest.approx(float(out.terms["cls"]) + 2.0 * float(out.terms["gram"]),
-                                                     rel=1e-12)
+    total = float(out.terms["cls"]) + 2.0 * float(out.terms["gram"])
+    assert float(out.terms["loss"].detach()) == pytest.approx(total, rel=1e-12)
     with pytest.raises(ConfigError, match="loss.gram_weight=1.0 anchors to the starting model: set backbone.init"):
         tiny_config(**{"loss.gram_weight": 1.0})
 
@@ -290,6 +290,33 @@ def test_full_size_released_architectures_take_two_steps_at_112_px(name, patch, 
                  f"backbone.name={name}", f"backbone.init={path}", "views.global_size=112",
                  f"views.local_size={patch * 3}", "views.n_local=2", "head.out_dim=256", "head.hidden_dim=256",
                  "backbone.in_chans=1", "data.mean=[]", "data.std=[]", "precision=fp32", "device=cpu",
-                 "knn_at_end=false"]) == 0
+                 "knn_at_end=false", "log_every=1"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_attention_maps_of_every_family_are_the_blocks_own(name):
+    """cls_attention reads the last block's softmax (RoPE applied where the model has it): rows over the patch
+    cells, without the prefix tokens; for the plain ViT, the softmax of q·k written out."""
+    from pwself.viz import cls_attention
+
+    cfg = load_config(None, [*TINY, *sizes(name), f"backbone.name={name}", MODEL_ARGS]).backbone
+    torch.manual_seed(0)
+    vit = make_vit(cfg, FAMILIES[name][0]).eval()
+    x = torch.randn(2, 1, FAMILIES[name][0], 2 * FAMILIES[name][0])
+    att = cls_attention(vit, x)
+    rows = FAMILIES[name][0] // cfg.patch_size
+    assert att.shape == (2, 2, rows, 2 * rows)
+    s = att.sum((-2, -1))
+    assert (s > 0).all() and (s < 1).all()
+    if name == "vit_small_patch16_224":
+        block, captured = vit.blocks[-1], {}
+        handle = block.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+        with torch.no_grad():
+            vit.forward_features(x)
+            handle.remove()
+            h = captured["h"]
+            q, k, _ = block.attn.qkv(h).reshape(2, h.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
+            a = ((q * block.attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+        torch.testing.assert_close(att, a[:, :, 0, 1:].reshape(2, 2, rows, 2 * rows))

@@ -24,13 +24,7 @@ def _blocks(path: Path, lang: str) -> list[str]:
 
 def _commands(path: Path) -> list[str]:
     """Every shell line of the bash blocks, continuations joined, comments dropped."""
-    out = []
-    for block in _blocks(path, "bash"):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()  # a comment after the command
-            if line and not line.startswith("#"):
-                out.append(line)
-    return out
+    return _commands_of(path.read_text())
 
 
 def _pwself_argv(line: str) -> list[str] | None:
@@ -124,3 +118,50 @@ def test_the_readme_starts_with_the_two_commands_and_points_at_files_that_exist(
     for name in ("LICENSE", "RESULTS.md", "docs/algorithm.md"):
         assert (ROOT / name).is_file() and name in text
     assert "SPEC.md" not in text  # the algorithm is described inside the repository
+
+
+@pytest.mark.slow
+def test_the_start_from_dinov2_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's "Start from DINOv2 / DINOv3 weights" commands as written, on a shrunk file of the same
+    architecture and a small folder of RGB photos; the settings after them only make the run small."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _rgb_folder(tmp_path / "photos")
+    (tmp_path / "weights").mkdir()
+    model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, embed_dim=32,
+                              depth=2, num_heads=2)  # a 518 px file, as released
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights/model.safetensors"))
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("**4. Start from DINOv2"):text.index("## What a run writes")]
+    lines = [c for c in _commands_of(section) if c.startswith("pwself")]
+    assert [w.split()[1] for w in lines] == ["pretrain", "export"]
+    small = ["backbone.model_args={embed_dim: 32, depth: 2, num_heads: 2}", "views.global_size=28",
+             "views.local_size=14", "views.n_local=2", "head.out_dim=16", "head.hidden_dim=32",
+             "head.bottleneck_dim=16", "precision=fp32", "data.num_workers=0", "--epochs", "2", "--batch-size", "4",
+             "--no-progress"]
+    assert main(shlex.split(lines[0].replace("~", str(tmp_path)))[1:] + small) == 0
+    assert "loaded 35 tensors from" in capsys.readouterr().err
+    assert main(shlex.split(lines[1])[1:]) == 0
+    cfg = json.loads((tmp_path / "runs/post/model/config.json").read_text())
+    loaded = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=True, **cfg["model_args"],
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "runs/post/model/model.safetensors")))
+    assert loaded.reg_token.shape == (1, 4, 32) and (tmp_path / "runs/post/model/heads.safetensors").is_file()
+    with torch.no_grad():
+        assert loaded.eval().forward_features(torch.rand(1, 3, 28, 28)).shape == (1, 5 + 4, 32)
+
+
+def _commands_of(text: str) -> list[str]:
+    """Every shell line of the bash blocks of a piece of Markdown, continuations joined, comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()  # a comment after the command
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
