@@ -370,12 +370,14 @@ def _start_over_hint(args: argparse.Namespace) -> str:
 
 
 def _continue_hint(args: argparse.Namespace) -> str:
-    """What continues an interrupted command, in the caller's terms."""
+    """What continues an interrupted command, in the caller's terms: for pretrain the same command with
+    ``--auto-resume`` (it starts over when no checkpoint was written yet, which ``--resume`` would refuse)."""
     again = os.environ.get("PWSELF_AGAIN")
     if again:
         return f"run `{again}` again to continue (checkpoints are kept)"
-    if args.command == "pretrain" and not args.auto_resume:
-        return "resume with --resume (checkpoints are kept)"
+    if args.command == "pretrain":
+        words = [a for a in args.argv if a not in ("--resume", "--overwrite", "--auto-resume")]
+        return f"continue with `pwself {shlex.join(words)} --auto-resume` (checkpoints are kept)"
     return "run the same command again to continue (finished work is kept)"
 
 
@@ -853,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     from pwself.config import ConfigError
     from pwself.data import DatasetError
     from pwself.rundir import RunDirError, free_space
+    from pwself.runtime import Preempted
 
     try:
         return handlers[args.command](args)
@@ -868,6 +871,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pwself {args.command}: error: cannot write {e.filename or 'a file'} ({e.strerror}; "
               f"{free_space(where)} free in {where})", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM / SIGUSR1: the step finished and was checkpointed
+        print(f"pwself {args.command}: {e}; {_continue_hint(args)}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"pwself {args.command}: interrupted; {_continue_hint(args)}", file=sys.stderr)
         return 130

@@ -135,6 +135,9 @@ class TrainConfig:
             (float64 weights and arithmetic: slow, for numerical checks; its results agree across CPUs).
         log_every: Steps between metric rows.
         checkpoint_every_steps: Extra checkpoints every N steps (0: at epoch ends only).
+        checkpoint_every_minutes: Also a checkpoint when this many minutes passed since the last one (0: off), so
+            that a preemption or a crash loses minutes, not an epoch. SIGTERM and SIGUSR1 always end the step in
+            progress, write a checkpoint and stop (exit 128 + the signal); ``--auto-resume`` continues exactly.
         keep_checkpoints: Newest checkpoints kept (0: all).
         knn_at_end: Evaluate kNN on the held-out split when training ends.
         knn_every_epochs: Also evaluate kNN every N epochs during training (0: never; 0.5: twice an epoch);
@@ -163,6 +166,7 @@ class TrainConfig:
     precision: str = "fp32"
     log_every: int = 10
     checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 2
     knn_at_end: bool = True
     knn_every_epochs: float = 0
@@ -183,8 +187,9 @@ class TrainConfig:
         self.optim.validate()
         check_choice("precision", self.precision, ("fp32", "bf16", "fp16", "fp64"))
         check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
-                                   **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "keep_checkpoints",
-                                                                "knn_every_epochs", "dense_every_epochs")}})
+                                   **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "checkpoint_every_minutes",
+                                                                "keep_checkpoints", "knn_every_epochs",
+                                                                "dense_every_epochs")}})
         if self.loss.gram_weight and not self.backbone.init:
             raise ConfigError(f"loss.gram_weight={self.loss.gram_weight} anchors to the starting model: set "
                               "backbone.init=FILE (a released or pretrained backbone), or loss.gram_weight=0")
@@ -430,7 +435,8 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 # Keys that may change between a checkpoint and its resumption without changing what is learned. `epochs` is
 # not one: it sets the length of every cosine schedule, so a resumed run with other epochs would not continue
 # the run it resumes (train a new run instead).
-RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "keep_checkpoints", "knn_at_end",
+RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "checkpoint_every_minutes",
+                    "keep_checkpoints", "knn_at_end",
                     "knn_every_epochs", "dense_every_epochs", "dense_data", "data.num_workers", "data.root",
                     "data.on_bad_image",
                     "optim.max_nonfinite_steps", "loss.recompute_head", "knn_floors", "log.tensorboard",

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "init_distributed", "leave_distributed", "all_true", "gather_rows", "gather_objects",
+__all__ = ["Preempted", "STOP_SIGNALS", "any_true", "DistInfo",
+           "init_distributed", "leave_distributed", "all_true", "gather_rows", "gather_objects",
            "shard_indices", "resolve_device"]
 
 
@@ -76,6 +79,15 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return int(t.item()) == 0
 
 
+def any_true(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each of ``flags`` set on some rank (one all-reduce for all): every rank takes the same branches."""
+    if not _active():
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def gather_rows(x: Tensor, index: Tensor, n_total: int) -> Tensor:
     """Reassemble a tensor whose rows ``index`` were computed on this rank (no duplicates, no padding).
 
@@ -133,3 +145,17 @@ def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
     if device.type == "cuda" and info.world_size > 1:
         device = torch.device("cuda", info.local_rank)
     return device
+
+
+class Preempted(Exception):  # noqa: N818 - the event, not a failure
+    """A stop signal (SIGTERM, SIGUSR1) ended the run after a step; a checkpoint of that step was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint} written" if checkpoint else "no checkpoint could be written"
+        super().__init__(f"stopped by {name} after step {step}: {where}")
+
+
+# SLURM sends SIGUSR1 ahead of the end of a job (`--signal`), clouds and torchrun send SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

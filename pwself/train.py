@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,7 +58,7 @@ from pwself.data.crops import FolderMultiCrop, ViewLoader
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.runstate import write_finished
-from pwself.runtime import DistInfo, gather_objects, init_distributed, resolve_device
+from pwself.runtime import STOP_SIGNALS, DistInfo, Preempted, any_true, gather_objects, init_distributed, resolve_device
 from pwself.schedules import Schedules, apply_schedules, make_schedules
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
@@ -68,6 +70,29 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss stayed NaN/Inf; the last good checkpoint is untouched."""
+
+
+class _StopSignals:
+    """While a run trains, a stop signal only sets a flag: the step in progress finishes, then the run writes a
+    checkpoint and stops (:class:`Preempted`). Outside the main thread (a library caller's worker) nothing is
+    installed."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -123,6 +148,7 @@ class _Run:
     loggers: MetricLoggers | None = None  # rank 0 only
     lock: RunLock | None = None  # rank 0 only
     evaluation: Evaluation = Evaluation()
+    stop: _StopSignals | None = None  # set while the loop runs
 
 
 def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
@@ -364,6 +390,7 @@ class _Progress:
     cpu_s: float = 0.0  # CPU seconds of this process (all its threads) spent training: immune to other load
     cpu_mark: float = 0.0
     last_ckpt: Path | None = None
+    t_ckpt: float = 0.0  # monotonic time of the last checkpoint (or of the start)
     weight_norm_ref: float = 0.0  # the student's weight norm at the start: a checkpoint far above it is not kept
 
 
@@ -468,7 +495,11 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         if run.loggers is not None:
             run.loggers.write(row)  # a resumed run truncates rows past its checkpoint
     end_of_epoch = prog.step % run.steps_per_epoch == 0
-    due = end_of_epoch or (cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0)
+    timed = bool(cfg.checkpoint_every_minutes) and time.monotonic() - prog.t_ckpt >= 60 * cfg.checkpoint_every_minutes
+    signum = run.stop.received if run.stop is not None else None
+    timed, stopping = any_true([timed, signum is not None], run.device)  # every rank: the same step
+    due = end_of_epoch or timed or stopping or bool(
+        cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0)
     if due and prog.bad_in_a_row:  # weights of a non-finite streak never replace (or rotate out) a good one
         log.warning("step %d: no checkpoint while the loss is non-finite (the last good one, %s, is kept)",
                     prog.step, prog.last_ckpt)
@@ -479,6 +510,11 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:
             prog.last_ckpt = save_checkpoint(state, run.dir, prog.step, cfg.keep_checkpoints)
+        prog.t_ckpt = time.monotonic()
+    if stopping:
+        if run.loggers is not None:
+            run.loggers.close()
+        raise Preempted(signum or signal.SIGTERM, prog.step, prog.last_ckpt)
     if cfg.knn_every_epochs and run.heldout and run.evaluation.knn and prog.step < total:
         every = max(1, round(cfg.knn_every_epochs * run.steps_per_epoch))
         if prog.step % every == 0:
@@ -603,7 +639,19 @@ def _train(run: _Run, progress: bool) -> TrainResult:
     prog.weight_norm_ref = float(run.ckpt.get("weight_norm_ref", 0.0)) if run.ckpt else 0.0
     prog.weight_norm_ref = prog.weight_norm_ref or _weight_norm(step)  # older checkpoints: the restored weights'
     prog.t_last = prog.t_mark = time.perf_counter()
-    prog.cpu_mark = time.process_time()
+    prog.cpu_mark, prog.t_ckpt = time.process_time(), time.monotonic()
+    with _StopSignals() as run.stop:
+        try:
+            _loop(run, step, sch, prog, gen, bar)
+        finally:
+            bar.close()
+    run.stop = None
+    return _finish(run, step, prog, progress)
+
+
+def _loop(run: _Run, step: TrainStep, sch: Schedules, prog: _Progress, gen: torch.Generator, bar: tqdm) -> None:
+    """The steps from ``prog.step`` to the end of the schedule."""
+    cfg, info, total = run.cfg, run.info, len(sch.lr)
     while prog.step < total:
         epoch, start = divmod(prog.step, run.steps_per_epoch)
         batches = _epoch_batches(len(run.dataset), cfg.batch_size, cfg.seed, epoch, info.rank, info.world_size)
@@ -617,6 +665,4 @@ def _train(run: _Run, progress: bool) -> TrainResult:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", n_match=f"{row['n_match']:.1f}")
             if prog.step >= total:
                 break
-    bar.close()
-    return _finish(run, step, prog, progress)
 

@@ -105,3 +105,38 @@ def test_torchrun_pretrain_writes_once_and_evaluates(tmp_path):
     assert state["world_size"] == 2 and len(state["generators"]) == 2
     assert not torch.equal(state["generators"][0], state["generators"][1])
     assert out.stdout.count("report:") == 1 and (run / "knn.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_checkpoints_one_agreed_step_and_auto_resume_is_exact(tmp_path):
+    """torchrun forwards SIGTERM to every rank; they stop after the same step (an all-reduce of the flag), write
+    one checkpoint with both ranks' generators, and a rerun with --auto-resume ends on the weights of an
+    uninterrupted two-process run."""
+    import signal
+    import time
+
+    from test_preemption import TINY
+
+    args = ["-m", "pwself.cli", "pretrain", "--epochs", "4", "--batch-size", "8", "--no-progress", *TINY]
+    assert _torchrun([*args, "--out-dir", "straight"], tmp_path).returncode == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args, "--out-dir", "cut"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if not list((tmp_path / "cut").glob("checkpoint_0*.pt")) or (tmp_path / "cut" / "finished.json").exists():
+        pytest.skip("the run finished before the signal arrived (a very fast machine)")
+    assert "stopped by SIGTERM after step" in err, err[-2000:]
+    stopped = sorted((tmp_path / "cut").glob("checkpoint_0*.pt"))[-1]
+    assert len(torch.load(stopped, weights_only=True)["generators"]) == 2
+    assert _torchrun([*args, "--out-dir", "cut", "--auto-resume"], tmp_path).returncode == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint_00000024.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint_00000024.pt", weights_only=True)
+    for key in ("student", "teacher"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
