@@ -223,6 +223,11 @@ def _args_config(p: argparse.ArgumentParser) -> None:
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. optim.lr=1e-3")
 
 
+def _args_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clear", action="store_true", help="remove the shrunk photo copies and scan records (they are "
+                   "made again when needed)")
+
+
 def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory of pwself pretrain")
 
@@ -668,6 +673,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from pwself.data.datasets import cache_root
+    from pwself.data.photos import cache_bound, cache_usage
+
+    folder = cache_root()
+    usage = cache_usage(folder)
+    bound = cache_bound()
+    print(f"{folder}: " + "; ".join(f"{n} {name} ({size / 1e9:.2f} GB)" for name, (n, size) in usage.items())
+          + (f"; shrunk copies kept under {bound / 1e9:g} GB (PWSELF_CACHE_MAX_GB)" if bound else ""))
+    if args.clear:
+        for sub in ("shrunk", "scans"):
+            shutil.rmtree(folder / sub, ignore_errors=True)
+        print(f"cleared {folder} (copies are made again by the next run's scan)")
+    return 0
+
+
 def cmd_push_to_hub(args: argparse.Namespace) -> int:
     from pwself.export import push_to_hub
 
@@ -797,6 +820,8 @@ COMMANDS = (
             description=TUNE_HELP),
     Command("config", "show every config key with its value and meaning",
             _args_config, cmd_config),
+    Command("cache", "show (or --clear) pwself's cache of shrunk photo copies and scan records",
+            _args_cache, cmd_cache),
     Command("report", "write the HTML/Markdown report of a run directory",
             _args_report, cmd_report),
     Command("eval-dense", "dense probe: a linear classifier on each patch token, scored as mIoU",

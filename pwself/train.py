@@ -309,8 +309,9 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
 def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: torch.device) -> ViewLoader:
     """Views of a folder's images cut from the full-resolution originals in DataLoader workers."""
     base = getattr(dataset, "dataset", dataset)  # a Subset keeps the first images
-    crops = FolderMultiCrop(base.files[: len(dataset)], cfg.backbone.in_chans, cfg.views, cfg.seed, base.max_side,
-                            base.cache_dir)
+    n = len(dataset)
+    crops = FolderMultiCrop(base.files[:n], cfg.backbone.in_chans, cfg.views, cfg.seed, base.max_side,
+                            base.cache_dir, base.digests[:n])
     return ViewLoader(crops, cfg.data.num_workers, pin_memory=device.type == "cuda")
 
 

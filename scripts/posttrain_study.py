@@ -45,12 +45,19 @@ SEEDS = (1, 2, 3)
 REG4_RUNS = [("dino", "no warm-up"), ("pwml", "warm-up"), ("pwml", "no warm-up"), ("pwml+gram", "warm-up")]
 
 
+class InUse(Exception):
+    """Another study process is training this run (``--seeds`` in another order shares the work)."""
+
+
 def pwself(*args: str, log: Path) -> None:
     """One pwself command, its output in ``log``; stops the study when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = log.stat().st_size if log.exists() else 0
     with open(log, "a") as f:
         rc = subprocess.run([sys.executable, "-m", "pwself.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                             env=env).returncode
+    if rc and "is in use by another pwself run" in log.read_text()[start:]:
+        raise InUse(args)
     if rc:
         raise SystemExit(f"pwself {' '.join(args)} failed (rc {rc}): see {log}")
 
@@ -100,14 +107,18 @@ def start_row(out: Path, family: str, weights: Path) -> Path:
     return folder
 
 
-def post_run(out: Path, family: str, weights: Path, method: str, warmup: str, seed: int) -> Path:
+def post_run(out: Path, family: str, weights: Path, method: str, warmup: str, seed: int) -> Path | None:
+    """One post-training run and its Fashion-MNIST kNN; ``None`` when another study process has it."""
     run = out / family / f"{method}_{warmup.replace(' ', '')}_s{seed}"
-    log = run.with_suffix(".log")
-    if not (run / "finished.json").exists():
-        pwself("pretrain", "--config", "fmnist_scenes", *FAMILIES[family], *POST, f"backbone.init={weights}",
-               *METHODS[method], *WARMUP[warmup], f"seed={seed}", "--out-dir", str(run), "--auto-resume",
-               "--no-progress", log=log)
-    fmnist_knn(run, log)
+    log = Path(f"{run}.log")
+    try:
+        if not (run / "finished.json").exists():
+            pwself("pretrain", "--config", "fmnist_scenes", *FAMILIES[family], *POST, f"backbone.init={weights}",
+                   *METHODS[method], *WARMUP[warmup], f"seed={seed}", "--out-dir", str(run), "--auto-resume",
+                   "--no-progress", log=log)
+        fmnist_knn(run, log)
+    except InUse:
+        return None
     return run
 
 
@@ -159,6 +170,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--collect", action="store_true", help="only write the table of what is finished")
     ap.add_argument("--families", default="plain,reg4")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                    help="seeds in the order to run them; a second process with another order shares the work")
+    ap.add_argument("--reverse", action="store_true", help="each seed's runs in reverse order")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +181,10 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             weights = dict(zip(families, pool.map(lambda f: start_model(out, f), families)))
             jobs = [pool.submit(start_row, out, f, weights[f]) for f in families]
-            for seed in SEEDS:  # seed by seed: a study stopped part-way leaves every row at the same seeds
-                for family in families:
+            for seed in map(int, args.seeds.split(",")):  # seed by seed: a study stopped part-way leaves every row
+                for family in families:                   # at the same seeds
                     pairs = [(m, w) for m in METHODS for w in WARMUP] if family == "plain" else REG4_RUNS
+                    pairs = pairs[::-1] if args.reverse else pairs
                     jobs += [pool.submit(post_run, out, family, weights[family], m, w, seed) for m, w in pairs]
             for job in jobs:
                 job.result()

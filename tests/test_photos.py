@@ -13,7 +13,7 @@ import torch
 from pwself.config import ConfigError, load_config, resolve_max_side
 from pwself.data.crops import FolderMultiCrop, cut_views, sample_seed
 from pwself.data.datasets import ImageFolderDataset, scan_images
-from pwself.data.photos import auto_max_side, open_image, shrunk_path, write_synthetic_photo
+from pwself.data.photos import auto_max_side, content_digest, open_image, shrunk_path, write_synthetic_photo
 from pwself.matching import match_views
 from pwself.views import ViewConfig
 
@@ -48,13 +48,18 @@ def test_the_default_bound_keeps_every_view_at_one_source_pixel_per_view_pixel()
                            "data.max_side=100"])
 
 
+def copy_of(cache, f):
+    """Where the shrunk copy of ``f``'s current content lives."""
+    return shrunk_path(cache, content_digest(f.read_bytes()), 3, 512)
+
+
 def test_views_from_the_shrunk_copy_equal_views_from_the_original(photos, cache):
     dataset = ImageFolderDataset(photos, 32, 3, max_side=512)
     assert dataset.files == sorted(photos.iterdir())
     for f in dataset.files[:2]:
-        assert shrunk_path(cache, f, 3, 512).exists()  # written by the start-up scan
-    assert not shrunk_path(cache, dataset.files[2], 3, 512).exists()
-    fast = FolderMultiCrop(dataset.files, 3, VIT_S, seed=0, max_side=512, cache_dir=cache)
+        assert copy_of(cache, f).exists()  # written by the start-up scan
+    assert not copy_of(cache, dataset.files[2]).exists()
+    fast = FolderMultiCrop(dataset.files, 3, VIT_S, seed=0, max_side=512, cache_dir=cache, digests=dataset.digests)
     full = FolderMultiCrop(dataset.files, 3, VIT_S, seed=0, max_side=0)
     grids = [(14, 14)] * 2 + [(6, 6)] * 8
     pairs = [(i, j) for i in range(2) for j in range(10) if i != j]
@@ -86,20 +91,21 @@ def test_opting_out_cuts_from_the_original_exactly_as_before(photos, cache):
 
 
 def test_the_copy_follows_the_files_content(photos, cache):
-    ImageFolderDataset(photos, 32, 3, max_side=512)
+    dataset = ImageFolderDataset(photos, 32, 3, max_side=512)
     f = photos / "a.jpg"
-    old = shrunk_path(cache, f, 3, 512)
-    crops = FolderMultiCrop([f], 3, VIT_S, seed=0, max_side=512, cache_dir=cache)
+    old = copy_of(cache, f)
+    crops = FolderMultiCrop([f], 3, VIT_S, seed=0, max_side=512, cache_dir=cache, digests=dataset.digests[:1])
     before = crops[0, 0][0][0]
     time.sleep(0.01)
     write_synthetic_photo(f, 1600, 1200, seed=7)  # replaced in place: new content, size or mtime
     os.utime(f, ns=(time.time_ns(), time.time_ns()))
     stats = {}
-    ImageFolderDataset(photos, 32, 3, max_side=512)  # what a new run does first: its scan sees the new file
+    dataset = ImageFolderDataset(photos, 32, 3, max_side=512)  # what a new run does first: it sees the new file
     scan_images(photos, sorted(photos.iterdir()), shrink=(3, 512), stats=stats)
     assert stats["decoded"] == 0  # the dataset above re-scanned the changed file already
-    new = shrunk_path(cache, f, 3, 512)
+    new = copy_of(cache, f)
     assert new != old and new.exists()
+    crops = FolderMultiCrop([f], 3, VIT_S, seed=0, max_side=512, cache_dir=cache, digests=dataset.digests[:1])
     after = crops[0, 0][0][0]
     full = FolderMultiCrop([f], 3, VIT_S, seed=0, max_side=0)[0, 0][0][0]
     assert (after.float() - full.float()).abs().mean() < 2 < (before.float() - full.float()).abs().mean()
@@ -109,7 +115,7 @@ def test_a_missing_copy_is_made_again_and_a_truncated_photo_is_still_caught(phot
     from pwself.data import DatasetError
 
     ImageFolderDataset(photos, 32, 3, max_side=512)
-    copy = shrunk_path(cache, photos / "a.jpg", 3, 512)
+    copy = copy_of(cache, photos / "a.jpg")
     copy.unlink()
     stats = {}
     scan_images(photos, sorted(photos.iterdir()), shrink=(3, 512), stats=stats)

@@ -226,16 +226,18 @@ def channel_stats(dataset: Dataset, max_images: int = 10000, seed: int = 0) -> t
 
 
 def _files_digest(h: Any, files: Sequence[Path], root: Path | None) -> None:  # h: a hashlib hash
+    """Each file's name (relative to ``root``) and the SHA-256 of its bytes."""
     for f in files:
-        st = f.stat()
         name = f.relative_to(root) if root is not None and f.is_relative_to(root) else f
-        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        with open(f, "rb") as stream:
+            h.update(f"{name}|{hashlib.file_digest(stream, 'sha256').hexdigest()}\n".encode())
 
 
 def fingerprint(dataset: Dataset) -> str:
     """What a dataset holds, as a short hash: its pixels and labels (in memory), or every file's path (relative
-    to its folder), size and mtime with the labels (folders; masks too for dense splits). Caches and resumed
-    runs compare it: a swapped class folder, an edited mask or an added image changes it."""
+    to its folder) and content with the labels (folders: the digests of the start-up scan; dense splits: their
+    images and masks read here). Caches and resumed runs compare it: contents swapped between classes, a file
+    replaced by another of the same size and date, an edited pixel or mask, an added image change it."""
     h = hashlib.sha256()
     base = getattr(dataset, "dataset", dataset)  # a Subset: its base, then which images
     if base is not dataset:
@@ -245,6 +247,11 @@ def fingerprint(dataset: Dataset) -> str:
         h.update(base.labels.numpy().tobytes())
     elif hasattr(base, "masks"):  # a dense split
         _files_digest(h, [*base.images, *base.masks], None)
+    elif hasattr(base, "digests"):  # a scanned folder: each file's content with its name
+        root = base.root
+        for f, digest in zip(base.files, base.digests):
+            h.update(f"{f.relative_to(root) if f.is_relative_to(root) else f}|{digest}\n".encode())
+        h.update(repr((base.labels.tolist(), getattr(base, "classes", None))).encode())
     elif hasattr(base, "files"):
         _files_digest(h, base.files, getattr(base, "root", None))
         h.update(repr((base.labels.tolist(), getattr(base, "classes", None))).encode())

@@ -68,12 +68,14 @@ class FolderMultiCrop(Dataset):
         max_side: Cut from the cached shrunk copy of an image whose longer side is above this
             (:mod:`pwself.data.photos`; boxes stay in the original's pixels); 0: always from the original.
         cache_dir: Where the shrunk copies live.
+        digests: Each file's content digest from the start-up scan (the shrunk copy's key); ``None``: no copies.
     """
 
     def __init__(self, files: Sequence[Path], channels: int, spec: ViewConfig, seed: int, max_side: int = 0,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, digests: Sequence[str] | None = None) -> None:
         self.files, self.channels, self.spec, self.seed = list(files), channels, spec, seed
         self.max_side, self.cache_dir = max_side, cache_dir or Path(".")
+        self.digests = list(digests) if digests is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -82,7 +84,8 @@ class FolderMultiCrop(Dataset):
         index, epoch = key
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
         try:
-            image, size = open_for_views(self.files[index], self.channels, self.max_side, self.cache_dir)
+            digest = self.digests[index] if self.digests is not None else None
+            image, size = open_for_views(self.files[index], self.channels, self.max_side, self.cache_dir, digest)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             raise DatasetError(f"cannot decode {self.files[index]} ({type(e).__name__}): it changed since the "
                                "start-up check; delete or replace it and resume with --resume") from None

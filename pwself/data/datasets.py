@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,7 +25,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pwself.data.photos import open_image, shrunk_path, write_shrunk
+from pwself.data.photos import (
+    cache_bound,
+    content_digest,
+    evict_shrunk,
+    open_image,
+    shrink_image,
+    shrunk_path,
+    store_shrunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -248,36 +257,51 @@ def _show(path: Path) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def _cache_dir() -> Path:
+def cache_root() -> Path:
     if os.environ.get("PWSELF_CACHE_DIR"):
         return Path(os.environ["PWSELF_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pwself"
 
 
-def _decode_check(path: Path, shrink: tuple[int, int] | None) -> tuple[int, int]:
-    """Decode the whole file (a truncated JPEG passes a header check but not this); its size. With ``shrink``
-    = ``(channels, max_side)`` a larger image is decoded once into its shrunk copy (:mod:`pwself.data.photos`)."""
+def _decode_check(path: Path, shrink: tuple[int, int] | None) -> tuple[tuple[int, int], str]:
+    """Decode the whole file (a truncated JPEG passes a header check but not this): its size and the SHA-256 of
+    its bytes (read once for both). With ``shrink`` = ``(channels, max_side)`` a larger image is decoded once
+    into its shrunk copy (:mod:`pwself.data.photos`); a copy that cannot be written is not the image's fault."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    data = path.read_bytes()
+    digest = content_digest(data)
+    with Image.open(io.BytesIO(data)) as im:
         size = im.size
         if shrink and max(size) > shrink[1]:
-            write_shrunk(im, *shrink, shrunk_path(_cache_dir(), path, *shrink))
+            small = shrink_image(im, *shrink)
         else:
             im.load()
-        return size
+            small = None
+    if small is not None:
+        store_shrunk(small, shrunk_path(cache_root(), digest, *shrink))
+    return size, digest
+
+
+def _stamp(p: Path) -> list[int]:
+    """What changes whenever a file's bytes may have: size, mtime, ctime (set by every write, rename and
+    ``touch -r``; no user sets it) and inode (``cp`` over a file). A scan entry with another stamp is decoded
+    and hashed again."""
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def scan_images(root: Path, files: list[Path], workers: int = 8, shrink: tuple[int, int] | None = None,
-                stats: dict | None = None) -> dict[Path, tuple[int, int] | str]:
-    """Every file decoded fully, in parallel threads (Pillow decodes without the GIL): its ``(w, h)`` or the
-    error. Results are cached by path, size and mtime under ``~/.cache/pwself`` (``PWSELF_CACHE_DIR``), so a
-    restart or the kNN after training does not decode again. ``shrink = (channels, max_side)`` also writes the
-    shrunk copy of every larger image (a cached file whose copy is missing is decoded again).
+                stats: dict | None = None) -> dict[Path, tuple[tuple[int, int], str] | str]:
+    """Every file decoded fully, in parallel threads (Pillow decodes without the GIL): its ``((w, h), content
+    digest)`` or the decoding error. Results are cached by path and :func:`_stamp` under ``~/.cache/pwself``
+    (``PWSELF_CACHE_DIR``), so a restart or the kNN after training does not decode again. ``shrink = (channels,
+    max_side)`` also writes the shrunk copy of every larger image (a cached file whose copy is missing is decoded
+    again), then keeps the copies under their size bound.
 
     One process scans a folder at a time (a lock in the cache): the ranks of a node started together scan
     once, the others wait and read the result. ``stats["decoded"]`` counts the files this call decoded."""
-    cache_dir = _cache_dir() / "scans"
+    cache_dir = cache_root() / "scans"
     name = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:20]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -287,33 +311,43 @@ def scan_images(root: Path, files: list[Path], workers: int = 8, shrink: tuple[i
     try:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _scan_locked(cache_dir / f"{name}.json", files, workers, shrink, stats)
+        out = _scan_locked(cache_dir / f"{name}.json", files, workers, shrink, stats)
     finally:
         if lock is not None:
             os.close(lock)
+    if shrink:
+        current = {shrunk_path(cache_root(), res[1], *shrink) for res in out.values() if not isinstance(res, str)}
+        removed, freed = evict_shrunk(cache_root(), cache_bound(), keep=current)
+        if removed:
+            log.info("removed %d older shrunk copies (%.1f GB) to keep %s under PWSELF_CACHE_MAX_GB", removed,
+                     freed / 1e9, cache_root() / "shrunk")
+    return out
 
 
 def _scan_locked(cache_file: Path, files: list[Path], workers: int, shrink: tuple[int, int] | None,
-                 stats: dict | None) -> dict[Path, tuple[int, int] | str]:
+                 stats: dict | None) -> dict[Path, tuple[tuple[int, int], str] | str]:
     try:
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     except (OSError, ValueError):
         cache = {}
-    out: dict[Path, tuple[int, int] | str] = {}
+    out: dict[Path, tuple[tuple[int, int], str] | str] = {}
     todo, stamps = [], {}
     for p in files:
-        st = p.stat()
-        stamps[p] = [st.st_size, st.st_mtime_ns]
+        stamps[p] = _stamp(p)
         hit = cache.get(str(p))
-        if hit and hit[0] == stamps[p] and not _copy_missing(p, hit[1], shrink):
-            out[p] = tuple(hit[1]) if isinstance(hit[1], list) else hit[1]
+        if hit and len(hit) == 3 and hit[0] == stamps[p] and not _copy_missing(hit, shrink):
+            out[p] = hit[1] if isinstance(hit[1], str) else (tuple(hit[1]), hit[2])
         else:
             todo.append(p)
 
-    def check(p: Path) -> tuple[int, int] | str:
+    unread: set[Path] = set()  # read errors (permissions, a lost mount): checked again next time, not stored
+
+    def check(p: Path) -> tuple[tuple[int, int], str] | str:
         try:
             return _decode_check(p, shrink)
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            if isinstance(e, OSError) and e.errno is not None:
+                unread.add(p)
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
     with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
@@ -323,7 +357,8 @@ def _scan_locked(cache_file: Path, files: list[Path], workers: int, shrink: tupl
         stats["decoded"] = len(todo)
     if todo:
         try:
-            cache.update({str(p): [stamps[p], list(out[p]) if isinstance(out[p], tuple) else out[p]] for p in files})
+            cache.update({str(p): [stamps[p], out[p], None] if isinstance(out[p], str) else
+                          [stamps[p], list(out[p][0]), out[p][1]] for p in files if p not in unread})
             tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache))
             tmp.replace(cache_file)
@@ -332,10 +367,11 @@ def _scan_locked(cache_file: Path, files: list[Path], workers: int, shrink: tupl
     return out
 
 
-def _copy_missing(path: Path, size: list[int] | str, shrink: tuple[int, int] | None) -> bool:
-    """Whether a readable image larger than the bound has no shrunk copy yet."""
+def _copy_missing(hit: list, shrink: tuple[int, int] | None) -> bool:
+    """Whether a scan entry is a readable image larger than the bound that has no shrunk copy yet."""
+    size, digest = hit[1], hit[2]
     return bool(shrink) and isinstance(size, list) and max(size) > shrink[1] and \
-        not shrunk_path(_cache_dir(), path, *shrink).exists()
+        not shrunk_path(cache_root(), digest, *shrink).exists()
 
 
 class ImageFolderDataset(Dataset):
@@ -380,9 +416,14 @@ class ImageFolderDataset(Dataset):
         self.skipped: list[Path] = []
         self.on_bad_image = on_bad_image
         good = []
-        self.max_side, self.cache_dir = max_side, _cache_dir()
+        self.max_side, self.cache_dir = max_side, cache_root()
         shrink = (channels, max_side) if max_side > 0 else None
-        for p, res in scan_images(self.root, files, shrink=shrink).items():
+        digests = {}
+        scanned = scan_images(self.root, files, shrink=shrink)
+        for p in files:  # in name order: the scan answers cached files first
+            res = scanned[p]
+            if not isinstance(res, str):
+                res, digests[p] = res
             if isinstance(res, str):
                 problem = (f"corrupt or unreadable image {_show(p)} ({res}): delete it or skip such files with "
                            "data.on_bad_image=skip")
@@ -398,6 +439,7 @@ class ImageFolderDataset(Dataset):
         if not good:
             raise DatasetError(f"every image under {self.root} is unreadable: check the files")
         self.files = good
+        self.digests = [digests[p] for p in good]  # the content of each file, as the scan read it
         rel_parents = {p.relative_to(self.root).parts[0] for p in good if len(p.relative_to(self.root).parts) > 1}
         labelled = all(len(p.relative_to(self.root).parts) > 1 for p in good)
         self.classes = (_align_classes(self.root, sorted(rel_parents), classes) if classes else sorted(rel_parents)) \

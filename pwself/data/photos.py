@@ -2,20 +2,27 @@
 
 A 12-megapixel phone JPEG takes ~160 ms to decode on one core, and views are cut from the original every
 epoch. The start-up scan decodes every file once anyway (to find corrupt ones); while it holds a large
-image it writes a shrunk copy (longer side ``data.max_side``) to a cache keyed by the file's path, size
-and mtime, so later epochs and runs decode ~0.3 megapixels instead of 12. Crop boxes are still drawn in the
-original's pixel coordinates (matching, ``viz-matches`` and resume are unchanged) and mapped onto the copy.
-JPEGs are decoded in draft mode (DCT scaling) when shrunk: still a full entropy decode, so a truncated file
-is still caught, at about half the cost.
+image it writes a shrunk copy (longer side ``data.max_side``) to a cache keyed by the file's content (the
+SHA-256 of its bytes, read once by the scan that decodes them anyway), so later epochs and runs decode ~0.3
+megapixels instead of 12, and a file replaced by another of the same size and date gets its own copy. Crop
+boxes are still drawn in the original's pixel coordinates (matching, ``viz-matches`` and resume are unchanged)
+and mapped onto the copy. JPEGs are decoded in draft mode (DCT scaling) when shrunk: still a full entropy
+decode, so a truncated file is still caught, at about half the cost.
 
 The default bound keeps every view at one source pixel per view pixel or more (see :func:`auto_max_side`).
+A copy that cannot be written (a full or read-only disk) is said once and the original is used: a cache problem
+is never a bad image. The copies are kept under a size bound (``PWSELF_CACHE_MAX_GB``, default 20), the least
+recently written removed first; ``pwself cache`` shows and clears them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +31,11 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-__all__ = ["open_image", "auto_max_side", "oriented_size", "shrunk_path", "write_shrunk", "open_for_views",
-           "write_synthetic_photo",
+__all__ = ["open_image", "auto_max_side", "oriented_size", "shrunk_path", "shrink_image", "store_shrunk",
+           "open_for_views", "content_digest", "evict_shrunk", "cache_bound", "cache_usage", "write_synthetic_photo",
            "SHRUNK_QUALITY"]
+
+log = logging.getLogger(__name__)
 
 SHRUNK_QUALITY = 95  # with 4:4:4 chroma: the copy differs from a lossless one by well under a grey level
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 turn the image by 90 degrees
@@ -76,17 +85,20 @@ def oriented_size(path: Path) -> tuple[int, int]:
     return (h, w) if turned else (w, h)
 
 
-def shrunk_path(cache_dir: Path, path: Path, channels: int, max_side: int) -> Path:
-    """Where the shrunk copy of ``path`` lives: keyed by its absolute path, size, mtime, channels and bound,
-    so an edited or replaced file gets a new copy."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{channels}|{max_side}"
-    return cache_dir / "shrunk" / f"{hashlib.sha1(key.encode()).hexdigest()}.jpg"
+def content_digest(data: bytes) -> str:
+    """The key of a file's content: SHA-256 of its bytes (hex, 32 characters)."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
-def write_shrunk(im: PILImage, channels: int, max_side: int, dest: Path) -> PILImage:
-    """Shrink an open (not yet decoded) image so that its longer side is ``max_side`` and write it to ``dest``
-    atomically; returns the copy. JPEGs decode in draft mode at the smallest DCT scale still above the bound."""
+def shrunk_path(cache_dir: Path, digest: str, channels: int, max_side: int) -> Path:
+    """Where the shrunk copy of a file with content ``digest`` lives, for ``channels`` and the bound: an edited or
+    replaced file (whatever its size and date) gets a new copy, two names of one file share one."""
+    return cache_dir / "shrunk" / f"{digest}-{channels}-{max_side}.jpg"
+
+
+def shrink_image(im: PILImage, channels: int, max_side: int) -> PILImage:
+    """An open (not yet decoded) image with its longer side brought to ``max_side``. JPEGs decode in draft mode at
+    the smallest DCT scale still above the bound (a full entropy decode all the same: a truncated file fails)."""
     from PIL import Image
 
     w, h = im.size
@@ -98,18 +110,47 @@ def write_shrunk(im: PILImage, channels: int, max_side: int, dest: Path) -> PILI
     if factor < 1:
         size = (max(1, round(small.size[0] * factor)), max(1, round(small.size[1] * factor)))
         small = small.resize(size, Image.LANCZOS)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    small.save(tmp, "JPEG", quality=SHRUNK_QUALITY, subsampling=0)
-    tmp.replace(dest)
     return small
 
 
-def open_for_views(path: Path, channels: int, max_side: int, cache_dir: Path) -> tuple[PILImage, tuple[int, int]]:
+_warned_dirs: set[Path] = set()
+
+
+def store_shrunk(small: PILImage, dest: Path) -> bool:
+    """Write a shrunk copy atomically (a temporary file of its own, every byte checked, fsync, rename). A copy
+    that cannot be written leaves nothing behind, is said once per folder and returns ``False``: the caller
+    uses the image it holds (the original's pixels), never calls the photo bad."""
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=SHRUNK_QUALITY, subsampling=0)
+    data = buf.getvalue()
+    tmp = None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            written = f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if written != len(data) or os.path.getsize(tmp) != len(data):
+            raise OSError(f"short write ({written} of {len(data)} bytes)")
+        os.replace(tmp, dest)
+        return True
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if dest.parent not in _warned_dirs:
+            _warned_dirs.add(dest.parent)
+            log.warning("cannot write shrunk copies to %s (%s): training reads the original photos instead "
+                        "(slower; free space there or set PWSELF_CACHE_DIR)", dest.parent, e.strerror or e)
+        return False
+
+
+def open_for_views(path: Path, channels: int, max_side: int, cache_dir: Path,
+                   digest: str | None = None) -> tuple[PILImage, tuple[int, int]]:
     """The image to cut views from and the original's oriented ``(width, height)`` (the box coordinates).
 
-    ``max_side <= 0`` or a small image: the original itself. Otherwise the cached shrunk copy, made here
-    when missing or unreadable (e.g. a run that started before the bound was set).
+    ``max_side <= 0``, a small image or no content ``digest``: the original itself. Otherwise the cached shrunk
+    copy, made here when missing or unreadable (a copy that cannot be written: the shrunk image in memory).
     """
     from PIL import Image
 
@@ -119,13 +160,61 @@ def open_for_views(path: Path, channels: int, max_side: int, cache_dir: Path) ->
     size = oriented_size(path)
     if max(size) <= max_side:
         return open_image(path, channels), size
-    dest = shrunk_path(cache_dir, path, channels, max_side)
+    if digest is None:
+        with Image.open(path) as im:
+            return shrink_image(im, channels, max_side), size
+    dest = shrunk_path(cache_dir, digest, channels, max_side)
     try:
         with Image.open(dest) as small:
             return small.convert("L" if channels == 1 else "RGB"), size
     except (OSError, ValueError):
         with Image.open(path) as im:
-            return write_shrunk(im, channels, max_side, dest), size
+            small = shrink_image(im, channels, max_side)
+        store_shrunk(small, dest)
+        return small, size
+
+
+def cache_bound() -> int:
+    """The shrunk copies' size bound in bytes (``PWSELF_CACHE_MAX_GB``, default 20; 0: no bound)."""
+    try:
+        return int(float(os.environ.get("PWSELF_CACHE_MAX_GB", "20")) * 1e9)
+    except ValueError:
+        raise ValueError(f"PWSELF_CACHE_MAX_GB={os.environ['PWSELF_CACHE_MAX_GB']!r} is not a number: set it to "
+                         "the gigabytes the shrunk copies may take, e.g. PWSELF_CACHE_MAX_GB=20") from None
+
+
+def cache_usage(cache_dir: Path) -> dict[str, tuple[int, int]]:
+    """``{"shrunk copies": (files, bytes), "scan records": (files, bytes)}`` of a pwself cache folder."""
+    out = {}
+    for name, folder, pattern in (("shrunk copies", "shrunk", "*.jpg"), ("scan records", "scans", "*.json")):
+        sizes = [p.stat().st_size for p in (cache_dir / folder).glob(pattern)] if (cache_dir / folder).is_dir() else []
+        out[name] = (len(sizes), sum(sizes))
+    return out
+
+
+def evict_shrunk(cache_dir: Path, max_bytes: int, keep: set[Path] = frozenset()) -> tuple[int, int]:
+    """Remove the least recently written shrunk copies (never those in ``keep``, the current run's) until the
+    copies take at most ``max_bytes`` (0: no bound). Returns ``(files removed, bytes freed)``."""
+    folder = cache_dir / "shrunk"
+    if max_bytes <= 0 or not folder.is_dir():
+        return 0, 0
+    files = []
+    for p in folder.glob("*.jpg"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        files.append((st.st_mtime_ns, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    removed = freed = 0
+    for _, size, p in sorted(files):
+        if total <= max_bytes:
+            break
+        if p in keep:
+            continue
+        p.unlink(missing_ok=True)
+        total, removed, freed = total - size, removed + 1, freed + size
+    return removed, freed
 
 
 def write_synthetic_photo(path: Path, width: int, height: int, seed: int = 0, orientation: int = 1,
