@@ -109,13 +109,15 @@ def test_an_error_inside_a_loader_worker_is_one_line(tmp_path, capsys):
     _jpeg_folder(root)
     from pwself.data import ImageFolderDataset, iterate_batches
 
-    ds = ImageFolderDataset(root, 16)  # scanned and cached as good
+    ds = ImageFolderDataset(root, 16)  # scanned as good
     bad = root / "img3.jpg"
     st = bad.stat()
-    bad.write_bytes(b"\xff\xd8" + b"\x00" * (st.st_size - 2))  # broken behind the cache's back: same size, mtime
+    bad.write_bytes(b"\xff\xd8" + b"\x00" * (st.st_size - 2))  # broken after the scan, while the run reads
     os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
-    ds = ImageFolderDataset(root, 16)
     from pwself.data import DatasetError
+
+    with pytest.raises(DatasetError, match="img3.jpg"):  # a new scan sees it (ctime), whatever size and mtime say
+        ImageFolderDataset(root, 16)
 
     with pytest.raises(DatasetError) as info:
         list(iterate_batches(ds, [torch.arange(4)], num_workers=1))
@@ -389,11 +391,13 @@ def test_a_run_folder_without_a_checkpoint_starts_over(tmp_path, caplog):
     assert (out / "notes.txt").read_text() == "mine" and load_checkpoint(out)["config"]["seed"] == 0
 
 
-# 25.15: Ctrl-C says what continues the work, in the command's own terms.
+# 25.15 and 39.17: Ctrl-C says what continues the work, in the command's own terms: for pretrain the whole
+# command with --auto-resume (--resume would fail before the first checkpoint; --out-dir kept).
 @pytest.mark.parametrize("argv,hint", [
     (["eval-knn", "vit_tiny_patch16_224"], "run the same command again to continue"),
-    (["pretrain", "--out-dir", "x"], "resume with --resume"),
-    (["pretrain", "--out-dir", "x", "--auto-resume"], "run the same command again to continue"),
+    (["pretrain", "--out-dir", "x"], "continue with `pwself pretrain --out-dir x --auto-resume`"),
+    (["pretrain", "--out-dir", "x", "--resume"], "continue with `pwself pretrain --out-dir x --auto-resume`"),
+    (["pretrain", "--out-dir", "x", "--auto-resume"], "continue with `pwself pretrain --out-dir x --auto-resume`"),
 ])
 def test_an_interrupt_names_what_continues_the_work(argv, hint, capsys, monkeypatch, tmp_path):
     import pwself.cli as cli
