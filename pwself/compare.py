@@ -47,8 +47,10 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
            "linear": cached_json(run_dir / "linear.json", lambda: _probe(cfg, source(), "linear", progress))["top1"]}
     if dense is not None:
-        row["miou"] = cached_json(run_dir / "dense.json",
-                                  lambda: _probe(cfg, source(), "dense", False, dense))["miou"]
+        from pwself.data.dense import dense_key
+
+        row["miou"] = cached_json(run_dir / "dense.json", lambda: _probe(cfg, source(), "dense", False, dense),
+                                  key=dense_key(dense))["miou"]
     return row
 
 

@@ -68,11 +68,17 @@ def run_experiment(cfg: TrainConfig, progress: bool) -> TrainConfig:
     return load_config(run_dir / "config.yaml")
 
 
-def cached_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A run's derived result (a probe score): computed once, kept at ``path``, read back later."""
+def cached_json(path: Path, compute: Callable[[], dict[str, Any]], key: str | None = None) -> dict[str, Any]:
+    """A run's derived result (a probe score): computed once, kept at ``path``, read back later while it was
+    measured on the same data (``key``, kept in the file as ``data_key``: e.g. :func:`pwself.data.dense.dense_key`);
+    a result of other data is measured again."""
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if key is None or stored.get("data_key") == key:
+            return stored
     result = compute()
+    if key is not None:
+        result = {**result, "data_key": key}
     write_atomic(path, json.dumps(result, indent=2))
     return result
 

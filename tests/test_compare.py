@@ -44,6 +44,18 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
     assert "| dino |" in capsys.readouterr().out
     assert compare_mod.comparison_table(res) == md
 
+    # Another dense dataset (issue 39, item 2): the same runs, their dense scores and floors measured on it.
+    other = tmp_path / "scenes_b"
+    make_scenes(other, SceneSpec(size=16, n_train=24, n_test=8, item_size=(4, 8), seed=5), str(fake_fmnist),
+                progress=False)
+    assert main([*args[:-1], str(other)]) == 0
+    res_b = json.loads((tmp_path / "comparison.json").read_text())
+    assert res_b["dense_data"] == str(other)
+    for label in ("dino", "pwml:photometric.mode=none"):
+        assert res_b["runs"][label]["0"]["miou"] != res["runs"][label]["0"]["miou"]
+    assert res_b["random_init"]["0"]["miou"] != res["random_init"]["0"]["miou"]
+    assert res_b["pixel_floor"]["miou"] != res["pixel_floor"]["miou"]
+
 
 def test_objective_list_keeps_commas_inside_brackets(tmp_path, monkeypatch):
     seen = {}

@@ -199,3 +199,44 @@ def test_a_content_change_of_one_pixel_changes_the_dataset_fingerprint(tmp_path,
     arr[0, 0] += 1
     Image.fromarray(arr).save(p)
     assert fingerprint(ImageFolderDataset(root / "train", 16, 1)) != a
+
+
+def test_scores_are_kept_with_the_data_they_were_measured_on(tmp_path):
+    """Item 2: a cached score is read back only for the same data (dense_key: both splits' contents)."""
+    from pwself.data.dense import dense_key
+    from pwself.pretraining import cached_json
+
+    def scenes(root, level):
+        for split in ("train", "test"):
+            for d in ("images", "masks"):
+                (root / split / d).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8), level, np.uint8)).save(root / split / "images" / "a.png")
+            Image.fromarray(np.ones((8, 8), np.uint8)).save(root / split / "masks" / "a.png")
+        return root
+
+    a, b = scenes(tmp_path / "a", 10), scenes(tmp_path / "b", 20)
+    assert dense_key(a) != dense_key(b) and dense_key(a) == dense_key(scenes(tmp_path / "a2", 10))
+    calls = []
+
+    def measure(value):
+        calls.append(value)
+        return {"miou": value}
+
+    path = tmp_path / "dense.json"
+    assert cached_json(path, lambda: measure(1.0), key=dense_key(a))["miou"] == 1.0
+    assert cached_json(path, lambda: measure(9.0), key=dense_key(a))["miou"] == 1.0  # read back
+    assert cached_json(path, lambda: measure(2.0), key=dense_key(b))["miou"] == 2.0  # other data: measured
+    assert calls == [1.0, 2.0]
+
+
+def test_a_split_whose_masks_are_all_ignore_is_one_line_before_any_work(tmp_path, capsys):
+    """Item 7: a test split with every mask pixel 255 gave mIoU nan and rc 0."""
+    root = tmp_path / "d"
+    for split, value in (("train", 1), ("test", 255)):
+        for d in ("images", "masks"):
+            (root / split / d).mkdir(parents=True)
+        Image.fromarray(np.full((16, 16), 99, np.uint8)).save(root / split / "images" / "a.png")
+        Image.fromarray(np.full((16, 16), value, np.uint8)).save(root / split / "masks" / "a.png")
+    assert main(["eval-dense", "vit_tiny_patch16_224", "--data", str(root), "--cache-dir", "", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "every mask pixel in" in err and "test/masks is 255" in err

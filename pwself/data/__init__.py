@@ -245,8 +245,8 @@ def fingerprint(dataset: Dataset) -> str:
     if isinstance(base, TensorImageDataset):
         h.update(base.images.numpy().tobytes())
         h.update(base.labels.numpy().tobytes())
-    elif hasattr(base, "masks"):  # a dense split
-        _files_digest(h, [*base.images, *base.masks], None)
+    elif hasattr(base, "masks"):  # a dense split: names within the split folder, contents
+        _files_digest(h, [*base.images, *base.masks], base.images[0].parent.parent if base.images else None)
     elif hasattr(base, "digests"):  # a scanned folder: each file's content with its name
         root = base.root
         for f, digest in zip(base.files, base.digests):

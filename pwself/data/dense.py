@@ -83,12 +83,17 @@ def dense_classes(root: str | Path, splits: list[DenseSplit]) -> list[str]:
     root = expand_path(root)
     seen = 0
     for split in splits:
+        scored = False
         for m in split.masks:
             values = np.unique(_mask_array(m))
             values = values[values != IGNORE_INDEX]
             if len(values) and (values.min() < 0 or values.max() > 254):
                 raise DatasetError(f"mask {m} holds class {int(values.max())}: class indices are 0..254, 255 = ignore")
             seen = max(seen, int(values.max()) + 1 if len(values) else 0)
+            scored = scored or bool(len(values))
+        if not scored and split.masks:
+            raise DatasetError(f"every mask pixel in {split.masks[0].parent} is 255 (ignore): that split has nothing "
+                               "to learn from or score; label some pixels with their class index")
     names_file = root / "classes.json"
     if names_file.exists():
         names = json.loads(names_file.read_text())
@@ -109,6 +114,23 @@ def open_dense(root: str | Path, split: str, channels: int, size: int) -> DenseS
                            "`pwself make-scenes OUT`)")
     images, masks = _split_files(root, split)
     return DenseSplit(images, masks, channels, size)
+
+
+def dense_key(root: str | Path) -> str:
+    """What a dense dataset holds, as a short hash: both splits' images and masks (names and contents) and its
+    ``classes.json``. Scores measured on it are cached under this key: another ``--dense`` folder, or an edited
+    mask, is measured again."""
+    import hashlib
+
+    from pwself.data import fingerprint
+
+    root = expand_path(root)
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        h.update(fingerprint(open_dense(root, split, 1, 8)).encode())
+    if (root / "classes.json").is_file():
+        h.update((root / "classes.json").read_bytes())
+    return h.hexdigest()[:24]
 
 
 def dense_input(root: str | Path) -> tuple[int, int]:

@@ -89,9 +89,10 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
     of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
     from), CLS features at the global view size: what pretraining adds is the distance to this row.
     ``None`` for unlabelled data."""
+    key = _dense_key(dense)
     if cache.exists():
         floor = json.loads(cache.read_text())
-        if dense is None or "miou" in floor:
+        if dense is None or ("miou" in floor and floor.get("dense_key") == key):
             return floor
     data = EvalData.of_run(cfg)
     src = _random_init_source(cfg, {"train": data.train, "test": data.test})
@@ -101,8 +102,15 @@ def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
     if dense is not None:
         settings = EvalSettings(cache_dir=str(cache.parent / "features"), progress=False, dense_root=dense)
         floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
+        floor["dense_key"] = key
     cache.write_text(json.dumps(floor))
     return floor
+
+
+def _dense_key(dense: str | None) -> str | None:
+    from pwself.data.dense import dense_key
+
+    return dense_key(dense) if dense else None
 
 
 def _start_source(cfg: TrainConfig):  # noqa: ANN202 - a FeatureSource
@@ -127,9 +135,10 @@ def start_floor(cfg: TrainConfig, cache: Path, dense: str | None = None) -> dict
     unlabelled data."""
     if not cfg.backbone.init:
         return None
+    key = _dense_key(dense)
     if cache.exists():
         floor = json.loads(cache.read_text())
-        if dense is None or "miou" in floor:
+        if dense is None or ("miou" in floor and floor.get("dense_key") == key):
             return floor
     data = EvalData.of_run(cfg)
     src = _start_source(cfg)
@@ -139,6 +148,7 @@ def start_floor(cfg: TrainConfig, cache: Path, dense: str | None = None) -> dict
     if dense is not None:
         settings = EvalSettings(cache_dir=None, progress=False, dense_root=dense)
         floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
+        floor["dense_key"] = key
     cache.write_text(json.dumps(floor))
     return floor
 
@@ -147,12 +157,16 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
     """The dense probe on each patch's raw pixels (the backbone's patch size and input side)."""
     from pwself.eval.dense import DenseSettings, pixel_encoder, probe_encoder
 
+    key = _dense_key(dense)
     if cache.exists():
-        return json.loads(cache.read_text())
+        stored = json.loads(cache.read_text())
+        if stored.get("dense_key") == key:
+            return stored
     p, size = cfg.backbone.patch_size, cfg.views.global_size
     settings = DenseSettings(cache_dir=str(cache.parent / "features"), progress=False)
     res = probe_encoder(pixel_encoder(p), {"weights": f"pixels{p}"}, dense, cfg.backbone.in_chans, size,
                         [0.5] * cfg.backbone.in_chans, [0.5] * cfg.backbone.in_chans, settings)
+    res = {**res, "dense_key": key}
     cache.write_text(json.dumps(res))
     return res
 
