@@ -345,7 +345,7 @@ def _print_result(cfg: TrainConfig, run_dir: Path, knn: dict | None, floors: dic
     from pwself.viz import knn_markdown
 
     if knn:
-        print(knn_markdown(knn, cfg.loss.objective, floors))
+        print(knn_markdown(knn, cfg.method, floors))
     print(f"checkpoint: {latest_checkpoint(run_dir) or run_dir}")
     print(f"backbone (timm keys, safetensors): {run_dir / BACKBONE_FILE}")
     print(f"report: {report}")

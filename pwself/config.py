@@ -147,6 +147,8 @@ class TrainConfig:
         dense_data: A dense dataset (``pwself make-scenes`` layout) for ``dense_every_epochs``.
         knn_floors: Beside the final kNN, the same protocol on a random init of the backbone and on raw
             pixels (when small enough): the numbers that give the result meaning.
+        recipe: The recipe (``--objective dinov2``) that set the loss keys, as its user named it: shown by the
+            progress bar, the report and the model card (a record: the keys themselves decide the run).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,6 +175,12 @@ class TrainConfig:
     dense_every_epochs: float = 0
     dense_data: str = ""
     knn_floors: bool = True
+    recipe: str = ""
+
+    @property
+    def method(self) -> str:
+        """The name of what trains: the recipe the user chose, else the objective."""
+        return self.recipe or self.loss.objective
 
     def validate(self) -> None:
         """Check every section (each checks itself: :mod:`pwself.sections`) and the run's own keys; raise
@@ -186,6 +194,10 @@ class TrainConfig:
         check_objective(self.loss, self.views, self.head, self.objectives)
         self.optim.validate()
         check_choice("precision", self.precision, ("fp32", "bf16", "fp16", "fp64"))
+        if self.recipe:
+            from pwself.objectives import RECIPES
+
+            check_choice("recipe", self.recipe, tuple(RECIPES))
         check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
                                    **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "checkpoint_every_minutes",
                                                                 "keep_checkpoints", "knn_every_epochs",
@@ -436,7 +448,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 # not one: it sets the length of every cosine schedule, so a resumed run with other epochs would not continue
 # the run it resumes (train a new run instead).
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "checkpoint_every_minutes",
-                    "keep_checkpoints", "knn_at_end",
+                    "keep_checkpoints", "knn_at_end", "recipe",
                     "knn_every_epochs", "dense_every_epochs", "dense_data", "data.num_workers", "data.root",
                     "data.on_bad_image",
                     "optim.max_nonfinite_steps", "loss.recompute_head", "knn_floors", "log.tensorboard",

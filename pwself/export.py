@@ -107,7 +107,7 @@ def _folder_extras(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
     b = cfg.backbone
     return {"img_size": cfg.views.global_size, "patch_size": b.patch_size, "in_chans": b.in_chans,
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-            "pwself": {"objective": cfg.loss.objective, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
+            "pwself": {"objective": cfg.method, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
                        "head": config_to_dict(cfg.head),
                        "data": {"kind": cfg.data.kind, "root": cfg.data.root}}}
 
@@ -188,9 +188,9 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_lice
                if rows else "")
     b, v, d = cfg.backbone, cfg.views, cfg.data
     datasets = f"datasets:\n- {_DATASETS[d.kind]}\n" if d.kind in _DATASETS else ""
-    front = _FRONT_MATTER.format(license=card_license, objective=cfg.loss.objective, datasets=datasets)
+    front = _FRONT_MATTER.format(license=card_license, objective=cfg.method, datasets=datasets)
     return front + "\n" + _CARD.format(
-        built=_built(cfg), objective=cfg.loss.objective, width=b.embed_dim, depth=b.depth, heads=b.num_heads,
+        built=_built(cfg), objective=cfg.method, width=b.embed_dim, depth=b.depth, heads=b.num_heads,
         patch=b.patch_size, side=v.global_size, lr_batch=cfg.optim.lr * cfg.batch_size / 256,
         steps=int(ckpt.get("step", 0)), batch=cfg.batch_size, kind=d.kind, root=d.root, seed=cfg.seed,
         n_global=v.n_global, global_size=v.global_size, global_scale=list(v.global_scale), n_local=v.n_local,

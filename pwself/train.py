@@ -636,7 +636,7 @@ def _train(run: _Run, progress: bool) -> TrainResult:
         metrics_path.unlink()
     total = len(sch.lr)
     bar = tqdm(total=total, initial=prog.step, disable=not progress or not info.is_main,
-               desc=f"pretrain {cfg.loss.objective}", unit="step")
+               desc=f"pretrain {cfg.method}", unit="step")
     prog.weight_norm_ref = float(run.ckpt.get("weight_norm_ref", 0.0)) if run.ckpt else 0.0
     prog.weight_norm_ref = prog.weight_norm_ref or _weight_norm(step)  # older checkpoints: the restored weights'
     prog.t_last = prog.t_mark = time.perf_counter()

@@ -240,7 +240,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
-    objective = cfg.get("loss", {}).get("objective", "?")
+    objective = cfg.get("recipe") or cfg.get("loss", {}).get("objective", "?")
     png = plot_training_curves(rows, run_dir / "training_curves.png", title=f"{run_dir.name} ({objective})")
     knn_path = run_dir / "knn.json"
     knn = json.loads(knn_path.read_text())["knn"] if knn_path.exists() else None

@@ -52,11 +52,11 @@ SPACES: dict[str, list[str]] = {
     "cossl": ["objectives.cossl.weight=0.5,1", "head.patch_head=shared,separate"],
     "bagssl": [*BAG_VIEWS, "views.n_global=4,8", "optim.lr=2e-3,4e-3"],
     "ibot": LR_TEMP,
-    "dinov2": LR_TEMP,
+    "dinov2_ema": LR_TEMP,  # the recipe the dense study measured (named dinov2 before issue 39)
     "pwml_ibot": LR_TEMP,
 }
 KNN_METHODS = ["dino", "pwml", "logo", "cossl", "bagssl"]
-DENSE_METHODS = ["dino", "ibot", "dinov2", "pwml", "pwml_ibot"]
+DENSE_METHODS = ["dino", "ibot", "dinov2_ema", "pwml", "pwml_ibot"]
 
 
 def _pwself(*args: str) -> list[str]:

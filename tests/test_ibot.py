@@ -184,6 +184,12 @@ def test_koleo_is_added_with_its_weight():
 def test_recipe_and_options_are_validated_in_one_line():
     cfg = load_config(None, objective_overrides("dinov2"))
     assert (cfg.loss.objective, cfg.loss.koleo_weight, cfg.head.patch_head) == ("ibot", 0.1, "separate")
+    assert (cfg.loss.centering, cfg.recipe, cfg.method) == ("sinkhorn", "dinov2", "dinov2")  # issue 39, item 6
+    ema = load_config(None, objective_overrides("dinov2_ema"))
+    assert (ema.loss.centering, ema.method) == ("center", "dinov2_ema")
+    assert load_config(None, [*objective_overrides("dinov2"), *objective_overrides("dino")]).method == "dino"
+    with pytest.raises(ConfigError, match="recipe='dinov3': use dinov2 or dinov2_ema"):
+        load_config(None, ["recipe=dinov3"])
     with pytest.raises(ConfigError, match=r"objectives.ibot.mask_ratio=\[0.5, 0.2\] must be \[low, high\]"):
         load_config(None, ["loss.objective=ibot", "objectives.ibot.mask_ratio=[0.5,0.2]"])
     with pytest.raises(ConfigError, match="use loss.matcher=geometric"):
@@ -227,6 +233,9 @@ def test_masked_objectives_train_end_to_end_from_the_cli(objective, data, tmp_pa
         assert all(r["koleo"] != 0 for r in rows)
     saved = (out / "config.yaml").read_text()
     assert "objective: ibot" in saved or "objective: pwml_ibot" in saved
+    if objective == "dinov2":  # the name the user chose is what the run says it is (issue 39, item 6)
+        assert "recipe: dinov2" in saved and "centering: sinkhorn" in saved
+        assert "objective dinov2," in (out / "report.md").read_text()
     assert main(["export", str(out), "--format", "safetensors", str(tmp_path / "b.safetensors")]) == 0
     channels = 3 if data == "folder" else 1
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,

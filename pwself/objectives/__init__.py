@@ -39,15 +39,19 @@ OBJECTIVES: dict[str, type[Objective]] = {
 DEFAULT_OBJECTIVE = LossConfig().objective
 
 RECIPES: dict[str, tuple[str, ...]] = {
-    # DINOv2's training loss: DINO + iBOT (its own patch head) + KoLeo; add loss.centering=sinkhorn for SK.
-    "dinov2": ("loss.objective=ibot", "loss.koleo_weight=0.1", "head.patch_head=separate"),
+    # DINOv2's training loss (docs/algorithm.md, section 5): DINO + iBOT with its own patch head + KoLeo, the
+    # teacher's targets made by Sinkhorn-Knopp as in DINOv2's training.
+    "dinov2": ("loss.objective=ibot", "loss.koleo_weight=0.1", "head.patch_head=separate", "loss.centering=sinkhorn"),
+    # The same with DINO's EMA centering: the recipe RESULTS.md's dense study measured under the name dinov2.
+    "dinov2_ema": ("loss.objective=ibot", "loss.koleo_weight=0.1", "head.patch_head=separate"),
 }
 """Named settings of several keys, usable wherever an objective name is (``--objective``, ``--objectives``)."""
 
 
 def objective_overrides(name: str) -> list[str]:
-    """The ``KEY=VALUE`` settings that select ``name``: a recipe's, or ``loss.objective=NAME``."""
-    return list(RECIPES[name]) if name in RECIPES else [f"loss.objective={name}"]
+    """The ``KEY=VALUE`` settings that select ``name``: a recipe's (and ``recipe=NAME``, so that the run records
+    the name its user chose), or ``loss.objective=NAME``."""
+    return [*RECIPES[name], f"recipe={name}"] if name in RECIPES else [f"loss.objective={name}", "recipe="]
 
 
 def register_objective(name: str, cls: type[Objective]) -> None:
