@@ -553,6 +553,10 @@ def main() -> None:
         ("real_scale", lambda: bench_real_scale(q)),
     ]
     only = set(args.only.split(",")) if args.only else None
+    unknown = sorted((only or set()) - {name for name, _ in steps})
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: no such benchmark; use one or more of "
+                     f"{','.join(name for name, _ in steps)}")
     for name, fn in steps:
         if only is not None and name not in only:
             continue

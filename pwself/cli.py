@@ -67,6 +67,7 @@ def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
     p.add_argument("--device", default="auto", help="where features are extracted: auto (a GPU when there is one), "
                    "cpu, cuda, cuda:N")
     p.add_argument("--output", help="write PREFIX.json and PREFIX.md")
+    p.add_argument("--overwrite", action="store_true", help="replace PREFIX.json / PREFIX.md when they exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -294,9 +295,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pwself.config import describe_config, load_config
+    from pwself.config import ConfigError, TrainConfig, describe_config, load_config
 
-    print(describe_config(load_config(args.config, list(args.overrides))), end="")
+    try:  # as written, not resolved from a data folder: a saved and edited copy must not pin its channels
+        cfg = load_config(args.config, list(args.overrides), from_data=False)
+        problem = None
+    except ConfigError as e:  # still shown, so that it can be fixed: the keys as given, and what is wrong
+        from pwself.config import apply_backbone_name, apply_overrides, config_from_dict, read_yaml, resolve_config
+
+        base = config_from_dict(read_yaml(resolve_config(args.config)) or {}) if args.config else TrainConfig()
+        cfg, problem = apply_overrides(base, list(args.overrides)), e
+        try:
+            cfg = apply_backbone_name(cfg)
+        except ConfigError:
+            pass
+    print(describe_config(cfg), end="")
+    if problem is not None:
+        print(f"pwself config: note: pretrain would refuse this config: {problem}", file=sys.stderr)
     return 0
 
 
@@ -451,14 +466,18 @@ def _check_eval_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--epochs {args.epochs}: use at least 1")
 
 
-def _check_outputs(*paths: str | Path) -> None:
-    """Refuse, before any work, outputs that would replace a run's own files (e.g. ``--output RUN/knn``)."""
+def _check_outputs(*paths: str | Path, overwrite: bool = True) -> None:
+    """Refuse, before any work, outputs that would replace a run's own files (e.g. ``--output RUN/knn``), and
+    without ``overwrite`` any file that exists (``--output proj/README`` would replace ``proj/README.md``)."""
     from pwself.rundir import RunDirError, run_owned
 
     for path in paths:
         if run_owned(Path(path)):
             raise RunDirError(f"--output {path} would replace a file of the run in {Path(path).parent}: choose "
                               "another --output")
+        if not overwrite and Path(path).exists():
+            raise RunDirError(f"--output would replace {path}, which exists: choose another --output PREFIX, or add "
+                              "--overwrite to replace it")
 
 
 def cmd_eval_dense(args: argparse.Namespace) -> int:
@@ -469,7 +488,7 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
     from pwself.runtime import resolve_device
 
     if args.output:
-        _check_outputs(f"{args.output}.json", f"{args.output}.md")
+        _check_outputs(f"{args.output}.json", f"{args.output}.md", overwrite=args.overwrite)
 
     if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
         raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
@@ -499,7 +518,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ["retrieval"] if args.gnd else [])
     _check_eval_flags(args)
     if args.output:
-        _check_outputs(f"{args.output}.json", f"{args.output}.md")
+        _check_outputs(f"{args.output}.json", f"{args.output}.md", overwrite=args.overwrite)
     results = suite.run(args.models, protocols, _eval_settings(args))
     print(suite.markdown(results))
     if args.output:
@@ -551,9 +570,9 @@ def _run_views(spec: str) -> dict:
 
     path = Path(spec)
     if path.is_dir() and (path / "config.yaml").is_file():
-        import yaml
+        from pwself.config import read_yaml
 
-        cfg = saved_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+        cfg = saved_config(read_yaml(path / "config.yaml", "run config") or {})
     elif path.exists():
         cfg = saved_config(load_checkpoint(path)["config"])
     else:
@@ -591,6 +610,20 @@ def cmd_viz_matches(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curve_hint(run_dir: Path, metric: str) -> str:
+    """What gives a run a learning curve of ``metric``: kNN needs labelled held-out images first."""
+    if metric == "miou":
+        return "train with dense_every_epochs=0.5 dense_data=DIR"
+    if (run_dir / "config.yaml").is_file():
+        from pwself.config import config_from_dict, read_yaml
+        from pwself.data import scorable
+
+        if not scorable(config_from_dict(read_yaml(run_dir / "config.yaml", "run config") or {}).data):
+            return ("its images have no labelled val/ or test/ split, so kNN cannot score it: use --metric miou "
+                    "(a run with dense_data), or train on train/CLASS/ and val/CLASS/ folders")
+    return "train with knn_every_epochs=0.5 (and knn_at_end)"
+
+
 def cmd_viz_curves(args: argparse.Namespace) -> int:
     from pwself.viz import learning_curve, plot_learning_curves
 
@@ -600,16 +633,14 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
         label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
         points = learning_curve(path, args.metric)
         if not points:
-            hint = ("knn_every_epochs=0.5 (and knn_at_end)" if args.metric == "knn"
-                    else "dense_every_epochs=0.5 dense_data=DIR")
-            raise ValueError(f"{path} has no timed {args.metric} evaluation: train with {hint}")
+            raise ValueError(f"{path} has no timed {args.metric} evaluation: {_curve_hint(Path(path), args.metric)}")
         runs[label] = points
     floors = None
     if args.floors:
         from pwself.eval.floors import run_floors
 
         floors = run_floors(Path(args.runs[0].rpartition("=")[2]), args.metric)
-    ylabel = "kNN top-1 % (k = 10, test)" if args.metric == "knn" else "dense probe mIoU % (test)"
+    ylabel = "kNN top-1 % (k = 10, held-out)" if args.metric == "knn" else "dense probe mIoU % (test)"
     out = plot_learning_curves(runs, args.output, floors, "cpu_s" if args.clock == "cpu" else "train_s", ylabel)
     out.with_suffix(".json").write_text(json.dumps({"runs": runs, "floors": floors}, indent=2))
     for label, points in runs.items():

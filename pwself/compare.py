@@ -70,7 +70,13 @@ def run_comparison(
     ``dense`` (a dense dataset folder) every run, the random init and raw pixels also get the dense probe.
     ``runs_only`` stops after the runs (no floors, table or plot): workers in parallel, collected later.
     """
+    from pwself.data import scorable
+
     out_dir = Path(out_dir)
+    if not scorable(base.data):
+        raise ConfigError(f"compare scores every run by kNN and a linear probe on labelled held-out images, and "
+                          f"data.root={base.data.root} has none (unlabelled images, or no val/ or test/ folder): add "
+                          "train/CLASS/ and val/CLASS/ folders, or train each objective with pwself pretrain")
     results: dict[str, Any] = {"objectives": objectives, "seeds": seeds, "runs": {}}
     if dense is not None:
         results["dense_data"] = str(dense)
@@ -125,7 +131,8 @@ def comparison_table(results: dict[str, Any]) -> str:
     """Markdown: one row per objective, mean ± std over seeds of kNN k=10, k=20, linear top-1 (and dense
     mIoU), then the random-init and raw-pixel floors."""
     seeds, cols = results["seeds"], _columns(results)
-    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}; top-1 % (mIoU %) on the test split.", "",
+    over = f"Mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"Seed {seeds[0]}"
+    lines = [f"{over}; top-1 % (mIoU %) on the held-out split (val/ or test/).", "",
              "| objective | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
     for label, per_seed in results["runs"].items():
         lines.append(f"| {label} | " + _cells(per_seed, cols) + " |")
@@ -150,7 +157,7 @@ def _cells(per_seed: dict[str, dict[str, float]], cols: list[tuple[str, str]]) -
             cells.append("—")
             continue
         m, s = _mean_std(values)
-        cells.append(f"{m:.2f} ± {s:.2f}")
+        cells.append(f"{m:.2f} ± {s:.2f}" if len(values) > 1 else f"{m:.2f}")  # one seed has no spread to show
     return " | ".join(cells)
 
 
@@ -210,7 +217,7 @@ def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
     n = len(results["runs"])
     fig, axes = plt.subplots(1, 2 if dense else 1, figsize=(max(6, 1.4 * n + 3) * (1.8 if dense else 1), 4.8),
                              squeeze=False)
-    _bar_panel(axes[0, 0], results, [("knn10", "kNN k=10"), ("linear", "linear")], "top-1 % (test)")
+    _bar_panel(axes[0, 0], results, [("knn10", "kNN k=10"), ("linear", "linear")], "top-1 % (held-out)")
     if dense:
         _bar_panel(axes[0, 1], results, [("miou", "dense mIoU")], "mIoU % (test)")
     fig.suptitle(f"objectives, same budget, {len(results['seeds'])} seed(s) each: mean ± std", fontsize=10)

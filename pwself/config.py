@@ -254,8 +254,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if tp in (int, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        word = "a number" if tp is float else tp.__name__
+        raise ConfigError(f"{key} must be {word}, got {value!r}")
     return value
 
 
@@ -414,25 +415,61 @@ def resolve_max_side(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML file (a path or a shipped config name) <- overrides, validated."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """A YAML file's content (safe, no key twice); :class:`ConfigError` naming the line that cannot be read."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{what} {path} is not valid YAML{where} ({problem}): fix that line") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                from_data: bool = True) -> TrainConfig:
+    """Defaults <- YAML file (a path or a shipped config name) <- overrides, validated. ``from_data=False``
+    leaves what the data decides (``backbone.in_chans=0``) as it is, e.g. for a config a user saves and edits."""
     cfg = TrainConfig()
     if path is not None:
         path = resolve_config(path)
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or type(e).__name__
-            raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}): fix that line") from None
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} must hold a mapping at top level")
         cfg = config_from_dict(d)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    cfg = resolve_in_chans(apply_backbone_name(cfg))
+    cfg = resolve_image_size(apply_backbone_name(cfg))
+    if from_data:
+        cfg = resolve_in_chans(cfg)
     cfg.validate()
+    return cfg
+
+
+def resolve_image_size(cfg: TrainConfig) -> TrainConfig:
+    """A folder's images are evaluated at least at the side the model trains and is exported at
+    (``views.global_size``): kNN, probes and floors of a 64 px model never read 32 px thumbnails."""
+    if cfg.data.kind == "folder" and cfg.data.image_size < cfg.views.global_size:
+        log.info("data.image_size=%d is below views.global_size=%d: folder images are evaluated at %d px",
+                 cfg.data.image_size, cfg.views.global_size, cfg.views.global_size)
+        cfg.data.image_size = cfg.views.global_size
     return cfg
 
 
@@ -450,7 +487,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "checkpoint_every_minutes",
                     "keep_checkpoints", "knn_at_end", "recipe",
                     "knn_every_epochs", "dense_every_epochs", "dense_data", "data.num_workers", "data.root",
-                    "data.on_bad_image",
+                    "data.on_bad_image", "data.image_size",
                     "optim.max_nonfinite_steps", "loss.recompute_head", "knn_floors", "log.tensorboard",
                     "log.wandb")
 

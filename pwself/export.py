@@ -102,6 +102,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "sa
     return output, code
 
 
+def _published_root(cfg: TrainConfig) -> str:
+    """What an export says of the training data's location: the folder's name only, never the local path (an
+    exported model is meant to be shared)."""
+    return Path(str(cfg.data.root)).name or str(cfg.data.root)
+
+
 def _folder_extras(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
     """What pwself adds to timm's ``config.json``: the input side, channels, normalization and the run."""
     b = cfg.backbone
@@ -109,7 +115,7 @@ def _folder_extras(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "pwself": {"objective": cfg.method, "step": int(ckpt.get("step", 0)), "seed": cfg.seed,
                        "head": config_to_dict(cfg.head),
-                       "data": {"kind": cfg.data.kind, "root": cfg.data.root}}}
+                       "data": {"kind": cfg.data.kind, "root": _published_root(cfg)}}}
 
 
 # Hugging Face reads the front matter (model index, filters); timm's hub loader reads config.json.
@@ -192,7 +198,7 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_lice
     return front + "\n" + _CARD.format(
         built=_built(cfg), objective=cfg.method, width=b.embed_dim, depth=b.depth, heads=b.num_heads,
         patch=b.patch_size, side=v.global_size, lr_batch=cfg.optim.lr * cfg.batch_size / 256,
-        steps=int(ckpt.get("step", 0)), batch=cfg.batch_size, kind=d.kind, root=d.root, seed=cfg.seed,
+        steps=int(ckpt.get("step", 0)), batch=cfg.batch_size, kind=d.kind, root=_published_root(cfg), seed=cfg.seed,
         n_global=v.n_global, global_size=v.global_size, global_scale=list(v.global_scale), n_local=v.n_local,
         local_size=v.local_size, local_scale=list(v.local_scale), photometric=cfg.photometric.mode,
         out_dim=cfg.head.out_dim, teacher_temp=cfg.loss.teacher_temp, lr=cfg.optim.lr,
@@ -256,13 +262,39 @@ def export_folder(checkpoint: str | Path, output: str | Path, card_license: str 
     return out
 
 
+# model_args that would make timm read or fetch something else than the folder's own weights.
+_IO_ARGS = ("checkpoint_path", "cache_dir", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+            "pretrained_strict")
+
+
 def _load_folder(folder: Path) -> VisionTransformer:
+    """A model folder's model, built by timm from its ``config.json`` and its own ``model.safetensors`` only: an
+    architecture that is not a local timm name (``hf-hub:``, ``local-dir:``) or arguments that point timm at other
+    files are refused naming the file (nothing is ever downloaded)."""
     import timm
 
-    cfg = json.loads((folder / "config.json").read_text())
-    inputs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("pretrained_cfg", {}).items()}
-    model = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
-                              pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), **inputs))
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+        arch, args = cfg["architecture"], dict(cfg.get("model_args") or {})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a model folder's config ({type(e).__name__}: {e}): export the model "
+                              "again with pwself export RUN --format folder") from None
+    if not isinstance(arch, str) or ":" in arch or arch not in timm.list_models():
+        raise CheckpointError(f"{path}: architecture {arch!r} is not a timm model name (pwself never downloads): "
+                              "set it to the timm name the weights were trained with, e.g. vit_small_patch16_224")
+    bad = sorted(set(args) & set(_IO_ARGS))
+    if bad:
+        raise CheckpointError(f"{path}: model_args {', '.join(bad)} would make timm read other files: remove them "
+                              "(the folder's model.safetensors holds the weights)")
+    inputs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.get("pretrained_cfg", {}).items()
+              if k not in ("file", "url", "hf_hub_id", "hf_hub_filename")}
+    try:
+        model = timm.create_model(arch, pretrained=True, **args,
+                                  pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), **inputs))
+    except (RuntimeError, TypeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{folder}: timm cannot build {arch} from config.json and model.safetensors "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]}): export the model again") from None
     return model.eval()
 
 
@@ -293,4 +325,8 @@ def load(path: str | Path) -> VisionTransformer:
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_folder(path)
+    if path.suffix == ".safetensors":  # weights without their architecture and preprocessing
+        raise CheckpointError(f"{path} holds weights only: pass the run folder ({path.parent}), a checkpoint_*.pt, "
+                              "or an export folder (pwself export RUN --format folder OUT: model.safetensors + "
+                              "config.json)")
     return teacher_backbone(load_checkpoint(path))

@@ -16,7 +16,15 @@ from typing import Any
 import yaml
 
 from pwself.checkpoint import saved_config
-from pwself.config import ConfigError, TrainConfig, config_diff, config_to_dict, resolve_in_chans, resolve_max_side
+from pwself.config import (
+    ConfigError,
+    TrainConfig,
+    config_diff,
+    config_to_dict,
+    read_yaml,
+    resolve_in_chans,
+    resolve_max_side,
+)
 from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights, write_atomic
 
 __all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]
@@ -54,7 +62,7 @@ def read_finished(run_dir: Path) -> dict[str, Any]:
 def _saved_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     try:
-        return config_to_dict(saved_config(yaml.safe_load(path.read_text()) or {}))
+        return config_to_dict(saved_config(read_yaml(path, "run config") or {}))
     except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError) as e:
         raise RunDirError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
 

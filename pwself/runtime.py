@@ -153,7 +153,12 @@ class Preempted(Exception):  # noqa: N818 - the event, not a failure
     def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint} written" if checkpoint else "no checkpoint could be written"
+        if checkpoint is not None and checkpoint.name == f"checkpoint_{step:08d}.pt":
+            where = f"checkpoint {checkpoint} written"
+        elif checkpoint is not None:
+            where = f"no checkpoint of this step (non-finite loss or exploding weights); the last good: {checkpoint}"
+        else:
+            where = "no checkpoint of this step (non-finite loss or exploding weights) and none before it"
         super().__init__(f"stopped by {name} after step {step}: {where}")
 
 

@@ -40,6 +40,7 @@ from pwself.config import (
     apply_backbone_name,
     config_diff,
     config_to_dict,
+    resolve_image_size,
     resolve_in_chans,
     resolve_max_side,
     save_config,
@@ -249,7 +250,7 @@ def _check_data_root(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
 def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
     """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
     channel statistics and write ``config.yaml``."""
-    cfg = resolve_max_side(resolve_in_chans(apply_backbone_name(copy.deepcopy(cfg))))
+    cfg = resolve_max_side(resolve_in_chans(resolve_image_size(apply_backbone_name(copy.deepcopy(cfg)))))
     cfg.validate()
     check_loggers(cfg.log)
     if cfg.backbone.init and not resume and not expand_path(cfg.backbone.init).exists():
@@ -501,12 +502,12 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
     timed, stopping = any_true([timed, signum is not None], run.device)  # every rank: the same step
     due = end_of_epoch or timed or stopping or bool(
         cfg.checkpoint_every_steps and prog.step % cfg.checkpoint_every_steps == 0)
+    kept = f"the last good one, {prog.last_ckpt}, is kept" if prog.last_ckpt else "none was written yet"
     if due and prog.bad_in_a_row:  # weights of a non-finite streak never replace (or rotate out) a good one
-        log.warning("step %d: no checkpoint while the loss is non-finite (the last good one, %s, is kept)",
-                    prog.step, prog.last_ckpt)
+        log.warning("step %d: no checkpoint while the loss is non-finite (%s)", prog.step, kept)
     elif due and (growth := _weight_norm(step) / prog.weight_norm_ref) > WEIGHT_NORM_LIMIT:  # exploding, finite
-        log.warning("step %d: no checkpoint while the weights are %.3g times their starting norm (the last good one, "
-                    "%s, is kept)", prog.step, growth, prog.last_ckpt)
+        log.warning("step %d: no checkpoint while the weights are %.3g times their starting norm (%s)", prog.step,
+                    growth, kept)
     elif due:
         state = _checkpoint_state(run, step, gen, prog)
         if state is not None:

@@ -113,7 +113,7 @@ def learning_curve(run_dir: str | Path, metric: str = "knn") -> list[dict[str, f
 
 def plot_learning_curves(runs: dict[str, list[dict[str, float]]], path: str | Path,
                          floors: dict[str, float] | None = None, clock: str = "cpu_s",
-                         ylabel: str = "kNN top-1 % (k = 10, test)") -> Path:
+                         ylabel: str = "kNN top-1 % (k = 10, held-out)") -> Path:
     """kNN k=10 (or the metric ``ylabel`` names) against training minutes (``clock``: ``cpu_s`` or ``train_s``)
     of several runs, with the floors (``{label: value}``) as horizontal lines; each run's last point is
     labelled."""
@@ -237,9 +237,13 @@ def write_report(run_dir: str | Path) -> Path:
     """
     import yaml
 
+    from pwself.config import ConfigError, read_yaml
+
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else {}
+    cfg = read_yaml(run_dir / "config.yaml", "run config") if (run_dir / "config.yaml").exists() else {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"run config {run_dir / 'config.yaml'} is not a mapping of keys: restore the run's file")
     objective = cfg.get("recipe") or cfg.get("loss", {}).get("objective", "?")
     png = plot_training_curves(rows, run_dir / "training_curves.png", title=f"{run_dir.name} ({objective})")
     knn_path = run_dir / "knn.json"

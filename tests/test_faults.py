@@ -258,7 +258,7 @@ def test_a_corrupt_feature_cache_is_recomputed(tmp_path, capsys):
     first = json.loads((tmp_path / "k.json").read_text())
     for f in cache.glob("features_*.pt"):
         f.write_bytes(b"not a tensor file")
-    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0
     assert json.loads((tmp_path / "k.json").read_text())["knn"] == first["knn"]
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pwself.data.datasets import (
     FASHION_MNIST_DIR,
+    IMAGE_EXTENSIONS,
     DatasetError,
     ImageFolderDataset,
     TensorImageDataset,
@@ -42,6 +43,7 @@ __all__ = [
     "expand_path",
     "folder_channels",
     "has_heldout_split",
+    "scorable",
     "iterate_batches",
     "channel_stats",
     "fingerprint",
@@ -56,8 +58,10 @@ class DataConfig:
         kind: ``idx`` (MNIST/Fashion-MNIST files), ``cifar`` (python pickles), ``folder`` (images,
             recursively; ``train/`` and ``val/`` or ``test/`` sub-folders for evaluation) or ``synthetic``.
         root: Dataset directory (default: the Debian package ``dataset-fashion-mnist``).
-        image_size: Side images of a ``folder`` are resized to (``idx``/``cifar`` keep their native size).
-            Images are read with ``backbone.in_chans`` channels.
+        image_size: Side images of a ``folder`` are resized to for evaluation, at least ``views.global_size``
+            (the side the model trains and is exported at; raised to it, said in one line); the side of
+            ``synthetic`` images (``idx``/``cifar`` keep their native size). Images are read with
+            ``backbone.in_chans`` channels.
         subset: Train on the first ``subset`` images only (0: all).
         num_workers: Decoding workers for ``folder``.
         on_bad_image: ``fail`` or ``skip`` for corrupt/too-small images of a ``folder``.
@@ -176,6 +180,21 @@ def has_heldout_split(data: DataConfig, labelled: bool) -> bool:
     if data.kind != "folder":
         return labelled
     base = expand_path(data.root)
+    return labelled and any((base / name).is_dir() for name in ("val", "test"))
+
+
+def scorable(data: DataConfig) -> bool:
+    """Whether the data can be scored by kNN and a linear probe without opening it: labelled (class sub-folders
+    of ``train/``, no image beside them) with a ``val/`` or ``test/`` split, or a labelled built-in kind."""
+    if data.kind != "folder":
+        return True
+    base = expand_path(data.root)
+    train = base / "train" if (base / "train").is_dir() else base
+    if not train.is_dir():
+        return True  # the loader names a missing folder in its own words
+    entries = list(train.iterdir())
+    labelled = any(p.is_dir() for p in entries) and not any(
+        p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
     return labelled and any((base / name).is_dir() for name in ("val", "test"))
 
 

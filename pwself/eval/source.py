@@ -58,14 +58,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def _open_exported_run(run_dir: Path) -> FeatureSource:
     """A run directory kept without its checkpoints (they hold the optimizer, several times the weights): the
     teacher backbone from ``teacher_backbone.safetensors`` and the run's ``config.yaml``."""
-    import yaml
     from safetensors.torch import load_file
 
-    from pwself.config import config_from_dict
+    from pwself.config import config_from_dict, read_yaml
     from pwself.models import make_vit
 
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        raw = read_yaml(run_dir / "config.yaml", "run config")
         cfg = config_from_dict(raw)
     except Exception as e:  # noqa: BLE001 - YAML and config errors alike: the file is not a run's config
         raise CheckpointError(f"{run_dir / 'config.yaml'} cannot be read ({type(e).__name__}: "
