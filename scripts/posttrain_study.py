@@ -104,6 +104,9 @@ def start_row(out: Path, family: str, weights: Path) -> Path:
         pwself("eval-dense", str(folder), "--data", "data/scenes", "--cache-dir", "", "--no-progress", "--output",
                str(folder / "dense"), log=log)
     fmnist_knn(folder, log)
+    if not (folder / "scenes_knn.json").exists():  # the post-trained runs' own kNN: the scenes' dominant class
+        pwself("eval-knn", str(folder), "--ks", "10", "--cache-dir", "", "--no-progress", "--output",
+               str(folder / "scenes_knn"), log=log)
     return folder
 
 
@@ -129,7 +132,11 @@ def scores(run: Path) -> dict[str, float | None]:
     fmnist = next(iter(next(iter(by_pooling.values())).values()))["10"]["top1"]  # the one pooling, the one model
     if (run / "dense.json").exists():  # the start row: eval-dense's output, one model
         miou = next(iter(json.loads((run / "dense.json").read_text())["dense"].values()))["miou"]
-        return {"miou": miou, "fmnist_knn": fmnist, "scenes_knn": None}
+        scenes = None
+        if (run / "scenes_knn.json").exists():
+            by_pooling = json.loads((run / "scenes_knn.json").read_text())["knn"]
+            scenes = next(iter(next(iter(by_pooling.values())).values()))["10"]["top1"]
+        return {"miou": miou, "fmnist_knn": fmnist, "scenes_knn": scenes}
     miou = json.loads((run / "dense_history.jsonl").read_text().splitlines()[-1])["miou"]
     scenes = json.loads((run / "knn.json").read_text())["knn"]["10"]["top1"]
     return {"miou": miou, "fmnist_knn": fmnist, "scenes_knn": scenes}
@@ -150,7 +157,8 @@ def table(out: Path) -> str:
         start = out / family / "start"
         if (start / "fmnist_knn.json").exists():
             s = scores(start)
-            lines.append(f"| {family} | *starting model* | — | {s['miou']:.2f} | — | {s['fmnist_knn']:.2f} | |")
+            scenes = f"{s['scenes_knn']:.2f}" if s["scenes_knn"] is not None else "—"
+            lines.append(f"| {family} | *starting model* | — | {s['miou']:.2f} | {scenes} | {s['fmnist_knn']:.2f} | |")
         for method in METHODS:
             for warmup in WARMUP:
                 runs = [out / family / f"{method}_{warmup.replace(' ', '')}_s{s}" for s in SEEDS]

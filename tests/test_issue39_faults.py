@@ -164,3 +164,20 @@ def test_17_the_readme_run_file_table_names_every_file_a_finished_run_keeps(tmp_
                    "attention_": "attention_*.png"}
         shown = next((v for k, v in generic.items() if name.startswith(k)), name)
         assert f"`{shown}`" in table, name
+
+
+def test_17_a_backbone_init_of_other_sizes_names_the_files_model(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from pwself.checkpoint import CheckpointError
+    from pwself.step import build_step
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=28, patch_size=7,
+                              in_chans=1, embed_dim=48, depth=3, num_heads=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    cfg = load_config(None, ["backbone.patch_size=7", "views.local_size=14", "backbone.embed_dim=32",
+                             "backbone.depth=3", "backbone.num_heads=2", f"backbone.init={tmp_path / 'w.safetensors'}"])
+    with pytest.raises(CheckpointError, match=r"the file's model: width 48, depth 3, patch 7, 1 channel\(s\)"):
+        build_step(cfg, torch.device("cpu"), [0.5], [0.25])
