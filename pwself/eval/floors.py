@@ -83,28 +83,37 @@ def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a Fea
     return FeatureSource("random init", backbone, list(mean), list(std), cfg.views.global_size, key)
 
 
-def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
-                      dense: str | None = None) -> dict[str, float] | None:
-    """kNN (k = 10, 20), (with ``linear``) linear probe and (with ``dense``, a dense dataset) the dense probe
-    of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
-    from), CLS features at the global view size: what pretraining adds is the distance to this row.
-    ``None`` for unlabelled data."""
+def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: ANN001 - a FeatureSource maker
+                 dense: str | None, feature_cache: str | None) -> dict[str, float] | None:
+    """kNN (k = 10, 20), (with ``linear``) the linear probe and (with ``dense``) the dense probe of one fixed model,
+    cached in ``cache`` with the dense data it was measured on. ``source(data)`` builds the model's
+    :class:`~pwself.eval.source.FeatureSource` (only when something must be measured)."""
     key = _dense_key(dense)
     if cache.exists():
         floor = json.loads(cache.read_text())
         if dense is None or ("miou" in floor and floor.get("dense_key") == key):
             return floor
     data = EvalData.of_run(cfg)
-    src = _random_init_source(cfg, {"train": data.train, "test": data.test})
+    src = source(data)
     floor = _scores(features(src, data, "cls", EvalSettings(cache_dir=None, progress=False)), linear)
     if floor is None:
         return None
     if dense is not None:
-        settings = EvalSettings(cache_dir=str(cache.parent / "features"), progress=False, dense_root=dense)
+        settings = EvalSettings(cache_dir=feature_cache, progress=False, dense_root=dense)
         floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
         floor["dense_key"] = key
     cache.write_text(json.dumps(floor))
     return floor
+
+
+def random_init_floor(cfg: TrainConfig, cache: Path, linear: bool = True,
+                      dense: str | None = None) -> dict[str, float] | None:
+    """kNN (k = 10, 20), (with ``linear``) linear probe and (with ``dense``, a dense dataset) the dense probe
+    of the configured backbone at its random initialization (the same init a run with ``cfg.seed`` starts
+    from), CLS features at the global view size: what pretraining adds is the distance to this row.
+    ``None`` for unlabelled data."""
+    return _model_floor(cfg, cache, lambda data: _random_init_source(cfg, {"train": data.train, "test": data.test}),
+                        linear, dense, str(cache.parent / "features"))
 
 
 def _dense_key(dense: str | None) -> str | None:
@@ -135,22 +144,7 @@ def start_floor(cfg: TrainConfig, cache: Path, dense: str | None = None) -> dict
     unlabelled data."""
     if not cfg.backbone.init:
         return None
-    key = _dense_key(dense)
-    if cache.exists():
-        floor = json.loads(cache.read_text())
-        if dense is None or ("miou" in floor and floor.get("dense_key") == key):
-            return floor
-    data = EvalData.of_run(cfg)
-    src = _start_source(cfg)
-    floor = _scores(features(src, data, "cls", EvalSettings(cache_dir=None, progress=False)), False)
-    if floor is None:
-        return None
-    if dense is not None:
-        settings = EvalSettings(cache_dir=None, progress=False, dense_root=dense)
-        floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
-        floor["dense_key"] = key
-    cache.write_text(json.dumps(floor))
-    return floor
+    return _model_floor(cfg, cache, lambda data: _start_source(cfg), False, dense, None)
 
 
 def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
