@@ -127,6 +127,8 @@ class TrainConfig:
         log: Metric sinks besides metrics.jsonl.
         objectives: Each objective's own knobs (``objectives.logo.weight``, ...), declared in its module.
         epochs: Passes over the training data (sets the length of every schedule).
+        steps: Optimizer steps of the run (0: ``epochs`` passes); set, it is the length of every schedule, and
+            the ``*_epochs`` settings are still read in epochs of the data.
         batch_size: Images per step and process.
         seed: Seed of the whole run (init, views, augmentation, data order).
         out_dir: Run directory (config, metrics, checkpoints, exports, report).
@@ -161,6 +163,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     objectives: Any = field(default_factory=lambda: options_section()())
     epochs: int = 10
+    steps: int = 0
     batch_size: int = 64
     seed: int = 0
     out_dir: str = "runs/pwself"
@@ -199,7 +202,8 @@ class TrainConfig:
 
             check_choice("recipe", self.recipe, tuple(RECIPES))
         check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
-                                   **{k: NON_NEGATIVE for k in ("checkpoint_every_steps", "checkpoint_every_minutes",
+                                   **{k: NON_NEGATIVE for k in ("steps", "checkpoint_every_steps",
+                                                                "checkpoint_every_minutes",
                                                                 "keep_checkpoints", "knn_every_epochs",
                                                                 "dense_every_epochs")}})
         if self.loss.gram_weight and not self.backbone.init:

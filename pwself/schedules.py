@@ -9,7 +9,8 @@ import torch
 
 from pwself.config import TrainConfig
 
-__all__ = ["cosine_schedule", "Schedules", "make_schedules", "apply_schedules"]
+__all__ = ["cosine_schedule", "Schedules", "make_schedules", "apply_schedules", "total_steps", "schedule_problems",
+           "log_interval"]
 
 
 def cosine_schedule(base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> list[float]:
@@ -39,9 +40,46 @@ class Schedules:
     backbone_on: list[bool] | None = None  # None: always on
 
 
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: ``steps`` when set, else ``epochs`` passes over the data."""
+    return cfg.steps or cfg.epochs * steps_per_epoch
+
+
+MIN_CURVE_POINTS = 20  # logged rows a run's curves get at least (log_every is lowered for short runs)
+
+
+def log_interval(cfg: TrainConfig, total: int) -> int:
+    """``log_every``, lowered so that a short run still logs :data:`MIN_CURVE_POINTS` rows (every step at most)."""
+    return max(1, min(cfg.log_every, total // MIN_CURVE_POINTS))
+
+
+def schedule_problems(cfg: TrainConfig, steps_per_epoch: int) -> list[str]:
+    """One line for each part of the schedule that the run is too short for, naming the setting that fixes it."""
+    total, o, lc = total_steps(cfg, steps_per_epoch), cfg.optim, cfg.loss
+    lines = []
+
+    def fraction() -> str:  # epochs that make a tenth of the run
+        return f"{max(0.01, round(total / 10 / steps_per_epoch, 2)):g}"
+
+    parts = (("the lr warm-up", "optim.warmup_epochs", o.warmup_epochs),
+             ("the teacher temperature warm-up", "loss.warmup_teacher_temp_epochs", lc.warmup_teacher_temp_epochs),
+             ("the head warm-up", "optim.head_warmup_epochs", o.head_warmup_epochs),
+             ("the frozen last layer", "optim.freeze_last_layer_epochs", o.freeze_last_layer_epochs))
+    for what, key, epochs in parts:
+        n = round(epochs * steps_per_epoch)
+        if n and n >= total / 2:
+            lines.append(f"{what} ({key}={epochs:g}: {n} steps) takes {'all' if n >= total else 'half or more'} of "
+                         f"this {total}-step run: set {key}={fraction()}, or train longer (steps=N or more epochs)")
+    if cfg.log_every > total // MIN_CURVE_POINTS:
+        points = -(-total // cfg.log_every)  # the last step is always logged
+        lines.append(f"log_every={cfg.log_every} would log {points} point(s) of this {total}-step run: "
+                     f"logging every {log_interval(cfg, total)} step(s) instead")
+    return lines
+
+
 def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world_size: int = 1) -> Schedules:
-    """DINO's schedules for ``cfg.epochs * steps_per_epoch`` steps (lr scaled by the global batch / 256)."""
-    total = cfg.epochs * steps_per_epoch
+    """DINO's schedules for :func:`total_steps` steps (lr scaled by the global batch / 256)."""
+    total = total_steps(cfg, steps_per_epoch)
     o, lc = cfg.optim, cfg.loss
     peak = o.lr * cfg.batch_size * world_size / 256
     lr = cosine_schedule(peak, o.min_lr, total, int(o.warmup_epochs * steps_per_epoch))

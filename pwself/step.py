@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -73,7 +73,8 @@ def distill_step(
     select = objective.select(views, grids, t_tokens, generator)
     s_out = student([views.global_crops, views.local_crops], select, objective.recompute_head)
     with torch.no_grad():
-        t_out = objective.teacher_output(teacher, t_tokens, views, s_out.selection)
+        t_out = replace(objective.teacher_output(teacher, t_tokens, views, s_out.selection),
+                        global_patches=t_tokens[0].patches)  # the diagnostics read the teacher's patch tokens
     terms = objective.loss(s_out, t_out, views, teacher_temp)
     if anchor is not None:
         gram = anchor.term(views.global_crops, s_out.global_patches)

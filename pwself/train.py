@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,12 @@ from pwself.data import (
     take_subset,
 )
 from pwself.data.crops import FolderMultiCrop, ViewLoader
+from pwself.diagnostics import FIXES, CollapseWatch, collapse_kind, effective_rank
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.runstate import write_finished
 from pwself.runtime import STOP_SIGNALS, DistInfo, Preempted, any_true, gather_objects, init_distributed, resolve_device
-from pwself.schedules import Schedules, apply_schedules, make_schedules
+from pwself.schedules import Schedules, apply_schedules, log_interval, make_schedules, schedule_problems
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
 
@@ -150,6 +151,7 @@ class _Run:
     lock: RunLock | None = None  # rank 0 only
     evaluation: Evaluation = Evaluation()
     stop: _StopSignals | None = None  # set while the loop runs
+    log_every: int = 10  # cfg.log_every, lowered for a short run (schedules.log_interval)
 
 
 def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
@@ -343,16 +345,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _collapse_kind(entropy: float, mean_entropy: float, out_dim: int) -> str:
-    """'' or which DINO collapse the teacher CLS statistics show (entropies in nats)."""
-    log_k = math.log(out_dim)
-    if mean_entropy < 0.1 * log_k:
-        return "one dimension dominates every image: entropy of the batch mean is near 0"
-    if entropy > 0.98 * log_k:
-        return "uniform outputs: every image's distribution is near uniform"
-    return ""
-
-
 def _host_rng() -> dict[str, Any]:
     """Python and numpy global RNG states as plain lists (loadable with ``weights_only=True``).
 
@@ -384,7 +376,7 @@ class _Progress:
     step: int = 0
     skipped: int = 0
     bad_in_a_row: int = 0
-    warned_collapse: bool = False
+    collapse: CollapseWatch = field(default_factory=CollapseWatch)
     images: int = 0
     t_last: float = 0.0
     train_s: float = 0.0  # seconds spent training (in-loop kNN excluded): the x axis of a learning curve
@@ -426,18 +418,22 @@ def _log_row(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, prog: 
     cfg, i = run.cfg, prog.step - 1
     now = _tick(prog)
     ent, ent_mean = _entropies(out.teacher.cls, step.objective.cls_center.center, sch.teacher_temp[i])
-    collapse = _collapse_kind(ent, ent_mean, cfg.head.out_dim)
-    if collapse and not prog.warned_collapse and prog.step > run.steps_per_epoch and run.info.is_main:
-        log.warning("step %d: the teacher looks collapsed (%s); try a lower loss.teacher_temp, a higher optim.lr "
-                    "warm-up or a lower momentum", prog.step, collapse)
-        prog.warned_collapse = True
+    rank_cls = effective_rank(out.teacher.cls_tokens)
+    patches = out.teacher.global_patches
+    diagnostics = {"teacher_entropy_rel": round(ent / math.log(cfg.head.out_dim), 4), "rank_cls": round(rank_cls, 3),
+                   **({"rank_patch": round(effective_rank(patches.flatten(0, 1)), 3)} if patches is not None else {}),
+                   **({"kl_cls": round(float(out.terms["cls"].detach()) - ent, 4)} if "cls" in out.terms else {})}
+    kind = collapse_kind(ent, ent_mean, cfg.head.out_dim, rank_cls)
+    if prog.collapse.update(kind) and run.info.is_main:
+        log.warning("step %d: the run looks collapsed (%s) for %d logged steps in a row; what usually fixes it: %s",
+                    prog.step, kind, prog.collapse.streak, FIXES)
     row = {
         "step": prog.step, "epoch": prog.step / run.steps_per_epoch,
         **{k: round(float(v.detach()), 6) for k, v in out.terms.items()},
         "lr": sch.lr[i], "weight_decay": sch.weight_decay[i], "momentum": sch.momentum[i],
         "teacher_temp": sch.teacher_temp[i], "grad_norm": round(grad_norm, 4), "skipped_steps": prog.skipped,
         "teacher_entropy": round(ent, 4), "teacher_mean_entropy": round(ent_mean, 4),
-        "kl_mean_to_uniform": round(math.log(cfg.head.out_dim) - ent_mean, 4),
+        "kl_mean_to_uniform": round(math.log(cfg.head.out_dim) - ent_mean, 4), **diagnostics,
         "images_per_s": round(prog.images / (now - prog.t_last), 2), "train_s": round(prog.train_s, 2),
         "cpu_s": round(prog.cpu_s, 2),
     }
@@ -492,7 +488,7 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         prog.bad_in_a_row = 0
     prog.step += 1
     row = None
-    if prog.step % cfg.log_every == 0 or prog.step == total:
+    if prog.step % run.log_every == 0 or prog.step == total:
         row = _log_row(run, step, out, sch, prog, float("nan") if grad_norm is None else grad_norm)
         if run.loggers is not None:
             run.loggers.write(row)  # a resumed run truncates rows past its checkpoint
@@ -623,6 +619,9 @@ def _train(run: _Run, progress: bool) -> TrainResult:
     step = build_step(cfg, run.device, cfg.data.mean, cfg.data.std, distributed=info.world_size > 1,
                       load_init=run.ckpt is None)  # a resumed run takes every weight from its checkpoint
     sch = make_schedules(cfg, run.steps_per_epoch, info.world_size)
+    run.log_every = log_interval(cfg, len(sch.lr))
+    for line in schedule_problems(cfg, run.steps_per_epoch) if info.is_main and run.ckpt is None else ():
+        log.warning(line)
     gen = torch.Generator().manual_seed(cfg.seed + 1000003 * info.rank)  # rank 0 = single-process run
     metrics_path = run.dir / "metrics.jsonl"
     prog = _Progress()

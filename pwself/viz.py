@@ -79,8 +79,16 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     if rows and "teacher_entropy" in rows[0]:
         ax.plot(steps, [r["teacher_entropy"] for r in rows], label="per-image entropy", **mark)
         ax.plot(steps, [r["teacher_mean_entropy"] for r in rows], label="entropy of batch mean", **mark)
-        ax.legend()
-    ax.set_title("teacher CLS distribution (nats; collapse: both equal)")
+        ax.legend(loc="upper left")
+    if rows and "rank_cls" in rows[0]:  # features of one point: effective rank near 1 (pwself.diagnostics)
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["rank_cls"] for r in rows], color="tab:gray", ls="--", label="eff. rank CLS", **mark)
+        if "rank_patch" in rows[0]:
+            ax2.plot(steps, [r["rank_patch"] for r in rows], color="tab:brown", ls="--", label="eff. rank patches",
+                     **mark)
+        ax2.set_ylabel("effective rank")
+        ax2.legend(loc="lower right")
+    ax.set_title("collapse: teacher entropy (nats) and feature rank")
     ax.set_xlabel("step")
     if title:
         fig.suptitle(title)

@@ -67,13 +67,19 @@ NEW = [  # (name, file, old, new, test files): issue 40's areas and issue 41's n
 TESTS = ["tests/test_losses.py", "tests/test_eval_references.py", "tests/test_augment.py", "tests/test_eval_suite.py",
          "tests/test_knn.py", "tests/test_dense.py", "tests/test_eval_metrics.py", "tests/test_distributed.py",
          "tests/test_step.py", "tests/test_train.py"]
+def skip(folder, names):
+    """What the scratch copy leaves out: the venv, git, run and data folders of the checkout's top, bytecode."""
+    top = {".venv", ".git", "runs", "data", ".pwself_cache"} if Path(folder) == SRC else set()
+    return [n for n in names if n in top or n.endswith(".pyc")]
+
+
 only = sys.argv[1:]
 caught: dict[str, list[int]] = {}
 for name, f, old, new, *tests in [*BUGS, *NEW]:
     if only and not any(o in name for o in only):
         continue
     dst = Path(tempfile.mkdtemp(prefix="pwself_plant_")) / "tree"
-    shutil.copytree(SRC, dst, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "*.pyc"))
+    shutil.copytree(SRC, dst, ignore=skip)
     p = dst / f
     s = p.read_text()
     assert old in s, (name, old)

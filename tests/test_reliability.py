@@ -73,12 +73,13 @@ def test_fp16_needs_cuda(tmp_path, capsys):
 def test_collapse_monitor_names_both_collapses():
     import math
 
-    from pwself.train import _collapse_kind
+    from pwself.diagnostics import collapse_kind
 
     k = 256
-    assert "uniform" in _collapse_kind(0.99 * math.log(k), 0.99 * math.log(k), k)
-    assert "one dimension" in _collapse_kind(0.01, 0.05, k)
-    assert _collapse_kind(2.0, 5.0, k) == ""
+    assert "uniform" in collapse_kind(0.99 * math.log(k), 0.99 * math.log(k), k)
+    assert "one dimension" in collapse_kind(0.01, 0.05, k)
+    assert "nearly the same CLS feature" in collapse_kind(2.0, 5.0, k, rank_cls=1.1)
+    assert collapse_kind(2.0, 5.0, k) == "" and collapse_kind(2.0, 5.0, k, rank_cls=6.0) == ""
 
 
 def test_host_rng_state_survives_weights_only_checkpoint(tmp_path):
