@@ -353,8 +353,9 @@ def test_the_run_state_table_through_the_cli(tmp_path, capsys, monkeypatch):
     import json
     import shutil
 
-    import pwself.train as train_mod
     from test_cli import TINY
+
+    import pwself.train as train_mod
 
     args = ["pretrain", "--batch-size", "32", "--epochs", "1", "--no-progress", "--auto-resume", *TINY,
             "knn_floors=false", "keep_checkpoints=0", "checkpoint_every_steps=1"]
