@@ -172,6 +172,49 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(out: Path, path: Path) -> None:
+    """Dense mIoU (what post-training is for) and Fashion-MNIST kNN (what it kept) of every row: mean ± std (blue:
+    with head warm-up, orange: without), the seeds as dots, the starting model as a line; a panel pair a family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(FAMILIES), 2, figsize=(12, 3.4 * len(FAMILIES)), squeeze=False)
+    for row, family in enumerate(FAMILIES):
+        start = out / family / "start"
+        if not (start / "fmnist_knn.json").exists():
+            continue
+        s0 = scores(start)
+        labels, runs = [], []
+        for method in METHODS:
+            for warmup in WARMUP:
+                done = [scores(r) for r in (out / family / f"{method}_{warmup.replace(' ', '')}_s{k}" for k in SEEDS)
+                        if (r / "fmnist_knn.json").exists()]
+                if done:
+                    labels.append((method, warmup))
+                    runs.append(done)
+        for col, (key, title) in enumerate((("miou", "dense mIoU on the scenes (%)"),
+                                            ("fmnist_knn", "kNN k=10 on Fashion-MNIST (%): kept"))):
+            ax = axes[row, col]
+            for i, done in enumerate(runs):  # points, not bars: the axis does not start at 0
+                values = [d[key] for d in done]
+                color = "tab:blue" if labels[i][1] == "warm-up" else "tab:orange"
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                ax.errorbar(i, statistics.mean(values), yerr=sd, fmt="o", color=color, capsize=4, ms=7)
+                ax.plot([i] * len(values), values, ".", color="k", ms=3)
+            ax.axhline(s0[key], color="k", ls="--", lw=1, label="starting model")
+            lo = min([s0[key], *(d[key] for done in runs for d in done)])
+            hi = max([s0[key], *(d[key] for done in runs for d in done)])
+            ax.set_ylim(lo - 0.6 * (hi - lo) - 0.2, hi + 0.3 * (hi - lo) + 0.2)
+            ax.set_xticks(range(len(labels)), [f"{m}\n{w}" for m, w in labels], fontsize=7)
+            ax.set_title(f"{family}: {title}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/post")
@@ -198,6 +241,7 @@ def main() -> None:
                 job.result()
     md = table(out)
     (out / "posttrain.md").write_text(md + "\n")
+    plot(out, out / "posttrain.png")
     print(md)
 
 
