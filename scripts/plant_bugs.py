@@ -38,26 +38,35 @@ BUGS = [
  ("augment: saturation ignored", "pwself/augment.py", '_per_sample(prm["saturation"])', '1.0'),
 ]
 GUARDS = ["tests/test_guards.py", "tests/test_ibot.py", "tests/test_trusted_caches.py", "tests/test_photos.py"]
+
+
+def guard(words: str) -> list[str]:
+    """The guard tests whose names hold ``words`` (a pytest -k expression): the quick tests of one area."""
+    return [*GUARDS, "-k", words]
+
+
+IBOT, MASKS, TEACHER = guard("ibot_patch_center"), guard("masks or masked"), guard("teacher")
+RUNSTATE, SK, CACHES = guard("run_state"), guard("sinkhorn"), guard("cache or key or stamp or copy")
 NEW = [  # (name, file, old, new, test files): issue 40's areas and issue 41's new code
- ("ibot: patch center never updated", "pwself/objectives/ibot.py", "            self.patch_center.update(teacher.patch)", "            pass", GUARDS),
- ("masks: every crop from the first bin", "pwself/masking.py", "_uniform(generator, bounds[i], bounds[i + 1])", "_uniform(generator, bounds[0], bounds[1])", GUARDS),
- ("masks: one cell more", "pwself/masking.py", "int(n_tokens * _uniform(generator, bounds[i], bounds[i + 1]))", "int(n_tokens * _uniform(generator, bounds[i], bounds[i + 1])) + 1", GUARDS),
- ("masks: block loop off by one", "pwself/masking.py", "    while count < n_masked:", "    while count <= n_masked:", GUARDS),
- ("masks: not shuffled", "pwself/masking.py", "order = torch.randperm(n_crops, generator=generator)", "order = torch.arange(n_crops)", GUARDS),
- ("teacher: requires_grad left on", "pwself/step.py", "teacher = copy.deepcopy(model).requires_grad_(False).eval()", "teacher = copy.deepcopy(model).eval()", GUARDS),
- ("teacher: forward outside no_grad", "pwself/step.py", "    with torch.no_grad():\n        t_tokens = teacher.encode([views.global_crops])", "    if True:\n        t_tokens = teacher.encode([views.global_crops])", GUARDS),
- ("run state: finished by knn.json", "pwself/runstate.py", "    if (run_dir / FINISHED_FILE).exists():", "    if (run_dir / \"knn.json\").exists():", GUARDS),
- ("run state: no weights check", "pwself/runstate.py", "if not holds_run(run_dir) or not holds_weights(run_dir):", "if not holds_run(run_dir):", GUARDS),
- ("run state: resume whatever was found", "pwself/cli.py", "        resume = state.kind == \"interrupted\"", "        resume = state.kind != \"finished\"", GUARDS),
- ("sinkhorn: row sums not all-reduced", "pwself/losses.py", "q /= _all_reduce(q.sum(1, keepdim=True)) * k", "q /= q.sum(1, keepdim=True) * k", GUARDS),
- ("sinkhorn: N not all-reduced", "pwself/losses.py", "n = _all_reduce(z.new_tensor([float(z.shape[0])]))", "n = z.new_tensor([float(z.shape[0])])", GUARDS),
- ("sinkhorn: total not all-reduced", "pwself/losses.py", "q /= _all_reduce(q.sum().reshape(1))", "q /= q.sum().reshape(1)", GUARDS),
- ("shrunk key: no channels", "pwself/data/photos.py", 'f"{digest}-{channels}-{max_side}.jpg"', 'f"{digest}-{max_side}.jpg"', GUARDS),
- ("shrunk key: no bound", "pwself/data/photos.py", 'f"{digest}-{channels}-{max_side}.jpg"', 'f"{digest}-{channels}.jpg"', GUARDS),
- ("scan stamp: no ctime", "pwself/data/datasets.py", "return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]", "return [st.st_size, st.st_mtime_ns, st.st_ino]", GUARDS),
- ("scan stamp: no size", "pwself/data/datasets.py", "return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]", "return [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]", GUARDS),
- ("feature key: no mean", "pwself/eval/source.py", '"mean": source.mean, "std"', '"std"', GUARDS),
- ("feature key: no content", "pwself/eval/source.py", '"content": fingerprint(dataset),', '"content": None,', GUARDS),
+ ("ibot: patch center never updated", "pwself/objectives/ibot.py", "            self.patch_center.update(teacher.patch)", "            pass", IBOT),
+ ("masks: every crop from the first bin", "pwself/masking.py", "_uniform(generator, bounds[i], bounds[i + 1])", "_uniform(generator, bounds[0], bounds[1])", MASKS),
+ ("masks: one cell more", "pwself/masking.py", "int(n_tokens * _uniform(generator, bounds[i], bounds[i + 1]))", "int(n_tokens * _uniform(generator, bounds[i], bounds[i + 1])) + 1", MASKS),
+ ("masks: block loop off by one", "pwself/masking.py", "    while count < n_masked:", "    while count <= n_masked:", MASKS),
+ ("masks: not shuffled", "pwself/masking.py", "order = torch.randperm(n_crops, generator=generator)", "order = torch.arange(n_crops)", MASKS),
+ ("teacher: requires_grad left on", "pwself/step.py", "teacher = copy.deepcopy(model).requires_grad_(False).eval()", "teacher = copy.deepcopy(model).eval()", TEACHER),
+ ("teacher: forward outside no_grad", "pwself/step.py", "    with torch.no_grad():\n        t_tokens = teacher.encode([views.global_crops])", "    if True:\n        t_tokens = teacher.encode([views.global_crops])", TEACHER),
+ ("run state: finished by knn.json", "pwself/runstate.py", "    if (run_dir / FINISHED_FILE).exists():", "    if (run_dir / \"knn.json\").exists():", RUNSTATE),
+ ("run state: no weights check", "pwself/runstate.py", "if not holds_run(run_dir) or not holds_weights(run_dir):", "if not holds_run(run_dir):", RUNSTATE),
+ ("run state: resume whatever was found", "pwself/cli.py", "        resume = state.kind == \"interrupted\"", "        resume = state.kind != \"finished\"", RUNSTATE),
+ ("sinkhorn: row sums not all-reduced", "pwself/losses.py", "q /= _all_reduce(q.sum(1, keepdim=True)) * k", "q /= q.sum(1, keepdim=True) * k", SK),
+ ("sinkhorn: N not all-reduced", "pwself/losses.py", "n = _all_reduce(z.new_tensor([float(z.shape[0])]))", "n = z.new_tensor([float(z.shape[0])])", SK),
+ ("sinkhorn: total not all-reduced", "pwself/losses.py", "q /= _all_reduce(q.sum().reshape(1))", "q /= q.sum().reshape(1)", SK),
+ ("shrunk key: no channels", "pwself/data/photos.py", 'f"{digest}-{channels}-{max_side}.jpg"', 'f"{digest}-{max_side}.jpg"', CACHES),
+ ("shrunk key: no bound", "pwself/data/photos.py", 'f"{digest}-{channels}-{max_side}.jpg"', 'f"{digest}-{channels}.jpg"', CACHES),
+ ("scan stamp: no ctime", "pwself/data/datasets.py", "return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]", "return [st.st_size, st.st_mtime_ns, st.st_ino]", CACHES),
+ ("scan stamp: no size", "pwself/data/datasets.py", "return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]", "return [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]", CACHES),
+ ("feature key: no mean", "pwself/eval/source.py", '"mean": source.mean, "std"', '"std"', CACHES),
+ ("feature key: no content", "pwself/eval/source.py", '"content": fingerprint(dataset),', '"content": None,', CACHES),
  ("warm-up: backbone learns at once", "pwself/schedules.py", "[i >= heads_only for i in range(total)] if heads_only else None", "None", ["tests/test_backbones.py"]),
  ("gram: anchor not detached", "pwself/losses.py", "a = F.normalize(at_least_fp32(anchor.detach()).to(s.dtype), dim=-1)", "a = F.normalize(at_least_fp32(anchor).to(s.dtype), dim=-1)", ["tests/test_backbones.py"]),
  ("gram: weight ignored", "pwself/step.py", '"loss": terms["loss"] + anchor.weight * gram}', '"loss": terms["loss"] + gram}', ["tests/test_backbones.py"]),
