@@ -327,6 +327,7 @@ def _what_the_step_computes(overrides):
     return seen
 
 
+@pytest.mark.slow
 def test_every_setting_of_the_step_reaches_what_the_step_computes():
     shown = config_to_dict(load_config(None, []))  # what `pwself config show` documents
     documented = {f"{section}.{k}" for section in ("loss", "head", "views", "photometric", "optim")

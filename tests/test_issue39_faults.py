@@ -91,6 +91,7 @@ def test_14_a_value_of_the_wrong_type_is_one_line(override, expected):
         load_config(None, [override])
 
 
+@pytest.mark.slow
 def test_14_a_duplicate_yaml_key_and_a_tagged_or_tabbed_run_config_are_one_line(tmp_path, capsys):
     dup = tmp_path / "dup.yaml"
     dup.write_text("optim:\n  lr: 1.0e-3\n  lr: 5.0e-4\n")
@@ -106,6 +107,7 @@ def test_14_a_duplicate_yaml_key_and_a_tagged_or_tabbed_run_config_are_one_line(
         assert "run config" in err and "config.yaml is not valid YAML at line" in err
 
 
+@pytest.mark.slow
 def test_15_an_export_folder_never_makes_load_download_or_read_other_files(tmp_path):
     import pwself
     from pwself.checkpoint import CheckpointError
@@ -126,6 +128,7 @@ def test_15_an_export_folder_never_makes_load_download_or_read_other_files(tmp_p
         pwself.load(out / "teacher_backbone.safetensors")
 
 
+@pytest.mark.slow
 def test_16_an_export_publishes_no_local_path_and_names_its_architecture(tmp_path):
     photos = _colour_folder(tmp_path / "secret" / "photos")
     out = tmp_path / "run"
@@ -140,6 +143,7 @@ def test_16_an_export_publishes_no_local_path_and_names_its_architecture(tmp_pat
     assert json.loads((tmp_path / "model" / "config.json").read_text())["architecture"] == "vit_small_patch16_224"
 
 
+@pytest.mark.slow
 def test_17_a_curve_of_an_unlabelled_run_and_an_unknown_benchmark_say_what_is_wrong(tmp_path, capsys):
     photos = _colour_folder(tmp_path / "photos")
     out = tmp_path / "run"
@@ -154,6 +158,7 @@ def test_17_a_curve_of_an_unlabelled_run_and_an_unknown_benchmark_say_what_is_wr
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.slow
 def test_17_the_readme_run_file_table_names_every_file_a_finished_run_keeps(tmp_path):
     out = tmp_path / "run"
     assert _run(out, "--epochs", "1") == 0

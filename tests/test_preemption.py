@@ -33,7 +33,7 @@ def _same_weights(a, b):
             assert torch.equal(value, b[key][name]), (key, name)
 
 
-@pytest.mark.parametrize("signum,at", [(signal.SIGTERM, 4), (signal.SIGUSR1, 2)])
+@pytest.mark.parametrize("signum,at", [(signal.SIGTERM, 4), pytest.param(signal.SIGUSR1, 2, marks=pytest.mark.slow)])
 def test_a_stop_signal_checkpoints_the_step_and_auto_resume_continues_exactly(tmp_path, monkeypatch, capsys, signum,
                                                                               at):
     assert main(_argv(tmp_path / "straight")) == 0

@@ -54,6 +54,7 @@ def _run(out, *extra):
                  "knn_floors=false", *extra])
 
 
+@pytest.mark.slow
 def test_a_forced_uniform_collapse_warns_once_within_the_window(tmp_path, caplog):
     """A teacher temperature far too high makes every teacher distribution uniform: the warning names it and
     the fixes, once, by the WINDOW-th logged step."""
@@ -67,6 +68,7 @@ def test_a_forced_uniform_collapse_warns_once_within_the_window(tmp_path, caplog
     assert {"rank_cls", "rank_patch", "kl_cls"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_a_forced_one_dimension_collapse_warns(tmp_path, caplog):
     """No centering and a teacher far too sharp, trained hard: one prototype takes every image."""
     caplog.set_level(logging.WARNING, logger="pwself")
@@ -78,6 +80,7 @@ def test_a_forced_one_dimension_collapse_warns(tmp_path, caplog):
     assert len(warned) == 1, [(r["step"], r["teacher_mean_entropy"], r["rank_cls"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_a_healthy_tiny_run_raises_no_alarm_and_its_curves_have_points(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="pwself")
     assert _run(tmp_path / "ok", "--epochs", "2", "log_every=10") == 0
