@@ -267,6 +267,14 @@ def write_report(run_dir: str | Path) -> Path:
     if knn:
         md += ["## kNN on frozen teacher features (weighted, T = 0.07)", "", knn_markdown(knn, objective, floors),
                ""]
+    dense = read_metrics(run_dir / "dense_history.jsonl")
+    if dense:  # the run's dense probe at its last point, beside what the starting model scored (backbone.init)
+        start = (floors or {}).get("start") or {}
+        md += [f"## Dense probe on {cfg.get('dense_data', '?')} (mIoU %)", "", "| model | step | mIoU |",
+               "|---|---|---|", f"| {objective} | {dense[-1]['step']} | {dense[-1]['miou']:.2f} |"]
+        if "miou" in start:
+            md.append(f"| *starting model (backbone.init)* | 0 | {start['miou']:.2f} |")
+        md.append("")
     history_rows = [(h["epoch"], h["knn"].get("10", {}).get("top1", float("nan"))) for h in history]
     if knn:
         history_rows.append((rows[-1]["epoch"] if rows else "end", knn.get("10", {}).get("top1", float("nan"))))
