@@ -253,18 +253,27 @@ def test_gram_anchoring_is_zero_at_the_start_and_counts_in_the_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_gram_anchored_run_with_a_head_warm_up_resumes_exactly_and_reports_the_starting_model(tmp_path):
+def test_a_gram_anchored_run_with_a_head_warm_up_resumes_exactly_and_reports_the_starting_model(tmp_path,
+                                                                                              fake_fmnist):
+    from pwself.data.scenes import SceneSpec, make_scenes
+
+    scenes = tmp_path / "scenes"
+    make_scenes(scenes, SceneSpec(size=28, n_train=24, n_test=8, item_size=(8, 14)), str(fake_fmnist),
+                progress=False)
     name = "vit_small_patch14_reg4_dinov2"
     path = released_file(tmp_path, name, in_chans=1)
     out = tmp_path / "run"
     args = ["pretrain", "--out-dir", str(out), "--batch-size", "16", "--epochs", "2", "--no-progress", *TINY,
             *sizes(name), f"backbone.name={name}", MODEL_ARGS, f"backbone.init={path}", "knn_floors=true",
-            "optim.head_warmup_epochs=1", "loss.gram_weight=1.0", "keep_checkpoints=5"]
+            "optim.head_warmup_epochs=1", "loss.gram_weight=1.0", "keep_checkpoints=5", f"dense_data={scenes}",
+            "dense_every_epochs=2"]
     assert main(args) == 0
     straight = load_checkpoint(out / "checkpoint_00000008.pt")
     floors = json.loads((out / "floors.json").read_text())
-    assert set(floors["start"]) == {"knn10", "knn20"}
-    assert "*starting model (backbone.init)*" in (out / "report.md").read_text()
+    assert {"knn10", "knn20", "miou"} <= set(floors["start"])
+    report = (out / "report.md").read_text()
+    assert "*starting model (backbone.init)*" in report  # kNN: what was kept
+    assert f"| *starting model (backbone.init)* | 0 | {floors['start']['miou']:.2f} |" in report  # dense
     (out / "checkpoint_00000008.pt").unlink()
     (out / "checkpoint_last.pt").unlink(missing_ok=True)
     assert main([*args, "--resume"]) == 0
