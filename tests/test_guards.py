@@ -148,6 +148,7 @@ def test_the_teacher_never_requires_grad_and_its_outputs_carry_no_graph():
     out = step.forward(images, 0.04, torch.Generator().manual_seed(0))
     assert out.teacher.cls.grad_fn is None and not out.teacher.cls.requires_grad
     assert out.teacher.patch is not None and out.teacher.patch.grad_fn is None
+    assert out.teacher.global_patches is not None and out.teacher.global_patches.grad_fn is None  # its backbone too
     step.teacher.requires_grad_(False)
     out.terms["loss"].backward()
     assert all(p.grad is None for p in step.teacher.parameters())
