@@ -192,8 +192,14 @@ def test_every_element_of_the_shrunk_copy_and_scan_keys_invalidates(tmp_path, mo
     import os
     import time
 
-    from pwself.data.datasets import _stamp, scan_images
+    from types import SimpleNamespace
+
+    from pwself.data.datasets import _stamp, scan_images, stamp_of
     from pwself.data.photos import shrunk_path, write_synthetic_photo
+
+    fields = {"st_size": 100, "st_mtime_ns": 5, "st_ctime_ns": 6, "st_ino": 7}
+    for name in fields:  # each alone (a coarse-clock filesystem can keep both times across a write)
+        assert stamp_of(SimpleNamespace(**{**fields, name: fields[name] + 1})) != stamp_of(SimpleNamespace(**fields))
 
     monkeypatch.setenv("PWSELF_CACHE_DIR", str(tmp_path / "cache"))
     base = shrunk_path(tmp_path, "d" * 32, 3, 512)

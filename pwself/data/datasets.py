@@ -284,10 +284,15 @@ def _decode_check(path: Path, shrink: tuple[int, int] | None) -> tuple[tuple[int
 
 
 def _stamp(p: Path) -> list[int]:
-    """What changes whenever a file's bytes may have: size, mtime, ctime (set by every write, rename and
-    ``touch -r``; no user sets it) and inode (``cp`` over a file). A scan entry with another stamp is decoded
-    and hashed again."""
-    st = p.stat()
+    """What changes whenever a file's bytes may have (:func:`stamp_of` its stat). A scan entry with another stamp
+    is decoded and hashed again."""
+    return stamp_of(p.stat())
+
+
+def stamp_of(st: os.stat_result) -> list[int]:
+    """Size, mtime, ctime (set by every write, rename and ``touch -r``; no user sets it) and inode (``cp`` over a
+    file). The size stays although a write moves ctime: on a filesystem with coarse timestamps two writes
+    within one tick keep both times."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
