@@ -191,7 +191,6 @@ def test_sinkhorn_knopp_split_over_two_ranks_equals_one_process(monkeypatch):
 def test_every_element_of_the_shrunk_copy_and_scan_keys_invalidates(tmp_path, monkeypatch):
     import os
     import time
-
     from types import SimpleNamespace
 
     from pwself.data.datasets import _stamp, scan_images, stamp_of
