@@ -67,7 +67,8 @@ def test_interrupted_after_a_checkpoint_continues_exactly(tmp_path, monkeypatch,
     with monkeypatch.context() as m:
         _interrupt_after(m, 4)  # epoch 1's checkpoint (step 3) is on disk
         assert _pretrain(out) == 130
-    assert "interrupted; run the same command again to continue" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted; continue with `pwself pretrain " in err and "--auto-resume` (checkpoints are kept)" in err
     assert (out / "checkpoint_00000003.pt").exists() and not (out / "checkpoint_00000006.pt").exists()
     assert _pretrain(out) == 0
     for k, v in _weights(uninterrupted).items():
@@ -100,6 +101,7 @@ def test_a_finished_run_shows_its_result_without_training(tmp_path, monkeypatch,
 def test_a_changed_config_is_one_line_naming_the_keys_and_the_way_to_start_over(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert _pretrain(out) == 0
+    capsys.readouterr()  # the first run's own lines (this short run's schedule notes)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     monkeypatch.setenv("PWSELF_START_OVER", "make demo-clean demo")
     assert _pretrain(out, "optim.lr=1e-3", "head.out_dim=32") == 2
