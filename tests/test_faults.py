@@ -665,7 +665,7 @@ def test_feature_cache_follows_the_files_not_their_names(tmp_path, capsys):
     _class_folders(root / "train", ["a", "b"], n=6, size=32)
     _class_folders(root / "val", ["a", "b"], n=3, size=32)
     args = ["eval-knn", "vit_tiny_patch16_224", "--data-kind", "folder", "--data-root", str(root), "--in-chans", "1",
-            "--ks", "1", "--no-progress", "--output", str(tmp_path / "k")]
+            "--ks", "1", "--no-progress", "--output", str(tmp_path / "k"), "--overwrite"]
 
     def top1(*extra):
         assert main([*args, *extra]) == 0
