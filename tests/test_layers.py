@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "pwself"
 # with data and runtime at the bottom.
 LAYERS = {
     0: ["sections", "masking", "runtime", "rundir", "data.photos", "losses", "matching", "views", "augment",
-        "models", "eval.metrics", "eval.linear"],
+        "diagnostics", "models", "eval.metrics", "eval.linear"],
     1: ["data", "data.datasets", "data.crops", "data.dense", "data.scenes"],
     2: ["objectives", "objectives.base", "objectives.dino", "objectives.patchwise", "objectives.cossl",
         "objectives.logo", "objectives.bagssl", "objectives.ibot"],

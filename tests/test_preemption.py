@@ -72,13 +72,14 @@ def test_the_time_based_interval_checkpoints_between_epoch_ends(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_from_outside_at_a_random_step_then_auto_resume_is_bit_exact(tmp_path):
-    """A real SIGTERM to the CLI process (as SLURM or a cloud sends it), at a step the test does not choose."""
-    assert main(_argv(tmp_path / "straight", "--epochs", "3")) == 0
+    """A real SIGTERM to the CLI process (as SLURM or a cloud sends it), at a step the test does not choose. Every
+    run is a process of its own with one thread (float32 sums depend on the thread count)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "pwself.cli"]
+    assert subprocess.run([*cli, *_argv(tmp_path / "straight", "--epochs", "3")], env=env).returncode == 0
     straight = load_checkpoint(tmp_path / "straight" / "checkpoint_00000018.pt")
     out = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pwself.cli", *_argv(out, "--epochs", "3")], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cli, *_argv(out, "--epochs", "3")], env=env, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -89,5 +90,5 @@ def test_sigterm_from_outside_at_a_random_step_then_auto_resume_is_bit_exact(tmp
         pytest.skip("the run finished before the signal arrived (a very fast machine)")
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM after step" in err and "--auto-resume" in err
-    assert main([*_argv(out, "--epochs", "3"), "--auto-resume"]) == 0
+    assert subprocess.run([*cli, *_argv(out, "--epochs", "3"), "--auto-resume"], env=env).returncode == 0
     _same_weights(straight, load_checkpoint(out / "checkpoint_00000018.pt"))
