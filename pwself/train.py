@@ -580,7 +580,8 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
           evaluation: Evaluation | None = None) -> TrainResult:
-    """Pretrain a ViT with the configured objective; checkpoint every epoch; optionally resume.
+    """Pretrain a ViT with the configured objective; checkpoint at epoch ends, every ``checkpoint_every_minutes`` and
+    when SIGTERM or SIGUSR1 stops the run (:class:`~pwself.runtime.Preempted`); optionally resume.
 
     Args:
         cfg: The run configuration (validated here, never modified).
