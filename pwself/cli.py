@@ -295,20 +295,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pwself.config import ConfigError, TrainConfig, describe_config, load_config
+    from pwself.config import ConfigError, describe_config, load_config
 
-    try:  # as written, not resolved from a data folder: a saved and edited copy must not pin its channels
-        cfg = load_config(args.config, list(args.overrides), from_data=False)
+    # As written, not resolved from a data folder: a saved and edited copy must not pin its channels. A config
+    # pretrain would refuse is still shown, so that it can be fixed, with what is wrong.
+    cfg = load_config(args.config, list(args.overrides), from_data=False, validate=False)
+    try:
+        cfg.validate()
         problem = None
-    except ConfigError as e:  # still shown, so that it can be fixed: the keys as given, and what is wrong
-        from pwself.config import apply_backbone_name, apply_overrides, config_from_dict, read_yaml, resolve_config
-
-        base = config_from_dict(read_yaml(resolve_config(args.config)) or {}) if args.config else TrainConfig()
-        cfg, problem = apply_overrides(base, list(args.overrides)), e
-        try:
-            cfg = apply_backbone_name(cfg)
-        except ConfigError:
-            pass
+    except ConfigError as e:
+        problem = e
     print(describe_config(cfg), end="")
     if problem is not None:
         print(f"pwself config: note: pretrain would refuse this config: {problem}", file=sys.stderr)

@@ -33,7 +33,8 @@ def _probe(cfg: TrainConfig, src: FeatureSource, protocol: str, progress: bool, 
     return evaluate(src, data, [protocol], settings)[protocol]
 
 
-def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict[str, Any]:
+def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_id: str | None = None
+             ) -> dict[str, Any]:
     """Train (or reuse, or continue) one run, then its kNN, linear probe and (given a dense dataset) dense probe;
     each result is kept in the run directory and read back on a rerun."""
     from functools import cache
@@ -47,10 +48,8 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None) -> dict
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
            "linear": cached_json(run_dir / "linear.json", lambda: _probe(cfg, source(), "linear", progress))["top1"]}
     if dense is not None:
-        from pwself.data.dense import dense_key
-
         row["miou"] = cached_json(run_dir / "dense.json", lambda: _probe(cfg, source(), "dense", False, dense),
-                                  key=dense_key(dense))["miou"]
+                                  key=dense_id)["miou"]
     return row
 
 
@@ -93,9 +92,15 @@ def run_comparison(
             except ConfigError as e:
                 raise ConfigError(f"--objectives entry {label!r}: {e}") from None
             plan.append((label, seed, cfg))
+    if dense is not None:
+        from pwself.data.dense import dense_key
+
+        dense_id = dense_key(dense)  # read once: it hashes both splits' files
+    else:
+        dense_id = None
     for label, seed, cfg in plan:
         try:
-            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense)
+            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense, dense_id)
         except RunInUseError:
             if not runs_only:
                 raise

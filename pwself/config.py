@@ -448,9 +448,10 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                from_data: bool = True) -> TrainConfig:
-    """Defaults <- YAML file (a path or a shipped config name) <- overrides, validated. ``from_data=False``
-    leaves what the data decides (``backbone.in_chans=0``) as it is, e.g. for a config a user saves and edits."""
+                from_data: bool = True, validate: bool = True) -> TrainConfig:
+    """Defaults <- YAML file (a path or a shipped config name) <- overrides, validated (unless ``validate`` is
+    false). ``from_data=False`` leaves what the data decides (``backbone.in_chans=0``) as it is, e.g. for a config
+    a user saves and edits."""
     cfg = TrainConfig()
     if path is not None:
         path = resolve_config(path)
@@ -463,7 +464,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = resolve_image_size(apply_backbone_name(cfg))
     if from_data:
         cfg = resolve_in_chans(cfg)
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 

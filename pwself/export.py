@@ -240,8 +240,7 @@ def export_folder(checkpoint: str | Path, output: str | Path, card_license: str 
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    model = teacher_backbone(ckpt)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": timm_architecture(cfg)}
+    model = teacher_backbone(ckpt)  # its pretrained_cfg names the architecture
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         save_for_hf(model, tmp, model_config=_folder_extras(cfg, ckpt), model_args=timm_create_kwargs(cfg),
                     safe_serialization=True)

@@ -162,10 +162,10 @@ def _file_sizes(state: dict[str, Tensor]) -> str:
     return f"width {conv.shape[0]}, depth {depth}, patch {conv.shape[-1]}, {conv.shape[1]} channel(s)"
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load a backbone's weights from ``path`` into ``model`` (strict, after key mapping, resampling and channel
-    adaptation); what was adapted, in words."""
-    state, notes = _adapt(read_backbone_state(path), model, path)
+def load_backbone_weights(model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None) -> list[str]:
+    """Load a backbone's weights from ``path`` (or its ``state`` already read) into ``model`` (strict, after key
+    mapping, resampling and channel adaptation); what was adapted, in words."""
+    state, notes = _adapt(read_backbone_state(path) if state is None else dict(state), model, path)
     model.load_state_dict(state)
     return notes
 
@@ -195,7 +195,7 @@ def load_start(net: nn.Module, path: str | Path) -> str:
     start = read_start_state(path)
     if not start.backbone:
         raise CheckpointError(f"backbone.init={path} holds no backbone tensors: pass the file of a ViT")
-    notes = load_backbone_weights(net.backbone, path)
+    notes = load_backbone_weights(net.backbone, path, start.backbone)  # the file is read once
     patch_state = start.heads.get("patch_head")
     if isinstance(net.patch_head, SplitPatchHead) and patch_state:  # its MLP is the CLS head's
         patch_state = {k: v for k, v in patch_state.items() if k.startswith("last_layer.")}

@@ -316,11 +316,12 @@ def scan_images(root: Path, files: list[Path], workers: int = 8, shrink: tuple[i
     try:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
+        stats = {} if stats is None else stats
         out = _scan_locked(cache_dir / f"{name}.json", files, workers, shrink, stats)
     finally:
         if lock is not None:
             os.close(lock)
-    if shrink:
+    if shrink and stats["decoded"]:  # only a scan that wrote copies can have grown the cache
         current = {shrunk_path(cache_root(), res[1], *shrink) for res in out.values() if not isinstance(res, str)}
         removed, freed = evict_shrunk(cache_root(), cache_bound(), keep=current)
         if removed:
