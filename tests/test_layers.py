@@ -78,3 +78,13 @@ def test_no_import_cycles():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def test_the_package_never_imports_the_peers_it_is_measured_against():
+    """lightly is a test and benchmark extra (``[peers]``): an import of it in the package would make it a runtime
+    need that ``pip install pwself`` does not install."""
+    peers = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+                   if isinstance(node, (ast.Import, ast.ImportFrom))
+                   and any((n or "").split(".")[0] == "lightly"
+                           for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])))
+    assert peers == []
