@@ -75,6 +75,7 @@ def _args_pretrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file, or the name of a shipped config (fmnist_demo)")
     p.add_argument("--out-dir", help="run directory (default runs/pwself)")
     p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--steps", type=int, help="optimizer steps of the run instead of --epochs (a small folder)")
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--objective", choices=[*OBJECTIVES, *RECIPES],
                    help=f"loss, or a recipe of several keys ({', '.join(RECIPES)}) (default {DEFAULT_OBJECTIVE})")
@@ -319,8 +320,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.pretraining import pretrain
     from pwself.viz import write_report
 
-    flags = {"out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-             "device": args.device}
+    flags = {"out_dir": args.out_dir, "epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
+             "seed": args.seed, "device": args.device}
     recipe = objective_overrides(args.objective) if args.objective else []
     overrides = recipe + [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = load_config(args.config, overrides)  # what comes from the data (channels) is read after the overrides

@@ -479,11 +479,13 @@ def resolve_image_size(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the config as YAML (atomically)."""
+def save_config(cfg: TrainConfig, path: str | Path, derived: str = "") -> None:
+    """Write the config as YAML (atomically); ``derived``, values the run computes from its settings (the peak lr
+    of its global batch), ends the file as a comment: read back, only the settings count."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    note = f"# derived at start (not settings): {derived}\n" if derived else ""
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + note)
     tmp.replace(path)
 
 

@@ -45,6 +45,18 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.steps or cfg.epochs * steps_per_epoch
 
 
+def peak_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """The lr the warm-up reaches: ``optim.lr`` is per 256 images and scales with the global batch (DINO's rule)."""
+    return cfg.optim.lr * cfg.batch_size * world_size / 256
+
+
+def batch_line(cfg: TrainConfig, world_size: int = 1) -> str:
+    """The global batch and the lr it gives, as the run's log, config.yaml and report say them."""
+    procs = f" ({cfg.batch_size} per process x {world_size})" if world_size > 1 else ""
+    return (f"global batch {cfg.batch_size * world_size}{procs}, peak lr {peak_lr(cfg, world_size):.4g} "
+            f"(optim.lr {cfg.optim.lr:.4g} x {cfg.batch_size * world_size} / 256)")
+
+
 MIN_CURVE_POINTS = 20  # logged rows a run's curves get at least (log_every is lowered for short runs)
 
 
@@ -81,8 +93,7 @@ def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world_size: int = 1) 
     """DINO's schedules for :func:`total_steps` steps (lr scaled by the global batch / 256)."""
     total = total_steps(cfg, steps_per_epoch)
     o, lc = cfg.optim, cfg.loss
-    peak = o.lr * cfg.batch_size * world_size / 256
-    lr = cosine_schedule(peak, o.min_lr, total, int(o.warmup_epochs * steps_per_epoch))
+    lr = cosine_schedule(peak_lr(cfg, world_size), o.min_lr, total, int(o.warmup_epochs * steps_per_epoch))
     wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
     mom = cosine_schedule(o.momentum_teacher, 1.0, total)
     warm = int(lc.warmup_teacher_temp_epochs * steps_per_epoch)

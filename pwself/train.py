@@ -61,7 +61,14 @@ from pwself.loggers import MetricLoggers, check_loggers
 from pwself.rundir import RunLock, prepare_run_dir
 from pwself.runstate import write_finished
 from pwself.runtime import STOP_SIGNALS, DistInfo, Preempted, any_true, gather_objects, init_distributed, resolve_device
-from pwself.schedules import Schedules, apply_schedules, log_interval, make_schedules, schedule_problems
+from pwself.schedules import (
+    Schedules,
+    apply_schedules,
+    batch_line,
+    log_interval,
+    make_schedules,
+    schedule_problems,
+)
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
 
@@ -302,7 +309,8 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
         # not at the end of training.
         open_dataset(cfg.data, "test", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", derived=batch_line(cfg, info.world_size))
+        log.info(batch_line(cfg, info.world_size))
     if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
         log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
                  f"no {cfg.data.root}/val or /test folder" if labelled else "unlabelled images")

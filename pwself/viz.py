@@ -230,6 +230,14 @@ def _about_run(run_dir: Path, cfg: dict[str, Any], has_knn: bool) -> str:
                  f"{finished['train_s'] / 60:.1f} min training ({finished['cpu_s'] / 60:.1f} CPU-min)"]
     else:
         parts = ["not finished (or finished by an older pwself): no version, date or timing recorded"]
+    if cfg:  # the lr the global batch gave (what a user compares between runs of other batch sizes)
+        from pwself.config import ConfigError, config_from_dict
+        from pwself.schedules import batch_line
+
+        try:
+            parts.append(batch_line(config_from_dict(cfg), finished.get("world_size", 1)))
+        except (ConfigError, TypeError, ValueError):  # a config of another pwself version: the rest still reports
+            pass
     if not has_knn:
         why = ("knn_at_end=false" if cfg.get("knn_at_end") is False
                else "the data has no labelled held-out split (e.g. an unlabelled folder)")

@@ -89,3 +89,9 @@ def test_a_healthy_tiny_run_raises_no_alarm_and_its_curves_have_points(tmp_path,
     rows = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 6 steps: every one logged, not only the last
     assert all(math.isfinite(r["rank_cls"]) and r["rank_cls"] > 1.5 for r in rows)
+    # the effective lr of the global batch: in the log, at the end of config.yaml (a comment) and in the report
+    line = "global batch 32, peak lr 6.25e-05 (optim.lr 0.0005 x 32 / 256)"
+    text = (tmp_path / "ok" / "config.yaml").read_text()
+    assert text.endswith(f"# derived at start (not settings): {line}\n")
+    assert load_config(tmp_path / "ok" / "config.yaml").optim.lr == 0.0005
+    assert line in (tmp_path / "ok" / "report.md").read_text()
