@@ -58,6 +58,9 @@ def batch_line(cfg: TrainConfig, world_size: int = 1) -> str:
 
 
 MIN_CURVE_POINTS = 20  # logged rows a run's curves get at least (log_every is lowered for short runs)
+# Fewer optimizer steps than this change a from-scratch model too little to measure: the README's former
+# small-folder run (10 steps) scored the random init's kNN to the hundredth (RESULTS.md, "Small folders").
+MIN_LEARNING_STEPS = 100
 
 
 def log_interval(cfg: TrainConfig, total: int) -> int:
@@ -69,6 +72,10 @@ def schedule_problems(cfg: TrainConfig, steps_per_epoch: int) -> list[str]:
     """One line for each part of the schedule that the run is too short for, naming the setting that fixes it."""
     total, o, lc = total_steps(cfg, steps_per_epoch), cfg.optim, cfg.loss
     lines = []
+    if total < MIN_LEARNING_STEPS and not cfg.backbone.init:
+        lines.append(f"this run has {total} optimizer step(s) ({steps_per_epoch} a pass over the data at batch "
+                     f"{cfg.batch_size}): too few to learn measurably from a random init; give --steps 300 or more "
+                     f"(a small folder on a CPU: --config small_folder)")
 
     def fraction() -> str:  # epochs that make a tenth of the run
         return f"{max(0.01, round(total / 10 / steps_per_epoch, 2)):g}"

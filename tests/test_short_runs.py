@@ -30,6 +30,12 @@ def test_each_part_too_long_for_the_run_is_one_line_naming_the_fix():
                                "set optim.warmup_epochs=1") for line in lines)
     assert any("loss.warmup_teacher_temp_epochs=30" in line for line in lines)
     assert any("log_every=10 would log 1 point(s)" in line and "logging every 1 step(s)" in line for line in lines)
+    assert lines[0] == ("this run has 10 optimizer step(s) (1 a pass over the data at batch 64): too few to learn "
+                        "measurably from a random init; give --steps 300 or more (a small folder on a CPU: "
+                        "--config small_folder)")
+    assert not any("too few" in line for line in schedule_problems(load_config(None, ["steps=100"]), 1))
+    started = load_config(None, ["epochs=10", "backbone.init=weights.safetensors"])  # a short post-training: fine
+    assert not any("too few" in line for line in schedule_problems(started, 1))
     assert schedule_problems(load_config("fmnist_demo"), steps_per_epoch=600) == []  # the demo: nothing to say
     assert log_interval(load_config(None, ["log_every=10"]), 60) == 3 and log_interval(load_config(None, []), 9) == 1
 
@@ -95,3 +101,18 @@ def test_a_healthy_tiny_run_raises_no_alarm_and_its_curves_have_points(tmp_path,
     assert text.endswith(f"# derived at start (not settings): {line}\n")
     assert load_config(tmp_path / "ok" / "config.yaml").optim.lr == 0.0005
     assert line in (tmp_path / "ok" / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fmnist_demo", "fmnist_compare", "fmnist_scenes", "small_folder"])
+def test_the_shipped_cpu_recipes_raise_no_collapse_alarm(config, tmp_path, caplog):
+    """No false alarm from the start of a shipped CPU recipe: its own loss, optimizer and head settings on
+    synthetic images, 30 logged steps (six windows), no warning and every logged row under the thresholds.
+    (Whole runs: RESULTS.md, "Small folders and small batches".)"""
+    caplog.set_level(logging.WARNING, logger="pwself")
+    assert main(["pretrain", "--config", config, "--out-dir", str(tmp_path / "run"), "--no-progress", "--steps", "30",
+                 "--batch-size", "16", "data.kind=synthetic", "data.synthetic_size=64", "data.subset=0",
+                 "log_every=1", "knn_at_end=false", "knn_floors=false", "dense_every_epochs=0"]) == 0
+    assert not [r for r in caplog.records if "looks collapsed" in r.getMessage()]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and all(r["rank_cls"] > 1.5 and r["teacher_entropy_rel"] < 0.98 for r in rows)
