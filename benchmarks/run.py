@@ -2,11 +2,14 @@
 
     python benchmarks/run.py            # full (about 10 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # about 1 minute
+    python benchmarks/run.py --only peers   # beside lightly ([peers] extra) and the GEMM peak (benchmarks/peers.py)
 
 Prints a table and writes ``benchmarks/results.json`` (or ``--output``). Every step is built by
 :func:`pwself.step.build_step` with the run's own loss settings, as training builds it. Targets: step time
 pwml/dino <= 1.05; vectorized matching >= 100x the loop and < 2% of a step; patch/image
-photometric augmentation <= 1.3x; loader faster than the model; peak memory pwml/dino <= 1.10.
+photometric augmentation <= 1.3x; loader faster than the model; peak memory pwml/dino <= 1.10; DINO and
+iBOT steps and the transforms <= 1.0x lightly's; the real-scale step >= 0.6 of the float32 GEMM peak. ``--only``
+rewrites only its keys of an existing ``--output``.
 """
 
 from __future__ import annotations
@@ -521,12 +524,42 @@ def _cuda_real_scale(batch: int) -> dict:
     return res
 
 
+def bench_peers(quick: bool) -> dict:
+    """9. pwself beside lightly (``benchmarks/peers.py``): step time, activation memory and FLOP/s of DINO, iBOT
+    and PWML against lightly's DINO and iBOT on the same ViT, views and batch, for the small config and the real
+    scale; the transforms on one worker; this CPU's float32 GEMM peak and where a pwself step's time goes."""
+    import peers
+
+    why = peers.missing()
+    if why:
+        print(why, file=sys.stderr)
+        return {"skipped": why}
+    peak = peers.gemm_peak(2048 if quick else 4096, 3 if quick else 10)
+    small_batch, real_batch, repeat = (32, 2, 3) if quick else (64, 2, 5)
+    small = peers.compare_steps(lambda o, e: StepRunner(config(o, e), small_batch), [], small_batch, repeat,
+                                peak["gflop_s"])
+    real = peers.compare_steps(lambda o, e: StepRunner(config(o, [*REAL_SCALE, *e]), real_batch, channels=3,
+                                                       image=256), [], real_batch, 2 if quick else 3, peak["gflop_s"])
+    breakdown = {
+        "small": peers.step_breakdown(StepRunner(config("pwml"), small_batch), repeat),
+        "real_scale": peers.step_breakdown(StepRunner(config("pwml", REAL_SCALE), real_batch, channels=3, image=256),
+                                           2 if quick else 3),
+    }
+    return {"gemm_peak": peak, "small": {"config": "benchmark SMALL (28/16 px, patch 4, width 128, depth 4, 2 + 6 "
+                                         "views, head 1024)", **small},
+            "real_scale": {"config": "ViT-S/16, 2 x 224 + 8 x 96 px, head 65536 (hidden 2048, bottleneck 256)", **real},
+            "pwml_step_breakdown": breakdown,
+            "transforms": peers.transforms(16 if quick else 64, 8 if quick else 16, 8),
+            "target": "pwself / lightly <= 1.0 for DINO and iBOT (steps and transforms); real-scale step >= 0.6 "
+                      "of the GEMM peak; patch / image augmentation <= 1.3"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 1 minute")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
     parser.add_argument("--only", help="comma-separated subset: step_ratio,matching,augment,pipeline,memory,scaling,"
-                        "folder_loader,photo_loader,real_scale")
+                        "folder_loader,photo_loader,real_scale,peers; the output's other keys are kept")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -551,6 +584,7 @@ def main() -> None:
         ("folder_loader", lambda: bench_folder_loader(q)),
         ("photo_loader", lambda: bench_photo_loader(q)),
         ("real_scale", lambda: bench_real_scale(q)),
+        ("peers", lambda: bench_peers(q)),
     ]
     only = set(args.only.split(",")) if args.only else None
     unknown = sorted((only or set()) - {name for name, _ in steps})
@@ -563,7 +597,13 @@ def main() -> None:
         t0 = time.perf_counter()
         results[name] = fn()
         print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    Path(args.output).write_text(json.dumps(results, indent=2))
+    output = Path(args.output)
+    if only is not None and output.exists():  # a partial run updates its keys, the others stay as measured
+        kept = json.loads(output.read_text())
+        kept.setdefault("partial_runs", []).append({"only": sorted(only), "machine": results["machine"],
+                                                    "quick": q})
+        results = {**kept, **{k: v for k, v in results.items() if k in only}}
+    output.write_text(json.dumps(results, indent=2))
     if only is None:
         print_table(results)
     else:

@@ -68,3 +68,27 @@ def test_dense_baselines_benchmark_times_every_objective_of_the_dense_comparison
     assert db["step_ratio_over_dino"]["dino"] == 1.0 and db["flop_ratio_over_dino"]["dino"] == 1.0
     # The masked term adds the patch tokens of the global views to the head: more FLOPs than DINO's CLS only.
     assert db["flop_ratio_over_dino"]["ibot"] > 1.0 and db["flop_ratio_over_dino"]["pwml_ibot"] > 1.0
+
+
+def test_the_lightly_peer_does_the_same_work_as_pwself_on_the_same_views():
+    """benchmarks/peers.py compares like with like: lightly's DINO and iBOT steps, built around the same ViT and
+    head sizes, count the same matmul FLOPs as pwself's on the same views (iBOT's within the masked-cell draw),
+    and every ratio key is written. An 8 x 8 grid: lightly's block masks need 4 cells a block."""
+    pytest.importorskip("lightly", reason="lightly is not installed (pip install -e '.[peers]')")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+    import run as bench
+
+    tiny = ["views.global_size=32", "views.local_size=16", "views.n_local=2", "backbone.embed_dim=32",
+            "backbone.depth=1", "backbone.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
+            "head.bottleneck_dim=16"]
+    res = peers.compare_steps(lambda o, e: bench.StepRunner(bench.config(o, [*tiny, *e]), 8, image=36), [], 8, 1,
+                              100.0)
+    assert res["flops"]["pwself_dino"] == pytest.approx(res["flops"]["lightly_dino"], rel=1e-3)
+    assert res["flops"]["lightly_dino_per_view"] == res["flops"]["lightly_dino"]
+    assert res["flops"]["pwself_ibot"] == pytest.approx(res["flops"]["lightly_ibot"], rel=0.1)
+    assert res["flops"]["pwself_pwml"] > res["flops"]["pwself_dino"]
+    assert set(res["ratio"]) == {"pwself_dino_over_lightly_dino", "pwself_ibot_over_lightly_ibot",
+                                 "pwself_pwml_over_lightly_dino", "lightly_dino_per_view_over_lightly_dino"}
+    for name, fraction in res["fraction_of_gemm_peak"].items():  # achieved FLOP/s over the 100 GFLOP/s given
+        assert fraction == pytest.approx(res["flops"][name] / res["step_s"][name] / 1e9 / 100.0)
