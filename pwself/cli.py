@@ -201,9 +201,11 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="base YAML config (the budget)")
     p.add_argument("--out-dir", default="runs/tune")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for the kNN score")
-    p.add_argument("--select", choices=["knn", "miou"], default="knn", help="score each trial by held-out kNN "
-                   "(default) or by the dense probe's held-out mIoU on --dense (tuning for dense features)")
-    p.add_argument("--dense", metavar="DIR", help="dense dataset of --select miou (pwself make-scenes layout); "
+    p.add_argument("--select", choices=["knn", "miou", "hbird"], default="knn", help="score each trial by held-out "
+                   "kNN (default), by the dense probe's held-out mIoU on --dense (tuning for dense features), or by "
+                   "Hummingbird retrieval's held-out mIoU (hbird: no probe to train)")
+    p.add_argument("--dense", metavar="DIR", help="dense dataset of --select miou or hbird (pwself make-scenes "
+                   "layout or your own masks); "
                    "only its train split is read")
     p.add_argument("--dense-heldout", type=int, default=500, metavar="N",
                    help="train images of --dense held out for the mIoU score (default 500)")
@@ -242,6 +244,15 @@ def _args_eval_dense(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs of each head (default 10)")
     p.add_argument("--size", type=int, help="model input side (default: each model's global view size)")
     p.add_argument("--pixel-floor", action="store_true", help="also probe each patch's raw pixels (the floor)")
+    p.add_argument("--random-floor", action="store_true", help="also the first model's backbone at its run's "
+                   "random init (the floor a pwself run must beat)")
+    p.add_argument("--protocols", default="linear", help="comma-separated: linear (a trained linear probe), hbird "
+                   "(Hummingbird in-context retrieval, no training), overcluster (K-means, no training); "
+                   "default linear")
+    p.add_argument("--mask-size", type=int, help="side masks are scored at (default: the model's input side; "
+                   "0: each mask's full size, slow for photos)")
+    p.add_argument("--hbird-memory", type=int, default=0, help="patches in Hummingbird's memory, drawn toward "
+                   "rare classes (default 0: every labelled train patch)")
 
 
 def _args_make_scenes(p: argparse.ArgumentParser) -> None:
@@ -491,7 +502,9 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
         raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
                          "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
     dense = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
-                          resolve_device(args.device), not args.no_progress)
+                          resolve_device(args.device), not args.no_progress, mask_size=args.mask_size,
+                          protocols=tuple(p.strip() for p in args.protocols.split(",") if p.strip()),
+                          hbird_memory=args.hbird_memory, random_floor=args.random_floor)
     settings = replace(_eval_settings(args), dense_root=args.data, dense=dense)
     results = suite.run(args.models, ["dense"], settings)["dense"]
     table = dense_markdown(results)
@@ -782,10 +795,12 @@ TUNE_HELP = (
 )
 
 EVAL_DENSE_HELP = (
-    "Frozen patch tokens (last block, after the final norm), one linear layer per "
-                   "token, logits upsampled bilinearly to the mask; a grid of learning rates chosen on held-out "
-                   "train; mIoU, pixel accuracy and per-class IoU on test. Data: DIR/{train,test}/images/* with "
-                   "DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = ignore)."
+    "Frozen patch tokens (last block, after the final norm), scored against masks brought to the model's input "
+    "side (--mask-size). linear: one linear layer per token, logits upsampled bilinearly, a grid of learning "
+    "rates chosen on held-out train. hbird: each test patch labelled by its 30 most similar train patches "
+    "(Hummingbird, no training). overcluster: K-means of the test patches mapped to classes (no training). "
+    "Data: DIR/{train,test}/images/* with DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = "
+    "ignore) and optionally DIR/classes.json (docs/evaluation.md)."
 )
 
 MAKE_SCENES_HELP = (
@@ -852,7 +867,8 @@ COMMANDS = (
             _args_cache, cmd_cache),
     Command("report", "write the HTML/Markdown report of a run directory",
             _args_report, cmd_report),
-    Command("eval-dense", "dense probe: a linear classifier on each patch token, scored as mIoU",
+    Command("eval-dense", "dense protocols scored as mIoU: a linear probe on each patch token, Hummingbird "
+            "retrieval, overclustering",
             _args_eval_dense, cmd_eval_dense,
             description=EVAL_DENSE_HELP),
     Command("make-scenes", "build the Fashion-MNIST scene dataset for the dense probe",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
-from pwself.eval.floors import pixel_dense_floor, pixel_floor, random_init_floor
+from pwself.eval.floors import DENSE_FLOORS, pixel_dense_floor, pixel_floor, random_init_floor
 from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, evaluate
 from pwself.eval.source import FeatureSource
 from pwself.objectives import objective_overrides
@@ -27,8 +27,13 @@ log = logging.getLogger(__name__)
 __all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison"]
 
 def _probe(cfg: TrainConfig, src: FeatureSource, protocol: str, progress: bool, dense: str | None = None) -> dict:
-    """One protocol of a run's teacher (features cached in the run folder)."""
-    settings = EvalSettings(cache_dir=str(Path(cfg.out_dir) / "features"), progress=progress, dense_root=dense)
+    """One protocol of a run's teacher (features cached in the run folder); ``dense``: the linear probe and
+    Hummingbird retrieval on the same tokens."""
+    from pwself.eval.dense import DenseSettings
+
+    features = str(Path(cfg.out_dir) / "features")
+    settings = EvalSettings(cache_dir=features, progress=progress, dense_root=dense,
+                            dense=DenseSettings(cache_dir=features, progress=progress, protocols=DENSE_FLOORS))
     data = EvalData.of_run(cfg) if protocol in FEATURE_PROTOCOLS else None
     return evaluate(src, data, [protocol], settings)[protocol]
 
@@ -47,9 +52,10 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_i
     knn = json.loads((run_dir / "knn.json").read_text())["knn"]
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
            "linear": cached_json(run_dir / "linear.json", lambda: _probe(cfg, source(), "linear", progress))["top1"]}
-    if dense is not None:
-        row["miou"] = cached_json(run_dir / "dense.json", lambda: _probe(cfg, source(), "dense", False, dense),
-                                  key=dense_id)["miou"]
+    if dense is not None:  # a dense.json of an older pwself, without Hummingbird, is measured again
+        res = cached_json(run_dir / "dense.json", lambda: _probe(cfg, source(), "dense", False, dense),
+                          key=f"{dense_id}:{','.join(DENSE_FLOORS)}")
+        row.update(miou=res["miou"], hbird_miou=res["hbird"]["miou"])
     return row
 
 
@@ -110,7 +116,8 @@ def run_comparison(
     results["config"] = config_to_dict(base)
     results["pixel_floor"] = pixel_floor(base, out_dir / "pixel_floor.json", linear=True)
     if results["pixel_floor"] is not None and dense is not None:
-        results["pixel_floor"]["miou"] = pixel_dense_floor(base, dense, out_dir / "pixel_dense_floor.json")["miou"]
+        pixel_dense = pixel_dense_floor(base, dense, out_dir / "pixel_dense_floor.json")
+        results["pixel_floor"].update(miou=pixel_dense["miou"], hbird_miou=pixel_dense["hbird_miou"])
     floors = {str(seed): random_init_floor(apply_overrides(base, [f"seed={seed}"]),
                                            out_dir / f"random_init_seed{seed}.json", dense=dense) for seed in seeds}
     if all(floors.values()):
@@ -129,7 +136,8 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(key, header) of the table's score columns: kNN and linear, and the dense probe when it was run."""
     cols = [("knn10", "kNN k=10"), ("knn20", "kNN k=20"), ("linear", "linear")]
     runs = [r for per_seed in results["runs"].values() for r in per_seed.values()]
-    return cols + ([("miou", "dense mIoU")] if runs and all("miou" in r for r in runs) else [])
+    dense = [("miou", "dense mIoU"), ("hbird_miou", "Hummingbird mIoU")]
+    return cols + [(k, h) for k, h in dense if runs and all(k in r for r in runs)]
 
 
 def comparison_table(results: dict[str, Any]) -> str:
@@ -149,7 +157,8 @@ def comparison_table(results: dict[str, Any]) -> str:
         lines.append("| *raw pixels (floor)* | " + " | ".join(cells) + " |")
     if results.get("dense_data"):
         lines += ["", f"Dense probe on {results['dense_data']}: a linear layer on each patch token (on each "
-                  "patch's pixels for the floor), logits upsampled to the mask."]
+                  "patch's pixels for the floor), logits upsampled to the mask; Hummingbird: each test patch "
+                  "labelled by its 30 most similar train patches, no training (docs/evaluation.md)."]
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +233,8 @@ def plot_comparison(results: dict[str, Any], path: str | Path) -> Path:
                              squeeze=False)
     _bar_panel(axes[0, 0], results, [("knn10", "kNN k=10"), ("linear", "linear")], "top-1 % (held-out)")
     if dense:
-        _bar_panel(axes[0, 1], results, [("miou", "dense mIoU")], "mIoU % (test)")
+        scores = [c for c in _columns(results) if c[0] in ("miou", "hbird_miou")]
+        _bar_panel(axes[0, 1], results, scores, "mIoU % (test)")
     fig.suptitle(f"objectives, same budget, {len(results['seeds'])} seed(s) each: mean ± std", fontsize=10)
     fig.tight_layout()
     path = Path(path)

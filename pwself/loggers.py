@@ -91,12 +91,14 @@ class MetricLoggers:
 
     def dense(self, step: int, result: dict[str, Any], epoch: float, train_time: tuple[float, float]) -> None:
         """A dense probe during training: to ``dense_history.jsonl`` with the training seconds so far, and as
-        a ``dense/miou`` scalar."""
+        ``dense/miou`` (and ``dense/hbird_miou``) scalars."""
         row = {"step": step, "epoch": round(epoch, 4), "train_s": round(train_time[0], 2),
                "cpu_s": round(train_time[1], 2), "miou": result["miou"], "lr": result["best"]["lr"],
                "at_grid_edge": result["best"]["at_grid_edge"]}
+        if "hbird" in result:
+            row["hbird_miou"] = result["hbird"]["miou"]
         _append(self.run_dir / "dense_history.jsonl", json_row(row) + "\n")
-        self._scalars("dense", {"miou": result["miou"]}, step)
+        self._scalars("dense", {k: row[k] for k in ("miou", "hbird_miou") if k in row}, step)
 
     def close(self) -> None:
         if self.tensorboard is not None:

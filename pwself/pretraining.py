@@ -28,8 +28,13 @@ def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dic
 
 
 def _dense(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
-    """The dense probe (default settings) of the teacher on ``cfg.dense_data`` (no cache: the weights change)."""
-    settings = EvalSettings(cache_dir=None, progress=False, dense_root=cfg.dense_data)
+    """The dense probe and Hummingbird retrieval of the teacher on ``cfg.dense_data`` (no cache: the weights
+    change)."""
+    from pwself.eval.dense import DenseSettings
+    from pwself.eval.floors import DENSE_FLOORS
+
+    settings = EvalSettings(cache_dir=None, progress=False, dense_root=cfg.dense_data,
+                            dense=DenseSettings(cache_dir=None, progress=False, protocols=DENSE_FLOORS))
     return evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
 
 

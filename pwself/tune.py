@@ -40,13 +40,20 @@ class TuneSpace:
     fixed: list[str]
 
 
+DENSE_METRICS = {  # --select name -> (dense protocol, score key in tune.json, title)
+    "miou": ("linear", "heldout_miou", "held-out dense mIoU"),
+    "hbird": ("hbird", "heldout_hbird_miou", "held-out Hummingbird mIoU"),
+}
+
+
 @dataclass(frozen=True)
 class Selection:
     """What a trial is scored by, read from training data only.
 
     Attributes:
-        metric: ``knn`` (kNN top-1 on a held-out share of the run's train split) or ``miou`` (the dense
-            probe's mean IoU on held-out images of a dense dataset's train split: tuning for dense features).
+        metric: ``knn`` (kNN top-1 on a held-out share of the run's train split), ``miou`` (the dense linear
+            probe's mean IoU on held-out images of a dense dataset's train split: tuning for dense features) or
+            ``hbird`` (Hummingbird retrieval's mean IoU on the same images: no probe to train, the cheap one).
         val_fraction: kNN's held-out share.
         dense_root: The dense dataset of ``miou`` (``pwself make-scenes`` layout).
         dense_heldout: Images of its train split held out for the score (the probe learns from others).
@@ -58,22 +65,24 @@ class Selection:
     dense_heldout: int = 500
 
     def validate(self) -> None:
-        if self.metric not in ("knn", "miou"):
-            raise ValueError(f"--select {self.metric}: use knn (held-out kNN) or miou (held-out dense mIoU)")
+        if self.metric not in ("knn", *DENSE_METRICS):
+            raise ValueError(f"--select {self.metric}: use knn (held-out kNN), miou (held-out dense mIoU of the "
+                             "linear probe) or hbird (held-out Hummingbird mIoU, no training)")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction {self.val_fraction}: use a share in (0, 1), e.g. 0.1")
-        if self.metric == "miou" and not self.dense_root:
-            raise ValueError("--select miou scores the dense probe: pass --dense DIR (made by pwself make-scenes)")
+        if self.metric in DENSE_METRICS and not self.dense_root:
+            raise ValueError(f"--select {self.metric} scores dense features: pass --dense DIR (made by pwself "
+                             "make-scenes, or your own masks)")
         if self.metric == "knn" and self.dense_root:
-            raise ValueError(f"--dense {self.dense_root} is read by --select miou only: add --select miou to score "
-                             "trials by held-out dense mIoU, or drop --dense")
+            raise ValueError(f"--dense {self.dense_root} is read by --select miou or hbird only: add --select miou to "
+                             "score trials by held-out dense mIoU, or drop --dense")
         if self.dense_heldout < 1:
             raise ValueError(f"--dense-heldout {self.dense_heldout}: hold out 1 or more images, e.g. 500")
 
     @property
     def key(self) -> str:
         """The score's name in ``tune.json`` rows."""
-        return "heldout_knn10" if self.metric == "knn" else "heldout_miou"
+        return "heldout_knn10" if self.metric == "knn" else DENSE_METRICS[self.metric][1]
 
     @property
     def heldout(self) -> dict[str, Any]:
@@ -84,7 +93,7 @@ class Selection:
 
     @property
     def title(self) -> str:
-        return "held-out kNN" if self.metric == "knn" else "held-out dense mIoU"
+        return "held-out kNN" if self.metric == "knn" else DENSE_METRICS[self.metric][2]
 
 
 def parse_space(items: list[str]) -> TuneSpace:
@@ -132,15 +141,18 @@ def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float
     return next(iter(res.values()))["top1"]
 
 
-def heldout_miou(backbone: torch.nn.Module, cfg: TrainConfig, dense_root: str, heldout: int = 500) -> float:
-    """The dense probe's mIoU (%) on ``heldout`` seeded images of ``dense_root``'s train split, the probe
-    trained on others of that split. Reads the train split only."""
+def heldout_miou(backbone: torch.nn.Module, cfg: TrainConfig, dense_root: str, heldout: int = 500,
+                 protocol: str = "linear") -> float:
+    """The mIoU (%) of a dense protocol (the linear probe, or ``hbird``) on ``heldout`` seeded images of
+    ``dense_root``'s train split, the probe trained (or the memory built) on others of that split. Reads the
+    train split only."""
     from pwself.eval.dense import DenseSettings
     from pwself.eval.protocols import EvalSettings, evaluate, run_source
 
-    dense = DenseSettings(heldout=heldout, cache_dir=None, progress=False)
+    dense = DenseSettings(heldout=heldout, cache_dir=None, progress=False, protocols=(protocol,))
     settings = EvalSettings(cache_dir=None, progress=False, dense_root=dense_root, dense=dense)
-    return evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]["miou"]
+    res = evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
+    return res["miou"] if protocol == "linear" else res[protocol]["miou"]
 
 
 def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fixed: list[str], run_dir: Path
@@ -158,19 +170,20 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
 
 def _trial(cfg: TrainConfig, setting: dict[str, str], select: Selection, progress: bool) -> float:
     """Train one trial (reused when finished with the same config; continued when interrupted) and score it
-    once per metric and held-out set (``tune_score.json``, ``tune_score_miou.json``)."""
+    once per metric and held-out set (``tune_score.json``, ``tune_score_miou.json``, ``tune_score_hbird.json``)."""
     from pwself.pretraining import open_teacher, run_experiment
     from pwself.rundir import write_atomic
 
     run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)
     held = select.heldout
-    path = run_dir / ("tune_score.json" if select.metric == "knn" else "tune_score_miou.json")
+    path = run_dir / ("tune_score.json" if select.metric == "knn" else f"tune_score_{select.metric}.json")
     cached = json.loads(path.read_text()) if path.exists() else {}
     if cached.get("heldout") == held and select.key in cached:
         return cached[select.key]
     backbone = open_teacher(run_dir, cfg.device).backbone
     score = (heldout_knn(backbone, saved, select.val_fraction) if select.metric == "knn"
-             else heldout_miou(backbone, saved, str(select.dense_root), select.dense_heldout))
+             else heldout_miou(backbone, saved, str(select.dense_root), select.dense_heldout,
+                               DENSE_METRICS[select.metric][0]))
     write_atomic(path, json.dumps({"setting": setting, select.key: score, "heldout": held}, indent=2))
     return score
 

@@ -245,6 +245,23 @@ def _about_run(run_dir: Path, cfg: dict[str, Any], has_knn: bool) -> str:
     return "; ".join(parts)
 
 
+def _dense_lines(dense: list[dict], start: dict, objective: str, cfg: dict[str, Any]) -> list[str]:
+    """The report's dense table: the run's last dense point (linear probe, and Hummingbird for runs since
+    issue 43) beside what the starting model scored (``backbone.init``); nothing without dense points."""
+    if not dense:
+        return []
+    hb = "hbird_miou" in dense[-1]
+    lines = [f"## Dense probe on {cfg.get('dense_data', '?')} (mIoU %)", "",
+             "| model | step | linear probe | Hummingbird |" if hb else "| model | step | mIoU |",
+             "|---|---|---|---|" if hb else "|---|---|---|",
+             f"| {objective} | {dense[-1]['step']} | {dense[-1]['miou']:.2f} |"
+             + (f" {dense[-1]['hbird_miou']:.2f} |" if hb else "")]
+    if "miou" in start:
+        lines.append(f"| *starting model (backbone.init)* | 0 | {start['miou']:.2f} |"
+                     + (f" {start['hbird_miou']:.2f} |" if hb and "hbird_miou" in start else (" — |" if hb else "")))
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``training_curves.png``, ``report.md`` and a self-contained ``report.html`` for a run.
 
@@ -275,14 +292,8 @@ def write_report(run_dir: str | Path) -> Path:
     if knn:
         md += ["## kNN on frozen teacher features (weighted, T = 0.07)", "", knn_markdown(knn, objective, floors),
                ""]
-    dense = read_metrics(run_dir / "dense_history.jsonl")
-    if dense:  # the run's dense probe at its last point, beside what the starting model scored (backbone.init)
-        start = (floors or {}).get("start") or {}
-        md += [f"## Dense probe on {cfg.get('dense_data', '?')} (mIoU %)", "", "| model | step | mIoU |",
-               "|---|---|---|", f"| {objective} | {dense[-1]['step']} | {dense[-1]['miou']:.2f} |"]
-        if "miou" in start:
-            md.append(f"| *starting model (backbone.init)* | 0 | {start['miou']:.2f} |")
-        md.append("")
+    md += _dense_lines(read_metrics(run_dir / "dense_history.jsonl"), (floors or {}).get("start") or {}, objective,
+                       cfg)
     history_rows = [(h["epoch"], h["knn"].get("10", {}).get("top1", float("nan"))) for h in history]
     if knn:
         history_rows.append((rows[-1]["epoch"] if rows else "end", knn.get("10", {}).get("top1", float("nan"))))

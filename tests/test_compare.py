@@ -22,14 +22,16 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
     assert main(args) == 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| dino |" in md and "| pwml:photometric.mode=none |" in md and "±" not in md  # one seed: no spread
-    assert "| objective | kNN k=10 | kNN k=20 | linear | dense mIoU |" in md
+    assert "| objective | kNN k=10 | kNN k=20 | linear | dense mIoU | Hummingbird mIoU |" in md
     assert "| *random init (same backbone, CLS)* |" in md and "| *raw pixels (floor)* |" in md
     res = json.loads((tmp_path / "comparison.json").read_text())
     for label in ("dino", "pwml:photometric.mode=none"):
         r = res["runs"][label]["0"]
         assert 0 <= r["knn10"] <= 100 and 0 <= r["linear"] <= 100 and 0 <= r["miou"] <= 100
-    # every protocol has both floors, the linear and dense ones included
-    assert {"knn10", "linear", "miou"} <= set(res["pixel_floor"]) and {"linear", "miou"} <= set(res["random_init"]["0"])
+        assert 0 <= r["hbird_miou"] <= 100
+    # every protocol has both floors, the linear, dense and Hummingbird ones included
+    assert {"knn10", "linear", "miou", "hbird_miou"} <= set(res["pixel_floor"])
+    assert {"linear", "miou", "hbird_miou"} <= set(res["random_init"]["0"])
     cfg_dino = (tmp_path / "dino_seed0" / "config.yaml").read_text()
     cfg_pwml = (tmp_path / "pwml_photometric.mode-none_seed0" / "config.yaml").read_text()
     diff = {a for a, b in zip(cfg_dino.splitlines(), cfg_pwml.splitlines()) if a != b}

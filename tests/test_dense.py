@@ -177,6 +177,10 @@ def test_dense_learning_curve_during_training_and_its_plot(tmp_path, fake_fmnist
     rows = [json.loads(x) for x in (run / "dense_history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]  # 96 images / 32: one point per epoch, the last at the end
     assert all(0 <= r["miou"] <= 100 and r["train_s"] > 0 for r in rows) and rows[1]["cpu_s"] > rows[0]["cpu_s"]
+    assert all(0 <= r["hbird_miou"] <= 100 for r in rows)  # Hummingbird beside the linear probe, no training
+    report = (run / "report.md").read_text()
+    assert "| model | step | linear probe | Hummingbird |" in report
+    assert f"| {rows[-1]['miou']:.2f} | {rows[-1]['hbird_miou']:.2f} |" in report
     capsys.readouterr()
     assert main(["viz-curves", f"tiny={run}", "--metric", "miou", "--floors", "--output",
                  str(tmp_path / "curve.png")]) == 0

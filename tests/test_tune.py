@@ -48,8 +48,9 @@ def _shuffled_test_labels(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
-    (["--dense", "data/scenes"], "--dense data/scenes is read by --select miou only: add --select miou"),
-    (["--select", "miou"], "--select miou scores the dense probe: pass --dense DIR"),
+    (["--dense", "data/scenes"], "--dense data/scenes is read by --select miou or hbird only: add --select miou"),
+    (["--select", "miou"], "--select miou scores dense features: pass --dense DIR"),
+    (["--select", "hbird"], "--select hbird scores dense features: pass --dense DIR"),
     (["--val-fraction", "1.5"], "--val-fraction 1.5: use a share in (0, 1)"),
     (["--select", "miou", "--dense", "d", "--dense-heldout", "0"], "--dense-heldout 0: hold out 1 or more"),
 ])
@@ -226,6 +227,14 @@ def test_dense_selection_chooses_by_heldout_miou_without_the_test_split(tmp_path
     assert again["heldout"] == {"dense_root": str(root), "dense_heldout": 12}
     assert main(args[:-4]) == 2
     assert "pass --dense DIR" in capsys.readouterr().err
+    # Hummingbird as the cheap score: the same trials rescored without training a probe, its own cache file.
+    hb = [*args[:args.index("--select") + 1], "hbird", *args[args.index("--select") + 2:]]
+    assert main(hb) == 0
+    res = json.loads((out / "tune.json").read_text())
+    assert res["select"] == "hbird" and res["score_key"] == "heldout_hbird_miou"
+    direct = tune_mod.heldout_miou(_teacher(out / "trial_1"), _saved(out / "trial_1"), str(root), 10, "hbird")
+    assert direct == pytest.approx(res["trials"][1]["heldout_hbird_miou"], abs=1e-9)
+    assert (out / "trial_1" / "tune_score_hbird.json").exists()
 
 
 def _teacher(run_dir):

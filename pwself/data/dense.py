@@ -24,10 +24,14 @@ __all__ = ["IGNORE_INDEX", "DenseSplit", "open_dense", "dense_classes", "dense_i
 IGNORE_INDEX = 255
 
 
-def _mask_array(path: Path) -> np.ndarray:
+def _mask_array(path: Path, size: int = 0) -> np.ndarray:
+    """A mask's class indices (int64), brought to ``size x size`` by nearest resizing when ``size`` is set (the
+    full-size array is never made: a phone-size mask is 100 MB as int64)."""
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
             raise DatasetError(f"mask {path} has mode {im.mode}: save masks as single-channel PNGs of class indices")
+        if size and im.size != (size, size):
+            im = im.resize((size, size), Image.NEAREST)
         return np.asarray(im).astype(np.int64)
 
 
@@ -35,13 +39,16 @@ def _mask_array(path: Path) -> np.ndarray:
 class DenseSplit(Dataset):
     """One split: image files and their masks, read on access.
 
-    Yields ``(uint8 [C, size, size] image resized to the model's input, long [H, W] mask at full size)``.
+    Yields ``(uint8 [C, size, size] image resized to the model's input, long mask)``: the mask at its full
+    size, or with ``mask_size`` brought to ``mask_size x mask_size`` (nearest: no class is invented), the
+    square the image is resized to. Evaluating at a fixed size keeps photo-size masks cheap.
     """
 
     images: list[Path]
     masks: list[Path]
     channels: int
     size: int
+    mask_size: int = 0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -52,10 +59,12 @@ class DenseSplit(Dataset):
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
             raise DatasetError(f"cannot decode image {self.images[i]} ({type(e).__name__}: {e}): fix or remove it "
                                "and its mask") from None
-        mask = _mask_array(self.masks[i])
-        if mask.shape != (im.size[1], im.size[0]):
-            raise DatasetError(f"mask {self.masks[i]} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+        with Image.open(self.masks[i]) as m:  # the header only
+            mask_size = m.size
+        if mask_size != im.size:
+            raise DatasetError(f"mask {self.masks[i]} is {mask_size[0]}x{mask_size[1]} but its image is "
                                f"{im.size[0]}x{im.size[1]}: a mask must have its image's size")
+        mask = _mask_array(self.masks[i], self.mask_size)
         im = im.resize((self.size, self.size), Image.BICUBIC) if im.size != (self.size, self.size) else im
         t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
         return (t[None] if t.ndim == 2 else t.permute(2, 0, 1)), torch.from_numpy(mask)
@@ -84,8 +93,13 @@ def dense_classes(root: str | Path, splits: list[DenseSplit]) -> list[str]:
     seen = 0
     for split in splits:
         scored = False
-        for m in split.masks:
-            values = np.unique(_mask_array(m))
+        for image, m in zip(split.images, split.masks):
+            array = _mask_array(m)
+            with Image.open(image) as im:  # the header only: no decode
+                if array.shape != (im.size[1], im.size[0]):
+                    raise DatasetError(f"mask {m} is {array.shape[1]}x{array.shape[0]} but its image is "
+                                       f"{im.size[0]}x{im.size[1]}: a mask must have its image's size")
+            values = np.unique(array)
             values = values[values != IGNORE_INDEX]
             if len(values) and (values.min() < 0 or values.max() > 254):
                 raise DatasetError(f"mask {m} holds class {int(values.max())}: class indices are 0..254, 255 = ignore")
@@ -106,14 +120,15 @@ def dense_classes(root: str | Path, splits: list[DenseSplit]) -> list[str]:
     return [str(c) for c in range(seen)]
 
 
-def open_dense(root: str | Path, split: str, channels: int, size: int) -> DenseSplit:
-    """One split of a dense dataset, images resized to ``size`` for the model."""
+def open_dense(root: str | Path, split: str, channels: int, size: int, mask_size: int = 0) -> DenseSplit:
+    """One split of a dense dataset, images resized to ``size`` for the model, masks to ``mask_size`` (0: as
+    they are)."""
     root = expand_path(root)
     if not root.is_dir():
         raise DatasetError(f"dense dataset {root} does not exist: pass --data DIR (make one with "
                            "`pwself make-scenes OUT`)")
     images, masks = _split_files(root, split)
-    return DenseSplit(images, masks, channels, size)
+    return DenseSplit(images, masks, channels, size, mask_size)
 
 
 def dense_key(root: str | Path) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pwself.data import fingerprint
 from pwself.data.datasets import DatasetError
 from pwself.data.dense import IGNORE_INDEX, DenseSplit, dense_classes, open_dense
 from pwself.eval.features import normalize_images
+from pwself.eval.metrics import confusion_matrix, segmentation_scores
 from pwself.eval.source import load_or_compute
 from pwself.models import forward_tokens
 
@@ -88,29 +90,6 @@ def dense_features(encode: Encoder, split: DenseSplit, mean: list[float], std: l
 def cache_key(parts: dict) -> str:
     """A short stable hash of what identifies cached features."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def confusion_matrix(pred: Tensor, gt: Tensor, n_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """``[C, C]`` counts, rows = ground truth, columns = prediction, ignored pixels left out."""
-    valid = gt != ignore_index
-    idx = gt[valid].long() * n_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=n_classes * n_classes).view(n_classes, n_classes)
-
-
-def segmentation_scores(conf: Tensor, names: Sequence[str]) -> dict:
-    """mmsegmentation's metrics from a confusion matrix: ``miou`` and ``mean_acc`` (%, over classes present
-    in the ground truth or predictions), ``pixel_acc`` (%), ``per_class_iou`` (``None`` for an absent class)."""
-    conf = conf.double()
-    inter = conf.diagonal()
-    area_gt, area_pred = conf.sum(1), conf.sum(0)
-    union = area_gt + area_pred - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
-    acc = torch.where(area_gt > 0, inter / area_gt.clamp(min=1), torch.full_like(inter, math.nan))
-    return {
-        "miou": float(100 * iou.nanmean()), "mean_acc": float(100 * acc.nanmean()),
-        "pixel_acc": float(100 * inter.sum() / area_gt.sum().clamp(min=1)),
-        "per_class_iou": {n: (None if math.isnan(v) else round(100 * v, 4)) for n, v in zip(names, iou.tolist())},
-    }
 
 
 def _targets(masks: list[Tensor], size: tuple[int, int]) -> Tensor:
@@ -242,9 +221,39 @@ def dense_probe(train: DenseFeatures, test: DenseFeatures, names: Sequence[str],
 
 
 def dense_markdown(results: dict[str, dict]) -> str:
-    """A table of mIoU / pixel accuracy per model, then per-class IoU."""
+    """Tables of each dense protocol that ran: the linear probe (mIoU, pixel accuracy, per-class IoU),
+    Hummingbird retrieval, overclustering; models as rows."""
     if not results:
         return ""
+    lines: list[str] = []
+    linear = {m: r for m, r in results.items() if "miou" in r}
+    if linear:
+        lines += _linear_markdown(linear)
+    hbird = {m: r["hbird"] for m, r in results.items() if "hbird" in r}
+    if hbird:
+        lines += ["", "### Hummingbird in-context retrieval (k = 30 cosine neighbours, softmax at T = 0.02): test %",
+                  "",
+                  "| model | mIoU | pixel acc | mean acc | memory (patches) |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {r['miou']:.2f} | {r['pixel_acc']:.2f} | {r['mean_acc']:.2f} | {r['memory']} |"
+                  for m, r in hbird.items()]
+    over = {m: r["overcluster"] for m, r in results.items() if "overcluster" in r}
+    if over:
+        ks = list(next(iter(over.values())))
+        lines += ["", "### Overclustering (K-means of the test patch tokens; K = classes: Hungarian, above: "
+                  "many-to-one): mIoU %, mean over seeds", "", "| model | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        lines += [f"| {m} | " + " | ".join(f"{r[k]['miou']:.2f}" if k in r else "—" for k in ks) + " |"
+                  for m, r in over.items()]
+    first = next(iter(results.values()))
+    if "mask_size" in first:
+        size = first["mask_size"]
+        lines += ["", f"Masks scored at {size} x {size} px (--mask-size)." if size else
+                  "Masks scored at their full size (--mask-size 0)."]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _linear_markdown(results: dict[str, dict]) -> list[str]:
+    """The linear probe's table, its lr grid and the per-class IoU."""
     names = list(next(iter(results.values()))["per_class_iou"])
     lines = ["### Dense probe (linear per patch token, logits upsampled to the mask): test %", "",
              "| model | mIoU | pixel acc | mean acc | chosen lr | input px / patch | train images, epochs |",
@@ -262,7 +271,7 @@ def dense_markdown(results: dict[str, dict]) -> str:
     for model, r in results.items():
         cells = ["—" if v is None else f"{v:.1f}" for v in r["per_class_iou"].values()]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 @dataclass(frozen=True)
@@ -274,11 +283,18 @@ class DenseSettings:
         epochs: Passes of the heads over them.
         size: Model input side (default: each model's global view size).
         pixel_floor: Also probe each patch's raw pixels (patch size of the first model).
+        random_floor: Also probe the first model's backbone at its run's random init (a pwself run).
         cache_dir: Where tokens are cached (``None``: nowhere).
         device: Where the backbones run.
         progress: Progress bars.
         heldout: Score on this many train images (a seeded draw the probe does not learn from) instead of the
             test split, which is then never opened (0: score on test). Tuning chooses on it.
+        mask_size: Side masks are scored at (nearest resize to a square, as the images): ``None`` the model's
+            input side, 0 each mask's full size (slow and large for photos).
+        protocols: Which of :data:`PROTOCOLS` run: ``linear`` (the trained probe), ``hbird`` (in-context
+            retrieval), ``overcluster`` (K-means); the same tokens serve all.
+        hbird_memory: Patches in Hummingbird's memory (0: every labelled train patch).
+        overcluster_ks: Cluster counts of overclustering (0: the number of classes).
     """
 
     train_images: int = 2000
@@ -289,17 +305,36 @@ class DenseSettings:
     device: str | torch.device = "cpu"
     progress: bool = True
     heldout: int = 0
+    mask_size: int | None = None
+    protocols: tuple[str, ...] = ("linear",)
+    hbird_memory: int = 0
+    overcluster_ks: tuple[int, ...] = (0, 100, 300)
+    random_floor: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise ValueError(f"dense protocols {','.join(self.protocols) or '(none)'}: use one or more of "
+                             f"{','.join(PROTOCOLS)}, e.g. --protocols linear,hbird")
+        if self.mask_size is not None and self.mask_size < 0 or self.hbird_memory < 0:
+            raise ValueError(f"--mask-size {self.mask_size} --hbird-memory {self.hbird_memory}: use 0 or more "
+                             "(--mask-size 0: each mask's full size; --hbird-memory 0: every train patch)")
+
+
+PROTOCOLS = ("linear", "hbird", "overcluster")
+"""The dense protocols: the linear probe, Hummingbird in-context retrieval, overclustering."""
 
 
 def _subset(split: DenseSplit, idx: list[int]) -> DenseSplit:
-    return DenseSplit([split.images[i] for i in idx], [split.masks[i] for i in idx], split.channels, split.size)
+    return DenseSplit([split.images[i] for i in idx], [split.masks[i] for i in idx], split.channels, split.size,
+                      split.mask_size)
 
 
-def _split_pair(root: str, channels: int, size: int, train_images: int, heldout: int = 0
+def _split_pair(root: str, channels: int, size: int, train_images: int, heldout: int = 0, mask_size: int = 0
                 ) -> tuple[DenseSplit, DenseSplit]:
     """The probe's train images and the images it is scored on: test, or with ``heldout`` that many train
     images (a seeded draw, the same for every model) that the probe does not learn from."""
-    train = open_dense(root, "train", channels, size)
+    train = open_dense(root, "train", channels, size, mask_size)
     if heldout:
         if heldout >= len(train):
             raise DatasetError(f"{root}/train has {len(train)} images, too few to hold {heldout} out for the dense "
@@ -307,7 +342,7 @@ def _split_pair(root: str, channels: int, size: int, train_images: int, heldout:
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345)).tolist()
         test, train = _subset(train, sorted(perm[:heldout])), _subset(train, sorted(perm[heldout:]))
     else:
-        test = open_dense(root, "test", channels, size)
+        test = open_dense(root, "test", channels, size, mask_size)
     if train_images:
         train = _subset(train, list(range(min(train_images, len(train)))))
     return train, test
@@ -319,7 +354,7 @@ def _source_features(encode: Encoder, key: dict, splits: tuple[DenseSplit, Dense
     out = []
     for name, split in zip(("train", "test"), splits):
         ident = {**key, "split": name, "content": fingerprint(split), "n": len(split), "size": split.size,
-                 "mean": mean, "std": std}
+                 "mean": mean, "std": std, **({"mask_size": split.mask_size} if split.mask_size else {})}
         path = Path(s.cache_dir) / f"dense_{cache_key(ident)}.pt" if s.cache_dir else None
 
         def compute(split: DenseSplit = split, name: str = name) -> dict:
@@ -334,13 +369,30 @@ def _source_features(encode: Encoder, key: dict, splits: tuple[DenseSplit, Dense
 
 def probe_encoder(encode: Encoder, key: dict, root: str, channels: int, size: int, mean: list[float],
                   std: list[float], settings: DenseSettings, names: list[str] | None = None) -> dict:
-    """The dense probe of one encoder on the dataset at ``root`` (images at ``size``); ``key`` identifies
-    the encoder's weights for the cache."""
-    splits = _split_pair(root, channels, size, settings.train_images, settings.heldout)
+    """The dense protocols of one encoder on the dataset at ``root`` (images at ``size``, masks at the settings'
+    mask size); ``key`` identifies the encoder's weights for the cache. The linear probe's scores are the top
+    level of the result, Hummingbird's and overclustering's under ``hbird`` and ``overcluster``."""
+    from pwself.eval.incontext import hummingbird, overclustering
+
+    mask_size = size if settings.mask_size is None else settings.mask_size
+    splits = _split_pair(root, channels, size, settings.train_images, settings.heldout, mask_size)
     names = names or dense_classes(root, list(splits))
+    clock = time.perf_counter()
     train, test = _source_features(encode, {**key, "root": str(root)}, splits, mean, std, settings)
-    res = dense_probe(train, test, names, epochs=settings.epochs)
-    return {**res, "scored_on": f"{settings.heldout} held-out train images" if settings.heldout else "test"}
+    seconds = {"features": time.perf_counter() - clock}
+    res: dict = {}
+    runs = {"linear": lambda: res.update(dense_probe(train, test, names, epochs=settings.epochs)),
+            "hbird": lambda: res.update(hbird=hummingbird(train.tokens, train.masks, test.tokens, test.masks, names,
+                                                          settings.hbird_memory)),
+            "overcluster": lambda: res.update(overcluster=overclustering(test.tokens, test.masks, names,
+                                                                         settings.overcluster_ks))}
+    for name in settings.protocols:
+        clock = time.perf_counter()
+        runs[name]()
+        seconds[name] = time.perf_counter() - clock
+    return {**res, "protocols": list(settings.protocols), "mask_size": mask_size, "names": list(names),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "scored_on": f"{settings.heldout} held-out train images" if settings.heldout else "test"}
 
 
 PIXEL_ROW = "raw pixels (floor)"
@@ -353,6 +405,22 @@ def pixel_row(src, root: str, settings: DenseSettings, names: list[str] | None =
     res = probe_encoder(pixel_encoder(patch), {"weights": f"pixels{patch}"}, root,
                         src.backbone.patch_embed.proj.in_channels, size, src.mean, src.std, settings, names)
     return {**res, "input_size": size, "patch_size": patch}
+
+
+def random_row(src, root: str, settings: DenseSettings, names: list[str] | None = None) -> dict:  # noqa: ANN001
+    """``{name: result}`` of the dense protocols on ``src``'s backbone at its run's random init (empty, said in
+    the log, when ``src`` is not a pwself run)."""
+    from pwself.eval.source import random_init_like
+
+    floor = random_init_like(src)
+    if floor is None:
+        log.info("no random-init floor for %s: it is not a pwself run", src.name)
+        return {}
+    res = probe_encoder(backbone_encoder(floor.backbone), {"weights": floor.key}, root,
+                        floor.backbone.patch_embed.proj.in_channels, settings.size or floor.size, floor.mean,
+                        floor.std, settings, names)
+    return {floor.name: {**res, "input_size": settings.size or floor.size,
+                         "patch_size": floor.backbone.patch_embed.patch_size[0]}}
 
 
 def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSettings()) -> dict[str, dict]:
@@ -371,11 +439,13 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
         results[src.name] = probe_encoder(backbone_encoder(src.backbone), {"weights": src.key}, root, channels,
                                           size, src.mean, src.std, settings, names)
         results[src.name].update(input_size=size, patch_size=patch)
-        names = list(results[src.name]["per_class_iou"])  # the masks are scanned for the first model only
+        names = results[src.name]["names"]  # the masks are scanned for the first model only
     if settings.pixel_floor and sources:
         results[PIXEL_ROW] = pixel_row(sources[0], root, settings, names)
+    if settings.random_floor and sources:
+        results.update(random_row(sources[0], root, settings, names))
     for name, res in results.items():
-        if res["best"]["at_grid_edge"]:
+        if "best" in res and res["best"]["at_grid_edge"]:
             log.warning("dense probe of %s: the chosen lr %g is at the edge of the grid (%g..%g): the best lr may "
                         "lie beyond it", name, res["best"]["lr"], res["grid"][0]["lr"], res["grid"][-1]["lr"])
     return results

@@ -83,6 +83,9 @@ def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a Fea
     return FeatureSource("random init", backbone, list(mean), list(std), cfg.views.global_size, key)
 
 
+DENSE_FLOORS = ("linear", "hbird")  # the dense protocols a comparison's floors carry (overclustering: eval-dense)
+
+
 def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: ANN001 - a FeatureSource maker
                  dense: str | None, feature_cache: str | None) -> dict[str, float] | None:
     """kNN (k = 10, 20), (with ``linear``) the linear probe and (with ``dense``) the dense probe of one fixed model,
@@ -91,7 +94,7 @@ def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: A
     key = _dense_key(dense)
     if cache.exists():
         floor = json.loads(cache.read_text())
-        if dense is None or ("miou" in floor and floor.get("dense_key") == key):
+        if dense is None or ("hbird_miou" in floor and floor.get("dense_key") == key):
             return floor
     data = EvalData.of_run(cfg)
     src = source(data)
@@ -99,9 +102,12 @@ def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: A
     if floor is None:
         return None
     if dense is not None:
-        settings = EvalSettings(cache_dir=feature_cache, progress=False, dense_root=dense)
-        floor["miou"] = evaluate(src, None, ["dense"], settings)["dense"]["miou"]
-        floor["dense_key"] = key
+        from pwself.eval.dense import DenseSettings
+
+        settings = EvalSettings(cache_dir=feature_cache, progress=False, dense_root=dense,
+                                dense=DenseSettings(cache_dir=feature_cache, progress=False, protocols=DENSE_FLOORS))
+        res = evaluate(src, None, ["dense"], settings)["dense"]
+        floor.update(miou=res["miou"], hbird_miou=res["hbird"]["miou"], dense_key=key)
     cache.write_text(json.dumps(floor))
     return floor
 
@@ -154,13 +160,13 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
     key = _dense_key(dense)
     if cache.exists():
         stored = json.loads(cache.read_text())
-        if stored.get("dense_key") == key:
+        if stored.get("dense_key") == key and "hbird" in stored:
             return stored
     p, size = cfg.backbone.patch_size, cfg.views.global_size
-    settings = DenseSettings(cache_dir=str(cache.parent / "features"), progress=False)
+    settings = DenseSettings(cache_dir=str(cache.parent / "features"), progress=False, protocols=DENSE_FLOORS)
     res = probe_encoder(pixel_encoder(p), {"weights": f"pixels{p}"}, dense, cfg.backbone.in_chans, size,
                         [0.5] * cfg.backbone.in_chans, [0.5] * cfg.backbone.in_chans, settings)
-    res = {**res, "dense_key": key}
+    res = {**res, "hbird_miou": res["hbird"]["miou"], "dense_key": key}
     cache.write_text(json.dumps(res))
     return res
 

@@ -1,4 +1,5 @@
-"""Ranking metrics of the reference code (EVAL_PROTOCOLS §3-§5): trapezoidal AP, revisited mAP, GeM, whitening.
+"""Metrics: the ranking metrics of the reference code (EVAL_PROTOCOLS §3-§5: trapezoidal AP, revisited mAP, GeM,
+whitening) and mmsegmentation's segmentation scores from a confusion matrix (the dense protocols').
 
 Transcriptions of revisitop's ``compute_ap``/``compute_map`` (copied in dino's ``utils.py``), of the Holidays
 ``score_ap_from_ranks_1`` used by dino's copy detection, of cirtorch's/dino's GeM, and of dino's ``PCA``.
@@ -6,6 +7,7 @@ Transcriptions of revisitop's ``compute_ap``/``compute_map`` (copied in dino's `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +22,8 @@ __all__ = [
     "gem",
     "PCAWhitening",
     "learn_whitening_dino",
+    "confusion_matrix",
+    "segmentation_scores",
 ]
 
 
@@ -168,3 +172,26 @@ def l2n(x: np.ndarray) -> np.ndarray:
 
 def to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def confusion_matrix(pred: Tensor, gt: Tensor, n_classes: int, ignore_index: int = 255) -> Tensor:
+    """``[C, C]`` counts, rows = ground truth, columns = prediction, ignored pixels left out."""
+    valid = gt != ignore_index
+    idx = gt[valid].long() * n_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=n_classes * n_classes).view(n_classes, n_classes)
+
+
+def segmentation_scores(conf: Tensor, names: Sequence[str]) -> dict:
+    """mmsegmentation's metrics from a confusion matrix: ``miou`` and ``mean_acc`` (%, over classes present
+    in the ground truth or predictions), ``pixel_acc`` (%), ``per_class_iou`` (``None`` for an absent class)."""
+    conf = conf.double()
+    inter = conf.diagonal()
+    area_gt, area_pred = conf.sum(1), conf.sum(0)
+    union = area_gt + area_pred - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+    acc = torch.where(area_gt > 0, inter / area_gt.clamp(min=1), torch.full_like(inter, math.nan))
+    return {
+        "miou": float(100 * iou.nanmean()), "mean_acc": float(100 * acc.nanmean()),
+        "pixel_acc": float(100 * inter.sum() / area_gt.sum().clamp(min=1)),
+        "per_class_iou": {n: (None if math.isnan(v) else round(100 * v, 4)) for n, v in zip(names, iou.tolist())},
+    }

@@ -180,7 +180,7 @@ def _dense(source: FeatureSource, settings: EvalSettings) -> dict[str, Any]:
     if not settings.dense_root:
         raise ValueError("the dense probe needs a dense dataset: pass --dense DIR (made by pwself make-scenes)")
     dense = settings.dense or DenseSettings(cache_dir=settings.cache_dir or None, progress=settings.progress)
-    dense = replace(dense, device=next(source.backbone.parameters()).device, pixel_floor=False)
+    dense = replace(dense, device=next(source.backbone.parameters()).device, pixel_floor=False, random_floor=False)
     return evaluate_dense([source], settings.dense_root, dense)[source.name]
 
 

@@ -75,8 +75,12 @@ def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str
     if "dense" in protocols and args.dense and args.dense.pixel_floor and sources:
         from pwself.eval.dense import PIXEL_ROW, pixel_row
 
-        names = list(out["dense"][sources[0].name]["per_class_iou"])
+        names = out["dense"][sources[0].name]["names"]
         out["dense"][PIXEL_ROW] = pixel_row(sources[0], args.dense_root, args.dense, names)
+    if "dense" in protocols and args.dense and args.dense.random_floor and sources:
+        from pwself.eval.dense import random_row
+
+        out["dense"].update(random_row(sources[0], args.dense_root, args.dense, out["dense"][sources[0].name]["names"]))
     return out
 
 
