@@ -274,11 +274,24 @@ def timeit_min(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
+def photo_jpegs(folder: Path, n: int) -> list[Path]:
+    """``n`` 500 x 375 JPEGs of noise (quality 90) in ``folder``: the benchmarks' photo folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(n):
+        path = folder / f"photo{k}.jpg"
+        Image.fromarray((rng.random((375, 500, 3)) * 255).astype(np.uint8)).save(path, quality=90)
+        files.append(path)
+    return files
+
+
 def transforms(n: int, batch: int, local_views: int) -> dict:
     """Images/s of the multi-crop transforms on one worker over the same 500x375 JPEG folder: pwself's loader
     (decode and crops in the worker) plus its photometric augmentation (in the step, one thread here, image and
     patch mode) against lightly's ``DINOTransform`` (decode, crops and photometric augmentation in the worker)."""
-    import numpy as np
     from lightly.transforms.dino_transform import DINOTransform
     from PIL import Image
 
@@ -289,12 +302,7 @@ def transforms(n: int, batch: int, local_views: int) -> dict:
     out: dict = {"images": n, "batch": batch, "original": "500x375 JPEG", "views": f"2 x 224 + {local_views} x 96",
                  "workers": 1}
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        files = []
-        for k in range(n):
-            path = Path(tmp) / f"photo{k}.jpg"
-            Image.fromarray((rng.random((375, 500, 3)) * 255).astype(np.uint8)).save(path, quality=90)
-            files.append(path)
+        files = photo_jpegs(Path(tmp), n)
         batches = list(torch.arange(n).split(batch))
         loader = ViewLoader(FolderMultiCrop(files, 3, spec, seed=0), 1, pin_memory=False)
         cut = []

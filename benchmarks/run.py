@@ -322,8 +322,7 @@ def bench_folder_loader(quick: bool) -> dict:
     and 2 worker processes) beside the images/s of a ViT-S/16 PWML step at the same views on this machine."""
     import tempfile
 
-    import numpy as np
-    from PIL import Image
+    from peers import photo_jpegs
 
     from pwself.data.crops import FolderMultiCrop, ViewLoader
 
@@ -331,12 +330,7 @@ def bench_folder_loader(quick: bool) -> dict:
     spec = ViewConfig(2, 8, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
     out: dict = {"images": n, "batch": batch, "original": "500x375 JPEG", "loader_images_per_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        files = []
-        for k in range(n):
-            path = Path(tmp) / f"photo{k}.jpg"
-            Image.fromarray((rng.random((375, 500, 3)) * 255).astype(np.uint8)).save(path, quality=90)
-            files.append(path)
+        files = photo_jpegs(Path(tmp), n)
         batches = list(torch.arange(n).split(batch))
         for workers in (0, 1, 2):
             loader = ViewLoader(FolderMultiCrop(files, 3, spec, seed=0), workers, pin_memory=False)

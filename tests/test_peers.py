@@ -5,7 +5,6 @@ without it this module is skipped with one line. Everything runs in float64, whe
 the one place they deliberately differ (Sinkhorn-Knopp's overflow in float32) is pinned below with its reason.
 """
 
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,7 @@ from lightly.loss.swav_loss import sinkhorn as lightly_sinkhorn  # noqa: E402
 
 from pwself.config import LossConfig  # noqa: E402
 from pwself.losses import koleo_loss, sinkhorn_knopp  # noqa: E402
-from pwself.models import HeadOutput, MaskedCells, Selection  # noqa: E402
+from pwself.models import HeadOutput, MaskedCells, Selection, portable_init  # noqa: E402
 from pwself.objectives import build_objective  # noqa: E402
 from pwself.objectives.ibot import IBOTOptions, masked_cells  # noqa: E402
 from pwself.views import MultiCrop  # noqa: E402
@@ -24,16 +23,6 @@ from pwself.views import MultiCrop  # noqa: E402
 # Temperatures exact in float32: lightly turns the teacher temperature into a float32 tensor.
 T_TEACHER, T_STUDENT, CENTER_M = 0.0625, 0.125, 0.75
 K, B, G, L = 7, 5, 2, 3
-
-
-@contextmanager
-def _default_float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def _views(seed: int):
@@ -90,7 +79,7 @@ def test_masked_patch_loss_and_its_center_agree_with_lightly_ibot_patch_loss():
         teacher = HeadOutput(cls, cls, patch=t_patch)
         loss = ours.masked_loss(student, teacher, T_TEACHER)
         ours.update_centers(teacher)
-        with _default_float64():  # lightly's 1 / (masked cells) follows the default dtype: float32 otherwise
+        with portable_init():  # float64 default dtype: lightly's 1 / (masked cells) follows it (float32 otherwise)
             reference = theirs(t_patch, s_patch, masks.view(G * B, *grid), teacher_temp=T_TEACHER)
         torch.testing.assert_close(loss, reference, rtol=1e-10, atol=0)
         torch.testing.assert_close(ours.patch_center.center, theirs.center.value, rtol=1e-12, atol=1e-14)
