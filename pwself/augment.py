@@ -1,4 +1,4 @@
-"""Photometric augmentation at image level and at patch level (SPEC §2).
+"""Photometric augmentation at image level and at patch level (docs/algorithm.md §2).
 
 Photometric operators only: they never move a pixel, so the crop geometry used by the matcher stays
 exact. In ``patch`` mode each ``p x p`` patch of a view is its own sample with its own operators and

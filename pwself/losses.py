@@ -1,4 +1,4 @@
-"""Building blocks of the self-distillation losses (SPEC §4), shared by every objective in
+"""Building blocks of the self-distillation losses (docs/algorithm.md §4), shared by every objective in
 :mod:`pwself.objectives`.
 
 Pairs are (teacher view ``i``, student view ``j``) with ``j != i``. For pair ``p`` and sample ``b``:

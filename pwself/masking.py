@@ -1,4 +1,4 @@
-"""Block-wise masks of the student's global crops for masked patch distillation (iBOT, DINOv2; SPEC §7).
+"""Block-wise masks of the student's global crops for masked patch distillation (iBOT, DINOv2; docs/algorithm.md §5).
 
 Written after dinov2's ``MaskingGenerator`` and ``collate_data_and_cast`` (BEiT's blockwise masking), with the
 random numbers drawn from a torch ``Generator`` (dinov2 uses Python's ``random``) so one seed fixes a run.

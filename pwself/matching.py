@@ -1,4 +1,4 @@
-"""Geometric patch matching between two views of the same image (SPEC §3).
+"""Geometric patch matching between two views of the same image (docs/algorithm.md §3).
 
 Two views ``a`` and ``b`` carry their crop box ``(x0, y0, x1, y1)`` in pixels of the original image
 (x1, y1 exclusive), a horizontal-flip flag and a patch grid ``(rows, cols)``. Patches of both views that
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MATCHERS = ("geometric", "feature-nn")  # loss.matcher: by crop geometry (SPEC §3), or by content (EsViT)
+MATCHERS = ("geometric", "feature-nn")  # loss.matcher: by crop geometry (docs/algorithm.md §3), or by content (EsViT)
 
 __all__ = ["match_pair", "match_patches", "PatchPairs", "match_views", "match_features", "match_views_by_features",
            "axis_run", "pair_runs"]
@@ -55,7 +55,7 @@ def axis_run(lo_a: float, hi_a: float, n_cells: int, lo_i: float, hi_i: float) -
 
 
 def pair_runs(start_a: int, len_a: int, start_b: int, len_b: int) -> list[tuple[int, int]]:
-    """Pair the cells of two runs on one axis (SPEC §3 step 3).
+    """Pair the cells of two runs on one axis (docs/algorithm.md §3 step 3).
 
     Args:
         start_a: First cell of view a's run.

@@ -1,4 +1,4 @@
-"""Multi-crop spatial augmentation with the crop geometry kept beside every view (SPEC §1).
+"""Multi-crop spatial augmentation with the crop geometry kept beside every view (docs/algorithm.md §1).
 
 Every sample of the batch draws its own crops (no crop shared by the batch). All views of one kind are
 cut and resized in a single batched :func:`torchvision.ops.roi_align` call, then flipped with
@@ -24,7 +24,7 @@ CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of every crop (torchvision's R
 
 @dataclass
 class ViewConfig:
-    """Multi-crop views (SPEC §1); sizes in pixels, multiples of the patch size.
+    """Multi-crop views (docs/algorithm.md §1); sizes in pixels, multiples of the patch size.
 
     Attributes:
         n_global: Global views (seen by teacher and student).

@@ -4,7 +4,7 @@ DINO's RandomResizedCrop draws each crop in the original image's own pixels and 
 the view size; a folder of photos is never shrunk to a small square first. Each sample's boxes come from the
 shared box sampler (:func:`pwself.views.sample_boxes`) with a generator seeded by (run seed, epoch, image
 index), so the views do not depend on which worker cut them, and a resumed run cuts the same ones. The boxes
-stay in original-image pixels for matching (SPEC §1-3). Photometric augmentation stays batched on the
+stay in original-image pixels for matching (docs/algorithm.md §1-3). Photometric augmentation stays batched on the
 training device.
 """
 

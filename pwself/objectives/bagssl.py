@@ -1,4 +1,4 @@
-"""BagSSL (seed 002, Chen et al. 2022): the image representation is the bag, the mean embedding of its
+"""BagSSL (Chen et al. 2022): the image representation is the bag, the mean embedding of its
 patches. The teacher target of an image is its head on the mean of the CLS tokens of all teacher views;
 every student view (a fixed-size patch of the image when the views are configured so) predicts it.
 """

@@ -38,7 +38,7 @@ CENTERINGS = ("center", "sinkhorn")  # loss.centering: EMA center (DINO) or Sink
 
 @dataclass
 class LossConfig:
-    """Objective and temperatures (SPEC §4).
+    """Objective and temperatures (docs/algorithm.md §4).
 
     Attributes:
         objective: The objective, a name registered in `pwself.objectives` (PW-Self's PWML by default).
@@ -48,7 +48,7 @@ class LossConfig:
         warmup_teacher_temp: Teacher temperature at the start.
         warmup_teacher_temp_epochs: Linear warm-up length of the teacher temperature.
         center_momentum: EMA momentum of the CLS and patch centers.
-        matcher: ``geometric`` (SPEC §3) or ``feature-nn`` (each student patch to its most similar
+        matcher: ``geometric`` (docs/algorithm.md §3) or ``feature-nn`` (each student patch to its most similar
             teacher patch, EsViT style; to measure what geometry buys).
         patch_fraction: Fraction of the patch pairs (matched pairs; for ``cossl`` the student patch
             tokens) that enter the loss each step, drawn at random per pair. Their sum is divided by

@@ -1,4 +1,4 @@
-"""CO-SSL (seed 004, Aubret et al. 2025): local, pre-pooling representations aligned with the global one.
+"""CO-SSL (Aubret et al. 2025): local, pre-pooling representations aligned with the global one.
 
 CO-DINO on a ViT: DINO's image-level loss plus ``w_s`` (``objectives.cossl.weight``) times the local loss, where
 every student patch token of view ``j`` (a local representation) predicts the teacher's CLS of the other

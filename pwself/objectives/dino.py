@@ -1,4 +1,5 @@
-"""DINO (Caron et al. 2021): CLS self-distillation, SPEC §4 Eq. 7. The base objective is exactly DINO."""
+"""DINO (Caron et al. 2021): CLS self-distillation, docs/algorithm.md §4 (the paper's Eq. 7). The base
+objective is exactly DINO."""
 
 from __future__ import annotations
 

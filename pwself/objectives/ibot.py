@@ -1,4 +1,5 @@
-"""Masked patch distillation (iBOT, Zhou et al. 2022; the dense part of DINOv2), and PW-Self with it (SPEC §7).
+"""Masked patch distillation (iBOT, Zhou et al. 2022; the dense part of DINOv2), and PW-Self with it
+(docs/algorithm.md §5).
 
 ``ibot``: DINO's CLS loss plus ``weight`` times the masked patch loss. Half of the student's global crops
 (``mask_probability``) get block-wise masks (:mod:`pwself.masking`); the patch embedding of a masked cell

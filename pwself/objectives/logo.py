@@ -1,4 +1,4 @@
-"""LoGo (seed 003, Zhang et al. 2022): global–global and local–global views pulled together (DINO's terms),
+"""LoGo (Zhang et al. 2022): global–global and local–global views pulled together (DINO's terms),
 local–local views of one image pushed apart through a learned affinity.
 
 The affinity network is this objective's own trainable module: it trains with the student (its own loss)
@@ -28,7 +28,7 @@ __all__ = ["LoGo", "LoGoOptions", "LoGoAffinity"]
 
 
 class LoGoAffinity(nn.Module):
-    """LoGo's learned affinity between two local representations (seed 003), trained against the encoder.
+    """LoGo's learned affinity between two local representations (LoGo's paper), trained against the encoder.
 
     ``f(z_a, z_b) = MLP([z_a * z_b, |z_a - z_b|])`` on L2-normalized inputs. The network maximizes the
     paper's Eq. 6, ``E[f(z_1, z_2)] - E[f(z_1, z_-)]`` (two local views of one image against local views of

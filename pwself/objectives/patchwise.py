@@ -1,4 +1,5 @@
-"""PW-Self (seed 001): the CLS pair plus every geometrically matched patch pair of two views (SPEC §3–4).
+"""PW-Self (Javidani et al. 2023, arXiv 2310.18651): the CLS pair plus every geometrically matched patch pair
+of two views (docs/algorithm.md §3–4).
 
 Per (view pair, sample), with ``H_cls`` the CLS cross-entropy, ``S`` the sum over the ``n`` matched patch
 pairs: PWML ``(H_cls + S) / (1 + n)`` (the paper's default), PWSL ``H_cls + S``, PWLL
