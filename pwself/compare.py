@@ -1,10 +1,10 @@
 """Fair comparison of objectives: same data, backbone, views, budget and seeds; a table and a bar plot.
 
-Runs go to ``OUT/<objective>_seed<seed>/`` one after the other; a run whose ``knn.json`` exists is
-finished and skipped, an interrupted one resumes from its checkpoint. Each finished run is evaluated with
+Runs go to ``OUT/<objective>_seed<seed>/`` one after the other; a run whose ``finished.json`` exists
+is finished and skipped, an interrupted one resumes from its checkpoint. Each finished run is evaluated with
 kNN (k = 10, 20 on the teacher features pooled as the objective says: the CLS token, or BagSSL's bag of
-tiles), a linear probe and, given a dense dataset, the dense probe; the results are aggregated as mean ± std
-over seeds beside the random-init and raw-pixel floors of each protocol.
+tiles), a linear probe and, given a dense dataset, the dense probe and Hummingbird retrieval; the results are
+aggregated as mean ± std over seeds beside the random-init and raw-pixel floors of each protocol.
 """
 
 from __future__ import annotations

@@ -170,10 +170,6 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
-
-
 def confusion_matrix(pred: Tensor, gt: Tensor, n_classes: int, ignore_index: int = 255) -> Tensor:
     """``[C, C]`` counts, rows = ground truth, columns = prediction, ignored pixels left out."""
     valid = gt != ignore_index
