@@ -282,12 +282,12 @@ def _args_make_scenes(p: argparse.ArgumentParser) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pwself.config import load_config
     from pwself.objectives import objective_class
-    from pwself.tune import Selection, parse_space, run_trial, run_tuning, tune_markdown
+    from pwself.tune import TrialScore, parse_space, run_trial, run_tuning, tune_markdown
 
     objective_class(args.objective)  # an unknown name fails before anything trains
     if args.trials < 1:
         raise ValueError(f"--trials {args.trials}: use --trials 1 or more")
-    select = Selection(args.select, args.val_fraction, args.dense, args.dense_heldout)
+    select = TrialScore(args.select, args.val_fraction, args.dense, args.dense_heldout)
     select.validate()
     space = parse_space(args.space)
     base = load_config(args.config, [*space.fixed] + ([f"device={args.device}"] if args.device else []))

@@ -1,7 +1,7 @@
 """Equal-budget tuning of an objective's own knobs, chosen on held-out training data, never on test.
 
 ``run_tuning`` trains ``trials`` settings drawn (seeded) from a grid of choices, each for the base config's
-budget, into ``OUT/trial_<i>/``, and scores each (:class:`Selection`) by weighted kNN (k = 10, T = 0.07) of
+budget, into ``OUT/trial_<i>/``, and scores each (:class:`TrialScore`) by weighted kNN (k = 10, T = 0.07) of
 its teacher features with a seeded share of the *train* split as queries and the rest of train as the bank,
 or, for dense features, by the dense probe's mIoU on held-out images of a dense dataset's *train* split. The
 test split is never opened: runs have ``knn_at_end=false`` and ``knn_floors=false``. Giving every method the
@@ -24,7 +24,7 @@ import torch
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
 from pwself.objectives import objective_overrides
 
-__all__ = ["TuneSpace", "Selection", "parse_space", "sample_trials", "heldout_knn", "heldout_miou", "run_trial",
+__all__ = ["TuneSpace", "TrialScore", "parse_space", "sample_trials", "heldout_knn", "heldout_miou", "run_trial",
            "run_tuning", "tune_markdown"]
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ DENSE_METRICS = {  # --select name -> (dense protocol, score key in tune.json, t
 
 
 @dataclass(frozen=True)
-class Selection:
+class TrialScore:
     """What a trial is scored by, read from training data only.
 
     Attributes:
@@ -168,7 +168,7 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
     return cfg
 
 
-def _trial(cfg: TrainConfig, setting: dict[str, str], select: Selection, progress: bool) -> float:
+def _trial(cfg: TrainConfig, setting: dict[str, str], select: TrialScore, progress: bool) -> float:
     """Train one trial (reused when finished with the same config; continued when interrupted) and score it
     once per metric and held-out set (``tune_score.json``, ``tune_score_miou.json``, ``tune_score_hbird.json``)."""
     from pwself.pretraining import open_teacher, run_experiment
@@ -189,7 +189,7 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], select: Selection, progres
 
 
 def run_trial(base: TrainConfig, objective: str, space: TuneSpace, trials: int, index: int, out_dir: str | Path,
-              select: Selection = Selection(), seed: int = 0, progress: bool = True) -> dict[str, Any]:
+              select: TrialScore = TrialScore(), seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train and score trial ``index`` of :func:`run_tuning`'s draw alone (a parallel worker's share); a later
     :func:`run_tuning` over the same ``out_dir`` reads its score instead of training it again."""
     select.validate()
@@ -202,7 +202,7 @@ def run_trial(base: TrainConfig, objective: str, space: TuneSpace, trials: int, 
 
 
 def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int, out_dir: str | Path,
-               select: Selection = Selection(), seed: int = 0, progress: bool = True) -> dict[str, Any]:
+               select: TrialScore = TrialScore(), seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train and score ``trials`` settings of ``objective``; writes ``OUT/tune.json`` and ``OUT/tune.md``.
 
     Trials scored before (e.g. by :func:`run_trial` workers) are read, not trained again.
