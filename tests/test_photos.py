@@ -9,12 +9,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from photo_fixtures import write_synthetic_photo
 
 from pwself.config import ConfigError, load_config, resolve_max_side
 from pwself.data.crops import FolderMultiCrop, cut_views, sample_seed
 from pwself.data.datasets import ImageFolderDataset, scan_images
-from pwself.data.photos import auto_max_side, content_digest, open_image, shrunk_path
+from pwself.data.photos import auto_max_side, content_digest, open_image, shrunk_path, write_synthetic_photo
 from pwself.matching import match_views
 from pwself.views import ViewConfig
 

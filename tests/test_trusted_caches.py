@@ -9,13 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-from photo_fixtures import write_synthetic_photo
 from PIL import Image
 
 from pwself.cli import main
 from pwself.data.crops import FolderMultiCrop
 from pwself.data.datasets import ImageFolderDataset, scan_images
-from pwself.data.photos import evict_shrunk, shrunk_path
+from pwself.data.photos import evict_shrunk, shrunk_path, write_synthetic_photo
 from pwself.views import ViewConfig
 
 VIT_S = ViewConfig(2, 2, 224, 96, (0.4, 1.0), (0.05, 0.4), 0.5)
