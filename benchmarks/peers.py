@@ -256,22 +256,13 @@ def step_breakdown(runner, repeat: int) -> dict:
              "student_backbone_forward_backward": backbones_forward_backward,
              "whole_forward_backward": whole_loss, "optimizer": optimizer, "ema": ema}
     t = _interleaved(parts, repeat)
-    t["matching"] = max(t["matching"] - timeit_min(lambda: step.views.multicrop(images, gen), repeat), 0.0)
+    cut = _interleaved({"cut": lambda: step.views.multicrop(images, gen)}, repeat)["cut"]  # matching_only cuts too
+    t["matching"] = max(t["matching"] - cut, 0.0)
     t["heads_and_losses"] = max(t.pop("whole_forward_backward") - sum(t[k] for k in (
         "views_and_augment", "matching", "teacher_backbone_forward", "student_backbone_forward_backward")), 0.0)
     step.optimizer.zero_grad(set_to_none=True)
     total = sum(t.values())
     return {"seconds": t, "share": {k: v / total for k, v in t.items()}}
-
-
-def timeit_min(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def photo_jpegs(folder: Path, n: int) -> list[Path]:
