@@ -92,3 +92,18 @@ def test_the_lightly_peer_does_the_same_work_as_pwself_on_the_same_views():
                                  "pwself_pwml_over_lightly_dino", "lightly_dino_per_view_over_lightly_dino"}
     for name, fraction in res["fraction_of_gemm_peak"].items():  # achieved FLOP/s over the 100 GFLOP/s given
         assert fraction == pytest.approx(res["flops"][name] / res["step_s"][name] / 1e9 / 100.0)
+
+
+def test_the_step_breakdown_names_every_part_and_its_shares_sum_to_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+    import run as bench
+
+    tiny = ["views.global_size=32", "views.local_size=16", "views.n_local=2", "backbone.embed_dim=32",
+            "backbone.depth=1", "backbone.num_heads=2", "head.out_dim=64", "head.hidden_dim=32",
+            "head.bottleneck_dim=16"]
+    res = peers.step_breakdown(bench.StepRunner(bench.config("pwml", tiny), 8, image=36), 1)
+    assert set(res["share"]) == {"views_and_augment", "matching", "teacher_backbone_forward", "optimizer", "ema",
+                                 "student_backbone_forward_backward", "heads_and_losses"}
+    assert sum(res["share"].values()) == pytest.approx(1.0) and all(v >= 0 for v in res["share"].values())
+    assert res["seconds"]["student_backbone_forward_backward"] > 0
