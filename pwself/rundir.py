@@ -20,10 +20,11 @@ LOCK_NAME = ".pwself.lock"
 FINISHED_FILE = "finished.json"  # written last by a run that finished (pwself.runstate)
 # What a run writes before its first checkpoint: removed when a run starts over in a folder holding only these.
 UNSTARTED_FILES = ("config.yaml", "metrics.jsonl", "knn_history.jsonl", "wandb_id.txt")
-# Every file a run writes into its folder (besides checkpoint_*.pt): no other command may replace one.
+# Every file a run writes into its folder (and RUN_PATTERNS): no other command may replace one.
 RUN_FILES = (*UNSTARTED_FILES, FINISHED_FILE, "knn.json", "floors.json", "floor_random_init.json",
              "floor_pixels.json", "floor_start.json", "teacher_backbone.safetensors", "training_curves.png",
-             "report.md", "report.html", LOCK_NAME)
+             "dense_history.jsonl", "report.md", "report.html", LOCK_NAME)
+RUN_PATTERNS = ("checkpoint_*.pt", "matches_*.png", "attention_*.png")  # the numbered files of a run
 
 
 class RunDirError(RuntimeError):
@@ -71,7 +72,7 @@ def _clear_unstarted(run_dir: Path) -> list[str]:
 def run_owned(path: Path) -> bool:
     """Whether ``path`` is one of the files of the run in its folder (which only that run may write)."""
     path = Path(path)
-    return holds_run(path.parent) and (path.name in RUN_FILES or path.match("checkpoint_*.pt"))
+    return holds_run(path.parent) and (path.name in RUN_FILES or any(path.match(p) for p in RUN_PATTERNS))
 
 
 def check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = (), what: str = "output") -> None:

@@ -339,6 +339,10 @@ def test_export_refuses_to_replace_files_and_never_touches_a_run(tmp_path, capsy
         (["export", str(run), "--format", "safetensors", str(ckpt), "--overwrite"], "is the input itself"),
         (["export", str(run), "--output", str(run / "teacher_backbone.safetensors"), "--overwrite"],
          "would replace a file of the run"),
+        (["export", str(run), "--output", str(run / "dense_history.jsonl"), "--overwrite"],
+         "would replace a file of the run"),
+        (["export", str(run), "--output", str(run / "matches_0.png"), "--overwrite"],
+         "would replace a file of the run"),
         (["export", str(run), "--format", "folder", str(run), "--overwrite"], "holds a run"),
     ):
         assert main(cmd) == 2
