@@ -43,8 +43,6 @@ knn.json, finished.json (written last: the run finished), training_curves.png, r
 """
 
 
-
-
 EVAL_HELP = """\
 Evaluate frozen features of one or more models side by side. A model is a pwself checkpoint (file or run
 directory) or a timm model name (random init: the floor to beat). Features are cached in --cache-dir,
@@ -269,16 +267,6 @@ def _args_make_scenes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-
-
-
-
-
-
-
-
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from pwself.config import load_config
     from pwself.objectives import objective_class
@@ -304,8 +292,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     from pwself.config import ConfigError, describe_config, load_config
 
@@ -321,8 +307,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"pwself config: note: pretrain would refuse this config: {problem}", file=sys.stderr)
     return 0
-
-
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -407,8 +391,6 @@ def _continue_hint(args: argparse.Namespace) -> str:
         words = [a for a in args.argv if a not in ("--resume", "--overwrite", "--auto-resume")]
         return f"continue with `pwself {shlex.join(words)} --auto-resume` (checkpoints are kept)"
     return "run the same command again to continue (finished work is kept)"
-
-
 
 
 def _pair(text: str, flag: str) -> tuple[int, int]:

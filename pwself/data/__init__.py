@@ -99,7 +99,6 @@ class DataConfig:
                               f"shrink) or at least views.global_size={global_size}")
 
 
-
 def build_dataset(
     kind: str,
     root: str,
