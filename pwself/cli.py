@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -723,10 +722,10 @@ def cmd_push_to_hub(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from pwself.compare import comparison_table, run_comparison
-    from pwself.config import load_config
+    from pwself.config import load_config, split_choices
 
     base = load_config(args.config, list(args.overrides) + ([f"device={args.device}"] if args.device else []))
-    objectives = [o for o in re.split(r",(?![^\[]*\])", args.objectives) if o]  # commas inside [..] are values
+    objectives = split_choices(args.objectives)  # commas inside [..] are values
     if not objectives:
         raise ValueError(f"--objectives {args.objectives!r} names no objective: give e.g. --objectives dino,pwml")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

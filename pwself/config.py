@@ -318,6 +318,12 @@ def config_from_dict(d: dict[str, Any], cls: type = TrainConfig, prefix: str = "
     return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in d.items()})
 
 
+def split_choices(text: str) -> list[str]:
+    """``a,b,[c,d]`` -> ``["a", "b", "[c,d]"]``: a comma list whose ``[..]`` values keep their commas (tune's
+    value grids, compare's objective labels), items stripped, empty ones dropped."""
+    return [v.strip() for v in re.split(r",(?![^\[]*\])", text) if v.strip()]
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``a.b=value`` overrides (values parsed as YAML: ``1e-3``, ``[0.4, 1.0]``, ``true``)."""
     d = config_to_dict(cfg)

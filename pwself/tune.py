@@ -14,14 +14,13 @@ import itertools
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
+from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict, split_choices
 from pwself.objectives import objective_overrides
 
 __all__ = ["TuneSpace", "TrialScore", "parse_space", "sample_trials", "heldout_knn", "heldout_miou", "run_trial",
@@ -29,7 +28,6 @@ __all__ = ["TuneSpace", "TrialScore", "parse_space", "sample_trials", "heldout_k
 
 log = logging.getLogger(__name__)
 
-_CHOICE_SPLIT = re.compile(r",(?![^\[]*\])")  # commas inside [..] belong to a list value
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ def parse_space(items: list[str]) -> TuneSpace:
         key, eq, value = item.partition("=")
         if not eq or not key or not value:
             raise ValueError(f"{item!r} is not KEY=VALUE or KEY=CHOICE1,CHOICE2 (e.g. optim.lr=1e-3,3e-3)")
-        values = [v.strip() for v in _CHOICE_SPLIT.split(value) if v.strip()]
+        values = split_choices(value)
         if len(values) > 1:
             choices[key] = values
         else:

@@ -29,3 +29,11 @@ def test_diff_ignores_run_only_keys():
     a = config_to_dict(load_config())
     b = config_to_dict(apply_overrides(load_config(), ["out_dir=elsewhere", "epochs=99", "optim.lr=0.1"]))
     assert config_diff(a, b) == ["epochs", "optim.lr"]  # epochs sets every schedule's length: not resume-free
+
+
+def test_split_choices_keeps_the_commas_of_bracketed_values():
+    from pwself.config import split_choices
+
+    assert split_choices("dino, pwml:objectives.ibot.mask_ratio=[0.1,0.5],,ibot") == [
+        "dino", "pwml:objectives.ibot.mask_ratio=[0.1,0.5]", "ibot"]
+    assert split_choices("1e-4,[1,2],3") == ["1e-4", "[1,2]", "3"] and split_choices(" , ") == []
