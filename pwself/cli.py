@@ -472,6 +472,7 @@ def _check_outputs(*paths: str | Path, overwrite: bool = True) -> None:
 def cmd_eval_dense(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from pwself.config import split_choices
     from pwself.eval import suite
     from pwself.eval.dense import DenseSettings, dense_markdown
     from pwself.runtime import resolve_device
@@ -484,7 +485,7 @@ def cmd_eval_dense(args: argparse.Namespace) -> int:
                          "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
     dense = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
                           resolve_device(args.device), not args.no_progress, mask_size=args.mask_size,
-                          protocols=tuple(p.strip() for p in args.protocols.split(",") if p.strip()),
+                          protocols=tuple(split_choices(args.protocols)),
                           hbird_memory=args.hbird_memory, random_floor=args.random_floor)
     settings = replace(_eval_settings(args), dense_root=args.data, dense=dense)
     results = suite.run(args.models, ["dense"], settings)["dense"]

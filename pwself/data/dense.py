@@ -25,14 +25,22 @@ IGNORE_INDEX = 255
 
 
 def _mask_array(path: Path, size: int = 0) -> np.ndarray:
-    """A mask's class indices (int64), brought to ``size x size`` by nearest resizing when ``size`` is set (the
-    full-size array is never made: a phone-size mask is 100 MB as int64)."""
+    """A mask's class indices (int64), brought to ``size x size`` by nearest resizing when ``size`` is set (so a
+    split's items never hold a full-size int64 array: a phone-size mask is 100 MB as int64)."""
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
             raise DatasetError(f"mask {path} has mode {im.mode}: save masks as single-channel PNGs of class indices")
         if size and im.size != (size, size):
             im = im.resize((size, size), Image.NEAREST)
         return np.asarray(im).astype(np.int64)
+
+
+def _check_mask_size(mask: Path, mask_size: tuple[int, int], image: Path) -> None:
+    """One line when a mask's ``(width, height)`` differs from its image's (read from the image's header)."""
+    with Image.open(image) as im:
+        if mask_size != im.size:
+            raise DatasetError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image is "
+                               f"{im.size[0]}x{im.size[1]}: a mask must have its image's size")
 
 
 @dataclass
@@ -60,10 +68,7 @@ class DenseSplit(Dataset):
             raise DatasetError(f"cannot decode image {self.images[i]} ({type(e).__name__}: {e}): fix or remove it "
                                "and its mask") from None
         with Image.open(self.masks[i]) as m:  # the header only
-            mask_size = m.size
-        if mask_size != im.size:
-            raise DatasetError(f"mask {self.masks[i]} is {mask_size[0]}x{mask_size[1]} but its image is "
-                               f"{im.size[0]}x{im.size[1]}: a mask must have its image's size")
+            _check_mask_size(self.masks[i], m.size, self.images[i])
         mask = _mask_array(self.masks[i], self.mask_size)
         im = im.resize((self.size, self.size), Image.BICUBIC) if im.size != (self.size, self.size) else im
         t = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
@@ -95,10 +100,7 @@ def dense_classes(root: str | Path, splits: list[DenseSplit]) -> list[str]:
         scored = False
         for image, m in zip(split.images, split.masks):
             array = _mask_array(m)
-            with Image.open(image) as im:  # the header only: no decode
-                if array.shape != (im.size[1], im.size[0]):
-                    raise DatasetError(f"mask {m} is {array.shape[1]}x{array.shape[0]} but its image is "
-                                       f"{im.size[0]}x{im.size[1]}: a mask must have its image's size")
+            _check_mask_size(m, (array.shape[1], array.shape[0]), image)
             values = np.unique(array)
             values = values[values != IGNORE_INDEX]
             if len(values) and (values.min() < 0 or values.max() > 254):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from pwself.config import TrainConfig, config_to_dict
+from pwself.config import TrainConfig
 from pwself.data import open_dataset
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, features, score_features
 
@@ -66,21 +66,15 @@ def _scores(feats: dict, linear: bool) -> dict[str, float] | None:
 
 def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a FeatureSource
     """The configured backbone at the init a run with ``cfg.seed`` starts from, as a feature source."""
-    import torch
-
     from pwself.data import channel_stats, take_subset
-    from pwself.eval.source import FeatureSource
-    from pwself.models import make_vit
+    from pwself.eval.source import random_init_source
     from pwself.runtime import resolve_device
 
     mean, std = cfg.data.mean, cfg.data.std
     if not mean:  # as train() computes them: over the training subset
         train_set = splits["train"]
         mean, std = channel_stats(take_subset(train_set, cfg.data.subset) if cfg.data.subset else train_set)
-    torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
-    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(resolve_device(cfg.device)).eval()
-    key = f"random_init:{json.dumps(config_to_dict(cfg)['backbone'], sort_keys=True)}:seed{cfg.seed}"
-    return FeatureSource("random init", backbone, list(mean), list(std), cfg.views.global_size, key)
+    return random_init_source(cfg, mean, std, resolve_device(cfg.device))
 
 
 DENSE_FLOORS = ("linear", "hbird")  # the dense protocols a comparison's floors carry (overclustering: eval-dense)

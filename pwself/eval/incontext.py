@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pwself.data.dense import IGNORE_INDEX
-from pwself.eval.metrics import segmentation_scores
+from pwself.eval.metrics import confusion_matrix, segmentation_scores
 
 __all__ = ["HBIRD_NEIGHBOURS", "HBIRD_TEMPERATURE", "patch_histograms", "hbird_memory", "hbird_labels",
            "hummingbird", "kmeans", "match_clusters", "overclustering"]
@@ -97,9 +97,7 @@ def _confusion_of_patch_predictions(pred: Tensor, masks: Sequence[Tensor], n_pre
                                align_corners=False)[0].argmax(0)
         else:
             up = F.interpolate(pred[i][None, None].float(), size=size, mode="nearest")[0, 0].long()
-        valid = m != IGNORE_INDEX
-        conf += torch.bincount(m[valid].long() * n_pred + up[valid], minlength=n_classes * n_pred
-                               ).view(n_classes, n_pred)
+        conf += confusion_matrix(up, m, n_classes, IGNORE_INDEX, n_pred)
     return conf
 
 

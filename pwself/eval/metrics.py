@@ -170,11 +170,14 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def confusion_matrix(pred: Tensor, gt: Tensor, n_classes: int, ignore_index: int = 255) -> Tensor:
-    """``[C, C]`` counts, rows = ground truth, columns = prediction, ignored pixels left out."""
+def confusion_matrix(pred: Tensor, gt: Tensor, n_classes: int, ignore_index: int = 255,
+                     n_pred: int | None = None) -> Tensor:
+    """``[C, P]`` counts, rows = ground truth, columns = prediction (``P = n_pred``, by default the ``C``
+    classes; more for cluster indices), ignored pixels left out."""
+    n_pred = n_pred or n_classes
     valid = gt != ignore_index
-    idx = gt[valid].long() * n_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    idx = gt[valid].long() * n_pred + pred[valid].long()
+    return torch.bincount(idx, minlength=n_classes * n_pred).view(n_classes, n_pred)
 
 
 def segmentation_scores(conf: Tensor, names: Sequence[str]) -> dict:

@@ -46,19 +46,28 @@ class FeatureSource:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def random_init_source(cfg: Any, mean: list[float], std: list[float], device: torch.device | str,
+                       name: str = "random init") -> FeatureSource:
+    """The configured backbone (a :class:`~pwself.config.TrainConfig`) at the init a run with ``cfg.seed``
+    starts from, fed with ``mean`` and ``std``: the random-init floor."""
+    from pwself.config import config_to_dict
+    from pwself.models import make_vit
+
+    torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
+    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(device).eval()
+    key = f"random_init:{json.dumps(config_to_dict(cfg)['backbone'], sort_keys=True)}:seed{cfg.seed}"
+    return FeatureSource(name, backbone, list(mean), list(std), cfg.views.global_size, key)
+
+
 def random_init_like(src: FeatureSource) -> FeatureSource | None:
-    """The backbone of a pwself run ``src`` at the init its run started from (its config's seed), fed like it:
-    the random-init floor. ``None`` for a source without a pwself config (a timm name is random already)."""
+    """The backbone of a pwself run ``src`` at the init its run started from, fed like it; ``None`` for a source
+    without a pwself config (a timm name is random already)."""
     if not src.config:
         return None
     from pwself.config import config_from_dict
-    from pwself.models import make_vit
 
-    cfg = config_from_dict(src.config)
-    torch.manual_seed(cfg.seed)  # the backbone is the first module a run builds after seeding: the same init
-    backbone = make_vit(cfg.backbone, cfg.views.global_size).to(next(src.backbone.parameters()).device).eval()
-    key = f"random_init:{json.dumps(src.config['backbone'], sort_keys=True)}:seed{cfg.seed}"
-    return FeatureSource("random init (same backbone)", backbone, src.mean, src.std, src.size, key)
+    return random_init_source(config_from_dict(src.config), src.mean, src.std,
+                              next(src.backbone.parameters()).device, "random init (same backbone)")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -72,15 +72,14 @@ def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str
                 out.setdefault(name, {}).setdefault(pooling, {})[src.name] = value
         for name, value in evaluate(src, None, [p for p in protocols if p not in FEATURE_PROTOCOLS], args).items():
             out.setdefault(name, {})[src.name] = value
-    if "dense" in protocols and args.dense and args.dense.pixel_floor and sources:
-        from pwself.eval.dense import PIXEL_ROW, pixel_row
+    if "dense" in protocols and args.dense and sources:  # the floors, on the classes the first model scanned
+        from pwself.eval.dense import PIXEL_ROW, pixel_row, random_row
 
         names = out["dense"][sources[0].name]["names"]
-        out["dense"][PIXEL_ROW] = pixel_row(sources[0], args.dense_root, args.dense, names)
-    if "dense" in protocols and args.dense and args.dense.random_floor and sources:
-        from pwself.eval.dense import random_row
-
-        out["dense"].update(random_row(sources[0], args.dense_root, args.dense, out["dense"][sources[0].name]["names"]))
+        if args.dense.pixel_floor:
+            out["dense"][PIXEL_ROW] = pixel_row(sources[0], args.dense_root, args.dense, names)
+        if args.dense.random_floor:
+            out["dense"].update(random_row(sources[0], args.dense_root, args.dense, names))
     return out
 
 
