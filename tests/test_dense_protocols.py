@@ -81,8 +81,15 @@ def test_eval_dense_runs_every_protocol_on_photo_masks_with_the_floors(tmp_path,
     md = (tmp_path / "out.md").read_text()
     assert "### Hummingbird in-context retrieval" in md and "### Overclustering" in md
     assert "Masks scored at 32 x 32 px" in md
+    # The options reach the protocols: a memory of 4 patches an image, masks scored at 16 px.
+    assert main(["eval-dense", str(run), "--data", str(tmp_path / "d"), "--protocols", "hbird", "--hbird-memory",
+                 "24", "--mask-size", "16", "--no-progress", "--cache-dir", "", "--output", str(tmp_path / "m")]) == 0
+    row = json.loads((tmp_path / "m.json").read_text())["dense"][str(run)]
+    assert row["hbird"]["memory"] == 24 and row["mask_size"] == 16 and "miou" not in row  # no linear probe ran
     assert main(["eval-dense", str(run), "--data", str(tmp_path / "d"), "--protocols", "hbird,knn"]) == 2
     assert "use one or more of linear,hbird,overcluster" in capsys.readouterr().err
+    assert main(["eval-dense", str(run), "--data", str(tmp_path / "d"), "--hbird-memory", "-5"]) == 2
+    assert "--hbird-memory -5: use 0 or more" in capsys.readouterr().err
 
 
 def test_hummingbird_on_tokens_that_carry_the_class_is_perfect_at_any_mask_size():
