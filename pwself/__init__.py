@@ -1,7 +1,7 @@
 """pwself: patch-wise self-supervised pretraining of Vision Transformers (PW-Self, DINO, iBOT and relatives).
 
 The stable API is what this package exports (:data:`__all__`); each name is imported on first use, so
-``import pwself`` stays light. Everything else (``pwself.train`` internals, ``cli``, ``rundir``, ``runstate``,
+``import pwself`` stays light. Everything else (``pwself.train`` internals, ``cli``, ``pwself.run``,
 the checkpoint layout) is internal and may change between versions.
 
 >>> import pwself

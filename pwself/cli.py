@@ -14,12 +14,14 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pwself.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, RECIPES
+from pwself.run.folder import RunFolder
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
@@ -37,9 +39,7 @@ KEY=VALUE overrides with dotted keys, e.g.:
 
 Default data: Fashion-MNIST from the Debian package dataset-fashion-mnist
 (/usr/share/datasets/fashion-mnist). Other data: data.kind=cifar|folder|idx|synthetic data.root=DIR.
-Outputs in --out-dir: config.yaml, metrics.jsonl, checkpoint_*.pt, teacher_backbone.safetensors,
-knn.json, finished.json (written last: the run finished), training_curves.png, report.md, report.html.
-"""
+""" + textwrap.fill(RunFolder.outputs_line(), 104) + "\n"
 
 
 EVAL_HELP = """\
@@ -321,15 +321,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)  # what comes from the data (channels) is read after the overrides
     if (args.resume or args.auto_resume) and args.config is None:
         from pwself.data import expand_path
+        from pwself.run.folder import RunFolder
 
-        saved = expand_path(cfg.out_dir) / "config.yaml"
+        saved = RunFolder(expand_path(cfg.out_dir)).config
         if saved.is_file():  # continue the run as it was: only the keys given here may differ
             cfg = apply_overrides(load_config(saved), overrides)
     cfg.validate()
     resume = args.resume
     if args.auto_resume:
         from pwself.data import expand_path
-        from pwself.runstate import inspect_run
+        from pwself.run.state import inspect_run
 
         if args.resume or args.overwrite:
             raise ValueError("--auto-resume chooses between starting and resuming: drop --resume and --overwrite")
@@ -347,22 +348,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _print_result(cfg: TrainConfig, run_dir: Path, knn: dict | None, floors: dict | None, report: Path) -> None:
-    from pwself.checkpoint import BACKBONE_FILE, latest_checkpoint
+    from pwself.run.checkpoint import latest_checkpoint
+    from pwself.run.folder import RunFolder
     from pwself.viz import knn_markdown
 
     if knn:
         print(knn_markdown(knn, cfg.method, floors))
     print(f"checkpoint: {latest_checkpoint(run_dir) or run_dir}")
-    print(f"backbone (timm keys, safetensors): {run_dir / BACKBONE_FILE}")
+    print(f"backbone (timm keys, safetensors): {RunFolder(run_dir).backbone}")
     print(f"report: {report}")
 
 
 def _show_finished(cfg: TrainConfig, run_dir: Path, result: dict) -> int:
     """A finished run's stored result, without training or evaluating again (the report is redrawn only
     when it is missing)."""
+    from pwself.run.folder import RunFolder
     from pwself.viz import write_report
 
-    report = run_dir / "report.html"
+    report = RunFolder(run_dir).report_html
     print(f"{run_dir} holds this run, finished at step {result.get('step')}: its stored result (nothing was "
           "trained or evaluated again)")
     _print_result(cfg, run_dir, result.get("knn"), result.get("floors"),
@@ -458,7 +461,7 @@ def _check_eval_flags(args: argparse.Namespace) -> None:
 def _check_outputs(*paths: str | Path, overwrite: bool = True) -> None:
     """Refuse, before any work, outputs that would replace a run's own files (e.g. ``--output RUN/knn``), and
     without ``overwrite`` any file that exists (``--output proj/README`` would replace ``proj/README.md``)."""
-    from pwself.rundir import RunDirError, run_owned
+    from pwself.run.folder import RunDirError, run_owned
 
     for path in paths:
         if run_owned(Path(path)):
@@ -557,14 +560,14 @@ def _save_grid(pngs: list[Path], path: Path) -> None:
 
 
 def _run_views(spec: str) -> dict:
-    """The sizes a run cut its views with (a run folder's config.yaml, or a checkpoint's config)."""
-    from pwself.checkpoint import load_checkpoint, saved_config
+    """The sizes a run cut its views with (a run folder's config, or a checkpoint's)."""
+    from pwself.run.checkpoint import load_checkpoint, saved_config
+    from pwself.run.folder import RunFolder
+    from pwself.run.state import read_run_config
 
     path = Path(spec)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        from pwself.config import read_yaml
-
-        cfg = saved_config(read_yaml(path / "config.yaml", "run config") or {})
+    if path.is_dir() and RunFolder(path).config.is_file():
+        cfg = read_run_config(path)
     elif path.exists():
         cfg = saved_config(load_checkpoint(path)["config"])
     else:
@@ -606,11 +609,13 @@ def _curve_hint(run_dir: Path, metric: str) -> str:
     """What gives a run a learning curve of ``metric``: kNN needs labelled held-out images first."""
     if metric == "miou":
         return "train with dense_every_epochs=0.5 dense_data=DIR"
-    if (run_dir / "config.yaml").is_file():
-        from pwself.config import config_from_dict, read_yaml
-        from pwself.data import scorable
+    from pwself.run.folder import RunFolder
 
-        if not scorable(config_from_dict(read_yaml(run_dir / "config.yaml", "run config") or {}).data):
+    if RunFolder(run_dir).config.is_file():
+        from pwself.data import scorable
+        from pwself.run.state import read_run_config
+
+        if not scorable(read_run_config(run_dir).data):
             return ("its images have no labelled val/ or test/ split, so kNN cannot score it: use --metric miou "
                     "(a run with dense_data), or train on train/CLASS/ and val/CLASS/ folders")
     return "train with knn_every_epochs=0.5 (and knn_at_end)"
@@ -647,8 +652,8 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
 def cmd_viz_attention(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    from pwself.checkpoint import config_of_checkpoint, load_checkpoint
     from pwself.export import teacher_backbone
+    from pwself.run.checkpoint import config_of_checkpoint, load_checkpoint
     from pwself.viz import draw_attention
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -668,9 +673,9 @@ def cmd_viz_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pwself.checkpoint import latest_checkpoint
     from pwself.export import EXPORT_NAMES, FOLDER_FILES, export_checkpoint, export_folder
-    from pwself.rundir import RunDirError, check_output, holds_run
+    from pwself.run.checkpoint import latest_checkpoint
+    from pwself.run.folder import RunDirError, check_output, holds_run
 
     source = Path(args.checkpoint).expanduser()
     default = source if source.is_dir() else source.parent
@@ -748,8 +753,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pwself.viz import write_report
 
-    if not Path(args.run_dir, "metrics.jsonl").exists():
-        raise FileNotFoundError(f"{args.run_dir} has no metrics.jsonl: pass the --out-dir of a pwself pretrain run")
+    if not RunFolder(args.run_dir).metrics.exists():
+        raise FileNotFoundError(f"{args.run_dir} has no {RunFolder.METRICS}: pass the --out-dir of a pwself pretrain "
+                                "run")
     print(f"report: {write_report(args.run_dir)}")
     return 0
 
@@ -902,10 +908,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = parse_args(argv)
     handlers = {command.name: command.handler for command in COMMANDS}
-    from pwself.checkpoint import CheckpointError
     from pwself.config import ConfigError
     from pwself.data import DatasetError
-    from pwself.rundir import RunDirError, free_space
+    from pwself.run.checkpoint import CheckpointError
+    from pwself.run.folder import RunDirError, free_space
     from pwself.runtime import Preempted
 
     try:

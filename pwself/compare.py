@@ -20,7 +20,7 @@ from pwself.eval.floors import DENSE_FLOORS, pixel_dense_floor, pixel_floor, ran
 from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, evaluate
 from pwself.eval.source import FeatureSource
 from pwself.objectives import objective_overrides
-from pwself.rundir import RunInUseError
+from pwself.run.folder import RunFolder, RunInUseError
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,17 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_i
     each result is kept in the run directory and read back on a rerun."""
     from functools import cache
 
-    from pwself.pretraining import cached_json, open_teacher, run_experiment
+    from pwself.pretraining import open_teacher, run_experiment
 
     run_experiment(cfg, progress)
-    run_dir = Path(cfg.out_dir)
-    source = cache(lambda: open_teacher(run_dir, cfg.device))  # opened once, and only when a probe has to run
-    knn = json.loads((run_dir / "knn.json").read_text())["knn"]
+    run = RunFolder(cfg.out_dir)
+    source = cache(lambda: open_teacher(run.path, cfg.device))  # opened once, and only when a probe has to run
+    knn = run.read_json(RunFolder.KNN)["knn"]
     row = {"knn10": knn["10"]["top1"], "knn20": knn["20"]["top1"] if "20" in knn else float("nan"),
-           "linear": cached_json(run_dir / "linear.json", lambda: _probe(cfg, source(), "linear", progress))["top1"]}
-    if dense is not None:  # a dense.json of an older pwself, without Hummingbird, is measured again
-        res = cached_json(run_dir / "dense.json", lambda: _probe(cfg, source(), "dense", False, dense),
-                          key=f"{dense_id}:{','.join(DENSE_FLOORS)}")
+           "linear": run.cached_score("linear", lambda: _probe(cfg, source(), "linear", progress))["top1"]}
+    if dense is not None:  # a score of an older pwself, without Hummingbird, is measured again
+        res = run.cached_score("dense", lambda: _probe(cfg, source(), "dense", False, dense),
+                               key=f"{dense_id}:{','.join(DENSE_FLOORS)}")
         row.update(miou=res["miou"], hbird_miou=res["hbird"]["miou"])
     return row
 

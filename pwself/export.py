@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from pwself.checkpoint import CheckpointError, export_backbone, load_checkpoint
-from pwself.config import TrainConfig, config_from_dict, config_to_dict
+from pwself.config import TrainConfig, config_to_dict
 from pwself.models import make_vit
+from pwself.run.checkpoint import CheckpointError, config_of_checkpoint, export_backbone, load_checkpoint
+from pwself.run.folder import RunFolder
 
 __all__ = ["TIMM_BASE_NAME", "timm_architecture", "timm_create_kwargs", "teacher_backbone", "export_checkpoint",
            "export_folder", "push_to_hub", "load"]
@@ -47,8 +48,9 @@ def timm_create_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def _run_config(ckpt: dict[str, Any]) -> TrainConfig:
     if "config" not in ckpt or "teacher" not in ckpt:
-        raise CheckpointError("not a pwself checkpoint (no config/teacher): pass a checkpoint_*.pt of pwself pretrain")
-    return config_from_dict(ckpt["config"])
+        raise CheckpointError("not a pwself checkpoint (no config/teacher): pass a "
+                              f"{RunFolder.CHECKPOINT_PATTERN} of pwself pretrain")
+    return config_of_checkpoint(ckpt)
 
 
 def input_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -185,11 +187,12 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_lice
     """README.md of an exported model: Hugging Face front matter (``library_name: timm``, license, tags, dataset),
     then what it is, how it was trained, what it scored, how to load it."""
     rows = []
-    if (run_dir / "knn.json").is_file():
-        knn = json.loads((run_dir / "knn.json").read_text())["knn"]
+    knn = (RunFolder(run_dir).read_json(RunFolder.KNN) or {}).get("knn")
+    if knn:
         rows += [f"| kNN k={k} (T = 0.07) | {knn[k]['top1']:.2f} |" for k in sorted(knn, key=int)]
-    if (run_dir / "linear.json").is_file():
-        rows.append(f"| linear probe | {json.loads((run_dir / 'linear.json').read_text())['top1']:.2f} |")
+    linear = RunFolder(run_dir).scores().get("linear")
+    if linear:
+        rows.append(f"| linear probe | {linear['top1']:.2f} |")
     results = ("\n## Results (frozen features, top-1 %)\n\n| protocol | top-1 |\n|---|---|\n" + "\n".join(rows) + "\n"
                if rows else "")
     b, v, d = cfg.backbone, cfg.views, cfg.data
@@ -224,7 +227,7 @@ def export_folder(checkpoint: str | Path, output: str | Path, card_license: str 
     which ``timm.create_model("local-dir:FOLDER")`` and the Hub read) and a ``README.md`` model card.
 
     Args:
-        checkpoint: pwself checkpoint file or run directory (its ``knn.json``/``linear.json`` go on the card).
+        checkpoint: pwself checkpoint file or run directory (its final kNN and compare's linear probe go on the card).
         output: The folder to write (created; each file is replaced whole, never left half-written).
         card_license: The card's license (the weights are the user's: set the one their data allows).
         heads: Also write the teacher's heads (and iBOT's mask token) as ``heads.safetensors``, and their sizes
@@ -325,7 +328,8 @@ def load(path: str | Path) -> VisionTransformer:
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_folder(path)
     if path.suffix == ".safetensors":  # weights without their architecture and preprocessing
-        raise CheckpointError(f"{path} holds weights only: pass the run folder ({path.parent}), a checkpoint_*.pt, "
+        raise CheckpointError(f"{path} holds weights only: pass the run folder ({path.parent}), a "
+                              f"{RunFolder.CHECKPOINT_PATTERN}, "
                               "or an export folder (pwself export RUN --format folder OUT: model.safetensors + "
                               "config.json)")
     return teacher_backbone(load_checkpoint(path))

@@ -16,7 +16,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from pwself.checkpoint import BACKBONE_FILE, CheckpointError
+from pwself.run.checkpoint import CheckpointError
+from pwself.run.folder import RunFolder
 
 __all__ = ["read_backbone_state", "load_backbone_weights", "load_start", "HEADS_FILE", "StartState"]
 
@@ -41,18 +42,18 @@ class StartState:
 
 def _file_state(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        for name in ("model.safetensors", BACKBONE_FILE):
+        for name in ("model.safetensors", RunFolder.BACKBONE):
             if (path / name).is_file():
                 state = _file_state(path / name)
                 if (path / HEADS_FILE).is_file():  # an export with --heads: the heads beside the backbone
                     state = {**state, **_file_state(path / HEADS_FILE)}
                 return state
-        from pwself.checkpoint import latest_checkpoint
+        from pwself.run.checkpoint import latest_checkpoint
 
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"backbone.init={path}: the folder holds no model.safetensors, "
-                                  "teacher_backbone.safetensors or checkpoint: pass a weights file")
+                                  f"{RunFolder.BACKBONE} or checkpoint: pass a weights file")
         return _file_state(found)
     if not path.is_file():
         raise CheckpointError(f"backbone.init={path} does not exist: pass a local weights file (nothing is downloaded)")

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pwself.run.folder import RunFolder
+
 if TYPE_CHECKING:
     from pwself.config import LogConfig
 
@@ -49,17 +51,17 @@ class MetricLoggers:
 
     def __init__(self, log: LogConfig, run_dir: Path, config: dict[str, Any]) -> None:
         check_loggers(log)
-        self.run_dir = run_dir
+        self.run_dir, self.folder = run_dir, RunFolder(run_dir)
         self.tensorboard = self.wandb = None
         if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tensorboard = SummaryWriter(log_dir=str(self.folder.tensorboard))
         if log.wandb:
             import wandb
 
             # One W&B run per pwself run, resumed with it (WANDB_MODE=offline is read by wandb itself).
-            id_file = run_dir / "wandb_id.txt"
+            id_file = self.folder.wandb_id
             run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=log.wandb, dir=str(run_dir), config=config, id=run_id, resume="allow",
@@ -74,9 +76,9 @@ class MetricLoggers:
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
 
-    def write(self, row: dict[str, Any], file: str = "metrics.jsonl") -> None:
+    def write(self, row: dict[str, Any]) -> None:
         """Append a training row (``step`` and the scalars of the step)."""
-        _append(self.run_dir / file, json_row(row) + "\n")
+        _append(self.folder.metrics, json_row(row) + "\n")
         self._scalars("train", {k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     def knn(self, step: int, result: dict[int, dict[str, float]], epoch: float | None = None,
@@ -86,7 +88,7 @@ class MetricLoggers:
         if epoch is not None:
             row = {"step": step, "epoch": round(epoch, 4), "train_s": round(train_time[0], 2),
                    "cpu_s": round(train_time[1], 2), "knn": result}
-            _append(self.run_dir / "knn_history.jsonl", json_row(row) + "\n")
+            _append(self.folder.knn_history, json_row(row) + "\n")
         self._scalars("knn", {f"top1_k{k}": r["top1"] for k, r in result.items()}, step)
 
     def dense(self, step: int, result: dict[str, Any], epoch: float, train_time: tuple[float, float]) -> None:
@@ -97,7 +99,7 @@ class MetricLoggers:
                "at_grid_edge": result["best"]["at_grid_edge"]}
         if "hbird" in result:
             row["hbird_miou"] = result["hbird"]["miou"]
-        _append(self.run_dir / "dense_history.jsonl", json_row(row) + "\n")
+        _append(self.folder.dense_history, json_row(row) + "\n")
         self._scalars("dense", {k: row[k] for k in ("miou", "hbird_miou") if k in row}, step)
 
     def close(self) -> None:

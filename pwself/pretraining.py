@@ -5,20 +5,19 @@ trains."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 import pwself.train as training
-from pwself.config import TrainConfig, load_config
+from pwself.config import TrainConfig
 from pwself.eval.floors import pixel_floor, random_init_floor, start_floor
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
-from pwself.rundir import write_atomic
+from pwself.run.folder import RunFolder
+from pwself.run.state import read_run_config
 
-__all__ = ["pretrain", "standard_evaluation", "run_experiment", "cached_json", "open_teacher"]
+__all__ = ["pretrain", "standard_evaluation", "run_experiment", "open_teacher"]
 
 
 def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dict[str, float]]:
@@ -41,10 +40,11 @@ def _dense(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
 def _floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """kNN of the same protocol on the seed's own random init and on raw pixels, and on the starting model of a
     run with ``backbone.init`` (with its dense probe when the run has ``dense_data``), cached in the run folder."""
-    floors = {"random_init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False),
-              "pixels": pixel_floor(cfg, run_dir / "floor_pixels.json")}
+    run = RunFolder(run_dir)
+    floors = {"random_init": random_init_floor(cfg, run.floor("random_init"), linear=False),
+              "pixels": pixel_floor(cfg, run.floor("pixels"))}
     if cfg.backbone.init:
-        floors["start"] = start_floor(cfg, run_dir / "floor_start.json", cfg.dense_data or None)
+        floors["start"] = start_floor(cfg, run.floor("start"), cfg.dense_data or None)
     return floors
 
 
@@ -63,29 +63,14 @@ def run_experiment(cfg: TrainConfig, progress: bool) -> TrainConfig:
     """One run of an experiment (a ``compare`` run, a ``tune`` trial): trained, continued when interrupted,
     reused when finished with the same config. A folder holding a run of other settings is refused naming the
     keys, never shown as new. Returns the run's config as saved (with its measured statistics)."""
-    from pwself.runstate import inspect_run
+    from pwself.run.state import inspect_run
 
     run_dir = Path(cfg.out_dir)
     state = inspect_run(cfg, run_dir, f"use another --out-dir for these settings, or remove {run_dir} to train it "
                         "again")
     if state.kind != "finished":  # a half-started run without a checkpoint is moved aside and started again
         pretrain(cfg, resume=state.kind == "interrupted", progress=progress, overwrite=True)
-    return load_config(run_dir / "config.yaml")
-
-
-def cached_json(path: Path, compute: Callable[[], dict[str, Any]], key: str | None = None) -> dict[str, Any]:
-    """A run's derived result (a probe score): computed once, kept at ``path``, read back later while it was
-    measured on the same data (``key``, kept in the file as ``data_key``: e.g. :func:`pwself.data.dense.dense_key`);
-    a result of other data is measured again."""
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if key is None or stored.get("data_key") == key:
-            return stored
-    result = compute()
-    if key is not None:
-        result = {**result, "data_key": key}
-    write_atomic(path, json.dumps(result, indent=2))
-    return result
+    return read_run_config(run_dir)
 
 
 def open_teacher(run_dir: Path, device: str) -> Any:

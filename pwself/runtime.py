@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pwself.run.folder import RunFolder
+
 __all__ = ["Preempted", "STOP_SIGNALS", "any_true", "DistInfo",
            "init_distributed", "leave_distributed", "all_true", "gather_rows", "gather_objects",
            "shard_indices", "resolve_device"]
@@ -153,7 +155,7 @@ class Preempted(Exception):  # noqa: N818 - the event, not a failure
     def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        if checkpoint is not None and checkpoint.name == f"checkpoint_{step:08d}.pt":
+        if checkpoint is not None and checkpoint.name == RunFolder(checkpoint.parent).checkpoint(step).name:
             where = f"checkpoint {checkpoint} written"
         elif checkpoint is not None:
             where = f"no checkpoint of this step (non-finite loss or exploding weights); the last good: {checkpoint}"

@@ -24,16 +24,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pwself.checkpoint import (
-    BACKBONE_FILE,
-    CheckpointError,
-    export_backbone,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    saved_config,
-    upgrade_checkpoint,
-)
 from pwself.config import (
     DIVERGENCE_FIX_KEYS,
     TrainConfig,
@@ -58,8 +48,17 @@ from pwself.data import (
 from pwself.data.crops import FolderMultiCrop, ViewLoader
 from pwself.diagnostics import FIXES, CollapseWatch, collapse_kind, effective_rank
 from pwself.loggers import MetricLoggers, check_loggers
-from pwself.rundir import RunLock, prepare_run_dir
-from pwself.runstate import write_finished
+from pwself.run.checkpoint import (
+    CheckpointError,
+    export_backbone,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saved_config,
+    upgrade_checkpoint,
+)
+from pwself.run.folder import RunFolder, RunLock, prepare_run_dir
+from pwself.run.state import write_finished
 from pwself.runtime import STOP_SIGNALS, DistInfo, Preempted, any_true, gather_objects, init_distributed, resolve_device
 from pwself.schedules import (
     Schedules,
@@ -160,6 +159,10 @@ class _Run:
     stop: _StopSignals | None = None  # set while the loop runs
     log_every: int = 10  # cfg.log_every, lowered for a short run (schedules.log_interval)
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.dir)
+
 
 def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
     if image.shape[0] != cfg.backbone.in_chans:
@@ -172,7 +175,7 @@ def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
 
 def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint of ``run_dir`` that loads; a corrupt newer one is named and passed over."""
-    found = sorted(run_dir.glob("checkpoint_[0-9]*.pt"), reverse=True)
+    found = RunFolder(run_dir).checkpoints()[::-1]
     if not found:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume")
     for k, path in enumerate(found):
@@ -219,7 +222,7 @@ def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[
     refused = [k for k in diff if k not in DIVERGENCE_FIX_KEYS]
     if refused:
         raise CheckpointError(f"cannot resume {found}: config differs in {', '.join(refused)}; use the saved "
-                              f"{run_dir / 'config.yaml'} or a new out_dir")
+                              f"{RunFolder(run_dir).config} or a new out_dir")
     now = config_to_dict(cfg)
     for key in diff:  # a divergence fix the user asked for: allowed in its safe direction, and said
         a, b = key.split(".")
@@ -309,7 +312,7 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
         # not at the end of training.
         open_dataset(cfg.data, "test", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml", derived=batch_line(cfg, info.world_size))
+        save_config(cfg, RunFolder(run_dir).config, derived=batch_line(cfg, info.world_size))
         log.info(batch_line(cfg, info.world_size))
     if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
         log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
@@ -562,7 +565,7 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     skipped = getattr(ds, "skipped", None) or getattr(getattr(ds, "dataset", None), "skipped", None)
     if skipped and run.info.is_main:
         log.warning("skipped %d unreadable image(s) (data.on_bad_image=skip), listed above", len(skipped))
-    backbone_path = run.dir / BACKBONE_FILE
+    backbone_path = run.folder.backbone
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
     knn, floors = None, None
@@ -571,13 +574,13 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     if run.cfg.knn_at_end and run.heldout and run.evaluation.knn:
         knn = run.evaluation.knn(step.teacher.backbone, run.cfg, progress and run.info.is_main)
         if run.info.is_main:
-            (run.dir / "knn.json").write_text(json.dumps({"step": prog.step, "train_s": round(prog.train_s, 2),
-                                                          "cpu_s": round(prog.cpu_s, 2), "knn": knn}, indent=2))
+            run.folder.write_json(RunFolder.KNN, {"step": prog.step, "train_s": round(prog.train_s, 2),
+                                                  "cpu_s": round(prog.cpu_s, 2), "knn": knn})
             run.loggers.knn(prog.step, knn)
         if run.cfg.knn_floors and run.evaluation.floors:
             floors = run.evaluation.floors(run.cfg, run.dir)
             if run.info.is_main:
-                (run.dir / "floors.json").write_text(json.dumps(floors, indent=2))
+                run.folder.write_json(RunFolder.FLOORS, floors)
     if run.loggers is not None:
         run.loggers.close()
     if run.info.is_main:  # last: a run cut off before this point is continued, not shown as done
@@ -632,7 +635,7 @@ def _train(run: _Run, progress: bool) -> TrainResult:
     for line in schedule_problems(cfg, run.steps_per_epoch) if info.is_main and run.ckpt is None else ():
         log.warning(line)
     gen = torch.Generator().manual_seed(cfg.seed + 1000003 * info.rank)  # rank 0 = single-process run
-    metrics_path = run.dir / "metrics.jsonl"
+    metrics_path = run.folder.metrics
     prog = _Progress()
     if info.is_main:
         run.loggers = MetricLoggers(cfg.log, run.dir, config_to_dict(cfg))

@@ -170,11 +170,11 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], select: TrialScore, progre
     """Train one trial (reused when finished with the same config; continued when interrupted) and score it
     once per metric and held-out set (``tune_score.json``, ``tune_score_miou.json``, ``tune_score_hbird.json``)."""
     from pwself.pretraining import open_teacher, run_experiment
-    from pwself.rundir import write_atomic
+    from pwself.run.folder import RunFolder, write_atomic
 
     run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)
     held = select.heldout
-    path = run_dir / ("tune_score.json" if select.metric == "knn" else f"tune_score_{select.metric}.json")
+    path = RunFolder(run_dir).tune_score(select.metric)
     cached = json.loads(path.read_text()) if path.exists() else {}
     if cached.get("heldout") == held and select.key in cached:
         return cached[select.key]

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pwself.rundir import write_atomic
+from pwself.run.folder import RunFolder, write_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,14 +107,14 @@ def learning_curve(run_dir: str | Path, metric: str = "knn") -> list[dict[str, f
     ``train_s`` (wall seconds training, evaluations excluded), ``cpu_s`` (CPU seconds of the process) and
     ``top1`` (the metric's value); rows from runs older than the time logging have no point, and a step
     evaluated twice (a resumed run) keeps its last row."""
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     if metric == "miou":
-        rows = {r["step"]: r for r in read_metrics(run_dir / "dense_history.jsonl")}
+        rows = {r["step"]: r for r in read_metrics(run.dense_history)}
         return [{"step": r["step"], "train_s": r["train_s"], "cpu_s": r["cpu_s"], "top1": r["miou"]}
                 for _, r in sorted(rows.items())]
-    rows = read_metrics(run_dir / "knn_history.jsonl")
-    if (run_dir / "knn.json").exists():
-        rows.append(json.loads((run_dir / "knn.json").read_text()))
+    rows = read_metrics(run.knn_history)
+    if run.knn.exists():
+        rows.append(run.read_json(RunFolder.KNN))
     return [{"step": r["step"], "train_s": r["train_s"], "cpu_s": r.get("cpu_s", r["train_s"]),
              "top1": r["knn"]["10"]["top1"]} for r in rows if "train_s" in r and "10" in r["knn"]]
 
@@ -204,7 +204,7 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
         p, v = tc.backbone.patch_size, tc.views
         figs = []
         for k, img in enumerate(images):
-            out = run_dir / f"matches_{k}.png"
+            out = RunFolder(run_dir).figure("matches", k)
             photo, source = _training_image(dataset, k, tc.backbone.in_chans)
             plt.close(draw_matches(img if photo is None else photo, p, v.global_size, v.local_size, seed=k,
                                    photometric=tc.photometric.mode, path=out, source=source or
@@ -212,7 +212,7 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
             figs.append((f"patch matches, image {k} (global vs local view)", out))
         backbone = load(run_dir)
         for k, img in enumerate(images):
-            out = run_dir / f"attention_{k}.png"
+            out = RunFolder(run_dir).figure("attention", k)
             plt.close(draw_attention(backbone, img, tc.data.mean, tc.data.std, v.global_size, out))
             figs.append((f"teacher CLS attention and patch PCA, image {k}", out))
         return figs, ""
@@ -222,7 +222,7 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
 
 def _about_run(run_dir: Path, cfg: dict[str, Any], has_knn: bool) -> str:
     """One line on how the run was made (version, date, device, images, time) and why kNN is missing if it is."""
-    finished = json.loads((run_dir / "finished.json").read_text()) if (run_dir / "finished.json").is_file() else {}
+    finished = RunFolder(run_dir).read_json(RunFolder.FINISHED) or {}
     if "version" in finished:
         procs = f", {finished['world_size']} processes" if finished.get("world_size", 1) > 1 else ""
         parts = [f"pwself {finished['version']}", f"finished {finished['finished_at']}",
@@ -273,16 +273,16 @@ def write_report(run_dir: str | Path) -> Path:
     from pwself.config import ConfigError, read_yaml
 
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    cfg = read_yaml(run_dir / "config.yaml", "run config") if (run_dir / "config.yaml").exists() else {}
+    run = RunFolder(run_dir)
+    rows = read_metrics(run.metrics)
+    cfg = read_yaml(run.config, "run config") if run.config.exists() else {}
     if not isinstance(cfg, dict):
-        raise ConfigError(f"run config {run_dir / 'config.yaml'} is not a mapping of keys: restore the run's file")
+        raise ConfigError(f"run config {run.config} is not a mapping of keys: restore the run's file")
     objective = cfg.get("recipe") or cfg.get("loss", {}).get("objective", "?")
-    png = plot_training_curves(rows, run_dir / "training_curves.png", title=f"{run_dir.name} ({objective})")
-    knn_path = run_dir / "knn.json"
-    knn = json.loads(knn_path.read_text())["knn"] if knn_path.exists() else None
-    floors = json.loads((run_dir / "floors.json").read_text()) if (run_dir / "floors.json").exists() else None
-    history = read_metrics(run_dir / "knn_history.jsonl")
+    png = plot_training_curves(rows, run.curves, title=f"{run_dir.name} ({objective})")
+    knn = (run.read_json(RunFolder.KNN) or {}).get("knn")
+    floors = run.read_json(RunFolder.FLOORS)
+    history = read_metrics(run.knn_history)
 
     md = [f"# pwself run `{run_dir}`", ""]
     summary = (f"objective {objective}, {rows[-1]['step']} steps, final loss {rows[-1]['loss']:.4f}"
@@ -292,7 +292,7 @@ def write_report(run_dir: str | Path) -> Path:
     if knn:
         md += ["## kNN on frozen teacher features (weighted, T = 0.07)", "", knn_markdown(knn, objective, floors),
                ""]
-    md += _dense_lines(read_metrics(run_dir / "dense_history.jsonl"), (floors or {}).get("start") or {}, objective,
+    md += _dense_lines(read_metrics(run.dense_history), (floors or {}).get("start") or {}, objective,
                        cfg)
     history_rows = [(h["epoch"], h["knn"].get("10", {}).get("top1", float("nan"))) for h in history]
     if knn:
@@ -301,10 +301,10 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["## kNN (k = 10, top-1 %) per evaluated epoch", "", "| epoch | top-1 |", "|---|---|"]
         md += [f"| {e:g} | {a:.2f} |" if isinstance(e, (int, float)) else f"| {e} | {a:.2f} |" for e, a in history_rows]
         md.append("")
-    md += ["![training curves](training_curves.png)", ""]
+    md += [f"![training curves]({RunFolder.CURVES})", ""]
     figures, figure_note = _run_figures(run_dir, cfg)
     md += [f"![{name}]({png.name})" for name, png in figures] + ([figure_note] if figure_note else [])
-    write_atomic(run_dir / "report.md", "\n".join(md))
+    write_atomic(run.report_md, "\n".join(md))
 
     img = base64.b64encode(png.read_bytes()).decode()
     figure_html = "".join(
@@ -331,7 +331,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:
 <body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(summary)}</p><p>{html.escape(about)}</p>{table}
 <h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{img}" style="max-width:100%">
 {figure_html}<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
-    out = run_dir / "report.html"
+    out = run.report_html
     write_atomic(out, page)
     return out
 

@@ -25,6 +25,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pwself.run.folder import RunFolder
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 FAMILIES = {
     "plain": [],
@@ -64,11 +66,11 @@ def pwself(*args: str, log: Path) -> None:
 
 def start_model(out: Path, family: str) -> Path:
     """The stand-in for a released backbone: DINO on Fashion-MNIST, its teacher backbone as a timm file."""
-    run = out / f"start_{family}"
-    if not (run / "finished.json").exists():
+    run = RunFolder(out / f"start_{family}")
+    if not run.finished.exists():
         pwself("pretrain", "--config", "fmnist_demo", "loss.objective=dino", *FAMILIES[family], "--out-dir", str(run),
                "--auto-resume", "--no-progress", log=out / f"start_{family}.log")
-    return run / "teacher_backbone.safetensors"
+    return run.backbone
 
 
 def fmnist_knn(run: Path, log: Path) -> None:
@@ -83,26 +85,26 @@ def start_row(out: Path, family: str, weights: Path) -> Path:
     input side), saved as a run folder without checkpoints, and scored like the post-trained runs."""
     import torch
 
-    from pwself.checkpoint import export_backbone
     from pwself.config import load_config, save_config
     from pwself.data import channel_stats, open_dataset
     from pwself.init_weights import load_backbone_weights
     from pwself.models import make_vit
+    from pwself.run.checkpoint import export_backbone
 
     folder = out / family / "start"
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "teacher_backbone.safetensors").exists():
+    if not RunFolder(folder).backbone.exists():
         cfg = load_config("fmnist_scenes", [*FAMILIES[family], *POST, f"backbone.init={weights}"])
         cfg.data.mean, cfg.data.std = channel_stats(open_dataset(cfg.data, "train", 1, cfg.backbone.patch_size, 0))
         torch.manual_seed(0)
         backbone = make_vit(cfg.backbone, cfg.views.global_size)
         load_backbone_weights(backbone, weights)
-        save_config(cfg, folder / "config.yaml")
-        export_backbone(backbone, folder / "teacher_backbone.safetensors")
+        save_config(cfg, RunFolder(folder).config)
+        export_backbone(backbone, RunFolder(folder).backbone)
     log = out / family / "start.log"
-    if not (folder / "dense.json").exists():
+    if not (folder / "start_dense.json").exists():  # eval-dense's output, beside the run's own files
         pwself("eval-dense", str(folder), "--data", "data/scenes", "--cache-dir", "", "--no-progress", "--output",
-               str(folder / "dense"), log=log)
+               str(folder / "start_dense"), log=log)
     fmnist_knn(folder, log)
     if not (folder / "scenes_knn.json").exists():  # the post-trained runs' own kNN: the scenes' dominant class
         pwself("eval-knn", str(folder), "--ks", "10", "--cache-dir", "", "--no-progress", "--output",
@@ -115,7 +117,7 @@ def post_run(out: Path, family: str, weights: Path, method: str, warmup: str, se
     run = out / family / f"{method}_{warmup.replace(' ', '')}_s{seed}"
     log = Path(f"{run}.log")
     try:
-        if not (run / "finished.json").exists():
+        if not RunFolder(run).finished.exists():
             pwself("pretrain", "--config", "fmnist_scenes", *FAMILIES[family], *POST, f"backbone.init={weights}",
                    *METHODS[method], *WARMUP[warmup], f"seed={seed}", "--out-dir", str(run), "--auto-resume",
                    "--no-progress", log=log)
@@ -130,15 +132,16 @@ def scores(run: Path) -> dict[str, float | None]:
     (k = 10, %)."""
     by_pooling = json.loads((run / "fmnist_knn.json").read_text())["knn"]
     fmnist = next(iter(next(iter(by_pooling.values())).values()))["10"]["top1"]  # the one pooling, the one model
-    if (run / "dense.json").exists():  # the start row: eval-dense's output, one model
-        miou = next(iter(json.loads((run / "dense.json").read_text())["dense"].values()))["miou"]
+    if (run / "start_dense.json").exists():  # the start row: eval-dense's output, one model
+        miou = next(iter(json.loads((run / "start_dense.json").read_text())["dense"].values()))["miou"]
         scenes = None
         if (run / "scenes_knn.json").exists():
             by_pooling = json.loads((run / "scenes_knn.json").read_text())["knn"]
             scenes = next(iter(next(iter(by_pooling.values())).values()))["10"]["top1"]
         return {"miou": miou, "fmnist_knn": fmnist, "scenes_knn": scenes}
-    miou = json.loads((run / "dense_history.jsonl").read_text().splitlines()[-1])["miou"]
-    scenes = json.loads((run / "knn.json").read_text())["knn"]["10"]["top1"]
+    miou = RunFolder(run).dense_history.read_text().splitlines()[-1]
+    miou = json.loads(miou)["miou"]
+    scenes = RunFolder(run).read_json(RunFolder.KNN)["knn"]["10"]["top1"]
     return {"miou": miou, "fmnist_knn": fmnist, "scenes_knn": scenes}
 
 

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pwself
-from pwself.checkpoint import latest_checkpoint
 from pwself.config import load_config
 from pwself.data import open_dataset
 from pwself.eval import extract_features, knn_classify
 from pwself.pretraining import pretrain
+from pwself.run.checkpoint import latest_checkpoint
 
 OUT = Path("runs/search")
 

@@ -29,6 +29,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pwself.run.folder import RunFolder
+
 SHIPPED_BATCH = 64
 BATCH = 32
 DATASETS = {  # name -> (config, its shipped optim.lr, teacher momentum, overrides of every row)
@@ -56,7 +58,7 @@ def rows(dataset: str) -> dict[str, list[str]]:
 def run_one(out: Path, dataset: str, row: str, seed: int) -> Path:
     config, _, _, common = DATASETS[dataset]
     run = out / dataset / f"{row}_s{seed}"
-    if not (run / "finished.json").exists():
+    if not RunFolder(run).finished.exists():
         run.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with open(f"{run}.log", "a") as f:
@@ -71,12 +73,12 @@ def run_one(out: Path, dataset: str, row: str, seed: int) -> Path:
 def score(run: Path, dataset: str) -> dict[str, float]:
     """The row's score (kNN top-1 or dense mIoU, %), the final teacher entropy relative to log K, and whether a
     collapse warning was written."""
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in RunFolder(run).metrics.read_text().splitlines()]
     last = [m for m in metrics if "teacher_entropy_rel" in m][-1]
     if dataset == "fmnist":
-        value = json.loads((run / "knn.json").read_text())["knn"]["10"]["top1"]
+        value = RunFolder(run).read_json(RunFolder.KNN)["knn"]["10"]["top1"]
     else:
-        value = json.loads((run / "dense_history.jsonl").read_text().splitlines()[-1])["miou"]
+        value = json.loads(RunFolder(run).dense_history.read_text().splitlines()[-1])["miou"]
     warned = "looks collapsed" in Path(f"{run}.log").read_text().lower()
     return {"score": value, "entropy": last["teacher_entropy_rel"], "rank": last.get("rank_cls", float("nan")),
             "warned": warned}
@@ -89,7 +91,7 @@ def table(out: Path, seeds: list[int]) -> str:
         what = "kNN k=10 %" if dataset == "fmnist" else "dense mIoU %"
         for row, keys in rows(dataset).items():
             done = [score(out / dataset / f"{row}_s{s}", dataset) for s in seeds
-                    if (out / dataset / f"{row}_s{s}" / "finished.json").exists()]
+                    if RunFolder(out / dataset / f"{row}_s{s}").finished.exists()]
             if not done:
                 continue
             per_seed = " / ".join(f"{d['score']:.2f}" for d in done)

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import build_parts, tiny_config
 
-from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
 from pwself.config import ConfigError, load_config
 from pwself.init_weights import load_start
 from pwself.losses import gram_loss
 from pwself.models import DistillNet, forward_tokens, make_vit
+from pwself.run.checkpoint import load_checkpoint
 from pwself.schedules import apply_schedules, make_schedules
 from pwself.step import build_step, param_groups
 

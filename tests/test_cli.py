@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
+from pwself.run.checkpoint import load_checkpoint
 
 TINY = ["data.kind=synthetic", "data.synthetic_size=96", "views.global_size=16", "views.local_size=8",
         "views.n_local=2", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",

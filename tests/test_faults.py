@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from test_cli import TINY, _run
 
-from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
-from pwself.rundir import RunLock
+from pwself.run.checkpoint import load_checkpoint
+from pwself.run.folder import RunLock
 
 QUIET = ["knn_at_end=false", "knn_floors=false"]
 
@@ -127,7 +127,7 @@ def test_an_error_inside_a_loader_worker_is_one_line(tmp_path, capsys):
 # 4. A full disk at a checkpoint: one line naming the folder and the free space, no partial file left;
 #    a torn metrics line does not block --resume.
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
-    import pwself.checkpoint as checkpoint
+    import pwself.run.checkpoint as checkpoint
 
     def full_disk(obj, path):
         with open(path, "wb") as f:
@@ -486,7 +486,7 @@ def test_every_entry_is_checked_before_anything_trains(argv, message, tmp_path, 
 # 25.20: a second --runs-only worker moves on to the runs not yet taken.
 def test_a_runs_only_worker_skips_a_run_another_worker_holds(tmp_path, monkeypatch, capsys):
     import pwself.compare as compare_mod
-    from pwself.rundir import RunLock
+    from pwself.run.folder import RunLock
 
     out = tmp_path / "cmp"
     (out / "dino_seed0").mkdir(parents=True)

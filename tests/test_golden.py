@@ -60,8 +60,8 @@ FP32 = {"terms": (1e-4, 1e-5), "weights": (1e-6, 1e-5)}
 def run_variant(name: str, out_dir: Path, extra: tuple[str, ...] = ("precision=fp64",)) -> dict:
     """Train the variant for 4 steps; per-step loss terms (as logged) and a float64 fingerprint of the
     final teacher and student weights (the sum of every tensor, in name order)."""
-    from pwself.checkpoint import load_checkpoint
     from pwself.config import load_config
+    from pwself.run.checkpoint import load_checkpoint
     from pwself.train import train
 
     cfg = load_config(None, [*BASE, *VARIANTS[name], *extra, f"out_dir={out_dir}"])

@@ -110,7 +110,7 @@ def test_14_a_duplicate_yaml_key_and_a_tagged_or_tabbed_run_config_are_one_line(
 @pytest.mark.slow
 def test_15_an_export_folder_never_makes_load_download_or_read_other_files(tmp_path):
     import pwself
-    from pwself.checkpoint import CheckpointError
+    from pwself.run.checkpoint import CheckpointError
 
     out = tmp_path / "run"
     assert _run(out, "--epochs", "1", *QUIET) == 0
@@ -176,7 +176,7 @@ def test_17_a_backbone_init_of_other_sizes_names_the_files_model(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from pwself.checkpoint import CheckpointError
+    from pwself.run.checkpoint import CheckpointError
     from pwself.step import build_step
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=28, patch_size=7,

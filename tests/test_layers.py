@@ -12,12 +12,12 @@ PKG = Path(__file__).resolve().parents[1] / "pwself"
 # Lowest first. The order the brief asks for: cli -> experiments -> {train, eval} -> step -> objectives -> core,
 # with data and runtime at the bottom.
 LAYERS = {
-    0: ["sections", "masking", "runtime", "rundir", "data.photos", "losses", "matching", "views", "augment",
+    0: ["sections", "masking", "runtime", "run", "run.folder", "data.photos", "losses", "matching", "views", "augment",
         "diagnostics", "models", "eval.metrics", "eval.linear"],
     1: ["data", "data.datasets", "data.crops", "data.dense", "data.scenes"],
     2: ["objectives", "objectives.base", "objectives.dino", "objectives.patchwise", "objectives.cossl",
         "objectives.logo", "objectives.bagssl", "objectives.ibot"],
-    3: ["config", "schedules", "loggers", "checkpoint", "runstate", "init_weights"],
+    3: ["config", "schedules", "loggers", "run.checkpoint", "run.state", "init_weights"],
     4: ["step"],
     5: ["train", "export", "eval", "eval.features", "eval.knn", "eval.source", "eval.dense", "eval.copydetect",
         "eval.retrieval", "eval.incontext", "eval.protocols", "eval.floors", "eval.suite", "viz"],

@@ -138,7 +138,7 @@ def test_channels_come_from_the_data_unless_set(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_a_folder_run_resumes_exactly_with_views_cut_in_workers(tmp_path):
-    from pwself.checkpoint import load_checkpoint
+    from pwself.run.checkpoint import load_checkpoint
 
     _photos(tmp_path / "photos", repeat=4)
     common = ["pretrain", "data.kind=folder", f"data.root={tmp_path / 'photos'}", "--epochs", "2", "--batch-size",
@@ -181,9 +181,9 @@ def test_starting_from_an_export_gives_the_exported_models_forward(tmp_path):
 def test_dino_style_checkpoints_are_mapped_and_position_embeddings_resampled(tmp_path):
     from timm.layers import resample_abs_pos_embed
 
-    from pwself.checkpoint import CheckpointError
     from pwself.init_weights import load_backbone_weights
     from pwself.models import BackboneConfig, make_vit
+    from pwself.run.checkpoint import CheckpointError
 
     cfg = BackboneConfig(patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2)
     torch.manual_seed(0)

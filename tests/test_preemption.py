@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
+from pwself.run.checkpoint import load_checkpoint
 from pwself.step import TrainStep
 
 TINY = ["data.kind=synthetic", "data.synthetic_size=96", "views.global_size=16", "views.local_size=8",

@@ -169,16 +169,16 @@ def _commands_of(text: str) -> list[str]:
 
 
 def test_the_readme_table_of_run_files_lists_every_file_a_run_writes():
-    """The README's "What a run writes" against the run folder's own list (pwself.rundir): every name or
+    """The README's "What a run writes" against the run folder's own list (pwself.run.folder): every name or
     pattern there is in the table (a name may be covered by a pattern of the table, e.g. floor_*.json)."""
     import fnmatch
 
-    from pwself.rundir import RUN_FILES, RUN_PATTERNS
+    from pwself.run.folder import RUN_FILES, RUN_PATTERNS
 
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## What a run writes"):]
     section = section[:section.index("\n## ", 5)]
     listed = [name for line in section.splitlines() if line.startswith("| `")
-              for name in re.findall(r"`([^`]+)`", line.split("|")[1])]
+              for name in re.findall(r"`([^`/]+)/?`", line.split("|")[1])]
     missing = [f for f in (*RUN_FILES, *RUN_PATTERNS) if not any(f == n or fnmatch.fnmatch(f, n) for n in listed)]
     assert missing == [], f"add to the README's table of run files: {missing}"

@@ -7,8 +7,8 @@ import torch
 from test_cli import TINY
 
 import pwself.step as step_mod
-from pwself.checkpoint import load_checkpoint
 from pwself.cli import main
+from pwself.run.checkpoint import load_checkpoint
 
 
 def _nan_at(monkeypatch, bad_steps):

@@ -6,8 +6,8 @@ import torch
 from test_cli import TINY
 from test_train import tiny_config
 
-from pwself.checkpoint import load_checkpoint, upgrade_checkpoint
 from pwself.config import ConfigError, config_from_dict, config_to_dict, load_config
+from pwself.run.checkpoint import load_checkpoint, upgrade_checkpoint
 from pwself.step import build_step
 
 

@@ -204,7 +204,7 @@ def test_a_content_change_of_one_pixel_changes_the_dataset_fingerprint(tmp_path,
 def test_scores_are_kept_with_the_data_they_were_measured_on(tmp_path):
     """Item 2: a cached score is read back only for the same data (dense_key: both splits' contents)."""
     from pwself.data.dense import dense_key
-    from pwself.pretraining import cached_json
+    from pwself.run.folder import RunFolder
 
     def scenes(root, level):
         for split in ("train", "test"):
@@ -222,10 +222,10 @@ def test_scores_are_kept_with_the_data_they_were_measured_on(tmp_path):
         calls.append(value)
         return {"miou": value}
 
-    path = tmp_path / "dense.json"
-    assert cached_json(path, lambda: measure(1.0), key=dense_key(a))["miou"] == 1.0
-    assert cached_json(path, lambda: measure(9.0), key=dense_key(a))["miou"] == 1.0  # read back
-    assert cached_json(path, lambda: measure(2.0), key=dense_key(b))["miou"] == 2.0  # other data: measured
+    run = RunFolder(tmp_path)
+    assert run.cached_score("dense", lambda: measure(1.0), key=dense_key(a))["miou"] == 1.0
+    assert run.cached_score("dense", lambda: measure(9.0), key=dense_key(a))["miou"] == 1.0  # read back
+    assert run.cached_score("dense", lambda: measure(2.0), key=dense_key(b))["miou"] == 2.0  # other data
     assert calls == [1.0, 2.0]
 
 

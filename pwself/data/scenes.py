@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pwself.data.datasets import FASHION_MNIST_DIR, DatasetError, load_idx_dataset
-from pwself.rundir import move_aside
+from pwself.run.folder import move_aside
 
 __all__ = ["FASHION_MNIST_CLASSES", "SceneSpec", "make_scenes", "render_scene"]
 

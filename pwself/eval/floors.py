@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from pwself.config import TrainConfig
 from pwself.data import open_dataset
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, features, score_features
+from pwself.run.folder import RunFolder
 
 __all__ = ["pixel_floor", "random_init_floor", "start_floor", "pixel_dense_floor", "open_split", "MAX_PIXEL_DIM",
            "run_floors"]
@@ -169,17 +170,17 @@ def run_floors(run_dir: Path, metric: str = "knn") -> dict[str, float]:
     """The floors of a run's config, by name (``random init``, and ``raw pixels`` when small enough), cached in
     the run folder: the lines a learning-curve plot draws. ``metric``: ``knn`` (k = 10) or ``miou`` (the dense
     probe on the run's ``dense_data``)."""
-    from pwself.config import load_config
+    from pwself.run.state import read_run_config
 
-    cfg = load_config(str(run_dir / "config.yaml"), [])
+    cfg, run = read_run_config(run_dir), RunFolder(run_dir)
     if metric == "miou":
         if not cfg.dense_data:
             raise ValueError(f"{run_dir} has no dense_data in its config: train with dense_data=DIR")
-        random = random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False, dense=cfg.dense_data)
-        pixels = pixel_dense_floor(cfg, cfg.dense_data, run_dir / "floor_pixels_dense.json")
+        random = random_init_floor(cfg, run.floor("random_init"), linear=False, dense=cfg.dense_data)
+        pixels = pixel_dense_floor(cfg, cfg.dense_data, run.floor("pixels_dense"))
         return {"random init": random["miou"], "raw pixels": pixels["miou"]}
-    floors = {"random init": random_init_floor(cfg, run_dir / "floor_random_init.json", linear=False)["knn10"]}
-    pixels = pixel_floor(cfg, run_dir / "floor_pixels.json")
+    floors = {"random init": random_init_floor(cfg, run.floor("random_init"), linear=False)["knn10"]}
+    pixels = pixel_floor(cfg, run.floor("pixels"))
     if pixels:
         floors["raw pixels"] = pixels["knn10"]
     return floors

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pwself.checkpoint import BACKBONE_FILE, CheckpointError
 from pwself.data import fingerprint
 from pwself.eval.features import extract_features
+from pwself.run.checkpoint import CheckpointError
+from pwself.run.folder import RunFolder
 
 __all__ = ["FeatureSource", "open_source", "cached_features", "file_sha256", "load_or_compute"]
 
@@ -81,27 +82,23 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def _open_exported_run(run_dir: Path) -> FeatureSource:
     """A run directory kept without its checkpoints (they hold the optimizer, several times the weights): the
-    teacher backbone from ``teacher_backbone.safetensors`` and the run's ``config.yaml``."""
+    teacher backbone and the run's config."""
     from safetensors.torch import load_file
 
-    from pwself.config import config_from_dict, read_yaml
+    from pwself.config import config_to_dict
     from pwself.models import make_vit
+    from pwself.run.state import read_run_config
 
-    try:
-        raw = read_yaml(run_dir / "config.yaml", "run config")
-        cfg = config_from_dict(raw)
-    except Exception as e:  # noqa: BLE001 - YAML and config errors alike: the file is not a run's config
-        raise CheckpointError(f"{run_dir / 'config.yaml'} cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}): restore the run's config.yaml") from None
+    cfg, folder = read_run_config(run_dir), RunFolder(run_dir)
     backbone = make_vit(cfg.backbone, cfg.views.global_size)
     try:
-        backbone.load_state_dict(load_file(run_dir / BACKBONE_FILE))
+        backbone.load_state_dict(load_file(folder.backbone))
     except Exception as e:  # noqa: BLE001 - a damaged file or one of another architecture
-        what = "does not fit the run's config.yaml" if isinstance(e, RuntimeError) else "is damaged"
-        raise CheckpointError(f"{run_dir / BACKBONE_FILE} {what} ({type(e).__name__}): export it again from a "
+        what = f"does not fit the run's {RunFolder.CONFIG}" if isinstance(e, RuntimeError) else "is damaged"
+        raise CheckpointError(f"{folder.backbone} {what} ({type(e).__name__}): export it again from a "
                               "checkpoint of this run") from None
     return FeatureSource(str(run_dir), backbone.eval(), list(cfg.data.mean), list(cfg.data.std),
-                         cfg.views.global_size, file_sha256(run_dir / BACKBONE_FILE), raw)
+                         cfg.views.global_size, file_sha256(folder.backbone), config_to_dict(cfg))
 
 
 def open_source(
@@ -123,16 +120,17 @@ def open_source(
         std: Normalization std for a timm model.
         seed: Seed of a timm model's random init.
     """
-    from pwself.checkpoint import latest_checkpoint, load_checkpoint
+    from pwself.run.checkpoint import latest_checkpoint, load_checkpoint
 
     path = Path(spec)
     if path.exists():
         file = latest_checkpoint(path) if path.is_dir() else path
-        if file is None and (path / BACKBONE_FILE).exists() and (path / "config.yaml").exists():
+        folder = RunFolder(path)
+        if file is None and folder.backbone.exists() and folder.config.exists():
             return _open_exported_run(path)
         if file is None:
-            raise FileNotFoundError(f"no checkpoint nor {BACKBONE_FILE} + config.yaml in {path}: pass a checkpoint "
-                                    "file or a run directory")
+            raise FileNotFoundError(f"no checkpoint nor {RunFolder.BACKBONE} + {RunFolder.CONFIG} in {path}: pass a "
+                                    "checkpoint file or a run directory")
         from pwself.export import teacher_backbone
 
         ckpt = load_checkpoint(file)

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from pwself.checkpoint import saved_config
 from pwself.config import (
     ConfigError,
     TrainConfig,
@@ -25,9 +24,10 @@ from pwself.config import (
     resolve_in_chans,
     resolve_max_side,
 )
-from pwself.rundir import FINISHED_FILE, RunDirError, holds_run, holds_weights, write_atomic
+from pwself.run.checkpoint import saved_config
+from pwself.run.folder import RunDirError, RunFolder, holds_run, holds_weights, write_atomic
 
-__all__ = ["RunState", "inspect_run", "write_finished", "read_finished"]
+__all__ = ["RunState", "inspect_run", "write_finished", "read_finished", "read_run_config"]
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,13 @@ def write_finished(run_dir: Path, step: int, knn: dict[int, dict[str, float]] | 
                    floors: dict[str, Any] | None, about: dict[str, Any] | None = None) -> None:
     """Mark the run finished, with its final kNN and floors (``None`` when not evaluated) and ``about`` the run
     (version, date, device, images, training seconds: what the report shows)."""
-    write_atomic(run_dir / FINISHED_FILE, json.dumps({"step": step, "knn": knn, "floors": floors, **(about or {})},
+    write_atomic(RunFolder(run_dir).finished, json.dumps({"step": step, "knn": knn, "floors": floors, **(about or {})},
                                                      indent=2))
 
 
 def read_finished(run_dir: Path) -> dict[str, Any]:
     """The stored result of a finished run; kNN keys back to ints."""
-    path = run_dir / FINISHED_FILE
+    path = RunFolder(run_dir).finished
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -59,12 +59,15 @@ def read_finished(run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _saved_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run folder saved, read as its run meant it (:func:`pwself.run.checkpoint.saved_config`): the
+    one reader of a run's config. A file that is not a run's config is one line naming it."""
+    path = RunFolder(run_dir).config
     try:
-        return config_to_dict(saved_config(read_yaml(path, "run config") or {}))
-    except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError) as e:
-        raise RunDirError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
+        return saved_config(read_yaml(path, "run config") or {})
+    except (OSError, yaml.YAMLError, ConfigError, TypeError, ValueError, AttributeError) as e:
+        raise RunDirError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                          f"restore the run's {RunFolder.CONFIG}") from None
 
 
 def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
@@ -72,13 +75,14 @@ def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     names the keys that differ, then ``start_over``: what to do about it in the caller's context."""
     if not holds_run(run_dir) or not holds_weights(run_dir):
         return RunState("new")
-    saved, now = _saved_config(run_dir), config_to_dict(resolve_max_side(resolve_in_chans(copy.deepcopy(cfg))))
+    saved = config_to_dict(read_run_config(run_dir))
+    now = config_to_dict(resolve_max_side(resolve_in_chans(copy.deepcopy(cfg))))
     if not now["data"]["mean"]:  # measured at the start of a run: compare what the user set
         now["data"]["mean"], now["data"]["std"] = saved["data"]["mean"], saved["data"]["std"]
     diff = config_diff(saved, now)
     if diff:
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise RunDirError(f"{run_dir} holds a run of another config (it differs in {shown}): {start_over}")
-    if (run_dir / FINISHED_FILE).exists():
+    if RunFolder(run_dir).finished.exists():
         return RunState("finished", read_finished(run_dir))
     return RunState("interrupted")

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pwself.config import config_from_dict
+from pwself.run.folder import RunFolder, free_space
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint",
            "config_of_checkpoint", "export_backbone", "BACKBONE_FILE"]
 
-BACKBONE_FILE = "teacher_backbone.safetensors"
+BACKBONE_FILE = RunFolder.BACKBONE
 """Where a run keeps its teacher backbone (timm key names) beside its checkpoints."""
 
 
@@ -35,7 +36,8 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"checkpoint_{step:08d}.pt"
+    folder = RunFolder(run_dir)
+    path = folder.checkpoint(step)
     tmp = path.with_suffix(".pt.tmp")
     try:
         torch.save(state, tmp)
@@ -43,19 +45,17 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:  # torch reports a full disk as either, depending on where it fails
         tmp.unlink(missing_ok=True)
-        from pwself.rundir import free_space
-
         raise CheckpointError(f"cannot write checkpoint {path.name} in {run_dir} ({_reason(e)}; {free_space(run_dir)} "
                               "free): free some space or choose another --out-dir; earlier checkpoints are intact, "
                               "continue with --resume") from None
     tmp.replace(path)
-    last_tmp = run_dir / "checkpoint_last.pt.tmp"
+    last_tmp = folder.checkpoint_last.with_suffix(".pt.tmp")
     if last_tmp.exists() or last_tmp.is_symlink():
         last_tmp.unlink()
     os.symlink(path.name, last_tmp)
-    last_tmp.replace(run_dir / "checkpoint_last.pt")
+    last_tmp.replace(folder.checkpoint_last)
     if keep > 0:
-        for old in sorted(run_dir.glob("checkpoint_[0-9]*.pt"))[:-keep]:
+        for old in folder.checkpoints()[:-keep]:
             old.unlink()
     return path
 
@@ -66,11 +66,10 @@ def _reason(e: BaseException) -> str:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run directory, or ``None``."""
-    run_dir = Path(run_dir)
-    last = run_dir / "checkpoint_last.pt"
-    if last.exists():
-        return last.resolve()
-    found = sorted(run_dir.glob("checkpoint_[0-9]*.pt"))
+    folder = RunFolder(run_dir)
+    if folder.checkpoint_last.exists():
+        return folder.checkpoint_last.resolve()
+    found = folder.checkpoints()
     return found[-1] if found else None
 
 
