@@ -26,6 +26,7 @@ from pwself.run.folder import RunFolder
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
     from pwself.eval.protocols import EvalSettings
+    from pwself.eval.registry import Protocol
 
 __all__ = ["main"]
 
@@ -53,7 +54,9 @@ keyed by the weights' SHA-256, the dataset, the transform and the pooling. Resul
 def _add_eval_common(p: argparse.ArgumentParser, labelled: bool = True) -> None:
     p.add_argument("models", nargs="+", help="checkpoint files / run directories / timm model names")
     if labelled:
-        p.add_argument("--data-kind", help="idx, cifar, folder or synthetic (default: the first checkpoint's)")
+        from pwself.data import DATA_KINDS
+
+        p.add_argument("--data-kind", help=f"{', '.join(DATA_KINDS)} (default: the first checkpoint's)")
         p.add_argument("--data-root", help="dataset directory (default: the first checkpoint's)")
         p.add_argument("--pooling", default="auto",
                        help="auto (a pwself model as its objective pools, else cls), cls, mean-patch, cls+mean, last4, "
@@ -87,42 +90,20 @@ def _args_pretrain(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
 
 
-def _args_eval_knn(p: argparse.ArgumentParser) -> None:
-    _add_eval_common(p)
-    p.add_argument("--ks", default="10,20,100,200", help="comma-separated k values (default 10,20,100,200)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
-
-
-def _args_eval_linear(p: argparse.ArgumentParser) -> None:
-    _add_eval_common(p)
-    p.add_argument("--epochs", type=int, default=30, help="epochs of each linear head (default 30)")
-
-
-def _args_eval_copydetect(p: argparse.ArgumentParser) -> None:
-    _add_eval_common(p, labelled=False)
-    p.add_argument("--data-path", required=True, help="Copydays-layout folder (original/, strong/, ...)")
-    p.add_argument("--generate-from", help="first build the set at --data-path from this image folder")
-    p.add_argument("--imsize", type=int, help="square input side (default: the model's global size)")
-    p.add_argument("--no-whitening", action="store_true", help="skip PCA whitening")
-
-
-def _args_eval_retrieval(p: argparse.ArgumentParser) -> None:
-    _add_eval_common(p, labelled=False)
-    p.add_argument("--gnd", required=True, help="gnd_<ds>.pkl (or .json with imlist/qimlist/gnd)")
-    p.add_argument("--images", help="image folder (default: jpg/ beside the gnd file)")
-    p.add_argument("--imsize", type=int, default=224, help="longest side (thumbnail, default 224)")
-    p.add_argument("--no-crop-queries", action="store_true", help="use full query images (dino's numbers)")
-    p.add_argument("--multiscale", action="store_true", help="average descriptors over scales 1, 1/sqrt2, 1/2")
+def _args_eval_protocol(protocol: Protocol, p: argparse.ArgumentParser) -> None:
+    """``pwself eval-NAME``: the common flags and the protocol's own."""
+    _add_eval_common(p, labelled=protocol.features)
+    protocol.flags(p, True)
 
 
 def _args_eval(p: argparse.ArgumentParser) -> None:
+    """``pwself eval``: the common flags and those of every protocol it offers."""
+    from pwself.eval.protocols import PROTOCOLS
+
     _add_eval_common(p)
-    p.add_argument("--ks", default="10,20,100,200", help="kNN k values")
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--epochs", type=int, default=30, help="linear probe epochs")
-    p.add_argument("--copydetect-path", help="Copydays-layout folder: adds copy detection")
-    p.add_argument("--gnd", help="retrieval ground truth: adds image retrieval")
-    p.add_argument("--images", help="retrieval image folder")
+    for protocol in PROTOCOLS.values():
+        if protocol.in_eval:
+            protocol.flags(p, False)
 
 
 def _args_viz_matches(p: argparse.ArgumentParser) -> None:
@@ -186,6 +167,9 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="training and evaluation device (default: the config's, auto)")
     p.add_argument("--dense", metavar="DIR", help="dense dataset (e.g. from `pwself make-scenes`): adds the dense "
                    "probe (mIoU) of every run, the random init and raw pixels")
+    p.add_argument("--protocols", default="", help="more evaluation protocols to score every run with, at their "
+                   "defaults, as table columns (comma-separated; any of `pwself eval-NAME`, e.g. --protocols "
+                   "centroid for a registered one); kNN and linear always run")
     p.add_argument("--runs-only", action="store_true", help="train and evaluate the runs only, no floors or table "
                    "(parallel workers sharing --out-dir); a later call without it collects them")
     p.add_argument("--no-progress", action="store_true")
@@ -231,25 +215,6 @@ def _args_cache(p: argparse.ArgumentParser) -> None:
 
 def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory of pwself pretrain")
-
-
-def _args_eval_dense(p: argparse.ArgumentParser) -> None:
-    _add_eval_common(p, labelled=False)
-    p.add_argument("--data", required=True, help="dense dataset folder (make one with `pwself make-scenes OUT`)")
-    p.add_argument("--train-images", type=int, default=2000, help="train images the heads learn from (0: all; "
-                   "default 2000)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of each head (default 10)")
-    p.add_argument("--size", type=int, help="model input side (default: each model's global view size)")
-    p.add_argument("--pixel-floor", action="store_true", help="also probe each patch's raw pixels (the floor)")
-    p.add_argument("--random-floor", action="store_true", help="also the first model's backbone at its run's "
-                   "random init (the floor a pwself run must beat)")
-    p.add_argument("--protocols", default="linear", help="comma-separated: linear (a trained linear probe), hbird "
-                   "(Hummingbird in-context retrieval, no training), overcluster (K-means, no training); "
-                   "default linear")
-    p.add_argument("--mask-size", type=int, help="side masks are scored at (default: the model's input side; "
-                   "0: each mask's full size, slow for photos)")
-    p.add_argument("--hbird-memory", type=int, default=0, help="patches in Hummingbird's memory, drawn toward "
-                   "rare classes (default 0: every labelled train patch)")
 
 
 def _args_make_scenes(p: argparse.ArgumentParser) -> None:
@@ -416,46 +381,27 @@ def cmd_make_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_settings(args: argparse.Namespace) -> EvalSettings:
-    """The evaluation flags as the typed settings the evaluation code takes (no Namespace below the CLI)."""
+def _eval_settings(args: argparse.Namespace) -> tuple[list[str], EvalSettings]:
+    """The protocols a command asked for and their typed settings (no Namespace below the CLI): ``eval-NAME`` runs
+    NAME; ``eval`` every protocol it offers whose data was given. Each protocol reads (and checks) its own flags."""
     from dataclasses import fields
 
-    from pwself.eval.protocols import EvalSettings
+    from pwself.eval.protocols import PROTOCOLS, EvalSettings
 
-    flags = {f.name: getattr(args, f.name) for f in fields(EvalSettings) if hasattr(args, f.name)}
-    flags.update(progress=not args.no_progress, whiten=not getattr(args, "no_whitening", False),
-                 crop_queries=not getattr(args, "no_crop_queries", False))
-    if "ks" in flags:
-        flags["ks"] = tuple(int(k) for k in flags["ks"].split(","))
-    if "pooling" in flags:
-        flags["pooling"] = tuple(flags["pooling"].split(","))
-    if getattr(args, "data_path", None):  # eval-copydetect names it --data-path, eval --copydetect-path
-        flags["copydetect_path"] = args.data_path
-    return EvalSettings(**flags)
-
-
-def _check_eval_flags(args: argparse.Namespace) -> None:
-    """Every evaluation flag checked before any work, like the training config: one line naming the fix."""
-    import math
-
-    if hasattr(args, "ks"):
-        try:
-            ks = [int(k) for k in args.ks.split(",")]
-        except ValueError:
-            ks = [0]
-        if not ks or min(ks) < 1:
-            raise ValueError(f"--ks {args.ks!r}: give whole numbers >= 1 separated by commas, e.g. --ks 10,20")
-    if hasattr(args, "pooling"):
+    alone = args.command != "eval"
+    names = [args.command.removeprefix("eval-")] if alone else [n for n, p in PROTOCOLS.items() if p.in_eval]
+    options = {name: PROTOCOLS[name].settings(args, alone) for name in names}
+    common = {f.name: getattr(args, f.name) for f in fields(EvalSettings) if hasattr(args, f.name)}
+    common.update(progress=not args.no_progress, options={n: o for n, o in options.items() if o is not None})
+    if "pooling" in common:
         from pwself.eval.features import POOLINGS
 
-        bad = [p for p in args.pooling.split(",") if p not in ("auto", *POOLINGS)]
+        common["pooling"] = tuple(common["pooling"].split(","))
+        bad = [p for p in common["pooling"] if p not in ("auto", *POOLINGS)]
         if bad:
             raise ValueError(f"--pooling {args.pooling}: {', '.join(bad)} is not a pooling; use auto, "
                              f"{', '.join(POOLINGS)} (comma-separated for several)")
-    if hasattr(args, "temperature") and not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise ValueError(f"--temperature {args.temperature}: use a finite value > 0, e.g. 0.07")
-    if hasattr(args, "epochs") and args.epochs < 1:
-        raise ValueError(f"--epochs {args.epochs}: use at least 1")
+    return [n for n in names if options[n] is not None], EvalSettings(**common)
 
 
 def _check_outputs(*paths: str | Path, overwrite: bool = True) -> None:
@@ -472,49 +418,13 @@ def _check_outputs(*paths: str | Path, overwrite: bool = True) -> None:
                               "--overwrite to replace it")
 
 
-def cmd_eval_dense(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from pwself.config import split_choices
-    from pwself.eval import suite
-    from pwself.eval.dense import DenseSettings, dense_markdown
-    from pwself.runtime import resolve_device
-
-    if args.output:
-        _check_outputs(f"{args.output}.json", f"{args.output}.md", overwrite=args.overwrite)
-
-    if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
-        raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
-                         "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
-    dense = DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
-                          resolve_device(args.device), not args.no_progress, mask_size=args.mask_size,
-                          protocols=tuple(split_choices(args.protocols)),
-                          hbird_memory=args.hbird_memory, random_floor=args.random_floor)
-    settings = replace(_eval_settings(args), dense_root=args.data, dense=dense)
-    results = suite.run(args.models, ["dense"], settings)["dense"]
-    table = dense_markdown(results)
-    print(table)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out}.json").write_text(json.dumps({"data": args.data, "dense": results}, indent=2))
-        Path(f"{out}.md").write_text(table)
-        print(f"wrote {out}.json and {out}.md")
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from pwself.eval import suite
 
-    protocols = {"eval-knn": ["knn"], "eval-linear": ["linear"], "eval-copydetect": ["copydetect"],
-                 "eval-retrieval": ["retrieval"]}.get(args.command)
-    if protocols is None:  # `pwself eval`: all that apply
-        protocols = ["knn", "linear"] + (["copydetect"] if args.copydetect_path else []) + (
-            ["retrieval"] if args.gnd else [])
-    _check_eval_flags(args)
     if args.output:
         _check_outputs(f"{args.output}.json", f"{args.output}.md", overwrite=args.overwrite)
-    results = suite.run(args.models, protocols, _eval_settings(args))
+    protocols, settings = _eval_settings(args)
+    results = suite.run(args.models, protocols, settings)
     print(suite.markdown(results))
     if args.output:
         suite.write(results, args.output)
@@ -740,8 +650,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from pwself.data.dense import open_dense
 
         open_dense(args.dense, "test", 1, 8)  # a wrong folder fails now, not after hours of training
+    protocols = split_choices(args.protocols)
+    from pwself.eval.protocols import PROTOCOLS
+
+    unknown = [p for p in protocols if p not in PROTOCOLS or p in ("knn", "linear", "dense")]
+    if unknown:
+        raise ValueError(f"--protocols {args.protocols}: {', '.join(unknown)} is not an extra protocol; use "
+                         f"{', '.join(p for p in PROTOCOLS if p not in ('knn', 'linear', 'dense'))} (kNN and linear "
+                         "always run; the dense protocols with --dense DIR)")
     results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress, dense=args.dense,
-                             runs_only=args.runs_only)
+                             runs_only=args.runs_only, protocols=protocols)
     if args.runs_only:
         print(f"runs done in {args.out_dir}; run again without --runs-only to collect the table")
         return 0
@@ -782,15 +700,6 @@ TUNE_HELP = (
     "`pwself compare --objectives` entry of the chosen setting."
 )
 
-EVAL_DENSE_HELP = (
-    "Frozen patch tokens (last block, after the final norm), scored against masks brought to the model's input "
-    "side (--mask-size). linear: one linear layer per token, logits upsampled bilinearly, a grid of learning "
-    "rates chosen on held-out train. hbird: each test patch labelled by its 30 most similar train patches "
-    "(Hummingbird, no training). overcluster: K-means of the test patches mapped to classes (no training). "
-    "Data: DIR/{train,test}/images/* with DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = "
-    "ignore) and optionally DIR/classes.json (docs/evaluation.md)."
-)
-
 MAKE_SCENES_HELP = (
     "Canvases holding several Fashion-MNIST items at random positions and sizes, "
                    "later items in front; masks: 0 background, 1 + class, 255 faint rims. Train scenes from the "
@@ -816,21 +725,6 @@ COMMANDS = (
     Command("pretrain", "self-supervised pretraining (PW-Self / DINO)",
             _args_pretrain, cmd_pretrain,
             description=PRETRAIN_HELP, raw=True),
-    Command("eval-knn", "weighted kNN (T=0.07, k grid) on frozen features",
-            _args_eval_knn, cmd_eval,
-            description=EVAL_HELP, raw=True),
-    Command("eval-linear", "linear probe on frozen features (lr x wd grid, chosen on held-out train)",
-            _args_eval_linear, cmd_eval,
-            description=EVAL_HELP, raw=True),
-    Command("eval-copydetect", "copy detection mAP (Copydays layout, CLS+GeM, PCA whitening)",
-            _args_eval_copydetect, cmd_eval,
-            description=EVAL_HELP, raw=True),
-    Command("eval-retrieval", "revisited Oxford/Paris retrieval mAP (E/M/H)",
-            _args_eval_retrieval, cmd_eval,
-            description=EVAL_HELP, raw=True),
-    Command("eval", "every protocol that the given data allows",
-            _args_eval, cmd_eval,
-            description=EVAL_HELP, raw=True),
     Command("viz-matches", "draw two views of each image and their matched patches (paper Fig. 2)",
             _args_viz_matches, cmd_viz_matches),
     Command("viz-curves", "kNN or dense mIoU against training time of several runs (knn_every_epochs, "
@@ -855,14 +749,25 @@ COMMANDS = (
             _args_cache, cmd_cache),
     Command("report", "write the HTML/Markdown report of a run directory",
             _args_report, cmd_report),
-    Command("eval-dense", "dense protocols scored as mIoU: a linear probe on each patch token, Hummingbird "
-            "retrieval, overclustering",
-            _args_eval_dense, cmd_eval_dense,
-            description=EVAL_DENSE_HELP),
     Command("make-scenes", "build the Fashion-MNIST scene dataset for the dense probe",
             _args_make_scenes, cmd_make_scenes,
             description=MAKE_SCENES_HELP),
 )
+
+
+def commands() -> tuple[Command, ...]:
+    """Every command: pretrain, then one ``eval-NAME`` per evaluation protocol (from the registry, so a protocol
+    registered from outside the package has its command too) and ``eval``, then the rest."""
+    from functools import partial
+
+    from pwself.eval.protocols import PROTOCOLS
+
+    evals = tuple(Command(f"eval-{p.name}", p.help, partial(_args_eval_protocol, p), cmd_eval,
+                          description=p.description or EVAL_HELP, raw=p.description is None)
+                  for p in PROTOCOLS.values())
+    every = Command("eval", "every protocol that the given data allows", _args_eval, cmd_eval, description=EVAL_HELP,
+                    raw=True)
+    return (COMMANDS[0], *evals, every, *COMMANDS[1:])
 
 
 def _setup_logging() -> None:
@@ -896,7 +801,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pwself", description="Patch-wise self-supervised pretraining of ViTs.")
     parser.add_argument("--version", action="version", version=f"pwself {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in COMMANDS:
+    for command in commands():
         fmt = argparse.RawDescriptionHelpFormatter if command.raw else argparse.HelpFormatter
         p = sub.add_parser(command.name, help=command.help, description=command.description, formatter_class=fmt)
         command.add_arguments(p)
@@ -907,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pwself`` command."""
     _setup_logging()
     args = parse_args(argv)
-    handlers = {command.name: command.handler for command in COMMANDS}
+    handlers = {command.name: command.handler for command in commands()}
     from pwself.config import ConfigError
     from pwself.data import DatasetError
     from pwself.run.checkpoint import CheckpointError

@@ -17,7 +17,7 @@ from typing import Any
 
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
 from pwself.eval.floors import DENSE_FLOORS, pixel_dense_floor, pixel_floor, random_init_floor
-from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, evaluate
+from pwself.eval.protocols import PROTOCOLS, EvalData, EvalSettings, evaluate
 from pwself.eval.source import FeatureSource
 from pwself.objectives import objective_overrides
 from pwself.run.folder import RunFolder, RunInUseError
@@ -32,16 +32,17 @@ def _probe(cfg: TrainConfig, src: FeatureSource, protocol: str, progress: bool, 
     from pwself.eval.dense import DenseSettings
 
     features = str(Path(cfg.out_dir) / "features")
-    settings = EvalSettings(cache_dir=features, progress=progress, dense_root=dense,
-                            dense=DenseSettings(cache_dir=features, progress=progress, protocols=DENSE_FLOORS))
-    data = EvalData.of_run(cfg) if protocol in FEATURE_PROTOCOLS else None
+    settings = EvalSettings(cache_dir=features, progress=progress, options={"dense": DenseSettings(
+        cache_dir=features, progress=progress, protocols=DENSE_FLOORS, root=dense)})
+    data = EvalData.of_run(cfg) if PROTOCOLS[protocol].features else None
     return evaluate(src, data, [protocol], settings)[protocol]
 
 
-def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_id: str | None = None
-             ) -> dict[str, Any]:
-    """Train (or reuse, or continue) one run, then its kNN, linear probe and (given a dense dataset) dense probe;
-    each result is kept in the run directory and read back on a rerun."""
+def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_id: str | None = None,
+             protocols: list[str] = ()) -> dict[str, Any]:
+    """Train (or reuse, or continue) one run, then its kNN, linear probe, (given a dense dataset) dense probe and
+    any more ``protocols`` (their scores as columns); each result is kept in the run folder and read back on a
+    rerun."""
     from functools import cache
 
     from pwself.pretraining import open_teacher, run_experiment
@@ -56,6 +57,9 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_i
         res = run.cached_score("dense", lambda: _probe(cfg, source(), "dense", False, dense),
                                key=f"{dense_id}:{','.join(DENSE_FLOORS)}")
         row.update(miou=res["miou"], hbird_miou=res["hbird"]["miou"])
+    for name in protocols:
+        res = run.cached_score(name, lambda name=name: _probe(cfg, source(), name, progress))
+        row.update(PROTOCOLS[name].scores(res))
     return row
 
 
@@ -66,7 +70,7 @@ def run_name(label: str, seed: int | str) -> str:
 
 def run_comparison(
     base: TrainConfig, objectives: list[str], seeds: list[int], out_dir: str | Path, progress: bool = True,
-    dense: str | None = None, runs_only: bool = False,
+    dense: str | None = None, runs_only: bool = False, protocols: list[str] = (),
 ) -> dict[str, Any]:
     """Train and evaluate every (objective, seed); only ``loss.objective`` and ``seed`` differ between runs.
 
@@ -74,6 +78,8 @@ def run_comparison(
     ``pwml:loss.matcher=feature-nn`` (several separated by ``+``); the label is the whole string. With
     ``dense`` (a dense dataset folder) every run, the random init and raw pixels also get the dense probe.
     ``runs_only`` stops after the runs (no floors, table or plot): workers in parallel, collected later.
+    ``protocols``: more protocols (:data:`pwself.eval.protocols.PROTOCOLS`) scored on every run, at their
+    defaults; their ``scores`` become columns.
     """
     from pwself.data import scorable
 
@@ -85,6 +91,8 @@ def run_comparison(
     results: dict[str, Any] = {"objectives": objectives, "seeds": seeds, "runs": {}}
     if dense is not None:
         results["dense_data"] = str(dense)
+    if protocols:
+        results["protocols"] = list(protocols)
     plan = []  # every run's config, checked before any trains
     for label in objectives:
         objective, _, extra = label.partition(":")
@@ -106,7 +114,7 @@ def run_comparison(
         dense_id = None
     for label, seed, cfg in plan:
         try:
-            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense, dense_id)
+            results["runs"].setdefault(label, {})[str(seed)] = _run_one(cfg, progress, dense, dense_id, protocols)
         except RunInUseError:
             if not runs_only:
                 raise
@@ -137,7 +145,10 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, str]]:
     cols = [("knn10", "kNN k=10"), ("knn20", "kNN k=20"), ("linear", "linear")]
     runs = [r for per_seed in results["runs"].values() for r in per_seed.values()]
     dense = [("miou", "dense mIoU"), ("hbird_miou", "Hummingbird mIoU")]
-    return cols + [(k, h) for k, h in dense if runs and all(k in r for r in runs)]
+    cols += [(k, h) for k, h in dense if runs and all(k in r for r in runs)]
+    named = {k for k, _ in cols}  # then the scores of the more protocols, as each names them
+    extra = dict.fromkeys(k for r in runs for k in r if k not in named and k not in ("knn10", "knn20", "linear"))
+    return cols + [(k, k) for k in extra if all(k in r for r in runs)]
 
 
 def comparison_table(results: dict[str, Any]) -> str:

@@ -394,19 +394,19 @@ def resolve_in_chans(cfg: TrainConfig) -> TrainConfig:
     exist yet keeps 0: opening it fails with its own message)."""
     if cfg.backbone.in_chans:
         return cfg
-    data = cfg.data
-    if data.kind == "folder":
-        from pwself.data import expand_path, folder_channels
+    from pwself.data import DATA_KINDS
 
-        root = expand_path(data.root)
-        channels = folder_channels(root / "train" if (root / "train").is_dir() else root)
-        if channels is None:
-            return cfg
+    data = cfg.data
+    kind = DATA_KINDS.get(data.kind)
+    if kind is None:  # validation names the unknown kind
+        return cfg
+    channels = kind.channels_at(data.root)
+    if channels is None:
+        return cfg
+    if callable(kind.channels):  # read from the files: say so
         what = "colour images" if channels == 3 else "grey images only"
         log.info("backbone.in_chans=%d from the data (%s in %s); set backbone.in_chans=%d to override", channels,
                  what, data.root, 1 if channels == 3 else 3)
-    else:
-        channels = 3 if data.kind == "cifar" else 1
     cfg.backbone.in_chans = channels
     return cfg
 
@@ -414,7 +414,9 @@ def resolve_in_chans(cfg: TrainConfig) -> TrainConfig:
 def resolve_max_side(cfg: TrainConfig) -> TrainConfig:
     """Replace ``data.max_side=-1`` by the bound its views need (:func:`pwself.data.photos.auto_max_side`);
     0 for data that is not a folder (nothing to shrink)."""
-    if cfg.data.kind != "folder":
+    from pwself.data import DATA_KINDS
+
+    if cfg.data.kind not in DATA_KINDS or DATA_KINDS[cfg.data.kind].in_memory:
         cfg.data.max_side = 0
     elif cfg.data.max_side == -1:
         from pwself.data.photos import auto_max_side
@@ -478,7 +480,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def resolve_image_size(cfg: TrainConfig) -> TrainConfig:
     """A folder's images are evaluated at least at the side the model trains and is exported at
     (``views.global_size``): kNN, probes and floors of a 64 px model never read 32 px thumbnails."""
-    if cfg.data.kind == "folder" and cfg.data.image_size < cfg.views.global_size:
+    from pwself.data import DATA_KINDS
+
+    kind = DATA_KINDS.get(cfg.data.kind)
+    if kind is not None and not kind.in_memory and cfg.data.image_size < cfg.views.global_size:
         log.info("data.image_size=%d is below views.global_size=%d: folder images are evaluated at %d px",
                  cfg.data.image_size, cfg.views.global_size, cfg.views.global_size)
         cfg.data.image_size = cfg.views.global_size

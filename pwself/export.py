@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pwself.config import TrainConfig, config_to_dict
+from pwself.data import DATA_KINDS
 from pwself.models import make_vit
 from pwself.run.checkpoint import CheckpointError, config_of_checkpoint, export_backbone, load_checkpoint
 from pwself.run.folder import RunFolder
@@ -133,7 +134,6 @@ tags:
 - {objective}
 {datasets}---
 """
-_DATASETS = {"idx": "fashion_mnist", "cifar": "cifar10"}  # the data kinds with a known dataset on the Hub
 
 _CARD = """# pwself {objective} ViT (width {width}, depth {depth}, {heads} heads, patch {patch}, {side} px input)
 
@@ -196,7 +196,8 @@ def _model_card(cfg: TrainConfig, ckpt: dict[str, Any], run_dir: Path, card_lice
     results = ("\n## Results (frozen features, top-1 %)\n\n| protocol | top-1 |\n|---|---|\n" + "\n".join(rows) + "\n"
                if rows else "")
     b, v, d = cfg.backbone, cfg.views, cfg.data
-    datasets = f"datasets:\n- {_DATASETS[d.kind]}\n" if d.kind in _DATASETS else ""
+    hub = DATA_KINDS[d.kind].hub_dataset if d.kind in DATA_KINDS else None
+    datasets = f"datasets:\n- {hub}\n" if hub else ""
     front = _FRONT_MATTER.format(license=card_license, objective=cfg.method, datasets=datasets)
     return front + "\n" + _CARD.format(
         built=_built(cfg), objective=cfg.method, width=b.embed_dim, depth=b.depth, heads=b.num_heads,

@@ -13,6 +13,7 @@ from torch import nn
 import pwself.train as training
 from pwself.config import TrainConfig
 from pwself.eval.floors import pixel_floor, random_init_floor, start_floor
+from pwself.eval.knn import KnnSettings
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 from pwself.run.folder import RunFolder
 from pwself.run.state import read_run_config
@@ -22,7 +23,7 @@ __all__ = ["pretrain", "standard_evaluation", "run_experiment", "open_teacher"]
 
 def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dict[str, float]]:
     """k = 10, 20 on the run's test split, the train split as the bank (no cache: the weights change)."""
-    settings = EvalSettings(ks=(10, 20), cache_dir=None, progress=progress)
+    settings = EvalSettings(cache_dir=None, progress=progress, options={"knn": KnnSettings(ks=(10, 20))})
     return evaluate(run_source(backbone, cfg), EvalData.of_run(cfg), ["knn"], settings)["knn"]
 
 
@@ -32,8 +33,8 @@ def _dense(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     from pwself.eval.dense import DenseSettings
     from pwself.eval.floors import DENSE_FLOORS
 
-    settings = EvalSettings(cache_dir=None, progress=False, dense_root=cfg.dense_data,
-                            dense=DenseSettings(cache_dir=None, progress=False, protocols=DENSE_FLOORS))
+    dense = DenseSettings(cache_dir=None, progress=False, protocols=DENSE_FLOORS, root=cfg.dense_data)
+    settings = EvalSettings(cache_dir=None, progress=False, options={"dense": dense})
     return evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
 
 

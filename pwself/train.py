@@ -36,6 +36,7 @@ from pwself.config import (
     save_config,
 )
 from pwself.data import (
+    DATA_KINDS,
     DatasetError,
     channel_stats,
     expand_path,
@@ -241,14 +242,15 @@ def _check_data_root(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Before the run folder is touched (``--overwrite`` moves it): the data exists, and a folder of images and
     the run folder are not inside one another (a run inside its data would train on its own PNGs next time;
     data inside the run folder would be moved aside with it)."""
-    if cfg.data.kind == "synthetic":
+    kind = DATA_KINDS[cfg.data.kind]
+    if not kind.needs_root:
         return
     root = expand_path(cfg.data.root)
-    if not root.exists() and cfg.data.kind != "folder":  # the loader's own message says what to install
+    if not root.exists() and kind.in_memory:  # the loader's own message says what to install
         open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if not root.exists():
         raise DatasetError(f"data.root={root} does not exist: set data.root to the {cfg.data.kind} data's folder")
-    if cfg.data.kind != "folder":
+    if kind.in_memory:
         return
     root, out = root.resolve(), run_dir.resolve()
     if out == root or root in out.parents:
@@ -291,10 +293,11 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
     dataset = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     image, label = dataset[0]  # decoded once: a folder's first image is a full decode and resize
     labelled = int(label) >= 0
-    _check_data(cfg, image, in_memory=cfg.data.kind != "folder")
+    in_memory = DATA_KINDS[cfg.data.kind].in_memory
+    _check_data(cfg, image, in_memory=in_memory)
     if cfg.data.subset:
         dataset = take_subset(dataset, cfg.data.subset)
-    views = _folder_views(cfg, dataset, device) if cfg.data.kind == "folder" else None
+    views = None if in_memory else _folder_views(cfg, dataset, device)
     steps_per_epoch = len(dataset) // (cfg.batch_size * info.world_size)
     if steps_per_epoch == 0:
         most = len(dataset) // info.world_size
@@ -307,7 +310,7 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
     heldout = has_heldout_split(cfg.data, labelled)
-    if heldout and cfg.data.kind == "folder" and (cfg.knn_at_end or cfg.knn_every_epochs):
+    if heldout and not in_memory and (cfg.knn_at_end or cfg.knn_every_epochs):
         # Decode-check the evaluation split now (scanned and cached): a broken file there is named before step 1,
         # not at the end of training.
         open_dataset(cfg.data, "test", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)

@@ -126,9 +126,10 @@ def sample_trials(space: TuneSpace, trials: int, seed: int = 0) -> list[dict[str
 def heldout_knn(backbone: torch.nn.Module, cfg: TrainConfig, val_fraction: float = 0.1, k: int = 10) -> float:
     """kNN top-1 (%) on a seeded ``val_fraction`` of the train split, the rest of train as the bank; pooled
     as the objective says. Reads the train split only."""
+    from pwself.eval.knn import KnnSettings
     from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 
-    settings = EvalSettings(ks=(k,), cache_dir=None, progress=False)
+    settings = EvalSettings(cache_dir=None, progress=False, options={"knn": KnnSettings(ks=(k,))})
     try:
         res = evaluate(run_source(backbone, cfg), EvalData.heldout(cfg, val_fraction), ["knn"], settings)["knn"]
     except ValueError as e:
@@ -147,8 +148,8 @@ def heldout_miou(backbone: torch.nn.Module, cfg: TrainConfig, dense_root: str, h
     from pwself.eval.dense import DenseSettings
     from pwself.eval.protocols import EvalSettings, evaluate, run_source
 
-    dense = DenseSettings(heldout=heldout, cache_dir=None, progress=False, protocols=(protocol,))
-    settings = EvalSettings(cache_dir=None, progress=False, dense_root=dense_root, dense=dense)
+    dense = DenseSettings(heldout=heldout, cache_dir=None, progress=False, protocols=(protocol,), root=dense_root)
+    settings = EvalSettings(cache_dir=None, progress=False, options={"dense": dense})
     res = evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
     return res["miou"] if protocol == "linear" else res[protocol]["miou"]
 

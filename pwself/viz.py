@@ -220,13 +220,35 @@ def _run_figures(run_dir: Path, cfg: dict[str, Any], n_images: int = 3) -> tuple
         return [], f"(figures skipped: {type(e).__name__}: {e})"
 
 
+def _score_lines(run: RunFolder) -> list[str]:
+    """What the protocols measured on the finished run (``compare``'s linear probe, dense probe and any
+    ``--protocols``), each drawn as its protocol draws its table."""
+    from pwself.eval.protocols import PROTOCOLS
+
+    lines = []
+    for name, res in run.scores().items():
+        if name in PROTOCOLS and isinstance(res, dict):
+            res = {k: v for k, v in res.items() if k != "data_key"}
+            lines += [f"## {PROTOCOLS[name].help}", "", *PROTOCOLS[name].table({run.path.name: res}, ""), ""]
+    return lines
+
+
+def _data_of(cfg: dict[str, Any]) -> str:
+    """`` (data.kind KIND, ROOT's name)``: where the training images came from."""
+    data = cfg.get("data") or {}
+    if not data.get("kind"):
+        return ""
+    root = Path(str(data.get("root") or "")).name
+    return f" (data.kind {data['kind']}{', ' + root if root else ''})"
+
+
 def _about_run(run_dir: Path, cfg: dict[str, Any], has_knn: bool) -> str:
     """One line on how the run was made (version, date, device, images, time) and why kNN is missing if it is."""
     finished = RunFolder(run_dir).read_json(RunFolder.FINISHED) or {}
     if "version" in finished:
         procs = f", {finished['world_size']} processes" if finished.get("world_size", 1) > 1 else ""
         parts = [f"pwself {finished['version']}", f"finished {finished['finished_at']}",
-                 f"device {finished['device']}{procs}", f"{finished['images']} training images",
+                 f"device {finished['device']}{procs}", f"{finished['images']} training images{_data_of(cfg)}",
                  f"{finished['train_s'] / 60:.1f} min training ({finished['cpu_s'] / 60:.1f} CPU-min)"]
     else:
         parts = ["not finished (or finished by an older pwself): no version, date or timing recorded"]
@@ -301,7 +323,8 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["## kNN (k = 10, top-1 %) per evaluated epoch", "", "| epoch | top-1 |", "|---|---|"]
         md += [f"| {e:g} | {a:.2f} |" if isinstance(e, (int, float)) else f"| {e} | {a:.2f} |" for e, a in history_rows]
         md.append("")
-    md += [f"![training curves]({RunFolder.CURVES})", ""]
+    scores = _score_lines(run)
+    md += scores + [f"![training curves]({RunFolder.CURVES})", ""]
     figures, figure_note = _run_figures(run_dir, cfg)
     md += [f"![{name}]({png.name})" for name, png in figures] + ([figure_note] if figure_note else [])
     write_atomic(run.report_md, "\n".join(md))
@@ -329,6 +352,7 @@ def write_report(run_dir: str | Path) -> Path:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}pre{{background:#f6f6f6;padding:1em}}</style></head>
 <body><h1>pwself run {html.escape(str(run_dir))}</h1><p>{html.escape(summary)}</p><p>{html.escape(about)}</p>{table}
+{f"<h2>Scores after training</h2><pre>{html.escape(chr(10).join(scores))}</pre>" if scores else ""}
 <h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{img}" style="max-width:100%">
 {figure_html}<h2>Config</h2><pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre></body></html>"""
     out = run.report_html

@@ -62,7 +62,7 @@ def test_compare_two_objectives_writes_table_plot_and_skips_finished(tmp_path, c
 def test_objective_list_keeps_commas_inside_brackets(tmp_path, monkeypatch):
     seen = {}
 
-    def fake(base, objectives, seeds, out_dir, progress=True, dense=None, runs_only=False):
+    def fake(base, objectives, seeds, out_dir, progress=True, dense=None, runs_only=False, protocols=()):
         seen["objectives"], seen["seeds"] = objectives, seeds
         return {"objectives": objectives, "seeds": seeds, "runs": {}}
 

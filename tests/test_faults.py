@@ -414,6 +414,7 @@ def test_an_interrupt_names_what_continues_the_work(argv, hint, capsys, monkeypa
     from dataclasses import replace
 
     monkeypatch.setattr(cli, "COMMANDS", tuple(replace(c, handler=interrupted) for c in cli.COMMANDS))
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)  # the eval-NAME commands, made from the protocol registry
     assert main(argv) == 130
     assert hint in capsys.readouterr().err
 

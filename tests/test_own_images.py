@@ -85,7 +85,7 @@ def test_pretrain_on_an_unlabelled_folder_under_home_with_defaults(tmp_path, mon
     assert "report:" in captured.out
     # Issue 28, item 3: the report says how the run was made and why kNN is missing.
     page = (out / "report.html").read_text()
-    assert "pwself 0.1.0; finished 20" in page and "device cpu; 12 training images;" in page
+    assert "pwself 0.1.0; finished 20" in page and "device cpu; 12 training images (data.kind folder, " in page
     assert "kNN skipped: the data has no labelled held-out split" in page
 
 

@@ -14,24 +14,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from pwself.data.datasets import (
     FASHION_MNIST_DIR,
-    IMAGE_EXTENSIONS,
     DatasetError,
     ImageFolderDataset,
     TensorImageDataset,
-    class_names,
     expand_path,
     folder_channels,
-    load_cifar,
-    load_idx_dataset,
     make_synthetic,
     worker_error,
 )
+from pwself.data.kinds import DATA_KINDS, DataKind, OpenOptions, register_data_kind
 from pwself.sections import NON_NEGATIVE, POSITIVE, ConfigError, check_choice, check_ranges
-
-DATA_KINDS = ("idx", "cifar", "folder", "synthetic")  # data.kind, each opened by build_dataset
 
 __all__ = [
     "DATA_KINDS",
+    "DataKind",
+    "register_data_kind",
     "DataConfig",
     "FASHION_MNIST_DIR",
     "DatasetError",
@@ -47,6 +44,7 @@ __all__ = [
     "iterate_batches",
     "channel_stats",
     "fingerprint",
+    "make_synthetic",
 ]
 
 
@@ -116,7 +114,7 @@ def build_dataset(
     """Open one split of a dataset.
 
     Args:
-        kind: ``idx``, ``cifar``, ``folder`` or ``synthetic``.
+        kind: A :data:`DATA_KINDS` name: ``idx``, ``cifar``, ``folder``, ``synthetic`` or one registered.
         root: Dataset directory.
         split: ``train`` or ``test``. For a ``folder``, ``train`` reads ``root/train`` when it exists
             (else ``root``) and ``test`` reads ``root/val`` or ``root/test``.
@@ -131,32 +129,11 @@ def build_dataset(
     """
     if split not in ("train", "test"):
         raise DatasetError(f"split {split!r}: use train or test")
-    root = str(expand_path(root))
-    if kind == "idx":
-        return load_idx_dataset(root, split)
-    if kind == "cifar":
-        return load_cifar(root, split)
-    if kind == "synthetic":
-        n = synthetic_size if split == "train" else max(synthetic_size // 4, synthetic_classes)
-        return make_synthetic(n, image_size, channels, synthetic_classes, seed if split == "train" else seed + 1)
-    if kind == "folder":
-        base = Path(root)
-        if split == "train":
-            folder = base / "train" if (base / "train").is_dir() else base
-        else:
-            candidates = [base / "val", base / "test"]
-            found = [c for c in candidates if c.is_dir()]
-            if not found:
-                raise DatasetError(
-                    f"no {base}/val or {base}/test folder: evaluation needs a labelled held-out split there"
-                )
-            folder = found[0]
-        train_dir = base / "train" if (base / "train").is_dir() else base
-        train_classes = None if split == "train" else [c for c in class_names(train_dir) if train_dir != base
-                                                         or c not in ("val", "test")]
-        return ImageFolderDataset(folder, image_size, channels, min_size, on_bad_image,
-                                  max_side if split == "train" else 0, train_classes or None)
-    raise DatasetError(f"unknown dataset kind {kind!r}: use idx, cifar, folder or synthetic")
+    if kind not in DATA_KINDS:
+        raise DatasetError(f"unknown dataset kind {kind!r}: use {', '.join(DATA_KINDS)}")
+    options = OpenOptions(image_size, channels, min_size, on_bad_image, synthetic_size, synthetic_classes, seed,
+                          max_side)
+    return DATA_KINDS[kind].open(str(expand_path(root)), split, options)
 
 
 def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, seed: int = 0) -> Dataset:
@@ -176,25 +153,13 @@ def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, see
 
 def has_heldout_split(data: DataConfig, labelled: bool) -> bool:
     """Whether kNN can run: a labelled training set and a held-out split (folders: ``val/`` or ``test/``)."""
-    if data.kind != "folder":
-        return labelled
-    base = expand_path(data.root)
-    return labelled and any((base / name).is_dir() for name in ("val", "test"))
+    return labelled and DATA_KINDS[data.kind].has_heldout(data.root)
 
 
 def scorable(data: DataConfig) -> bool:
     """Whether the data can be scored by kNN and a linear probe without opening it: labelled (class sub-folders
     of ``train/``, no image beside them) with a ``val/`` or ``test/`` split, or a labelled built-in kind."""
-    if data.kind != "folder":
-        return True
-    base = expand_path(data.root)
-    train = base / "train" if (base / "train").is_dir() else base
-    if not train.is_dir():
-        return True  # the loader names a missing folder in its own words
-    entries = list(train.iterdir())
-    labelled = any(p.is_dir() for p in entries) and not any(
-        p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
-    return labelled and any((base / name).is_dir() for name in ("val", "test"))
+    return DATA_KINDS[data.kind].scorable(data.root)
 
 
 def take_subset(dataset: Dataset, n: int) -> Dataset:

@@ -15,8 +15,11 @@ search; AP on the top 20 with ``nres`` = all positives; mAP per block (the repor
 
 from __future__ import annotations
 
+import argparse
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from torch.utils.data import Dataset
 
 from pwself.data.datasets import IMAGE_EXTENSIONS, DatasetError
 from pwself.eval.metrics import l2n, learn_whitening_dino, score_ap_from_ranks
+from pwself.eval.registry import Protocol
 
 __all__ = ["CopydaysLayout", "read_copydays", "copydetect_map", "evaluate_copydetect", "generate_copydetect_set",
            "SquareImageFiles"]
@@ -243,3 +247,59 @@ def evaluate_copydetect(
     queries = {name: describe(files) for name, files in layout.blocks.items()}
     white = describe(layout.whitening) if whiten and layout.whitening else None
     return copydetect_map(database, queries, layout.positives, white)
+
+
+@dataclass(frozen=True)
+class CopydetectSettings:
+    """Copy detection's knobs.
+
+    Attributes:
+        path: The Copydays-layout folder (``original/``, ``strong/``, ...).
+        generate_from: An image folder to build the set at ``path`` from first.
+        whiten: PCA whitening learnt on the set's whitening images.
+        imsize: Square input side (default: the model's).
+    """
+
+    path: str | None = None
+    generate_from: str | None = None
+    whiten: bool = True
+    imsize: int | None = None
+
+
+def _flags(p: argparse.ArgumentParser, alone: bool) -> None:
+    if not alone:
+        p.add_argument("--copydetect-path", help="Copydays-layout folder: adds copy detection")
+        return
+    p.add_argument("--data-path", required=True, help="Copydays-layout folder (original/, strong/, ...)")
+    p.add_argument("--generate-from", help="first build the set at --data-path from this image folder")
+    p.add_argument("--imsize", type=int, help="square input side (default: the model's global size)")
+    p.add_argument("--no-whitening", action="store_true", help="skip PCA whitening")
+
+
+def _from_flags(args: argparse.Namespace, alone: bool) -> CopydetectSettings | None:
+    if not alone:
+        return CopydetectSettings(args.copydetect_path) if args.copydetect_path else None
+    return CopydetectSettings(args.data_path, args.generate_from, not args.no_whitening, args.imsize)
+
+
+def _run(source: Any, options: CopydetectSettings, settings: Any) -> dict[str, float]:
+    if not options.path:
+        raise ValueError("copy detection needs a Copydays-layout folder: pass --copydetect-path DIR")
+    layout = (generate_copydetect_set(options.generate_from, options.path) if options.generate_from
+              else read_copydays(options.path))
+    return evaluate_copydetect(source.backbone, layout, source.mean, source.std, options.imsize or source.size,
+                               source.backbone.patch_embed.proj.in_channels, whiten=options.whiten,
+                               progress=settings.progress)
+
+
+def _table(per_model: dict[str, Any], note: str) -> list[str]:
+    blocks = list(next(iter(per_model.values())).keys())
+    lines = ["### Copy detection mAP (CLS + GeM, top 20)", "", "| model | " + " | ".join(blocks) + " |",
+             "|---|" + "---|" * len(blocks)]
+    lines += [f"| {name} | " + " | ".join(f"{res[b]:.3f}" for b in blocks) + " |" for name, res in per_model.items()]
+    return [*lines, ""]
+
+
+PROTOCOL = Protocol("copydetect", "copy detection mAP (Copydays layout, CLS+GeM, PCA whitening)", CopydetectSettings,
+                    _run, _table, scores=lambda res: {f"copy detection {b}": 100 * v for b, v in res.items()},
+                    features=False, flags=_flags, from_flags=_from_flags)

@@ -12,13 +12,14 @@ present in the ground truth or the predictions (a class in neither is excluded),
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from pwself.data.datasets import DatasetError
 from pwself.data.dense import IGNORE_INDEX, DenseSplit, dense_classes, open_dense
 from pwself.eval.features import normalize_images
 from pwself.eval.metrics import confusion_matrix, segmentation_scores
+from pwself.eval.registry import Protocol
 from pwself.eval.source import load_or_compute
 from pwself.models import forward_tokens
 
@@ -295,6 +297,8 @@ class DenseSettings:
             retrieval), ``overcluster`` (K-means); the same tokens serve all.
         hbird_memory: Patches in Hummingbird's memory (0: every labelled train patch).
         overcluster_ks: Cluster counts of overclustering (0: the number of classes).
+        root: The dense dataset (``pwself make-scenes`` layout, or a user's own images and masks) when the
+            settings go through :func:`pwself.eval.protocols.evaluate`.
     """
 
     train_images: int = 2000
@@ -310,6 +314,7 @@ class DenseSettings:
     hbird_memory: int = 0
     overcluster_ks: tuple[int, ...] = (0, 100, 300)
     random_floor: bool = False
+    root: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
@@ -449,3 +454,82 @@ def evaluate_dense(sources: list, root: str, settings: DenseSettings = DenseSett
             log.warning("dense probe of %s: the chosen lr %g is at the edge of the grid (%g..%g): the best lr may "
                         "lie beyond it", name, res["best"]["lr"], res["grid"][0]["lr"], res["grid"][-1]["lr"])
     return results
+
+
+DESCRIPTION = (
+    "Frozen patch tokens (last block, after the final norm), scored against masks brought to the model's input "
+    "side (--mask-size). linear: one linear layer per token, logits upsampled bilinearly, a grid of learning "
+    "rates chosen on held-out train. hbird: each test patch labelled by its 30 most similar train patches "
+    "(Hummingbird, no training). overcluster: K-means of the test patches mapped to classes (no training). "
+    "Data: DIR/{train,test}/images/* with DIR/{train,test}/masks/STEM.png (class index per pixel, 255 = "
+    "ignore) and optionally DIR/classes.json (docs/evaluation.md)."
+)
+
+
+def _flags(p: argparse.ArgumentParser, alone: bool) -> None:
+    p.add_argument("--data", required=True, help="dense dataset folder (make one with `pwself make-scenes OUT`)")
+    p.add_argument("--train-images", type=int, default=2000, help="train images the heads learn from (0: all; "
+                   "default 2000)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each head (default 10)")
+    p.add_argument("--size", type=int, help="model input side (default: each model's global view size)")
+    p.add_argument("--pixel-floor", action="store_true", help="also probe each patch's raw pixels (the floor)")
+    p.add_argument("--random-floor", action="store_true", help="also the first model's backbone at its run's "
+                   "random init (the floor a pwself run must beat)")
+    p.add_argument("--protocols", default="linear", help="comma-separated: linear (a trained linear probe), hbird "
+                   "(Hummingbird in-context retrieval, no training), overcluster (K-means, no training); "
+                   "default linear")
+    p.add_argument("--mask-size", type=int, help="side masks are scored at (default: the model's input side; "
+                   "0: each mask's full size, slow for photos)")
+    p.add_argument("--hbird-memory", type=int, default=0, help="patches in Hummingbird's memory, drawn toward "
+                   "rare classes (default 0: every labelled train patch)")
+
+
+def _from_flags(args: argparse.Namespace, alone: bool) -> DenseSettings:
+    from pwself.config import split_choices
+    from pwself.runtime import resolve_device
+
+    if args.epochs < 1 or args.train_images < 0 or (args.size is not None and args.size < 1):
+        raise ValueError(f"--epochs {args.epochs} --train-images {args.train_images} --size {args.size}: use "
+                         "--epochs 1 or more, --train-images 0 (all) or more, --size 1 or more (e.g. --size 224)")
+    return DenseSettings(args.train_images, args.epochs, args.size, args.pixel_floor, args.cache_dir or None,
+                         resolve_device(args.device), not args.no_progress, mask_size=args.mask_size,
+                         protocols=tuple(split_choices(args.protocols)), hbird_memory=args.hbird_memory,
+                         random_floor=args.random_floor, root=args.data)
+
+
+def _run(source, options: DenseSettings, settings) -> dict:  # noqa: ANN001 - a FeatureSource, EvalSettings
+    if not options.root:
+        raise ValueError("the dense probe needs a dense dataset: pass --dense DIR (made by pwself make-scenes)")
+    options = replace(options, device=next(source.backbone.parameters()).device, pixel_floor=False,
+                      random_floor=False)
+    return evaluate_dense([source], options.root, options)[source.name]
+
+
+def _model_input(options: DenseSettings) -> tuple[int, int]:
+    from pwself.data.dense import dense_input
+
+    channels, size = dense_input(options.root)
+    return channels, options.size or size
+
+
+def _finish(results: dict, sources: list, options: DenseSettings) -> None:
+    """The floors, on the classes the first model scanned."""
+    if not sources:
+        return
+    names = results[sources[0].name]["names"]
+    if options.pixel_floor:
+        results[PIXEL_ROW] = pixel_row(sources[0], options.root, options, names)
+    if options.random_floor:
+        results.update(random_row(sources[0], options.root, options, names))
+
+
+def _scores(res: dict) -> dict[str, float]:
+    scores = {"dense mIoU": res["miou"]} if "miou" in res else {}
+    return {**scores, **({"Hummingbird mIoU": res["hbird"]["miou"]} if "hbird" in res else {})}
+
+
+PROTOCOL = Protocol("dense", "dense protocols scored as mIoU: a linear probe on each patch token, Hummingbird "
+                    "retrieval, overclustering", DenseSettings, _run,
+                    lambda per_model, note: dense_markdown(per_model).splitlines(), _scores, features=False,
+                    flags=_flags, from_flags=_from_flags, in_eval=False, description=DESCRIPTION,
+                    model_input=_model_input, finish=_finish)

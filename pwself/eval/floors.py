@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from pwself.config import TrainConfig
 from pwself.data import open_dataset
+from pwself.eval.knn import KnnSettings
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, features, score_features
 from pwself.run.folder import RunFolder
 
@@ -58,7 +59,8 @@ def _scores(feats: dict, linear: bool) -> dict[str, float] | None:
     ``None`` for unlabelled data."""
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         return None
-    res = score_features(feats, ["knn", "linear"] if linear else ["knn"], EvalSettings(ks=(10, 20)))
+    res = score_features(feats, ["knn", "linear"] if linear else ["knn"],
+                         EvalSettings(options={"knn": KnnSettings(ks=(10, 20))}))
     floor = {"knn10": res["knn"][10]["top1"], "knn20": res["knn"][20]["top1"]}
     if linear:
         floor["linear"] = res["linear"]["top1"]
@@ -99,8 +101,8 @@ def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: A
     if dense is not None:
         from pwself.eval.dense import DenseSettings
 
-        settings = EvalSettings(cache_dir=feature_cache, progress=False, dense_root=dense,
-                                dense=DenseSettings(cache_dir=feature_cache, progress=False, protocols=DENSE_FLOORS))
+        settings = EvalSettings(cache_dir=feature_cache, progress=False, options={"dense": DenseSettings(
+            cache_dir=feature_cache, progress=False, protocols=DENSE_FLOORS, root=dense)})
         res = evaluate(src, None, ["dense"], settings)["dense"]
         floor.update(miou=res["miou"], hbird_miou=res["hbird"]["miou"], dense_key=key)
     cache.write_text(json.dumps(floor))

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
+from pwself.eval.registry import Protocol
 
-    pass
+__all__ = ["knn_classify", "KnnSettings", "PROTOCOL"]
 
-__all__ = ["knn_classify"]
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -83,3 +87,62 @@ def knn_classify(
             hits[k][1] += (pred[:, : min(5, k, c)] == y[:, None]).any(1).sum()
     n = len(test_features)
     return {k: {"top1": float(100 * h[0] / n), "top5": float(100 * h[1] / n)} for k, h in hits.items()}
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """The kNN protocol's knobs.
+
+    Attributes:
+        ks: Neighbour counts (one pass gives them all).
+        temperature: Vote temperature ``T``.
+    """
+
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+
+
+def _flags(p: argparse.ArgumentParser, alone: bool) -> None:
+    p.add_argument("--ks", default="10,20,100,200", help="comma-separated k values (default 10,20,100,200)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07)")
+
+
+def _from_flags(args: argparse.Namespace, alone: bool) -> KnnSettings:
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+    except ValueError:
+        ks = (0,)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--ks {args.ks!r}: give whole numbers >= 1 separated by commas, e.g. --ks 10,20")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature {args.temperature}: use a finite value > 0, e.g. 0.07")
+    return KnnSettings(ks, args.temperature)
+
+
+def _check(options: KnnSettings, data: Any) -> None:
+    if min(options.ks) > len(data.train):
+        raise ValueError(f"--ks {','.join(map(str, options.ks))}: every k is larger than the train bank "
+                         f"({len(data.train)} images): use k <= {len(data.train)}")
+
+
+def _run(feats: dict[str, tuple[Tensor, Tensor]], options: KnnSettings, settings: Any) -> dict[int, dict[str, float]]:
+    bank = len(feats["train"][0])
+    ks = tuple(k for k in options.ks if k <= bank)
+    if not ks:
+        log.warning("every k of %s is larger than the bank (%d images): k = %d", options.ks, bank, bank)
+        ks = (bank,)
+    return knn_classify(*feats["train"], *feats["test"], ks=ks, temperature=options.temperature)
+
+
+def _table(per_model: dict[str, Any], note: str) -> list[str]:
+    ks = list(next(iter(per_model.values())).keys())
+    lines = [f"### kNN (weighted, T = 0.07){', ' + note if note else ''}: top-1 / top-5 %", "",
+             "| model | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [f"| {name} | " + " | ".join(f"{res[k]['top1']:.2f} / {res[k]['top5']:.2f}" for k in ks) + " |"
+              for name, res in per_model.items()]
+    return [*lines, ""]
+
+
+PROTOCOL = Protocol("knn", "weighted kNN (T=0.07, k grid) on frozen features", KnnSettings, _run, _table,
+                    scores=lambda res: {f"kNN k={k}": r["top1"] for k, r in res.items()},
+                    flags=_flags, from_flags=_from_flags, check=_check)

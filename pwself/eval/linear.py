@@ -9,14 +9,19 @@ standardized with the statistics of the train part first.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_probe"]
+from pwself.eval.registry import Protocol
+
+__all__ = ["linear_probe", "LinearSettings", "PROTOCOL"]
 
 
 def _accuracy(logits: Tensor, y: Tensor) -> tuple[float, float]:
@@ -119,3 +124,38 @@ def linear_probe(
         "best": {"lr": grid[best][0], "weight_decay": grid[best][1], "val_top1": val_top1[best]},
         "grid": [{"lr": lr, "weight_decay": wd, "val_top1": v} for (lr, wd), v in zip(grid, val_top1)],
     }
+
+
+@dataclass(frozen=True)
+class LinearSettings:
+    """The linear probe's knobs.
+
+    Attributes:
+        epochs: Epochs of each head of the grid.
+    """
+
+    epochs: int = 30
+
+
+def _flags(p: argparse.ArgumentParser, alone: bool) -> None:
+    p.add_argument("--epochs", type=int, default=30, help="epochs of each linear head (default 30)")
+
+
+def _from_flags(args: argparse.Namespace, alone: bool) -> LinearSettings:
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: use at least 1")
+    return LinearSettings(args.epochs)
+
+
+def _table(per_model: dict[str, Any], note: str) -> list[str]:
+    lines = [f"### Linear probe{', ' + note if note else ''}", "",
+             "| model | top-1 % | top-5 % | chosen lr | chosen wd |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {res['top1']:.2f} | {res['top5']:.2f} | {res['best']['lr']:g} | "
+              f"{res['best']['weight_decay']:g} |" for name, res in per_model.items()]
+    return [*lines, ""]
+
+
+PROTOCOL = Protocol("linear", "linear probe on frozen features (lr x wd grid, chosen on held-out train)",
+                    LinearSettings, lambda feats, options, settings: linear_probe(*feats["train"], *feats["test"],
+                                                                                  epochs=options.epochs),
+                    _table, scores=lambda res: {"linear": res["top1"]}, flags=_flags, from_flags=_from_flags)

@@ -3,30 +3,31 @@
 Every path that scores a backbone goes through here: ``pwself eval*``, ``compare``, ``tune``'s held-out kNN,
 the in-training kNN and the floors. Feature protocols (kNN, linear) score the frozen features of a bank
 (train) and queries (test) split, pooled by one rule (:func:`default_pooling`); model protocols (dense,
-copy detection, retrieval) read their own data through the settings. Adding a protocol is one function and
-one line in :data:`PROTOCOLS`.
+copy detection, retrieval) read their own data through their settings. A protocol is one
+:class:`~pwself.eval.registry.Protocol` in its own module and one entry in :data:`PROTOCOLS`
+(:func:`register_protocol` from outside the package).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from pwself.eval import copydetect, dense, knn, linear, retrieval
+from pwself.eval.registry import Protocol
 from pwself.eval.source import FeatureSource, cached_features
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
-    from pwself.eval.dense import DenseSettings
 
-__all__ = ["EvalSettings", "EvalData", "PROTOCOLS", "FEATURE_PROTOCOLS", "evaluate", "score_features",
-           "default_pooling", "run_source"]
+__all__ = ["EvalSettings", "EvalData", "PROTOCOLS", "Protocol", "register_protocol", "feature_protocols",
+           "evaluate", "score_features", "default_pooling", "run_source"]
 
 log = logging.getLogger(__name__)
 Split = tuple[Tensor, Tensor]  # (features [N, D], labels [N])
@@ -34,25 +35,17 @@ Split = tuple[Tensor, Tensor]  # (features [N, D], labels [N])
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What the evaluation protocols take, as typed values (the CLI fills it from its flags).
+    """What every evaluation protocol shares, and each protocol's own settings (the CLI fills it from its flags).
 
     Attributes:
-        data_kind, data_root: The dataset of kNN and linear (default: the first checkpoint's).
+        data_kind, data_root: The dataset of the feature protocols (default: the first checkpoint's).
         pooling: Poolings of the feature protocols (``auto``: :func:`default_pooling`; ``cls``, ``mean-patch``, ...).
         in_chans, img_size: Input channels and side of a timm model (default: from the data).
         cache_dir: Feature cache ('' or ``None``: none).
         device: Where features are extracted (``auto``: a GPU when there is one).
         progress: Progress bars.
-        ks, temperature: kNN's k values and vote temperature.
-        epochs: Linear probe epochs.
-        copydetect_path, generate_from, whiten: Copy detection's Copydays-layout folder, the image folder to
-            build it from first, PCA whitening.
-        imsize: Square input side of copy detection (default: the model's) and longest side of retrieval (224).
-        gnd, images, crop_queries, multiscale: Retrieval's ground truth, image folder (default: jpg/ beside the
-            ground truth), query cropping, multi-scale descriptors.
-        dense_root: The dense probe's dataset (``pwself make-scenes`` layout).
-        dense: The dense probe's settings (default: its defaults, with ``cache_dir`` and ``progress`` from here;
-            the device is the model's; the raw-pixel row is :func:`pwself.eval.suite.run`'s).
+        options: Each protocol's own settings by name (its ``Protocol.Settings``; a protocol not named here runs
+            with its defaults), e.g. ``{"knn": KnnSettings(ks=(10,))}``.
     """
 
     data_kind: str | None = None
@@ -63,19 +56,12 @@ class EvalSettings:
     cache_dir: str | None = ".pwself_cache"
     device: str = "auto"
     progress: bool = True
-    ks: tuple[int, ...] = (10, 20, 100, 200)
-    temperature: float = 0.07
-    epochs: int = 30
-    copydetect_path: str | None = None
-    generate_from: str | None = None
-    whiten: bool = True
-    imsize: int | None = None
-    gnd: str | None = None
-    images: str | None = None
-    crop_queries: bool = True
-    multiscale: bool = False
-    dense_root: str | None = None
-    dense: DenseSettings | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def of(self, protocol: str) -> Any:
+        """``protocol``'s settings: those given in :attr:`options`, else its defaults."""
+        given = self.options.get(protocol)
+        return given if given is not None else PROTOCOLS[protocol].Settings()
 
 
 @dataclass(frozen=True)
@@ -134,61 +120,20 @@ def run_source(backbone: nn.Module, cfg: TrainConfig, name: str = "run") -> Feat
                          key=f"live:{id(backbone)}", config=config_to_dict(cfg))
 
 
-def _knn(feats: dict[str, Split], settings: EvalSettings) -> dict[int, dict[str, float]]:
-    from pwself.eval.knn import knn_classify
-
-    bank = len(feats["train"][0])
-    ks = tuple(k for k in settings.ks if k <= bank)
-    if not ks:
-        log.warning("every k of %s is larger than the bank (%d images): k = %d", settings.ks, bank, bank)
-        ks = (bank,)
-    return knn_classify(*feats["train"], *feats["test"], ks=ks, temperature=settings.temperature)
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (knn.PROTOCOL, linear.PROTOCOL, dense.PROTOCOL,
+                                                      copydetect.PROTOCOL, retrieval.PROTOCOL)}
+"""Every protocol by name: those of labelled features first, then those that read data of their own."""
 
 
-def _linear(feats: dict[str, Split], settings: EvalSettings) -> dict[str, Any]:
-    from pwself.eval.linear import linear_probe
-
-    return linear_probe(*feats["train"], *feats["test"], epochs=settings.epochs)
-
-
-def _copydetect(source: FeatureSource, settings: EvalSettings) -> dict[str, Any]:
-    from pwself.eval.copydetect import evaluate_copydetect, generate_copydetect_set, read_copydays
-
-    if not settings.copydetect_path:
-        raise ValueError("copy detection needs a Copydays-layout folder: pass --copydetect-path DIR")
-    path = settings.copydetect_path
-    layout = generate_copydetect_set(settings.generate_from, path) if settings.generate_from else read_copydays(path)
-    channels = source.backbone.patch_embed.proj.in_channels
-    return evaluate_copydetect(source.backbone, layout, source.mean, source.std, settings.imsize or source.size,
-                               channels, whiten=settings.whiten, progress=settings.progress)
+def register_protocol(protocol: Protocol) -> None:
+    """Add a protocol (a :class:`~pwself.eval.registry.Protocol` defined outside the package): what the line in
+    :data:`PROTOCOLS` does. The CLI, ``compare --protocols`` and the reports see it from then on."""
+    PROTOCOLS[protocol.name] = protocol
 
 
-def _retrieval(source: FeatureSource, settings: EvalSettings) -> dict[str, Any]:
-    from pwself.eval.retrieval import evaluate_retrieval
-
-    if not settings.gnd:
-        raise ValueError("retrieval needs a ground-truth file: pass --gnd FILE")
-    images = settings.images or str(Path(settings.gnd).parent / "jpg")
-    return evaluate_retrieval(source.backbone, settings.gnd, images, source.mean, source.std,
-                              imsize=settings.imsize or 224, crop_queries=settings.crop_queries,
-                              multiscale=settings.multiscale, channels=source.backbone.patch_embed.proj.in_channels)
-
-
-def _dense(source: FeatureSource, settings: EvalSettings) -> dict[str, Any]:
-    from pwself.eval.dense import DenseSettings, evaluate_dense
-
-    if not settings.dense_root:
-        raise ValueError("the dense probe needs a dense dataset: pass --dense DIR (made by pwself make-scenes)")
-    dense = settings.dense or DenseSettings(cache_dir=settings.cache_dir or None, progress=settings.progress)
-    dense = replace(dense, device=next(source.backbone.parameters()).device, pixel_floor=False, random_floor=False)
-    return evaluate_dense([source], settings.dense_root, dense)[source.name]
-
-
-FEATURE_PROTOCOLS: dict[str, Callable[[dict[str, Split], EvalSettings], Any]] = {"knn": _knn, "linear": _linear}
-MODEL_PROTOCOLS: dict[str, Callable[[FeatureSource, EvalSettings], Any]] = {
-    "dense": _dense, "copydetect": _copydetect, "retrieval": _retrieval}
-PROTOCOLS = (*FEATURE_PROTOCOLS, *MODEL_PROTOCOLS)
-"""Every protocol's name: the feature protocols first, then those that read data of their own."""
+def feature_protocols(names: Sequence[str]) -> list[str]:
+    """The names among ``names`` that score the features of a labelled dataset."""
+    return [n for n in names if PROTOCOLS[n].features]
 
 
 def score_features(feats: dict[str, Split], protocols: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
@@ -196,7 +141,7 @@ def score_features(feats: dict[str, Split], protocols: Sequence[str], settings: 
     if (feats["train"][1] < 0).any() or (feats["test"][1] < 0).any():
         raise ValueError(f"{' and '.join(protocols)} needs labels: the dataset has unlabelled images (label -1); "
                          "give a labelled one (folder sub-folders, idx, cifar) with --data-kind/--data-root")
-    return {name: FEATURE_PROTOCOLS[name](feats, settings) for name in protocols}
+    return {name: PROTOCOLS[name].run(feats, settings.of(name), settings) for name in protocols}
 
 
 def features(source: FeatureSource, data: EvalData, pooling: str, settings: EvalSettings) -> dict[str, Split]:
@@ -230,7 +175,10 @@ def evaluate(source: FeatureSource, data: EvalData | None, protocols: Sequence[s
         ...                                 "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2"])
         >>> cfg.data.mean, cfg.data.std = [0.5], [0.25]
         >>> backbone = pwself.DistillNet(cfg.backbone, cfg.head, 28).backbone.eval()
-        >>> settings = pwself.EvalSettings(ks=(10,), cache_dir=None, progress=False, epochs=2)
+        >>> from pwself.eval.knn import KnnSettings
+        >>> from pwself.eval.linear import LinearSettings
+        >>> settings = pwself.EvalSettings(cache_dir=None, progress=False,
+        ...                                options={"knn": KnnSettings(ks=(10,)), "linear": LinearSettings(epochs=2)})
         >>> res = pwself.evaluate(run_source(backbone, cfg), pwself.EvalData.of_run(cfg), ["knn", "linear"], settings)
         >>> sorted(res), sorted(res["knn"])
         (['knn', 'linear'], [10])
@@ -239,11 +187,14 @@ def evaluate(source: FeatureSource, data: EvalData | None, protocols: Sequence[s
     if unknown:
         raise ValueError(f"unknown protocol(s) {', '.join(unknown)}: use {', '.join(PROTOCOLS)}")
     out: dict[str, Any] = {}
-    wanted = [p for p in protocols if p in FEATURE_PROTOCOLS]
+    wanted = feature_protocols(protocols)
     if wanted:
         if data is None:
             raise ValueError(f"{', '.join(wanted)} need a labelled dataset: pass --data-kind and --data-root")
+        for name in wanted:
+            if PROTOCOLS[name].check is not None:
+                PROTOCOLS[name].check(settings.of(name), data)
         out.update(score_features(features(source, data, pooling, settings), wanted, settings))
-    for name in (p for p in protocols if p in MODEL_PROTOCOLS):
-        out[name] = MODEL_PROTOCOLS[name](source, settings)
+    for name in (p for p in protocols if not PROTOCOLS[p].features):
+        out[name] = PROTOCOLS[name].run(source, settings.of(name), settings)
     return out

@@ -9,8 +9,10 @@ ratio (``thumbnail`` to ``imsize``, never upsampled) and go through the model on
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from pwself.data.datasets import DatasetError
 from pwself.eval.metrics import revisited_map
+from pwself.eval.registry import Protocol
 from pwself.models import forward_tokens
 
 __all__ = ["load_ground_truth", "retrieval_features", "evaluate_retrieval", "STANDARD_SIZES"]
@@ -155,3 +158,61 @@ def evaluate_retrieval(
     ranks = np.argsort(-(db @ q.T), axis=0, kind="stable")
     res = revisited_map(ranks, cfg["gnd"])
     return {"crop_queries": crop_queries, "multiscale": multiscale, "imsize": imsize, **res}
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Retrieval's knobs.
+
+    Attributes:
+        gnd: The ground truth (``gnd_<ds>.pkl``, or ``.json`` with imlist/qimlist/gnd).
+        images: The image folder (default: ``jpg/`` beside the ground truth).
+        imsize: Longest side of every image (thumbnail).
+        crop_queries: Crop queries to their box (the revisited protocol); dino's numbers use full queries.
+        multiscale: Average descriptors over scales 1, 1/sqrt2, 1/2.
+    """
+
+    gnd: str | None = None
+    images: str | None = None
+    imsize: int = 224
+    crop_queries: bool = True
+    multiscale: bool = False
+
+
+def _flags(p: argparse.ArgumentParser, alone: bool) -> None:
+    p.add_argument("--gnd", required=alone, help="gnd_<ds>.pkl (or .json with imlist/qimlist/gnd)"
+                   + ("" if alone else ": adds image retrieval"))
+    p.add_argument("--images", help="image folder (default: jpg/ beside the gnd file)")
+    if alone:
+        p.add_argument("--imsize", type=int, default=224, help="longest side (thumbnail, default 224)")
+        p.add_argument("--no-crop-queries", action="store_true", help="use full query images (dino's numbers)")
+        p.add_argument("--multiscale", action="store_true", help="average descriptors over scales 1, 1/sqrt2, 1/2")
+
+
+def _from_flags(args: argparse.Namespace, alone: bool) -> RetrievalSettings | None:
+    if not alone:
+        return RetrievalSettings(args.gnd, args.images) if args.gnd else None
+    return RetrievalSettings(args.gnd, args.images, args.imsize, not args.no_crop_queries, args.multiscale)
+
+
+def _run(source: Any, options: RetrievalSettings, settings: Any) -> dict[str, Any]:
+    if not options.gnd:
+        raise ValueError("retrieval needs a ground-truth file: pass --gnd FILE")
+    images = options.images or str(Path(options.gnd).parent / "jpg")
+    return evaluate_retrieval(source.backbone, options.gnd, images, source.mean, source.std, imsize=options.imsize,
+                              crop_queries=options.crop_queries, multiscale=options.multiscale,
+                              channels=source.backbone.patch_embed.proj.in_channels)
+
+
+def _table(per_model: dict[str, Any], note: str) -> list[str]:
+    lines = ["### Retrieval mAP (revisited protocol, %)", "", "| model | E | M | H | crop queries |",
+             "|---|---|---|---|---|"]
+    for name, res in per_model.items():
+        cells = [f"{res[s]['mAP']:.2f}" if s in res else "n/a" for s in ("E", "M", "H")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {res['crop_queries']} |")
+    return [*lines, ""]
+
+
+PROTOCOL = Protocol("retrieval", "revisited Oxford/Paris retrieval mAP (E/M/H)", RetrievalSettings, _run, _table,
+                    scores=lambda res: {f"retrieval {s}": res[s]["mAP"] for s in ("E", "M", "H") if s in res},
+                    features=False, flags=_flags, from_flags=_from_flags)

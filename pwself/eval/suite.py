@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pwself.data import DatasetError, build_dataset
-from pwself.eval.protocols import FEATURE_PROTOCOLS, EvalData, EvalSettings, default_pooling, evaluate
+from pwself.eval.protocols import PROTOCOLS, EvalData, EvalSettings, default_pooling, evaluate, feature_protocols
 from pwself.eval.source import FeatureSource, open_source
 
 __all__ = ["run", "markdown", "write", "open_sources", "EvalSettings"]
@@ -41,79 +41,52 @@ def open_sources(models: list[str], args: EvalSettings, channels: int, size: int
 
 def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str, Any]:
     """Evaluate every model with every protocol (:func:`pwself.eval.protocols.evaluate`); returns
-    ``{"models": [...], protocol: {model: result}}`` (kNN and linear: ``{pooling: {model: result}}``)."""
+    ``{"models": [...], protocol: {model: result}}`` (feature protocols: ``{pooling: {model: result}}``)."""
     # Open checkpoints first (they carry the dataset); timm names then take the data's channels/size.
     first = [open_source(m) for m in models if Path(m).exists()]
     out: dict[str, Any] = {"models": list(models)}
-    feature_protocols = [p for p in protocols if p in FEATURE_PROTOCOLS]
+    on_features = feature_protocols(protocols)
     data, channels, size = None, 3, 224
-    if feature_protocols:
+    if on_features:
         ds_cfg = _data_settings(args, first)
         opts = {k: ds_cfg[k] for k in ("image_size", "channels", "synthetic_size", "synthetic_classes", "seed")}
         train, test = (build_dataset(ds_cfg["kind"], ds_cfg["root"], split, **opts) for split in ("train", "test"))
-        if "knn" in protocols and min(args.ks) > len(train):
-            raise ValueError(f"--ks {','.join(map(str, args.ks))}: every k is larger than the train bank ({len(train)} "
-                             f"images): use k <= {len(train)}")
         data = EvalData(train, test, ds_cfg)
+        for name in on_features:  # settings the data cannot serve are refused before any feature is extracted
+            if PROTOCOLS[name].check is not None:
+                PROTOCOLS[name].check(args.of(name), data)
         channels, size = train[0][0].shape[0], train[0][0].shape[-1]
         out["data"] = ds_cfg
-    if "dense" in protocols and not feature_protocols:  # a timm model takes the dense data's channels and side
-        from pwself.data.dense import dense_input
-
-        channels, size = dense_input(args.dense_root)
-        size = args.dense.size if args.dense and args.dense.size else size
+    else:  # a timm model takes the channels and side of the first protocol's own data
+        inputs = [PROTOCOLS[p].model_input for p in protocols if PROTOCOLS[p].model_input is not None]
+        if inputs:
+            channels, size = inputs[0](args.of(protocols[0]))
     sources = open_sources(models, args, channels, size)
     for src in sources:
         for pooling in args.pooling:  # `auto` is filed under the pooling it resolves to (cls, bag)
             pooling = default_pooling(src) if pooling == "auto" else pooling
-            res = evaluate(src, data, feature_protocols, args, pooling)
-            for name, value in res.items():
+            for name, value in evaluate(src, data, on_features, args, pooling).items():
                 value = {str(k): v for k, v in value.items()} if name == "knn" else value
                 out.setdefault(name, {}).setdefault(pooling, {})[src.name] = value
-        for name, value in evaluate(src, None, [p for p in protocols if p not in FEATURE_PROTOCOLS], args).items():
+        for name, value in evaluate(src, None, [p for p in protocols if p not in on_features], args).items():
             out.setdefault(name, {})[src.name] = value
-    if "dense" in protocols and args.dense and sources:  # the floors, on the classes the first model scanned
-        from pwself.eval.dense import PIXEL_ROW, pixel_row, random_row
-
-        names = out["dense"][sources[0].name]["names"]
-        if args.dense.pixel_floor:
-            out["dense"][PIXEL_ROW] = pixel_row(sources[0], args.dense_root, args.dense, names)
-        if args.dense.random_floor:
-            out["dense"].update(random_row(sources[0], args.dense_root, args.dense, names))
+    for name in protocols:  # rows beside the models' (the dense floors)
+        if PROTOCOLS[name].finish is not None and name in out:
+            PROTOCOLS[name].finish(out[name], sources, args.of(name))
     return out
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """One Markdown table per protocol, models as rows."""
+    """One Markdown table per protocol (and pooling), models as rows, as each protocol draws it."""
     lines: list[str] = []
-    for pooling, per_model in results.get("knn", {}).items():
-        ks = list(next(iter(per_model.values())).keys())
-        lines += [f"### kNN (weighted, T = 0.07), pooling {pooling}: top-1 / top-5 %", "",
-                  "| model | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-        for name, res in per_model.items():
-            lines.append(f"| {name} | " + " | ".join(f"{res[k]['top1']:.2f} / {res[k]['top5']:.2f}" for k in ks) + " |")
-        lines.append("")
-    for pooling, per_model in results.get("linear", {}).items():
-        lines += [f"### Linear probe, pooling {pooling}", "", "| model | top-1 % | top-5 % | chosen lr | chosen wd |",
-                  "|---|---|---|---|---|"]
-        for name, res in per_model.items():
-            b = res["best"]
-            lines.append(f"| {name} | {res['top1']:.2f} | {res['top5']:.2f} | {b['lr']:g} | {b['weight_decay']:g} |")
-        lines.append("")
-    if "copydetect" in results:
-        blocks = list(next(iter(results["copydetect"].values())).keys())
-        lines += ["### Copy detection mAP (CLS + GeM, top 20)", "", "| model | " + " | ".join(blocks) + " |",
-                  "|---|" + "---|" * len(blocks)]
-        for name, res in results["copydetect"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{res[b]:.3f}" for b in blocks) + " |")
-        lines.append("")
-    if "retrieval" in results:
-        lines += ["### Retrieval mAP (revisited protocol, %)", "", "| model | E | M | H | crop queries |",
-                  "|---|---|---|---|---|"]
-        for name, res in results["retrieval"].items():
-            cells = [f"{res[s]['mAP']:.2f}" if s in res else "n/a" for s in ("E", "M", "H")]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {res['crop_queries']} |")
-        lines.append("")
+    for name, protocol in PROTOCOLS.items():
+        if name not in results:
+            continue
+        if protocol.features:
+            for pooling, per_model in results[name].items():
+                lines += protocol.table(per_model, f"pooling {pooling}")
+        else:
+            lines += protocol.table(results[name], "")
     return "\n".join(lines)
 
 
