@@ -76,6 +76,16 @@ def test_a_toy_objective_knob_is_shown_set_validated_and_trained(toy, tmp_path, 
     # Step 1 is the same draw at both scales: its loss is 3x (later steps differ, the gradients did).
     assert float(losses[3][0]) == pytest.approx(3 * float(losses[1][0]), rel=1e-3)
 
+    # compare takes it with its knob like a built-in objective; the report names it.
+    out = tmp_path / "cmp"
+    assert main(["compare", "--objectives", "scaled:objectives.scaled.scale=3", "--seeds", "0", "--out-dir", str(out),
+                 "--no-progress", *TINY, "epochs=1", "batch_size=16"]) == 0
+    run = out / "scaled_objectives.scaled.scale-3_seed0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["objectives"]["scaled"]["scale"] == 3
+    assert "| scaled:objectives.scaled.scale=3 |" in (out / "comparison.md").read_text()
+    assert main(["report", str(run)]) == 0
+    assert "objective scaled," in (run / "report.md").read_text()
+
 
 def test_renamed_keys_still_read_from_old_files_and_overrides(tmp_path, caplog):
     old = tmp_path / "old.yaml"
