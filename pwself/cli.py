@@ -128,7 +128,7 @@ def _args_viz_curves(p: argparse.ArgumentParser) -> None:
     p.add_argument("--floors", action="store_true", help="add the random-init and raw-pixel lines (computed "
                    "with the first run's config, cached in its directory)")
     p.add_argument("--metric", default="knn", choices=["knn", "miou"],
-                   help="knn (knn_every_epochs runs) or miou: the dense probe (dense_every_epochs runs)")
+                   help="knn (eval.knn_every_epochs runs) or miou: the dense probe (eval.dense_every_epochs runs)")
 
 
 def _args_viz_attention(p: argparse.ArgumentParser) -> None:
@@ -518,7 +518,7 @@ def cmd_viz_matches(args: argparse.Namespace) -> int:
 def _curve_hint(run_dir: Path, metric: str) -> str:
     """What gives a run a learning curve of ``metric``: kNN needs labelled held-out images first."""
     if metric == "miou":
-        return "train with dense_every_epochs=0.5 dense_data=DIR"
+        return "train with eval.dense_every_epochs=0.5 eval.dense_data=DIR"
     from pwself.run.folder import RunFolder
 
     if RunFolder(run_dir).config.is_file():
@@ -527,8 +527,8 @@ def _curve_hint(run_dir: Path, metric: str) -> str:
 
         if not scorable(read_run_config(run_dir).data):
             return ("its images have no labelled val/ or test/ split, so kNN cannot score it: use --metric miou "
-                    "(a run with dense_data), or train on train/CLASS/ and val/CLASS/ folders")
-    return "train with knn_every_epochs=0.5 (and knn_at_end)"
+                    "(a run with eval.dense_data), or train on train/CLASS/ and val/CLASS/ folders")
+    return "train with eval.knn_every_epochs=0.5 (and knn_at_end)"
 
 
 def cmd_viz_curves(args: argparse.Namespace) -> int:
@@ -727,8 +727,8 @@ COMMANDS = (
             description=PRETRAIN_HELP, raw=True),
     Command("viz-matches", "draw two views of each image and their matched patches (paper Fig. 2)",
             _args_viz_matches, cmd_viz_matches),
-    Command("viz-curves", "kNN or dense mIoU against training time of several runs (knn_every_epochs, "
-            "dense_every_epochs runs)",
+    Command("viz-curves", "kNN or dense mIoU against training time of several runs (eval.knn_every_epochs, "
+            "eval.dense_every_epochs runs)",
             _args_viz_curves, cmd_viz_curves),
     Command("viz-attention", "last-layer CLS attention per head and a patch-feature PCA map",
             _args_viz_attention, cmd_viz_attention),

@@ -98,9 +98,9 @@ def run_comparison(
         objective, _, extra = label.partition(":")
         overrides = objective_overrides(objective) + [o for o in extra.split("+") if o]
         for seed in seeds:
-            # knn_floors off: the comparison computes each floor once for all its runs
+            # eval.knn_floors off: the comparison computes each floor once for all its runs
             cfg = apply_overrides(base, [*overrides, f"seed={seed}", f"out_dir={out_dir / run_name(label, seed)}",
-                                         "knn_at_end=true", "knn_floors=false"])
+                                         "eval.knn_at_end=true", "eval.knn_floors=false"])
             try:
                 cfg.validate()
             except ConfigError as e:

@@ -21,6 +21,7 @@ import yaml
 
 from pwself.augment import PhotometricConfig
 from pwself.data import DataConfig
+from pwself.eval.during import EvalConfig
 from pwself.models import BackboneConfig, HeadConfig
 from pwself.objectives import check_objective, options_section
 from pwself.objectives.base import LossConfig
@@ -125,6 +126,7 @@ class TrainConfig:
         loss: Objective and temperatures.
         optim: Optimizer and schedules.
         log: Metric sinks besides metrics.jsonl.
+        eval: What the run evaluates while it trains and when it ends (kNN, floors, the dense probe).
         objectives: Each objective's own knobs (``objectives.logo.weight``, ...), declared in its module.
         epochs: Passes over the training data (sets the length of every schedule).
         steps: Optimizer steps of the run (0: ``epochs`` passes); set, it is the length of every schedule, and
@@ -141,14 +143,6 @@ class TrainConfig:
             that a preemption or a crash loses minutes, not an epoch. SIGTERM and SIGUSR1 always end the step in
             progress, write a checkpoint and stop (exit 128 + the signal); ``--auto-resume`` continues exactly.
         keep_checkpoints: Newest checkpoints kept (0: all).
-        knn_at_end: Evaluate kNN on the held-out split when training ends.
-        knn_every_epochs: Also evaluate kNN every N epochs during training (0: never; 0.5: twice an epoch);
-            each row of ``knn_history.jsonl`` carries the training seconds so far (evaluation excluded).
-        dense_every_epochs: Also run the dense probe on ``dense_data`` every N epochs and at the end (0: never):
-            ``dense_history.jsonl`` rows carry the training seconds so far, for a dense learning curve.
-        dense_data: A dense dataset (``pwself make-scenes`` layout) for ``dense_every_epochs``.
-        knn_floors: Beside the final kNN, the same protocol on a random init of the backbone and on raw
-            pixels (when small enough): the numbers that give the result meaning.
         recipe: The recipe (``--objective dinov2``) that set the loss keys, as its user named it: shown by the
             progress bar, the report and the model card (a record: the keys themselves decide the run).
     """
@@ -161,6 +155,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     objectives: Any = field(default_factory=lambda: options_section()())
     epochs: int = 10
     steps: int = 0
@@ -173,11 +168,6 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 2
-    knn_at_end: bool = True
-    knn_every_epochs: float = 0
-    dense_every_epochs: float = 0
-    dense_data: str = ""
-    knn_floors: bool = True
     recipe: str = ""
 
     @property
@@ -204,14 +194,11 @@ class TrainConfig:
         check_ranges(self, "", {**{k: POSITIVE for k in ("log_every", "batch_size", "epochs")},
                                    **{k: NON_NEGATIVE for k in ("steps", "checkpoint_every_steps",
                                                                 "checkpoint_every_minutes",
-                                                                "keep_checkpoints", "knn_every_epochs",
-                                                                "dense_every_epochs")}})
+                                                                "keep_checkpoints")}})
         if self.loss.gram_weight and not self.backbone.init:
             raise ConfigError(f"loss.gram_weight={self.loss.gram_weight} anchors to the starting model: set "
                               "backbone.init=FILE (a released or pretrained backbone), or loss.gram_weight=0")
-        if self.dense_every_epochs and not self.dense_data:
-            raise ConfigError(f"dense_every_epochs={self.dense_every_epochs} needs dense_data=DIR (made by pwself "
-                              "make-scenes)")
+        self.eval.validate()
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -273,6 +260,8 @@ REMOVED_KEYS = {
 RENAMED_KEYS = {
     "loss.logo_weight": "objectives.logo.weight",  # an objective's own knobs live in its own module
     "loss.cossl_weight": "objectives.cossl.weight",
+    **{key: f"eval.{key}" for key in ("knn_at_end", "knn_every_epochs", "knn_floors", "dense_every_epochs",
+                                      "dense_data")},  # evaluation settings have a section of their own
 }
 
 
@@ -280,9 +269,10 @@ def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:
     """A copy of a nested config dict with :data:`RENAMED_KEYS` moved to their new places."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for old, new in RENAMED_KEYS.items():
-        section, key = old.split(".")
-        if isinstance(d.get(section), dict) and key in d[section]:
-            value = d[section].pop(key)
+        section, _, key = old.rpartition(".")
+        holder = d.get(section) if section else d
+        if isinstance(holder, dict) and key in holder:
+            value = holder.pop(key)
             node = d
             for part in new.split(".")[:-1]:
                 node[part] = node = dict(node.get(part) or {})
@@ -504,10 +494,10 @@ def save_config(cfg: TrainConfig, path: str | Path, derived: str = "") -> None:
 # not one: it sets the length of every cosine schedule, so a resumed run with other epochs would not continue
 # the run it resumes (train a new run instead).
 RESUME_FREE_KEYS = ("out_dir", "device", "log_every", "checkpoint_every_steps", "checkpoint_every_minutes",
-                    "keep_checkpoints", "knn_at_end", "recipe",
-                    "knn_every_epochs", "dense_every_epochs", "dense_data", "data.num_workers", "data.root",
-                    "data.on_bad_image", "data.image_size",
-                    "optim.max_nonfinite_steps", "loss.recompute_head", "knn_floors", "log.tensorboard",
+                    "keep_checkpoints", "eval.knn_at_end", "recipe",
+                    "eval.knn_every_epochs", "eval.dense_every_epochs", "eval.dense_data", "data.num_workers",
+                    "data.root", "data.on_bad_image", "data.image_size",
+                    "optim.max_nonfinite_steps", "loss.recompute_head", "eval.knn_floors", "log.tensorboard",
                     "log.wandb")
 
 

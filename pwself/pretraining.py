@@ -1,10 +1,11 @@
-"""Pretraining with the standard evaluation: the teacher's kNN (pooled as the objective says; at the end and,
-with ``knn_every_epochs``, during training) and its floors (random init, raw pixels). What ``pwself
-pretrain``, ``compare``, ``tune`` and :func:`pwself.pretrain` run; :func:`pwself.train.train` itself only
-trains."""
+"""Pretraining with the standard evaluation, as callbacks training calls: the teacher's kNN (pooled as the
+objective says; at the end and, with ``eval.knn_every_epochs``, during training), its floors (random init, raw
+pixels, the starting model) and the dense probe (``eval.dense_every_epochs``). What ``pwself pretrain``,
+``compare``, ``tune`` and :func:`pwself.pretrain` run; :func:`pwself.train.train` itself only trains."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,46 +13,106 @@ from torch import nn
 
 import pwself.train as training
 from pwself.config import TrainConfig
+from pwself.data import DATA_KINDS, open_dataset
 from pwself.eval.floors import pixel_floor, random_init_floor, start_floor
 from pwself.eval.knn import KnnSettings
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 from pwself.run.folder import RunFolder
 from pwself.run.state import read_run_config
 
-__all__ = ["pretrain", "standard_evaluation", "run_experiment", "open_teacher"]
+__all__ = ["pretrain", "standard_evaluation", "run_experiment", "open_teacher", "KnnEvaluation", "DenseEvaluation",
+           "knn_scores", "standard_floors"]
+
+log = logging.getLogger(__name__)
 
 
-def _knn(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dict[str, float]]:
+def knn_scores(backbone: nn.Module, cfg: TrainConfig, progress: bool) -> dict[int, dict[str, float]]:
     """k = 10, 20 on the run's test split, the train split as the bank (no cache: the weights change)."""
     settings = EvalSettings(cache_dir=None, progress=progress, options={"knn": KnnSettings(ks=(10, 20))})
     return evaluate(run_source(backbone, cfg), EvalData.of_run(cfg), ["knn"], settings)["knn"]
 
 
-def _dense(backbone: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
-    """The dense probe and Hummingbird retrieval of the teacher on ``cfg.dense_data`` (no cache: the weights
-    change)."""
-    from pwself.eval.dense import DenseSettings
-    from pwself.eval.floors import DENSE_FLOORS
-
-    dense = DenseSettings(cache_dir=None, progress=False, protocols=DENSE_FLOORS, root=cfg.dense_data)
-    settings = EvalSettings(cache_dir=None, progress=False, options={"dense": dense})
-    return evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
-
-
-def _floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+def standard_floors(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """kNN of the same protocol on the seed's own random init and on raw pixels, and on the starting model of a
-    run with ``backbone.init`` (with its dense probe when the run has ``dense_data``), cached in the run folder."""
+    run with ``backbone.init`` (with its dense probe when the run has ``eval.dense_data``), cached in the run
+    folder."""
     run = RunFolder(run_dir)
     floors = {"random_init": random_init_floor(cfg, run.floor("random_init"), linear=False),
               "pixels": pixel_floor(cfg, run.floor("pixels"))}
     if cfg.backbone.init:
-        floors["start"] = start_floor(cfg, run.floor("start"), cfg.dense_data or None)
+        floors["start"] = start_floor(cfg, run.floor("start"), cfg.eval.dense_data or None)
     return floors
 
 
-def standard_evaluation() -> training.Evaluation:
-    """The kNN and floors every pwself command evaluates a pretraining run with."""
-    return training.Evaluation(knn=_knn, floors=_floors, dense=_dense)
+class KnnEvaluation:
+    """kNN of the teacher (``eval.knn_every_epochs`` during training, ``eval.knn_at_end``) and, beside the final
+    one, its floors (``eval.knn_floors``); nothing without a labelled held-out split, said once at the start."""
+
+    def start(self, cfg: TrainConfig, at: training.Moment) -> None:
+        if not cfg.eval.knn:
+            return
+        if not at.heldout:
+            if at.is_main:
+                log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
+                         f"no {cfg.data.root}/val or /test folder" if at.labelled else "unlabelled images")
+        elif not DATA_KINDS[cfg.data.kind].in_memory:
+            # Decode-check the evaluation split now (scanned and cached): a broken file there is named before
+            # step 1, not at the end of training.
+            open_dataset(cfg.data, "test", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
+
+    def every(self, cfg: TrainConfig, at: training.Moment) -> float:
+        return cfg.eval.knn_every_epochs if at.heldout else 0
+
+    def point(self, backbone: nn.Module, cfg: TrainConfig, at: training.Moment) -> None:
+        res = knn_scores(backbone, cfg, False)
+        if at.loggers is not None:
+            at.loggers.knn(at.step, res, at.epoch, (at.train_s, at.cpu_s))
+
+    def final(self, backbone: nn.Module, cfg: TrainConfig, at: training.Moment, progress: bool) -> dict[str, Any]:
+        if not (cfg.eval.knn_at_end and at.heldout):
+            return {}
+        knn = knn_scores(backbone, cfg, progress and at.is_main)
+        if at.is_main:
+            at.folder.write_json(RunFolder.KNN, {"step": at.step, "train_s": round(at.train_s, 2),
+                                                 "cpu_s": round(at.cpu_s, 2), "knn": knn})
+            at.loggers.knn(at.step, knn)
+        if not cfg.eval.knn_floors:
+            return {"knn": knn}
+        floors = standard_floors(cfg, at.folder.path)
+        if at.is_main:
+            at.folder.write_json(RunFolder.FLOORS, floors)
+        return {"knn": knn, "floors": floors}
+
+
+class DenseEvaluation:
+    """The dense probe and Hummingbird retrieval of the teacher on ``eval.dense_data``, every
+    ``eval.dense_every_epochs`` and at the end (``dense_history.jsonl``; no cache: the weights change)."""
+
+    def start(self, cfg: TrainConfig, at: training.Moment) -> None:
+        pass
+
+    def every(self, cfg: TrainConfig, at: training.Moment) -> float:
+        return cfg.eval.dense_every_epochs
+
+    def point(self, backbone: nn.Module, cfg: TrainConfig, at: training.Moment) -> None:
+        from pwself.eval.dense import DenseSettings
+        from pwself.eval.floors import DENSE_FLOORS
+
+        dense = DenseSettings(cache_dir=None, progress=False, protocols=DENSE_FLOORS, root=cfg.eval.dense_data)
+        settings = EvalSettings(cache_dir=None, progress=False, options={"dense": dense})
+        res = evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
+        if at.loggers is not None:
+            at.loggers.dense(at.step, res, at.epoch, (at.train_s, at.cpu_s))
+
+    def final(self, backbone: nn.Module, cfg: TrainConfig, at: training.Moment, progress: bool) -> dict[str, Any]:
+        if cfg.eval.dense_every_epochs:  # the curve's last point
+            self.point(backbone, cfg, at)
+        return {}
+
+
+def standard_evaluation() -> list[training.EvalCallback]:
+    """What every pwself command evaluates a pretraining run with: the dense probe, then kNN and its floors."""
+    return [DenseEvaluation(), KnnEvaluation()]
 
 
 def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False

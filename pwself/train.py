@@ -14,7 +14,8 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ from pwself.schedules import (
 from pwself.step import StepOutput, TrainStep, build_step
 from pwself.views import MultiCropViews
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "Evaluation"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "EvalCallback", "Moment"]
 
 log = logging.getLogger(__name__)
 
@@ -117,27 +118,46 @@ class TrainResult:
     floors: dict[str, dict[str, float] | None] | None = None
 
 
-KnnHook = Callable[[nn.Module, TrainConfig, bool], dict[int, dict[str, float]]]
-FloorsHook = Callable[[TrainConfig, Path], dict[str, Any]]
-DenseHook = Callable[[nn.Module, TrainConfig], dict[str, Any]]
-
-
 @dataclass(frozen=True)
-class Evaluation:
-    """What a run evaluates, given by its caller: training itself only trains (:mod:`pwself.pretraining` gives
-    the standard kNN and floors).
+class Moment:
+    """Where a run stands when an evaluation callback is called.
 
     Attributes:
-        knn: ``(teacher backbone, cfg, progress) -> {k: {"top1", "top5"}}``, at the end (``knn_at_end``) and
-            during training (``knn_every_epochs``) when a labelled held-out split exists; ``None``: no kNN.
-        floors: ``(cfg, run_dir) -> floors`` beside the final kNN (``knn_floors``); ``None``: none.
-        dense: ``(teacher backbone, cfg) -> dense probe result`` every ``dense_every_epochs`` and at the end;
-            ``None``: none.
+        step, epoch: Optimizer steps done, and as passes over the data.
+        train_s, cpu_s: Wall and CPU seconds of training so far (evaluations excluded).
+        folder: The run folder (write only where ``is_main``).
+        loggers: The run's metric sinks (``None`` but on the main process).
+        heldout, labelled: Whether the data has a labelled held-out split; whether its images have labels.
+        is_main: The process that writes (rank 0; the only one without torchrun).
     """
 
-    knn: KnnHook | None = None
-    floors: FloorsHook | None = None
-    dense: DenseHook | None = None
+    step: int
+    epoch: float
+    train_s: float
+    cpu_s: float
+    folder: RunFolder
+    loggers: MetricLoggers | None
+    heldout: bool
+    labelled: bool
+    is_main: bool
+
+
+class EvalCallback(typing.Protocol):
+    """One evaluation of a pretraining run, given by the caller (:func:`pwself.pretraining.standard_evaluation`:
+    the dense probe, kNN and its floors): training itself evaluates nothing and writes no score file. Every
+    process calls it (an evaluation may gather over them); only ``at.is_main`` writes."""
+
+    def start(self, cfg: TrainConfig, at: Moment) -> None:
+        """Before step 1: check what the evaluation will read, say what it will skip."""
+
+    def every(self, cfg: TrainConfig, at: Moment) -> float:
+        """Epochs between points during training (0: none)."""
+
+    def point(self, backbone: nn.Module, cfg: TrainConfig, at: Moment) -> None:
+        """One point during training (its time is not training time)."""
+
+    def final(self, backbone: nn.Module, cfg: TrainConfig, at: Moment, progress: bool) -> dict[str, Any]:
+        """At the end, after the export; what it returns is stored in ``finished.json`` (e.g. ``{"knn": ..}``)."""
 
 
 @dataclass
@@ -153,10 +173,11 @@ class _Run:
     ckpt: dict[str, Any] | None
     views: ViewLoader | None = None  # folders: views cut from the originals in worker processes
     heldout: bool = True  # a labelled held-out split exists: kNN can run
+    labelled: bool = True  # the images have labels
     data_id: dict[str, Any] | None = None  # the training data's root, image count and content fingerprint
     loggers: MetricLoggers | None = None  # rank 0 only
     lock: RunLock | None = None  # rank 0 only
-    evaluation: Evaluation = Evaluation()
+    evaluation: Sequence[EvalCallback] = ()
     stop: _StopSignals | None = None  # set while the loop runs
     log_every: int = 10  # cfg.log_every, lowered for a short run (schedules.log_interval)
 
@@ -309,18 +330,11 @@ def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.devi
         _check_same_data(Path(ckpt["path"]), ckpt.get("dataset"), data_id)
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
-    heldout = has_heldout_split(cfg.data, labelled)
-    if heldout and not in_memory and (cfg.knn_at_end or cfg.knn_every_epochs):
-        # Decode-check the evaluation split now (scanned and cached): a broken file there is named before step 1,
-        # not at the end of training.
-        open_dataset(cfg.data, "test", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if info.is_main:
         save_config(cfg, RunFolder(run_dir).config, derived=batch_line(cfg, info.world_size))
         log.info(batch_line(cfg, info.world_size))
-    if not heldout and (cfg.knn_at_end or cfg.knn_every_epochs) and info.is_main:
-        log.info("no labelled held-out split (%s): kNN is skipped; checkpoints, export and report are written",
-                 f"no {cfg.data.root}/val or /test folder" if labelled else "unlabelled images")
-    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views, heldout, lock=lock, data_id=data_id)
+    return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views,
+                has_heldout_split(cfg.data, labelled), labelled, lock=lock, data_id=data_id)
 
 
 def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: torch.device) -> ViewLoader:
@@ -527,28 +541,18 @@ def _after_step(run: _Run, step: TrainStep, out: StepOutput, sch: Schedules, pro
         if run.loggers is not None:
             run.loggers.close()
         raise Preempted(signum or signal.SIGTERM, prog.step, prog.last_ckpt)
-    if cfg.knn_every_epochs and run.heldout and run.evaluation.knn and prog.step < total:
-        every = max(1, round(cfg.knn_every_epochs * run.steps_per_epoch))
-        if prog.step % every == 0:
+    for callback in run.evaluation if prog.step < total else ():  # the end has its own evaluations
+        every = callback.every(cfg, _moment(run, prog))
+        if every and prog.step % max(1, round(every * run.steps_per_epoch)) == 0:
             _tick(prog)
-            res = run.evaluation.knn(step.teacher.backbone, cfg, False)
-            if run.loggers is not None:
-                run.loggers.knn(prog.step, res, prog.step / run.steps_per_epoch, (prog.train_s, prog.cpu_s))
+            callback.point(step.teacher.backbone, cfg, _moment(run, prog))
             prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()  # evaluating is not training
-    if cfg.dense_every_epochs and run.evaluation.dense and prog.step < total:
-        if prog.step % max(1, round(cfg.dense_every_epochs * run.steps_per_epoch)) == 0:
-            _dense_point(run, step, prog)
     return row
 
 
-def _dense_point(run: _Run, step: TrainStep, prog: _Progress) -> None:
-    """One point of the dense learning curve (``dense_history.jsonl``); its time is not training time."""
-    _tick(prog)
-    assert run.evaluation.dense is not None
-    res = run.evaluation.dense(step.teacher.backbone, run.cfg)
-    if run.loggers is not None:
-        run.loggers.dense(prog.step, res, prog.step / run.steps_per_epoch, (prog.train_s, prog.cpu_s))
-    prog.t_mark, prog.cpu_mark = time.perf_counter(), time.process_time()
+def _moment(run: _Run, prog: _Progress) -> Moment:
+    return Moment(prog.step, prog.step / run.steps_per_epoch, prog.train_s, prog.cpu_s, run.folder, run.loggers,
+                  run.heldout, run.labelled, run.info.is_main)
 
 
 def _about(run: _Run, prog: _Progress) -> dict[str, Any]:
@@ -571,29 +575,20 @@ def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> Trai
     backbone_path = run.folder.backbone
     if run.info.is_main:
         export_backbone(step.teacher.backbone, backbone_path)
-    knn, floors = None, None
-    if run.cfg.dense_every_epochs and run.evaluation.dense:
-        _dense_point(run, step, prog)
-    if run.cfg.knn_at_end and run.heldout and run.evaluation.knn:
-        knn = run.evaluation.knn(step.teacher.backbone, run.cfg, progress and run.info.is_main)
-        if run.info.is_main:
-            run.folder.write_json(RunFolder.KNN, {"step": prog.step, "train_s": round(prog.train_s, 2),
-                                                  "cpu_s": round(prog.cpu_s, 2), "knn": knn})
-            run.loggers.knn(prog.step, knn)
-        if run.cfg.knn_floors and run.evaluation.floors:
-            floors = run.evaluation.floors(run.cfg, run.dir)
-            if run.info.is_main:
-                run.folder.write_json(RunFolder.FLOORS, floors)
+    results: dict[str, Any] = {}
+    for callback in run.evaluation:
+        results.update(callback.final(step.teacher.backbone, run.cfg, _moment(run, prog), progress))
     if run.loggers is not None:
         run.loggers.close()
+    knn, floors = results.pop("knn", None), results.pop("floors", None)
     if run.info.is_main:  # last: a run cut off before this point is continued, not shown as done
-        write_finished(run.dir, prog.step, knn, floors, _about(run, prog))
+        write_finished(run.dir, prog.step, knn, floors, {**results, **_about(run, prog)})
     checkpoint = prog.last_ckpt or latest_checkpoint(run.dir) or run.dir
     return TrainResult(run.dir, Path(checkpoint), backbone_path, knn, run.cfg, floors)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
-          evaluation: Evaluation | None = None) -> TrainResult:
+          evaluation: Sequence[EvalCallback] = ()) -> TrainResult:
     """Pretrain a ViT with the configured objective; checkpoint at epoch ends, every ``checkpoint_every_minutes`` and
     when SIGTERM or SIGUSR1 stops the run (:class:`~pwself.runtime.Preempted`); optionally resume.
 
@@ -605,15 +600,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         progress: Show a tqdm progress bar.
         overwrite: Start over in a folder that holds another run, moving that run aside (without it, such a
             folder is refused).
-        evaluation: What to evaluate (kNN, floors); ``None``: nothing (:func:`pwself.pretraining.pretrain` runs
-            the standard evaluation).
+        evaluation: What to evaluate, as :class:`EvalCallback` objects; none: nothing
+            (:func:`pwself.pretraining.pretrain` runs the standard evaluation).
 
     Returns:
         The run's :class:`TrainResult`.
     """
     run = prepare_run(cfg, resume, overwrite)
-    run.evaluation = evaluation or Evaluation()
+    run.evaluation = tuple(evaluation)
     try:
+        for callback in run.evaluation:
+            callback.start(run.cfg, _moment(run, _Progress()))
         return _train(run, progress)
     finally:
         if run.lock is not None:

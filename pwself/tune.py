@@ -4,7 +4,7 @@
 budget, into ``OUT/trial_<i>/``, and scores each (:class:`TrialScore`) by weighted kNN (k = 10, T = 0.07) of
 its teacher features with a seeded share of the *train* split as queries and the rest of train as the bank,
 or, for dense features, by the dense probe's mIoU on held-out images of a dense dataset's *train* split. The
-test split is never opened: runs have ``knn_at_end=false`` and ``knn_floors=false``. Giving every method the
+test split is never opened: runs have ``eval.knn_at_end=false`` and ``eval.knn_floors=false``. Giving every method the
 same ``trials`` and budget is what makes a comparison of tuned methods fair.
 """
 
@@ -158,7 +158,7 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
                  ) -> TrainConfig:
     """The validated config of one trial (a bad value fails here, before any trial trains)."""
     overrides = [*objective_overrides(objective), *fixed, *(f"{k}={v}" for k, v in setting.items()),
-                 f"out_dir={run_dir}", "knn_at_end=false", "knn_floors=false", "knn_every_epochs=0"]
+                 f"out_dir={run_dir}", "eval.knn_at_end=false", "eval.knn_floors=false", "eval.knn_every_epochs=0"]
     cfg = apply_overrides(base, overrides)
     try:
         cfg.validate()

@@ -102,8 +102,8 @@ def plot_training_curves(rows: list[dict[str, Any]], path: str | Path, title: st
 def learning_curve(run_dir: str | Path, metric: str = "knn") -> list[dict[str, float]]:
     """kNN (k = 10) or, with ``metric="miou"``, dense mIoU of a run against its training time.
 
-    kNN: the in-training evaluations (``knn_history.jsonl``, written with ``knn_every_epochs``) and the final
-    one (``knn.json``); mIoU: ``dense_history.jsonl`` (``dense_every_epochs``). Each point has ``step``,
+    kNN: the in-training evaluations (``knn_history.jsonl``, written with ``eval.knn_every_epochs``) and the final
+    one (``knn.json``); mIoU: ``dense_history.jsonl`` (``eval.dense_every_epochs``). Each point has ``step``,
     ``train_s`` (wall seconds training, evaluations excluded), ``cpu_s`` (CPU seconds of the process) and
     ``top1`` (the metric's value); rows from runs older than the time logging have no point, and a step
     evaluated twice (a resumed run) keeps its last row."""
@@ -261,7 +261,7 @@ def _about_run(run_dir: Path, cfg: dict[str, Any], has_knn: bool) -> str:
         except (ConfigError, TypeError, ValueError):  # a config of another pwself version: the rest still reports
             pass
     if not has_knn:
-        why = ("knn_at_end=false" if cfg.get("knn_at_end") is False
+        why = ("eval.knn_at_end=false" if (cfg.get("eval") or {}).get("knn_at_end") is False
                else "the data has no labelled held-out split (e.g. an unlabelled folder)")
         parts.append(f"kNN skipped: {why}")
     return "; ".join(parts)
@@ -273,7 +273,7 @@ def _dense_lines(dense: list[dict], start: dict, objective: str, cfg: dict[str, 
     if not dense:
         return []
     hb = "hbird_miou" in dense[-1]
-    lines = [f"## Dense probe on {cfg.get('dense_data', '?')} (mIoU %)", "",
+    lines = [f"## Dense probe on {(cfg.get('eval') or {}).get('dense_data', '?')} (mIoU %)", "",
              "| model | step | linear probe | Hummingbird |" if hb else "| model | step | mIoU |",
              "|---|---|---|---|" if hb else "|---|---|---|",
              f"| {objective} | {dense[-1]['step']} | {dense[-1]['miou']:.2f} |"

@@ -46,7 +46,7 @@ echo "== ${steps}-step ViT-S/16 224/96 run on synthetic data ($device)"
 "$PY" -m pwself.cli pretrain --config vit_small_folder --out-dir "$out/run" --overwrite --no-progress \
   data.kind=synthetic data.synthetic_size=$((steps * batch)) data.image_size=256 data.num_workers=2 \
   --epochs 1 --batch-size "$batch" --device "$device" precision=$([ "$device" = cuda ] && echo bf16 || echo fp32) \
-  knn_at_end=false knn_floors=false log_every=1 optim.warmup_epochs=0.1 checkpoint_every_steps=0
+  eval.knn_at_end=false eval.knn_floors=false log_every=1 optim.warmup_epochs=0.1 checkpoint_every_steps=0
 "$PY" - "$out/run/metrics.jsonl" "$steps" <<'PYEOF'
 import json, math, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

@@ -41,7 +41,8 @@ METHODS = {  # label -> overrides of the post-training run
 }
 WARMUP = {"warm-up": ["optim.head_warmup_epochs=0.25"], "no warm-up": ["optim.head_warmup_epochs=0"]}
 # The post-training budget: one pass over the 10000 scenes (156 steps of 64), lr warm-up a quarter of it.
-POST = ["epochs=1", "optim.warmup_epochs=0.25", "knn_floors=false", "dense_data=data/scenes", "dense_every_epochs=1"]
+POST = ["epochs=1", "optim.warmup_epochs=0.25", "eval.knn_floors=false", "eval.dense_data=data/scenes",
+        "eval.dense_every_epochs=1"]
 SEEDS = (1, 2, 3)
 # What the registers family runs: the main rows.
 REG4_RUNS = [("dino", "no warm-up"), ("pwml", "warm-up"), ("pwml", "no warm-up"), ("pwml+gram", "warm-up")]

@@ -34,8 +34,9 @@ from pwself.run.folder import RunFolder
 SHIPPED_BATCH = 64
 BATCH = 32
 DATASETS = {  # name -> (config, its shipped optim.lr, teacher momentum, overrides of every row)
-    "fmnist": ("fmnist_demo", 4.0e-3, 0.99, ["knn_floors=false"]),
-    "scenes": ("fmnist_scenes", 4.0e-3, 0.99, ["knn_floors=false", "dense_data=data/scenes", "dense_every_epochs=4"]),
+    "fmnist": ("fmnist_demo", 4.0e-3, 0.99, ["eval.knn_floors=false"]),
+    "scenes": ("fmnist_scenes", 4.0e-3, 0.99, ["eval.knn_floors=false", "eval.dense_data=data/scenes",
+                                               "eval.dense_every_epochs=4"]),
 }
 CENTER_MOMENTUM = 0.9
 

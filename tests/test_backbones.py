@@ -28,7 +28,7 @@ MODEL_ARGS = "backbone.model_args={embed_dim: 32, depth: 2, num_heads: 2}"
 FAMILIES = {"vit_small_patch16_224": (32, 16), "vit_small_patch14_dinov2": (28, 14),
             "vit_small_patch14_reg4_dinov2": (28, 14), "vit_small_patch16_dinov3": (32, 16)}
 TINY = ["data.kind=synthetic", "data.synthetic_size=64", "views.n_local=2", "head.out_dim=16", "head.hidden_dim=32",
-        "head.bottleneck_dim=16", "log_every=1", "knn_floors=false"]
+        "head.bottleneck_dim=16", "log_every=1", "eval.knn_floors=false"]
 
 
 def released_file(tmp_path, name, in_chans=3, **over):
@@ -264,9 +264,9 @@ def test_a_gram_anchored_run_with_a_head_warm_up_resumes_exactly_and_reports_the
     path = released_file(tmp_path, name, in_chans=1)
     out = tmp_path / "run"
     args = ["pretrain", "--out-dir", str(out), "--batch-size", "16", "--epochs", "2", "--no-progress", *TINY,
-            *sizes(name), f"backbone.name={name}", MODEL_ARGS, f"backbone.init={path}", "knn_floors=true",
-            "optim.head_warmup_epochs=1", "loss.gram_weight=1.0", "keep_checkpoints=5", f"dense_data={scenes}",
-            "dense_every_epochs=2"]
+            *sizes(name), f"backbone.name={name}", MODEL_ARGS, f"backbone.init={path}", "eval.knn_floors=true",
+            "optim.head_warmup_epochs=1", "loss.gram_weight=1.0", "keep_checkpoints=5", f"eval.dense_data={scenes}",
+            "eval.dense_every_epochs=2"]
     assert main(args) == 0
     straight = load_checkpoint(out / "checkpoint_00000008.pt")
     floors = json.loads((out / "floors.json").read_text())
@@ -299,7 +299,7 @@ def test_full_size_released_architectures_take_two_steps_at_112_px(name, patch, 
                  f"backbone.name={name}", f"backbone.init={path}", "views.global_size=112",
                  f"views.local_size={patch * 3}", "views.n_local=2", "head.out_dim=256", "head.hidden_dim=256",
                  "backbone.in_chans=1", "data.mean=[]", "data.std=[]", "precision=fp32", "device=cpu",
-                 "knn_at_end=false", "log_every=1"]) == 0
+                 "eval.knn_at_end=false", "log_every=1"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
 

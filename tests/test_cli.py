@@ -25,7 +25,7 @@ def _run(out, *extra):
 @pytest.mark.slow
 def test_smoke_two_epochs_then_resume_is_exact(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _run(out, "--epochs", "2", "knn_every_epochs=1") == 0
+    assert _run(out, "--epochs", "2", "eval.knn_every_epochs=1") == 0
     printed = capsys.readouterr().out
     assert "per evaluated epoch" in (out / "report.md").read_text()  # epoch 1 (during) + end of run
     assert "report:" in printed and "| pwml | 10 |" in printed
@@ -64,7 +64,7 @@ def test_smoke_two_epochs_then_resume_is_exact(tmp_path, capsys):
 @pytest.mark.slow
 def test_resume_with_other_config_names_keys(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _run(out, "--epochs", "1", "knn_at_end=false") == 0
+    assert _run(out, "--epochs", "1", "eval.knn_at_end=false") == 0
     capsys.readouterr()
     assert _run(out, "--epochs", "1", "--resume", "optim.lr=0.1", "loss.objective=dino", "head.out_dim=8") == 2
     err = capsys.readouterr().err.strip()
@@ -109,10 +109,10 @@ def test_overrides_may_come_between_and_after_flags(tmp_path):
     out = tmp_path / "mixed"
     # KEY=VALUE before a flag, between flags and at the end: all applied, in order.
     argv = ["pretrain", over[0], "--epochs", "1", *over[1:5], "--out-dir", str(out), "--batch-size", "32",
-            "--no-progress", *over[5:], "knn_at_end=false", "seed=7"]
+            "--no-progress", *over[5:], "eval.knn_at_end=false", "seed=7"]
     assert main(argv) == 0
     saved = load_checkpoint(out)["config"]
-    assert saved["seed"] == 7 and saved["data"]["kind"] == "synthetic" and saved["knn_at_end"] is False
+    assert saved["seed"] == 7 and saved["data"]["kind"] == "synthetic" and saved["eval"]["knn_at_end"] is False
     with pytest.raises(SystemExit):
         main(["pretrain", "--epochs", "1", "--not-a-flag"])
     with pytest.raises(SystemExit):
@@ -156,7 +156,7 @@ def test_tensorboard_logger_writes_the_metrics_rows_as_real_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    assert _run(out, "--epochs", "1", "log.tensorboard=true", "knn_floors=false") == 0
+    assert _run(out, "--epochs", "1", "log.tensorboard=true", "eval.knn_floors=false") == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -190,7 +190,7 @@ def test_pretrain_ends_with_the_random_init_and_pixel_floors(tmp_path, capsys):
 
 def test_knn_twice_an_epoch_logs_training_time_without_evaluation(tmp_path):
     out = tmp_path / "run"
-    assert _run(out, "--epochs", "2", "knn_every_epochs=0.5", "knn_floors=false") == 0  # 3 steps an epoch
+    assert _run(out, "--epochs", "2", "eval.knn_every_epochs=0.5", "eval.knn_floors=false") == 0  # 3 steps an epoch
     history = [json.loads(x) for x in (out / "knn_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4]  # every round(0.5 * 3) = 2 steps, not at the last (knn.json)
     rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}

@@ -102,7 +102,7 @@ def test_random_init_floor_is_the_runs_knn_protocol_on_the_seeded_init(tmp_path)
 
     from pwself.config import load_config
     from pwself.data import channel_stats, open_dataset
-    from pwself.pretraining import standard_evaluation
+    from pwself.pretraining import knn_scores
     from pwself.step import build_step
 
     cfg = load_config(None, [t for t in TINY if "=" in t] + ["seed=3"])
@@ -110,7 +110,7 @@ def test_random_init_floor_is_the_runs_knn_protocol_on_the_seeded_init(tmp_path)
     cfg.data.mean, cfg.data.std = channel_stats(open_dataset(cfg.data, "train", cfg.backbone.in_chans,
                                                                 cfg.backbone.patch_size, cfg.seed))
     step = build_step(cfg, torch.device("cpu"), cfg.data.mean, cfg.data.std)  # the init a run with seed 3 trains
-    ref = standard_evaluation().knn(step.model.backbone, cfg, False)  # the run's own kNN
+    ref = knn_scores(step.model.backbone, cfg, False)  # the run's own kNN
     assert (floor["knn10"], floor["knn20"]) == (ref[10]["top1"], ref[20]["top1"])
     assert 0 <= floor["linear"] <= 100
     assert floors_mod.random_init_floor(cfg, tmp_path / "random.json") == floor  # cached

@@ -6,9 +6,9 @@ from pwself.config import ConfigError, apply_overrides, config_diff, config_to_d
 
 
 def test_overrides_parse_numbers_lists_and_bools(tmp_path):
-    cfg = load_config(None, ["optim.lr=4e-3", "views.global_scale=[0.3, 1.0]", "knn_at_end=false", "epochs=3"])
+    cfg = load_config(None, ["optim.lr=4e-3", "views.global_scale=[0.3, 1.0]", "eval.knn_at_end=false", "epochs=3"])
     assert cfg.optim.lr == 4e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.views.global_scale == (0.3, 1.0) and cfg.knn_at_end is False and cfg.epochs == 3
+    assert cfg.views.global_scale == (0.3, 1.0) and cfg.eval.knn_at_end is False and cfg.epochs == 3
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
@@ -37,3 +37,21 @@ def test_split_choices_keeps_the_commas_of_bracketed_values():
     assert split_choices("dino, pwml:objectives.ibot.mask_ratio=[0.1,0.5],,ibot") == [
         "dino", "pwml:objectives.ibot.mask_ratio=[0.1,0.5]", "ibot"]
     assert split_choices("1e-4,[1,2],3") == ["1e-4", "[1,2]", "3"] and split_choices(" , ") == []
+
+
+def test_evaluation_keys_of_older_runs_are_read_in_the_eval_section(tmp_path, caplog):
+    """Issue 42: the evaluation settings moved to their own section (``eval.*``); configs, overrides and the
+    config.yaml of runs written before keep working, each old key said once."""
+    from pwself.run.folder import RunFolder
+    from pwself.run.state import read_run_config
+
+    cfg = load_config(None, ["knn_every_epochs=0.5", "knn_floors=false"])
+    assert cfg.eval.knn_every_epochs == 0.5 and cfg.eval.knn_floors is False
+    assert "knn_every_epochs is now eval.knn_every_epochs: write eval.knn_every_epochs=0.5" in caplog.text
+    run = RunFolder(tmp_path)
+    run.config.write_text("seed: 3\nknn_at_end: false\ndense_every_epochs: 1\ndense_data: scenes\n")
+    saved = read_run_config(tmp_path)
+    assert (saved.seed, saved.eval.knn_at_end, saved.eval.dense_every_epochs, saved.eval.dense_data) == (
+        3, False, 1.0, "scenes")
+    with pytest.raises(ConfigError, match=r"eval.dense_every_epochs=1.0 needs eval.dense_data=DIR"):
+        load_config(None, ["eval.dense_every_epochs=1"])

@@ -11,7 +11,7 @@ from pwself.cli import main
 
 # 96 images / batch 32: 3 steps an epoch, a checkpoint at each epoch's end; kNN at the end, no floors (fast).
 ARGS = ["pretrain", "--batch-size", "32", "--epochs", "2", "--no-progress", "--auto-resume", *TINY,
-        "knn_floors=false"]
+        "eval.knn_floors=false"]
 
 
 def _pretrain(out, *extra):

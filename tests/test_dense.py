@@ -173,7 +173,7 @@ def test_dense_learning_curve_during_training_and_its_plot(tmp_path, fake_fmnist
                  "--source", str(fake_fmnist), "--no-progress"]) == 0
     run = tmp_path / "run"
     assert main(["pretrain", "--out-dir", str(run), "--batch-size", "32", "--epochs", "2", "--no-progress", *TINY,
-                 "dense_every_epochs=1", f"dense_data={scenes}", "knn_at_end=false"]) == 0
+                 "eval.dense_every_epochs=1", f"eval.dense_data={scenes}", "eval.knn_at_end=false"]) == 0
     rows = [json.loads(x) for x in (run / "dense_history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]  # 96 images / 32: one point per epoch, the last at the end
     assert all(0 <= r["miou"] <= 100 and r["train_s"] > 0 for r in rows) and rows[1]["cpu_s"] > rows[0]["cpu_s"]
@@ -188,5 +188,5 @@ def test_dense_learning_curve_during_training_and_its_plot(tmp_path, fake_fmnist
     assert [p["top1"] for p in saved["runs"]["tiny"]] == [r["miou"] for r in rows]
     assert set(saved["floors"]) == {"random init", "raw pixels"} and "mIoU after 6 steps" in capsys.readouterr().out
     assert main(["viz-curves", str(run), "--output", str(tmp_path / "k.png")]) == 2  # no kNN points: the hint
-    assert main(["pretrain", "--out-dir", str(tmp_path / "r2"), *TINY, "dense_every_epochs=1"]) == 2
-    assert "needs dense_data=DIR" in capsys.readouterr().err
+    assert main(["pretrain", "--out-dir", str(tmp_path / "r2"), *TINY, "eval.dense_every_epochs=1"]) == 2
+    assert "needs eval.dense_data=DIR" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_eval_dense_runs_every_protocol_on_photo_masks_with_the_floors(tmp_path,
     assert main(["pretrain", "--out-dir", str(run), "--steps", "2", "--batch-size", "8", "--no-progress",
                  "data.kind=synthetic", "data.synthetic_size=16", "backbone.in_chans=3", "views.global_size=32",
                  "views.local_size=16", "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=1",
-                 "backbone.num_heads=2", "head.out_dim=16", "knn_at_end=false", "knn_floors=false"]) == 0
+                 "backbone.num_heads=2", "head.out_dim=16", "eval.knn_at_end=false", "eval.knn_floors=false"]) == 0
     assert main(["eval-dense", str(run), "--data", str(tmp_path / "d"), "--protocols", "linear,hbird,overcluster",
                  "--pixel-floor", "--random-floor", "--epochs", "2", "--no-progress", "--cache-dir", "",
                  "--output", str(tmp_path / "out")]) == 0

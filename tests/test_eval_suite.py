@@ -84,7 +84,7 @@ def test_copydays_layout_errors(tmp_path):
 def test_cli_eval_all_protocols_with_checkpoint_and_timm_floor(tmp_path):
     run = tmp_path / "run"
     assert main(["pretrain", "--out-dir", str(run), "--epochs", "1", "--batch-size", "32", "--no-progress", *TINY,
-                 "knn_at_end=false"]) == 0
+                 "eval.knn_at_end=false"]) == 0
     src = _image_folder(tmp_path / "src", 30, size=32)
     generate_copydetect_set(src, tmp_path / "cd", n_originals=10, copies_per_original=1, n_distractors=10,
                             n_whitening=10)
@@ -183,7 +183,7 @@ def test_knn_on_unlabelled_data_is_one_line_error(tmp_path, capsys):
 def test_a_run_kept_without_checkpoints_opens_from_its_exported_weights(tmp_path):
     from test_cli import _run
 
-    assert _run(tmp_path / "run", "--epochs", "1", "knn_at_end=false") == 0
+    assert _run(tmp_path / "run", "--epochs", "1", "eval.knn_at_end=false") == 0
     full = source_mod.open_source(str(tmp_path / "run"))
     for ckpt in (tmp_path / "run").glob("checkpoint_*.pt"):
         ckpt.unlink()

@@ -22,7 +22,7 @@ from pwself.sections import POSITIVE, check_ranges
 
 TINY = ["data.kind=synthetic", "data.synthetic_size=64", "views.global_size=16", "views.local_size=8",
         "views.n_local=2", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
-        "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "knn_at_end=false"]
+        "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "eval.knn_at_end=false"]
 
 
 @dataclass
@@ -213,7 +213,7 @@ def test_a_toy_rgb_data_kind_is_trained_compared_and_reported(npz_data, tmp_path
 
     run = tmp_path / "run"
     assert main(["pretrain", "--out-dir", str(run), "--batch-size", "16", "--epochs", "1", "--no-progress", *tiny,
-                 "knn_at_end=true"]) == 0
+                 "eval.knn_at_end=true"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["backbone"]["in_chans"] == 3
     knn = json.loads((run / "knn.json").read_text())["knn"]  # its test split is the held-out one kNN reads
     assert 0 <= knn["10"]["top1"] <= 100

@@ -16,7 +16,7 @@ from pwself.cli import main
 from pwself.run.checkpoint import load_checkpoint
 from pwself.run.folder import RunLock
 
-QUIET = ["knn_at_end=false", "knn_floors=false"]
+QUIET = ["eval.knn_at_end=false", "eval.knn_floors=false"]
 
 
 def _err(capsys):
@@ -358,7 +358,7 @@ def test_export_refuses_to_replace_files_and_never_touches_a_run(tmp_path, capsy
 # 25.3: evaluation output never replaces a run's files.
 def test_evaluation_output_never_replaces_a_runs_files(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _run(run, "--epochs", "1", "knn_floors=false") == 0
+    assert _run(run, "--epochs", "1", "eval.knn_floors=false") == 0
     knn = (run / "knn.json").read_bytes()
     assert main(["eval-knn", str(run), "--output", str(run / "knn")]) == 2
     assert "would replace a file of the run" in _err(capsys)
@@ -423,7 +423,7 @@ def test_an_interrupt_names_what_continues_the_work(argv, hint, capsys, monkeypa
 @pytest.mark.slow
 def test_compare_and_tune_refuse_cached_runs_of_other_settings(tmp_path, capsys, monkeypatch):
     args = ["compare", "--objectives", "dino", "--seeds", "0", "--out-dir", str(tmp_path / "cmp"), "--no-progress",
-            *TINY, "epochs=1", "batch_size=32", "knn_floors=false"]
+            *TINY, "epochs=1", "batch_size=32", "eval.knn_floors=false"]
     assert main(args) == 0
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["config"]["epochs"] == 1
     assert main([*args, "epochs=2", "head.out_dim=32"]) == 2
@@ -608,7 +608,7 @@ def test_a_truncated_val_image_is_named_before_step_one(tmp_path, capsys, monkey
     monkeypatch.setattr("pwself.train._train", lambda *a, **k: pytest.fail("trained before the check"))
     folder = [f for f in FOLDER if f not in QUIET and "in_chans" not in f]
     assert _run(tmp_path / "run", "--epochs", "1", "--batch-size", "4", *folder, "backbone.in_chans=1",
-                f"data.root={root}", "knn_floors=false") == 2
+                f"data.root={root}", "eval.knn_floors=false") == 2
     assert "val/b/1.png" in _err(capsys)
 
 

@@ -25,7 +25,7 @@ BASE = ["data.kind=synthetic", "data.synthetic_size=48", "data.synthetic_classes
         "backbone.in_chans=1", "views.global_size=16", "views.local_size=8", "views.n_local=3",
         "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
         "head.out_dim=32", "head.hidden_dim=32", "head.bottleneck_dim=16", "batch_size=12", "epochs=1",
-        "log_every=1", "knn_at_end=false", "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.5",
+        "log_every=1", "eval.knn_at_end=false", "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.5",
         "data.num_workers=0"]
 
 VARIANTS = {

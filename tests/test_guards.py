@@ -365,7 +365,7 @@ def test_the_run_state_table_through_the_cli(tmp_path, capsys, monkeypatch):
     import pwself.train as train_mod
 
     args = ["pretrain", "--batch-size", "32", "--epochs", "1", "--no-progress", "--auto-resume", *TINY,
-            "knn_floors=false", "keep_checkpoints=0", "checkpoint_every_steps=1"]
+            "eval.knn_floors=false", "keep_checkpoints=0", "checkpoint_every_steps=1"]
     ref = tmp_path / "ref"
     assert main([*args, "--out-dir", str(ref)]) == 0  # 96 images / 32: 3 steps, a checkpoint after each
     steps_trained = []

@@ -200,7 +200,7 @@ def test_recipe_and_options_are_validated_in_one_line():
 
 TINY_CLI = ["views.global_size=16", "views.local_size=8", "views.n_local=2", "backbone.patch_size=4",
             "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2", "head.out_dim=16",
-            "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "knn_at_end=false"]
+            "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "eval.knn_at_end=false"]
 
 
 @pytest.mark.parametrize("objective,data", [("ibot", "synthetic"), ("dinov2", "folder"), ("pwml_ibot", "folder")])

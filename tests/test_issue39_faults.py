@@ -14,7 +14,7 @@ from test_cli import TINY, _run
 from pwself.cli import main
 from pwself.config import ConfigError, load_config
 
-QUIET = ["knn_at_end=false", "knn_floors=false"]
+QUIET = ["eval.knn_at_end=false", "eval.knn_floors=false"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "pwself"
 # with data and runtime at the bottom.
 LAYERS = {
     0: ["sections", "masking", "runtime", "run", "run.folder", "data.photos", "losses", "matching", "views", "augment",
-        "diagnostics", "models", "eval.metrics", "eval.registry", "eval.linear"],
+        "diagnostics", "models", "eval.metrics", "eval.registry", "eval.during", "eval.linear"],
     1: ["data", "data.kinds", "data.datasets", "data.crops", "data.dense", "data.scenes"],
     2: ["objectives", "objectives.base", "objectives.dino", "objectives.patchwise", "objectives.cossl",
         "objectives.logo", "objectives.bagssl", "objectives.ibot"],

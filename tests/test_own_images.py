@@ -18,7 +18,7 @@ SIZES = [(500, 375), (300, 600), (64, 64)]
 SPEC = ViewConfig(2, 4, 32, 16, (0.4, 1.0), (0.05, 0.4), 0.5)
 SMALL = ["backbone.in_chans=3", "views.global_size=32", "views.local_size=16", "views.n_local=2",
          "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2",
-         "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "knn_floors=false"]
+         "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "eval.knn_floors=false"]
 
 
 def _photos(root, sizes=SIZES, repeat=1):
@@ -142,7 +142,7 @@ def test_a_folder_run_resumes_exactly_with_views_cut_in_workers(tmp_path):
 
     _photos(tmp_path / "photos", repeat=4)
     common = ["pretrain", "data.kind=folder", f"data.root={tmp_path / 'photos'}", "--epochs", "2", "--batch-size",
-              "4", "--no-progress", *SMALL, "data.num_workers=2", "knn_at_end=false"]
+              "4", "--no-progress", *SMALL, "data.num_workers=2", "eval.knn_at_end=false"]
     assert main([*common, "--out-dir", str(tmp_path / "straight")]) == 0
     resumed = tmp_path / "resumed"
     assert main([*common, "--out-dir", str(resumed)]) == 0
@@ -165,7 +165,7 @@ def test_starting_from_an_export_gives_the_exported_models_forward(tmp_path):
 
     run = tmp_path / "first"
     assert main(["pretrain", "--out-dir", str(run), "--epochs", "1", "--batch-size", "32", "--no-progress", *TINY,
-                 "knn_at_end=false", "knn_floors=false"]) == 0
+                 "eval.knn_at_end=false", "eval.knn_floors=false"]) == 0
     assert main(["export", str(run), "--format", "folder", str(tmp_path / "model")]) == 0
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():

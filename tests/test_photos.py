@@ -160,7 +160,7 @@ def test_a_folder_of_large_photos_trains_and_records_its_bound(tmp_path, cache):
                  "data.kind=folder", f"data.root={folder}", "backbone.in_chans=3", "views.global_size=32",
                  "views.local_size=16", "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=1",
                  "backbone.num_heads=2", "head.out_dim=16", "head.hidden_dim=32", "head.bottleneck_dim=16",
-                 "data.num_workers=0", "knn_at_end=false", "knn_floors=false"]) == 0
+                 "data.num_workers=0", "eval.knn_at_end=false", "eval.knn_floors=false"]) == 0
     assert "max_side: 256" in (out / "config.yaml").read_text()
     assert len(list((cache / "shrunk").glob("*.jpg"))) == 8
     assert np.isfinite([float(line.split('"loss": ')[1].split(",")[0])

@@ -17,8 +17,8 @@ from pwself.step import TrainStep
 
 TINY = ["data.kind=synthetic", "data.synthetic_size=96", "views.global_size=16", "views.local_size=8",
         "views.n_local=2", "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2", "head.out_dim=16",
-        "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "knn_floors=false", "keep_checkpoints=0",
-        "knn_at_end=false"]
+        "head.hidden_dim=32", "head.bottleneck_dim=16", "log_every=1", "eval.knn_floors=false", "keep_checkpoints=0",
+        "eval.knn_at_end=false"]
 
 
 def _argv(out, *extra):

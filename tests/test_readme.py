@@ -84,7 +84,7 @@ def test_the_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     assert main(["pretrain", "--config", "small_folder", "data.root=photos", "--out-dir", "runs/mine",
                  "--steps", "3", "--batch-size", "4", "--no-progress", "views.global_size=32", "views.local_size=16",
                  "backbone.embed_dim=32", "backbone.depth=1", "backbone.num_heads=2", "head.out_dim=16",
-                 "knn_floors=false"]) == 0
+                 "eval.knn_floors=false"]) == 0
     assert "backbone.in_chans=3 from the data" in capsys.readouterr().err
     blocks = _blocks(ROOT / "README.md", "python")
     assert len(blocks) >= 2

@@ -29,7 +29,7 @@ def _run(out, *extra):
     flags = [x for x in extra if "=" not in x]
     over = [x for x in extra if "=" in x]
     return main(["pretrain", "--out-dir", str(out), "--batch-size", "32", "--no-progress", *flags, *TINY,
-                 "knn_at_end=false", *over])
+                 "eval.knn_at_end=false", *over])
 
 
 @pytest.mark.slow

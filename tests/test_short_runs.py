@@ -56,8 +56,8 @@ def test_the_collapse_warning_waits_for_a_window_and_comes_once():
 
 
 def _run(out, *extra):
-    return main(["pretrain", "--out-dir", str(out), "--batch-size", "32", "--no-progress", *TINY, "knn_at_end=false",
-                 "knn_floors=false", *extra])
+    return main(["pretrain", "--out-dir", str(out), "--batch-size", "32", "--no-progress", *TINY,
+                 "eval.knn_at_end=false", "eval.knn_floors=false", *extra])
 
 
 @pytest.mark.slow
@@ -112,7 +112,7 @@ def test_the_shipped_cpu_recipes_raise_no_collapse_alarm(config, tmp_path, caplo
     caplog.set_level(logging.WARNING, logger="pwself")
     assert main(["pretrain", "--config", config, "--out-dir", str(tmp_path / "run"), "--no-progress", "--steps", "30",
                  "--batch-size", "16", "data.kind=synthetic", "data.synthetic_size=64", "data.subset=0",
-                 "log_every=1", "knn_at_end=false", "knn_floors=false", "dense_every_epochs=0"]) == 0
+                 "log_every=1", "eval.knn_at_end=false", "eval.knn_floors=false", "eval.dense_every_epochs=0"]) == 0
     assert not [r for r in caplog.records if "looks collapsed" in r.getMessage()]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and all(r["rank_cls"] > 1.5 and r["teacher_entropy_rel"] < 0.98 for r in rows)

@@ -31,7 +31,7 @@ def test_train_leaves_the_callers_config_alone_and_reports_the_measured_statisti
     from pwself.train import train
 
     cfg = load_config(None, [t for t in TINY if "=" in t] + [f"out_dir={tmp_path / 'r'}", "epochs=1",
-                                                          "batch_size=32", "knn_at_end=false"])
+                                                          "batch_size=32", "eval.knn_at_end=false"])
     before = config_to_dict(cfg)
     result = train(cfg, progress=False)
     assert config_to_dict(cfg) == before and cfg.data.mean == []
@@ -51,8 +51,8 @@ def test_a_new_objective_is_one_class_and_one_registry_line(tmp_path, monkeypatc
             return 2 * a, c
 
     monkeypatch.setitem(objectives.OBJECTIVES, "twice", CLSOnlyTwice)
-    cfg = load_config(None, [t for t in TINY if "=" in t] + [f"out_dir={tmp_path / 'r'}", "epochs=1",
-                                                          "batch_size=32", "knn_at_end=false", "loss.objective=twice"])
+    cfg = load_config(None, [t for t in TINY if "=" in t] + [f"out_dir={tmp_path / 'r'}", "epochs=1", "batch_size=32",
+                                                          "eval.knn_at_end=false", "loss.objective=twice"])
     train(cfg, progress=False)
     ckpt = load_checkpoint(tmp_path / "r")
     assert ckpt["step"] == 3 and set(ckpt["objective"]) == {"cls_center.center"}
@@ -65,8 +65,8 @@ def test_a_new_objective_is_one_class_and_one_registry_line(tmp_path, monkeypatc
 def test_a_format_1_checkpoint_is_upgraded_and_restores(tmp_path):
     from pwself.train import _restore
 
-    cfg = load_config(None, [t for t in TINY if "=" in t] + [f"out_dir={tmp_path / 'r'}", "epochs=1",
-                                                          "batch_size=32", "knn_at_end=false", "loss.objective=logo"])
+    cfg = load_config(None, [t for t in TINY if "=" in t] + [f"out_dir={tmp_path / 'r'}", "epochs=1", "batch_size=32",
+                                                          "eval.knn_at_end=false", "loss.objective=logo"])
     from pwself.train import train
 
     train(cfg, progress=False)
@@ -101,11 +101,11 @@ def test_removed_keys_are_refused_as_overrides_and_ignored_in_saved_configs():
 
 def test_pwself_pretrain_evaluates_and_train_alone_does_not(tmp_path):
     """``pwself.pretrain`` = training + the standard kNN (and stays callable: its module is not named like it);
-    ``pwself.train.train`` only trains unless given an Evaluation."""
+    ``pwself.train.train`` only trains unless given evaluation callbacks."""
     import pwself
     from pwself.train import train
 
-    items = [t for t in TINY if "=" in t] + ["epochs=1", "batch_size=32", "knn_floors=false"]
+    items = [t for t in TINY if "=" in t] + ["epochs=1", "batch_size=32", "eval.knn_floors=false"]
     for k in range(2):
         result = pwself.pretrain(load_config(None, [*items, f"out_dir={tmp_path / f'p{k}'}"]), progress=False)
         assert set(result.knn) == {10, 20} and (tmp_path / f"p{k}" / "knn.json").exists()

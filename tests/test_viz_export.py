@@ -20,7 +20,7 @@ from pwself.viz import cls_attention, patch_pca_rgb
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["pretrain", "--out-dir", str(out), "--epochs", "1", "--batch-size", "32", "--no-progress", *TINY,
-                 "knn_at_end=false"]) == 0
+                 "eval.knn_at_end=false"]) == 0
     return out
 
 

@@ -171,15 +171,15 @@ def pixel_dense_floor(cfg: TrainConfig, dense: str, cache: Path) -> dict | None:
 def run_floors(run_dir: Path, metric: str = "knn") -> dict[str, float]:
     """The floors of a run's config, by name (``random init``, and ``raw pixels`` when small enough), cached in
     the run folder: the lines a learning-curve plot draws. ``metric``: ``knn`` (k = 10) or ``miou`` (the dense
-    probe on the run's ``dense_data``)."""
+    probe on the run's ``eval.dense_data``)."""
     from pwself.run.state import read_run_config
 
     cfg, run = read_run_config(run_dir), RunFolder(run_dir)
     if metric == "miou":
-        if not cfg.dense_data:
-            raise ValueError(f"{run_dir} has no dense_data in its config: train with dense_data=DIR")
-        random = random_init_floor(cfg, run.floor("random_init"), linear=False, dense=cfg.dense_data)
-        pixels = pixel_dense_floor(cfg, cfg.dense_data, run.floor("pixels_dense"))
+        if not cfg.eval.dense_data:
+            raise ValueError(f"{run_dir} has no dense_data in its config: train with eval.dense_data=DIR")
+        random = random_init_floor(cfg, run.floor("random_init"), linear=False, dense=cfg.eval.dense_data)
+        pixels = pixel_dense_floor(cfg, cfg.eval.dense_data, run.floor("pixels_dense"))
         return {"random init": random["miou"], "raw pixels": pixels["miou"]}
     floors = {"random init": random_init_floor(cfg, run.floor("random_init"), linear=False)["knn10"]}
     pixels = pixel_floor(cfg, run.floor("pixels"))
