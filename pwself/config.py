@@ -22,10 +22,11 @@ import yaml
 from pwself.augment import PhotometricConfig
 from pwself.data import DataConfig
 from pwself.eval.during import EvalConfig
+from pwself.loggers import LogConfig
 from pwself.models import BackboneConfig, HeadConfig
 from pwself.objectives import check_objective, options_section
 from pwself.objectives.base import LossConfig
-from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_choice, check_ranges
+from pwself.sections import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_choice, check_ranges, field_help
 from pwself.views import ViewConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ __all__ = [
     "config_from_dict",
     "config_diff",
     "save_config",
-    "field_docs",
     "describe_config",
 ]
 
@@ -97,20 +97,6 @@ class OptimConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}: the schedule ends "
                               "at min_lr, so it must be at most lr")
-
-
-@dataclass
-class LogConfig:
-    """Where the metrics go besides ``metrics.jsonl`` (always written: the source of truth).
-
-    Attributes:
-        tensorboard: Also write TensorBoard event files to ``OUT_DIR/tensorboard`` (extra ``[tensorboard]``).
-        wandb: Weights & Biases project to log to, empty for none (extra ``[wandb]``; ``WANDB_MODE=offline``
-            is honoured).
-    """
-
-    tensorboard: bool = False
-    wandb: str = ""
 
 
 @dataclass
@@ -518,29 +504,6 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     return out
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """One-line description of every field of a config dataclass, from its docstring's ``Attributes:``."""
-    docs: dict[str, str] = {}
-    lines = (cls.__doc__ or "").splitlines()
-    inside, name, first_indent = False, None, 0
-    for line in lines:
-        stripped = line.strip()
-        if stripped == "Attributes:":
-            inside = True
-            continue
-        if not inside or not stripped:
-            continue
-        head, sep, rest = stripped.partition(": ")
-        indent = len(line) - len(line.lstrip())
-        if sep and head.isidentifier() and (name is None or indent <= first_indent):
-            name, first_indent = head, indent
-            docs[name] = rest
-        elif name is not None:
-            docs[name] += " " + stripped
-    # One line each: the first sentence.
-    return {k: re.split(r"(?<=\.)\s+(?=[A-Z0-9])", v.replace("``", "`"))[0] for k, v in docs.items()}
-
-
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
 
@@ -551,7 +514,7 @@ def describe_config(cfg: TrainConfig) -> str:
            "# Any key can also be set on the command line: KEY=VALUE, e.g. optim.lr=1e-3 views.n_local=8."]
 
     def walk(obj: Any, indent: str) -> None:
-        docs = field_docs(type(obj))
+        docs = field_help(type(obj))
         for f in dataclasses.fields(obj):
             value, doc = getattr(obj, f.name), docs.get(f.name, "")
             comment = f"  # {doc}" if doc else ""

@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pwself.run.folder import RunFolder
+from pwself.sections import ConfigError
 
-if TYPE_CHECKING:
-    from pwself.config import LogConfig
+__all__ = ["MetricLoggers", "LogConfig", "json_row", "check_loggers"]
 
-__all__ = ["MetricLoggers", "json_row", "check_loggers"]
+
+@dataclass
+class LogConfig:
+    """Where the metrics go besides ``metrics.jsonl`` (always written: the source of truth).
+
+    Attributes:
+        tensorboard: Also write TensorBoard event files to ``OUT_DIR/tensorboard`` (extra ``[tensorboard]``).
+        wandb: Weights & Biases project to log to, empty for none (extra ``[wandb]``; ``WANDB_MODE=offline``
+            is honoured).
+    """
+
+    tensorboard: bool = False
+    wandb: str = ""
 
 
 def json_row(row: dict[str, Any]) -> str:
@@ -24,8 +37,6 @@ def json_row(row: dict[str, Any]) -> str:
 
 def check_loggers(log: LogConfig) -> None:
     """Fail before training when a chosen logger's package is missing: one line naming the extra."""
-    from pwself.config import ConfigError
-
     if log.tensorboard:
         try:
             import tensorboard  # noqa: F401

@@ -1,4 +1,4 @@
-"""What every config section uses to check itself: the error type and two checks.
+"""What every config section uses to check and describe itself: the error type, the checks, each field's help.
 
 Each section (``data``, ``views``, ``backbone``, ``loss``, an objective's options, ...) is a dataclass in the
 module that uses it, with a ``validate`` method built from these helpers; :mod:`pwself.config` only assembles
@@ -7,11 +7,15 @@ the sections. The messages name the dotted key, the value and what is allowed, i
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "POSITIVE", "NON_NEGATIVE", "FRACTION", "check_ranges", "check_choice", "check_interval"]
+__all__ = ["ConfigError", "POSITIVE", "NON_NEGATIVE", "FRACTION", "check_ranges", "check_choice", "check_interval",
+           "field_help"]
 
 
 class ConfigError(ValueError):
@@ -48,3 +52,38 @@ def check_interval(key: str, pair: tuple[float, float], upper: float | None = No
     if not (0 < lo <= hi and (upper is None or hi <= upper)):
         bound = f" <= {upper:g}" if upper is not None else ""
         raise ConfigError(f"{key}={[lo, hi]} must be [low, high] with 0 < low <= high{bound}")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """One line of help for every field of a config section, from the field's metadata
+    (``field(metadata={"help": ...})``). A field that gives none takes the first sentence of its entry in the
+    class docstring's ``Attributes:`` (the text is written once, where the API documentation reads it too),
+    stored into its metadata on first use."""
+    fields = dataclasses.fields(cls)
+    missing = [f for f in fields if "help" not in f.metadata]
+    if missing:
+        docs = _attribute_docs(cls.__doc__ or "")
+        for f in missing:
+            f.metadata = types.MappingProxyType({**f.metadata, "help": docs.get(f.name, "")})
+    return {f.name: f.metadata["help"] for f in fields}
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """The first sentence of each entry of a Google-style ``Attributes:`` block (backquotes made single)."""
+    docs: dict[str, str] = {}
+    inside, name, first_indent = False, None, 0
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside = True
+            continue
+        if not inside or not stripped:
+            continue
+        head, sep, rest = stripped.partition(": ")
+        indent = len(line) - len(line.lstrip())
+        if sep and head.isidentifier() and (name is None or indent <= first_indent):
+            name, first_indent = head, indent
+            docs[name] = rest
+        elif name is not None:
+            docs[name] += " " + stripped
+    return {k: re.split(r"(?<=\.)\s+(?=[A-Z0-9])", v.replace("``", "`"))[0] for k, v in docs.items()}

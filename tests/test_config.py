@@ -55,3 +55,31 @@ def test_evaluation_keys_of_older_runs_are_read_in_the_eval_section(tmp_path, ca
         3, False, 1.0, "scenes")
     with pytest.raises(ConfigError, match=r"eval.dense_every_epochs=1.0 needs eval.dense_data=DIR"):
         load_config(None, ["eval.dense_every_epochs=1"])
+
+
+def test_each_keys_help_is_its_field_metadata():
+    """Issue 42: `config show` reads a key's help from its field's metadata; a field without takes the first
+    sentence of its docstring entry, kept in its metadata from then on."""
+    from dataclasses import dataclass, field, fields
+
+    from pwself.config import TrainConfig, describe_config
+    from pwself.sections import field_help
+
+    @dataclass
+    class Section:
+        """A section.
+
+        Attributes:
+            a: From the docstring. Only the first sentence.
+            b: Not this one.
+        """
+
+        a: int = 1
+        b: int = field(default=2, metadata={"help": "From the metadata."})
+
+    assert field_help(Section) == {"a": "From the docstring.", "b": "From the metadata."}
+    assert fields(Section)[0].metadata["help"] == "From the docstring."
+    shown = describe_config(TrainConfig())
+    help_of_lr = {f.name: f.metadata.get("help") for f in fields(TrainConfig().optim)}["lr"]
+    assert help_of_lr == "Peak learning rate for batch 256." and f"  lr: 0.0005  # {help_of_lr}" in shown
+    assert "eval:  # What the run evaluates while it trains and when it ends (kNN, floors, the dense probe)." in shown
