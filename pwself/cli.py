@@ -182,7 +182,9 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="base YAML config (the budget)")
     p.add_argument("--out-dir", default="runs/tune")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for the kNN score")
-    p.add_argument("--select", choices=["knn", "miou", "hbird"], default="knn", help="score each trial by held-out "
+    from pwself.tune import SELECTION_METRICS
+
+    p.add_argument("--select", choices=list(SELECTION_METRICS), default="knn", help="score each trial by held-out "
                    "kNN (default), by the dense probe's held-out mIoU on --dense (tuning for dense features), or by "
                    "Hummingbird retrieval's held-out mIoU (hbird: no probe to train)")
     p.add_argument("--dense", metavar="DIR", help="dense dataset of --select miou or hbird (pwself make-scenes "
@@ -274,48 +276,35 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pwself.config import apply_overrides, load_config
+    from pwself.config import load_config
     from pwself.objectives import objective_overrides
     from pwself.pretraining import pretrain
-    from pwself.viz import write_report
+    from pwself.report import write_report
+    from pwself.run.state import plan_run
 
     flags = {"out_dir": args.out_dir, "epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size,
              "seed": args.seed, "device": args.device}
     recipe = objective_overrides(args.objective) if args.objective else []
     overrides = recipe + [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = load_config(args.config, overrides)  # what comes from the data (channels) is read after the overrides
-    if (args.resume or args.auto_resume) and args.config is None:
-        from pwself.data import expand_path
-        from pwself.run.folder import RunFolder
-
-        saved = RunFolder(expand_path(cfg.out_dir)).config
-        if saved.is_file():  # continue the run as it was: only the keys given here may differ
-            cfg = apply_overrides(load_config(saved), overrides)
-    cfg.validate()
-    resume = args.resume
-    if args.auto_resume:
-        from pwself.data import expand_path
-        from pwself.run.state import inspect_run
-
-        if args.resume or args.overwrite:
-            raise ValueError("--auto-resume chooses between starting and resuming: drop --resume and --overwrite")
-        state = inspect_run(cfg, expand_path(cfg.out_dir), _start_over_hint(args))
-        if state.kind == "finished":
-            return _show_finished(cfg, expand_path(cfg.out_dir), state.result or {})
-        resume = state.kind == "interrupted"
-    result = pretrain(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
+    if args.auto_resume and (args.resume or args.overwrite):
+        raise ValueError("--auto-resume chooses between starting and resuming: drop --resume and --overwrite")
+    plan = plan_run(cfg, overrides, args.config is not None, args.resume, args.auto_resume, _start_over_hint(args))
+    if plan.finished is not None:
+        return _show_finished(plan.cfg, plan.run_dir, plan.finished)
+    result = pretrain(plan.cfg, resume=plan.resume, progress=not args.no_progress, overwrite=args.overwrite)
     from pwself.runtime import leave_distributed
 
     if not leave_distributed():  # under torchrun only rank 0 reports
         return 0
-    _print_result(cfg, result.run_dir, result.knn, result.floors, write_report(result.run_dir))
+    _print_result(plan.cfg, result.run_dir, result.knn, result.floors, write_report(result.run_dir))
     return 0
 
 
 def _print_result(cfg: TrainConfig, run_dir: Path, knn: dict | None, floors: dict | None, report: Path) -> None:
+    from pwself.report import knn_markdown
     from pwself.run.checkpoint import latest_checkpoint
     from pwself.run.folder import RunFolder
-    from pwself.viz import knn_markdown
 
     if knn:
         print(knn_markdown(knn, cfg.method, floors))
@@ -327,8 +316,8 @@ def _print_result(cfg: TrainConfig, run_dir: Path, knn: dict | None, floors: dic
 def _show_finished(cfg: TrainConfig, run_dir: Path, result: dict) -> int:
     """A finished run's stored result, without training or evaluating again (the report is redrawn only
     when it is missing)."""
+    from pwself.report import write_report
     from pwself.run.folder import RunFolder
-    from pwself.viz import write_report
 
     report = RunFolder(run_dir).report_html
     print(f"{run_dir} holds this run, finished at step {result.get('step')}: its stored result (nothing was "
@@ -432,107 +421,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_images(paths: list[str], size: int, channels: int) -> list:
-    import numpy as np
-    import torch
-
-    from pwself.data.datasets import DatasetError, decode_image, open_image
-
-    def full(path: Path) -> torch.Tensor:  # the original, at its own resolution
-        arr = torch.from_numpy(np.asarray(open_image(path, channels), dtype=np.uint8).copy())
-        return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
-
-    out = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise DatasetError(f"image {p} does not exist: check the path")
-        try:
-            out.append((full(Path(p)) if size == 0 else decode_image(Path(p), size, channels)).float() / 255)
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
-            raise DatasetError(f"cannot read image {p} ({type(e).__name__}): is it a valid image file?") from e
-    return out
-
-
-def _save_grid(pngs: list[Path], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(pngs), figsize=(5 * len(pngs), 5), squeeze=False)
-    for ax, png in zip(axes[0], pngs):
-        ax.imshow(plt.imread(png))
-        ax.set_title(png.stem, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _run_views(spec: str) -> dict:
-    """The sizes a run cut its views with (a run folder's config, or a checkpoint's)."""
-    from pwself.run.checkpoint import load_checkpoint, saved_config
-    from pwself.run.folder import RunFolder
-    from pwself.run.state import read_run_config
-
-    path = Path(spec)
-    if path.is_dir() and RunFolder(path).config.is_file():
-        cfg = read_run_config(path)
-    elif path.exists():
-        cfg = saved_config(load_checkpoint(path)["config"])
-    else:
-        raise FileNotFoundError(f"--run {spec} does not exist: pass a run folder or a checkpoint file")
-    return {"global_size": cfg.views.global_size, "local_size": cfg.views.local_size,
-            "patch_size": cfg.backbone.patch_size, "photometric": cfg.photometric.mode,
-            "channels": cfg.backbone.in_chans or 3}
-
-
 def cmd_viz_matches(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
+    from pwself.viz import match_figures, run_view_sizes
 
-    from pwself.viz import draw_matches
-
-    run = _run_views(args.run) if args.run else {}
+    run = run_view_sizes(args.run) if args.run else {}
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else run.get(k, default)
              for k, default in (("global_size", 48), ("local_size", 24), ("patch_size", 8), ("photometric", "patch"))}
-    for name in ("global_size", "local_size"):
-        if sizes[name] % sizes["patch_size"]:
-            raise ValueError(f"--{name.replace('_', '-')} {sizes[name]} is not a multiple of --patch-size "
-                             f"{sizes['patch_size']}")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = []
-    for path, img in zip(args.images, _read_images(args.images, args.size, run.get("channels", 3))):
-        png = out / f"{Path(path).stem}_matches.png"
-        fig = draw_matches(img, sizes["patch_size"], sizes["global_size"], sizes["local_size"], args.seed,
-                           sizes["photometric"], png, title=Path(path).name)
-        if fig.matched_pairs == 0:
-            print(f"{Path(path).name}: the two crops do not overlap, so no patch matches; try another --seed")
-        plt.close(fig)
-        pngs.append(png)
-    _save_grid(pngs, out / "matches_grid.png")  # each viz command's files have their own names
-    print(f"wrote {len(pngs)} PNGs and {out / 'matches_grid.png'}")
+    grid, disjoint = match_figures(args.images, Path(args.out_dir), sizes, args.seed, args.size, run.get("channels", 3))
+    for name in disjoint:
+        print(f"{name}: the two crops do not overlap, so no patch matches; try another --seed")
+    print(f"wrote {len(args.images)} PNGs and {grid}")
     return 0
 
 
-def _curve_hint(run_dir: Path, metric: str) -> str:
-    """What gives a run a learning curve of ``metric``: kNN needs labelled held-out images first."""
-    if metric == "miou":
-        return "train with eval.dense_every_epochs=0.5 eval.dense_data=DIR"
-    from pwself.run.folder import RunFolder
-
-    if RunFolder(run_dir).config.is_file():
-        from pwself.data import scorable
-        from pwself.run.state import read_run_config
-
-        if not scorable(read_run_config(run_dir).data):
-            return ("its images have no labelled val/ or test/ split, so kNN cannot score it: use --metric miou "
-                    "(a run with eval.dense_data), or train on train/CLASS/ and val/CLASS/ folders")
-    return "train with eval.knn_every_epochs=0.5 (and knn_at_end)"
-
-
 def cmd_viz_curves(args: argparse.Namespace) -> int:
-    from pwself.viz import learning_curve, plot_learning_curves
+    from pwself.viz import curve_hint, learning_curve, plot_learning_curves
 
     _check_outputs(args.output, Path(args.output).with_suffix(".json"))
     runs = {}
@@ -540,7 +443,7 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
         label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
         points = learning_curve(path, args.metric)
         if not points:
-            raise ValueError(f"{path} has no timed {args.metric} evaluation: {_curve_hint(Path(path), args.metric)}")
+            raise ValueError(f"{path} has no timed {args.metric} evaluation: {curve_hint(Path(path), args.metric)}")
         runs[label] = points
     floors = None
     if args.floors:
@@ -560,62 +463,29 @@ def cmd_viz_curves(args: argparse.Namespace) -> int:
 
 
 def cmd_viz_attention(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
+    from pwself.viz import attention_figures
 
-    from pwself.export import teacher_backbone
-    from pwself.run.checkpoint import config_of_checkpoint, load_checkpoint
-    from pwself.viz import draw_attention
-
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = config_of_checkpoint(ckpt)
-    backbone = teacher_backbone(ckpt)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = []
-    size = cfg.views.global_size
-    for path, img in zip(args.images, _read_images(args.images, size, cfg.backbone.in_chans)):
-        png = out / f"{Path(path).stem}_attention.png"
-        plt.close(draw_attention(backbone, img, cfg.data.mean, cfg.data.std, size, png, title=Path(path).name))
-        pngs.append(png)
-    _save_grid(pngs, out / "attention_grid.png")
-    print(f"wrote {len(pngs)} PNGs and {out / 'attention_grid.png'}")
+    grid = attention_figures(args.images, args.checkpoint, Path(args.out_dir))
+    print(f"wrote {len(args.images)} PNGs and {grid}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pwself.export import EXPORT_NAMES, FOLDER_FILES, export_checkpoint, export_folder
-    from pwself.run.checkpoint import latest_checkpoint
-    from pwself.run.folder import RunDirError, check_output, holds_run
+    from pwself.export import export
 
-    source = Path(args.checkpoint).expanduser()
-    default = source if source.is_dir() else source.parent
-    output = Path(args.out or args.output or default / EXPORT_NAMES[args.format]).expanduser()
-    inputs = (source, *([latest_checkpoint(source)] if source.is_dir() and latest_checkpoint(source) else []))
-    if args.heads and args.format != "folder":
-        raise ValueError("export --heads writes heads.safetensors into a model folder: add --format folder")
+    path, code = export(args.checkpoint, args.format, args.out or args.output, args.overwrite, args.license,
+                        args.heads)
     if args.format == "folder":
-        if holds_run(output):
-            raise RunDirError(f"export: {output} holds a run: choose a new folder for the model (e.g. {output}/model)")
-        for name in FOLDER_FILES:
-            check_output(output / name, args.overwrite, inputs, what="export")
-        folder = export_folder(args.checkpoint, output, card_license=args.license, heads=args.heads)
         files = "model.safetensors, config.json, README.md" + (", heads.safetensors" if args.heads else "")
-        print(f"wrote {folder}/ ({files})\nload it with:\n  import pwself\n"
-              f"  model = pwself.load({str(folder)!r})")
-        return 0
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"export: folder {output.parent} does not exist: create it or choose another output")
-    check_output(output, args.overwrite, inputs, what="export")
-    path, code = export_checkpoint(args.checkpoint, output, args.format)
-    print(f"wrote {path}\nload it with:\n  import timm\n  model = {code}")
+        print(f"wrote {path}/ ({files})\nload it with:\n  import pwself\n  model = {code}")
+    else:
+        print(f"wrote {path}\nload it with:\n  import timm\n  model = {code}")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import shutil
-
     from pwself.data.datasets import cache_root
-    from pwself.data.photos import cache_bound, cache_usage
+    from pwself.data.photos import cache_bound, cache_usage, clear_cache
 
     folder = cache_root()
     usage = cache_usage(folder)
@@ -623,8 +493,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"{folder}: " + "; ".join(f"{n} {name} ({size / 1e9:.2f} GB)" for name, (n, size) in usage.items())
           + (f"; shrunk copies kept under {bound / 1e9:g} GB (PWSELF_CACHE_MAX_GB)" if bound else ""))
     if args.clear:
-        for sub in ("shrunk", "scans"):
-            shutil.rmtree(folder / sub, ignore_errors=True)
+        clear_cache(folder)
         print(f"cleared {folder} (copies are made again by the next run's scan)")
     return 0
 
@@ -637,7 +506,7 @@ def cmd_push_to_hub(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pwself.compare import comparison_table, run_comparison
+    from pwself.compare import comparison_table, extra_protocols, run_comparison
     from pwself.config import load_config, split_choices
 
     base = load_config(args.config, list(args.overrides) + ([f"device={args.device}"] if args.device else []))
@@ -650,14 +519,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from pwself.data.dense import open_dense
 
         open_dense(args.dense, "test", 1, 8)  # a wrong folder fails now, not after hours of training
-    protocols = split_choices(args.protocols)
-    from pwself.eval.protocols import PROTOCOLS
-
-    unknown = [p for p in protocols if p not in PROTOCOLS or p in ("knn", "linear", "dense")]
-    if unknown:
-        raise ValueError(f"--protocols {args.protocols}: {', '.join(unknown)} is not an extra protocol; use "
-                         f"{', '.join(p for p in PROTOCOLS if p not in ('knn', 'linear', 'dense'))} (kNN and linear "
-                         "always run; the dense protocols with --dense DIR)")
+    protocols = extra_protocols(split_choices(args.protocols))
     results = run_comparison(base, objectives, seeds, args.out_dir, progress=not args.no_progress, dense=args.dense,
                              runs_only=args.runs_only, protocols=protocols)
     if args.runs_only:
@@ -669,7 +531,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pwself.viz import write_report
+    from pwself.report import write_report
 
     if not RunFolder(args.run_dir).metrics.exists():
         raise FileNotFoundError(f"{args.run_dir} has no {RunFolder.METRICS}: pass the --out-dir of a pwself pretrain "

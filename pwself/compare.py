@@ -24,7 +24,7 @@ from pwself.run.folder import RunFolder, RunInUseError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison"]
+__all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison", "extra_protocols"]
 
 def _probe(cfg: TrainConfig, src: FeatureSource, protocol: str, progress: bool, dense: str | None = None) -> dict:
     """One protocol of a run's teacher (features cached in the run folder); ``dense``: the linear probe and
@@ -61,6 +61,19 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_i
         res = run.cached_score(name, lambda name=name: _probe(cfg, source(), name, progress))
         row.update(PROTOCOLS[name].scores(res))
     return row
+
+
+BUILT_IN_COLUMNS = ("knn", "linear", "dense")  # what every comparison (dense: with --dense) scores already
+
+
+def extra_protocols(names: list[str]) -> list[str]:
+    """``compare --protocols``: registered protocols beyond kNN, linear and dense, checked before any run."""
+    unknown = [p for p in names if p not in PROTOCOLS or p in BUILT_IN_COLUMNS]
+    if unknown:
+        raise ValueError(f"--protocols {','.join(names)}: {', '.join(unknown)} is not an extra protocol; use "
+                         f"{', '.join(p for p in PROTOCOLS if p not in BUILT_IN_COLUMNS)} (kNN and linear always "
+                         "run; the dense protocols with --dense DIR)")
+    return names
 
 
 def run_name(label: str, seed: int | str) -> str:

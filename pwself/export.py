@@ -13,11 +13,18 @@ from timm.models.vision_transformer import VisionTransformer
 from pwself.config import TrainConfig, config_to_dict
 from pwself.data import DATA_KINDS
 from pwself.models import make_vit
-from pwself.run.checkpoint import CheckpointError, config_of_checkpoint, export_backbone, load_checkpoint
+from pwself.run.checkpoint import (
+    CheckpointError,
+    config_of_checkpoint,
+    export_backbone,
+    latest_checkpoint,
+    load_checkpoint,
+    teacher_weights,
+)
 from pwself.run.folder import RunFolder
 
-__all__ = ["TIMM_BASE_NAME", "timm_architecture", "timm_create_kwargs", "teacher_backbone", "export_checkpoint",
-           "export_folder", "push_to_hub", "load"]
+__all__ = ["export", "TIMM_BASE_NAME", "timm_architecture", "timm_create_kwargs", "teacher_backbone",
+           "export_checkpoint", "export_folder", "push_to_hub", "load"]
 
 # A plain ViT's builder: any ViT builder name works, the architecture comes from the keyword arguments.
 TIMM_BASE_NAME = "vit_tiny_patch16_224"
@@ -67,9 +74,7 @@ def teacher_backbone(ckpt: dict[str, Any]) -> VisionTransformer:
     ``pretrained_cfg``."""
     cfg = _run_config(ckpt)
     model = make_vit(cfg.backbone, cfg.views.global_size)
-    prefix = "backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    model.load_state_dict(teacher_weights(ckpt, "backbone."))
     # Only what describes this model: a named family's own cfg names its released weights (hub id, tag, license).
     own = {k: v for k, v in getattr(model, "pretrained_cfg", {}).items() if k in ("first_conv", "classifier")}
     model.pretrained_cfg = {"architecture": timm_architecture(cfg), **own, **input_config(cfg)}
@@ -218,7 +223,7 @@ EXPORT_NAMES = {"safetensors": "teacher_backbone_export.safetensors", "timm": "t
 def head_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The teacher's heads and mask token of a checkpoint (``head.*``, ``patch_head.*``, ``mask_token``): what
     another run needs besides the backbone to continue the training (``backbone.init`` reads them back)."""
-    return {k: v.contiguous() for k, v in ckpt["teacher"].items()
+    return {k: v.contiguous() for k, v in teacher_weights(ckpt).items()
             if k.startswith(("head.", "patch_head.")) or k == "mask_token"}
 
 
@@ -334,3 +339,31 @@ def load(path: str | Path) -> VisionTransformer:
                               "or an export folder (pwself export RUN --format folder OUT: model.safetensors + "
                               "config.json)")
     return teacher_backbone(load_checkpoint(path))
+
+
+def export(checkpoint: str | Path, fmt: str = "safetensors", output: str | Path | None = None, overwrite: bool = False,
+           card_license: str = "apache-2.0", heads: bool = False) -> tuple[Path, str]:
+    """``pwself export``: write a run's teacher backbone as ``fmt`` (``safetensors``, ``timm`` or ``folder``) at
+    ``output`` (default: beside the checkpoint, :data:`EXPORT_NAMES`, never the run's own files), refusing to
+    replace an input, a run's own file or (without ``overwrite``) an existing one. Returns the path and the
+    Python line that loads it."""
+    from pwself.run.folder import RunDirError, check_output, holds_run
+
+    source = Path(checkpoint).expanduser()
+    default = source if source.is_dir() else source.parent
+    output = Path(output or default / EXPORT_NAMES[fmt]).expanduser()
+    newest = latest_checkpoint(source) if source.is_dir() else None
+    inputs = (source, *([newest] if newest else []))
+    if heads and fmt != "folder":
+        raise ValueError("export --heads writes heads.safetensors into a model folder: add --format folder")
+    if fmt == "folder":
+        if holds_run(output):
+            raise RunDirError(f"export: {output} holds a run: choose a new folder for the model (e.g. {output}/model)")
+        for name in FOLDER_FILES:
+            check_output(output / name, overwrite, inputs, what="export")
+        folder = export_folder(checkpoint, output, card_license=card_license, heads=heads)
+        return folder, f"pwself.load({str(folder)!r})"
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"export: folder {output.parent} does not exist: create it or choose another output")
+    check_output(output, overwrite, inputs, what="export")
+    return export_checkpoint(checkpoint, output, fmt)

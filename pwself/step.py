@@ -172,6 +172,24 @@ class TrainStep:
         """The student network (unwrapped)."""
         return unwrap(self.student)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The states a checkpoint keeps of the step: student, teacher, objective, optimizer, scaler (and the Gram
+        anchor's backbone when there is one)."""
+        return {"student": self.model.state_dict(), "teacher": self.teacher.state_dict(),
+                "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                **({"anchor": self.anchor.backbone.state_dict()} if self.anchor is not None else {})}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved (format 1 checkpoints kept an extra center: not strict)."""
+        self.model.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.objective.load_state_dict(ckpt["objective"], strict=ckpt.get("format", 2) >= 2)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.anchor is not None:
+            self.anchor.backbone.load_state_dict(ckpt["anchor"])
+
     def trainable(self) -> list[nn.Parameter]:
         """Student parameters, then the objective's own (the optimizer's order)."""
         return [*self.model.parameters(), *self.objective.parameters()]

@@ -52,9 +52,11 @@ from pwself.diagnostics import FIXES, CollapseWatch, collapse_kind, effective_ra
 from pwself.loggers import MetricLoggers, check_loggers
 from pwself.run.checkpoint import (
     CheckpointError,
+    checkpoint_record,
     export_backbone,
     latest_checkpoint,
     load_checkpoint,
+    progress_of,
     save_checkpoint,
     saved_config,
     upgrade_checkpoint,
@@ -418,18 +420,11 @@ class _Progress:
 
 def _restore(step: TrainStep, ckpt: dict[str, Any], gen: torch.Generator, rank: int) -> _Progress:
     """Load every state of a checkpoint into the step, the generators and the counters."""
-    step.model.load_state_dict(ckpt["student"])
-    step.teacher.load_state_dict(ckpt["teacher"])
-    step.objective.load_state_dict(ckpt["objective"], strict=ckpt.get("format", 2) >= 2)  # format 1: extra center
-    step.optimizer.load_state_dict(ckpt["optimizer"])
-    step.scaler.load_state_dict(ckpt["scaler"])
-    if step.anchor is not None:
-        step.anchor.backbone.load_state_dict(ckpt["anchor"])
+    step.load_state_dict(ckpt)
     gen.set_state(ckpt["generators"][rank])
     torch.set_rng_state(ckpt["torch_rngs"][rank])
     _set_host_rng(ckpt["host_rngs"][rank])
-    return _Progress(step=int(ckpt["step"]), skipped=int(ckpt.get("skipped_steps", 0)),
-                     train_s=float(ckpt.get("train_s", 0.0)), cpu_s=float(ckpt.get("cpu_s", 0.0)))
+    return _Progress(**progress_of(ckpt))
 
 
 def _tick(prog: _Progress) -> float:
@@ -476,17 +471,10 @@ def _checkpoint_state(run: _Run, step: TrainStep, gen: torch.Generator, prog: _P
     _tick(prog)
     if not run.info.is_main:
         return None
-    return {
-        "student": step.model.state_dict(), "teacher": step.teacher.state_dict(),
-        "objective": step.objective.state_dict(), "optimizer": step.optimizer.state_dict(),
-        "scaler": step.scaler.state_dict(), "skipped_steps": prog.skipped, "generators": generators,
-        "torch_rngs": torch_rngs, "host_rngs": host_rngs, "step": prog.step,
-        "train_s": prog.train_s, "cpu_s": prog.cpu_s,
-        "epoch": prog.step // run.steps_per_epoch, "config": config_to_dict(run.cfg),
-        "world_size": run.info.world_size, "format": 2, "dataset": run.data_id,
-        "weight_norm_ref": prog.weight_norm_ref,
-        **({"anchor": step.anchor.backbone.state_dict()} if step.anchor is not None else {}),
-    }
+    return checkpoint_record(step.state_dict(), config_to_dict(run.cfg), step=prog.step, skipped=prog.skipped,
+                             train_s=prog.train_s, cpu_s=prog.cpu_s, epoch=prog.step // run.steps_per_epoch,
+                             world_size=run.info.world_size, rngs=(generators, torch_rngs, host_rngs),
+                             dataset=run.data_id, weight_norm_ref=prog.weight_norm_ref)
 
 
 WEIGHT_NORM_LIMIT = 10.0  # a checkpoint's student weights may be at most this many times their starting norm

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ import torch
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict, split_choices
 from pwself.objectives import objective_overrides
 
-__all__ = ["TuneSpace", "TrialScore", "parse_space", "sample_trials", "heldout_knn", "heldout_miou", "run_trial",
-           "run_tuning", "tune_markdown"]
+__all__ = ["TuneSpace", "TrialScore", "SelectionMetric", "SELECTION_METRICS", "parse_space", "sample_trials",
+           "heldout_knn", "heldout_miou", "run_trial", "run_tuning", "tune_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,35 @@ class TuneSpace:
     fixed: list[str]
 
 
-DENSE_METRICS = {  # --select name -> (dense protocol, score key in tune.json, title)
-    "miou": ("linear", "heldout_miou", "held-out dense mIoU"),
-    "hbird": ("hbird", "heldout_hbird_miou", "held-out Hummingbird mIoU"),
-}
+@dataclass(frozen=True)
+class SelectionMetric:
+    """One way to score a tuning trial, on training data only (``--select NAME``).
+
+    Attributes:
+        name: Its ``--select`` name.
+        key: The score's name in ``tune.json`` rows.
+        title: Its column heading.
+        dense: Whether it reads held-out images of a dense dataset's train split (``--dense``), else a held-out
+            share of the run's own train split (``--val-fraction``).
+        score: ``(teacher backbone, the run's config, TrialScore) -> %``.
+    """
+
+    name: str
+    key: str
+    title: str
+    dense: bool
+    score: Callable[[torch.nn.Module, TrainConfig, TrialScore], float]
+
+
+SELECTION_METRICS = {m.name: m for m in (
+    SelectionMetric("knn", "heldout_knn10", "held-out kNN", False,
+                    lambda backbone, cfg, s: heldout_knn(backbone, cfg, s.val_fraction)),
+    SelectionMetric("miou", "heldout_miou", "held-out dense mIoU", True,
+                    lambda backbone, cfg, s: heldout_miou(backbone, cfg, str(s.dense_root), s.dense_heldout, "linear")),
+    SelectionMetric("hbird", "heldout_hbird_miou", "held-out Hummingbird mIoU", True,
+                    lambda backbone, cfg, s: heldout_miou(backbone, cfg, str(s.dense_root), s.dense_heldout, "hbird")),
+)}
+"""Every ``--select`` metric: kNN, the dense linear probe's mIoU, Hummingbird's mIoU (no probe to train)."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +88,20 @@ class TrialScore:
     dense_root: str | None = None
     dense_heldout: int = 500
 
+    @property
+    def of(self) -> SelectionMetric:
+        return SELECTION_METRICS[self.metric]
+
     def validate(self) -> None:
-        if self.metric not in ("knn", *DENSE_METRICS):
+        if self.metric not in SELECTION_METRICS:
             raise ValueError(f"--select {self.metric}: use knn (held-out kNN), miou (held-out dense mIoU of the "
                              "linear probe) or hbird (held-out Hummingbird mIoU, no training)")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"--val-fraction {self.val_fraction}: use a share in (0, 1), e.g. 0.1")
-        if self.metric in DENSE_METRICS and not self.dense_root:
+        if self.of.dense and not self.dense_root:
             raise ValueError(f"--select {self.metric} scores dense features: pass --dense DIR (made by pwself "
                              "make-scenes, or your own masks)")
-        if self.metric == "knn" and self.dense_root:
+        if not self.of.dense and self.dense_root:
             raise ValueError(f"--dense {self.dense_root} is read by --select miou or hbird only: add --select miou to "
                              "score trials by held-out dense mIoU, or drop --dense")
         if self.dense_heldout < 1:
@@ -80,18 +110,18 @@ class TrialScore:
     @property
     def key(self) -> str:
         """The score's name in ``tune.json`` rows."""
-        return "heldout_knn10" if self.metric == "knn" else DENSE_METRICS[self.metric][1]
+        return self.of.key
 
     @property
     def heldout(self) -> dict[str, Any]:
         """What identifies the held-out data the score was read on (kept beside each cached score)."""
-        if self.metric == "knn":
-            return {"val_fraction": self.val_fraction}
-        return {"dense_root": str(self.dense_root), "dense_heldout": self.dense_heldout}
+        if self.of.dense:
+            return {"dense_root": str(self.dense_root), "dense_heldout": self.dense_heldout}
+        return {"val_fraction": self.val_fraction}
 
     @property
     def title(self) -> str:
-        return "held-out kNN" if self.metric == "knn" else DENSE_METRICS[self.metric][2]
+        return self.of.title
 
 
 def parse_space(items: list[str]) -> TuneSpace:
@@ -180,9 +210,7 @@ def _trial(cfg: TrainConfig, setting: dict[str, str], select: TrialScore, progre
     if cached.get("heldout") == held and select.key in cached:
         return cached[select.key]
     backbone = open_teacher(run_dir, cfg.device).backbone
-    score = (heldout_knn(backbone, saved, select.val_fraction) if select.metric == "knn"
-             else heldout_miou(backbone, saved, str(select.dense_root), select.dense_heldout,
-                               DENSE_METRICS[select.metric][0]))
+    score = select.of.score(backbone, saved, select)
     write_atomic(path, json.dumps({"setting": setting, select.key: score, "heldout": held}, indent=2))
     return score
 
@@ -236,14 +264,14 @@ def run_tuning(base: TrainConfig, objective: str, space: TuneSpace, trials: int,
 
 def tune_markdown(result: dict[str, Any]) -> str:
     """The trials as a table, best first, and the chosen setting."""
-    key = result.get("score_key", "heldout_knn10")
+    metric = SELECTION_METRICS[result.get("select", "knn")]
+    key, title = metric.key, metric.title
     keys = list(result["trials"][0]["setting"]) if result["trials"] else []
-    if key == "heldout_miou":
-        head, title = (f"Tuning {result['objective']}: dense probe mIoU (%) on {result['dense_heldout']} held-out "
-                       f"train images of {result['dense_root']}"), "held-out mIoU"
+    if metric.dense:
+        head = (f"Tuning {result['objective']}: {title} (%) on {result['dense_heldout']} held-out train images of "
+                f"{result['dense_root']}")
     else:
         head = f"Tuning {result['objective']}: held-out kNN k=10 (top-1 %) on {result['val_fraction']:.0%} of train"
-        title = "held-out kNN"
     lines = [head, "", "| " + " | ".join(keys) + f" | {title} |", "|" + "---|" * (len(keys) + 1)]
     for row in sorted(result["trials"], key=lambda r: -r[key]):
         lines.append("| " + " | ".join(row["setting"][k] for k in keys) + f" | {row[key]:.2f} |")

@@ -57,7 +57,7 @@ NEW = [  # (name, file, old, new, test files): issue 40's areas and issue 41's n
  ("teacher: forward outside no_grad", "pwself/step.py", "    with torch.no_grad():\n        t_tokens = teacher.encode([views.global_crops])", "    if True:\n        t_tokens = teacher.encode([views.global_crops])", TEACHER),
  ("run state: finished by the final kNN", "pwself/run/state.py", "    if RunFolder(run_dir).finished.exists():", "    if RunFolder(run_dir).knn.exists():", RUNSTATE),
  ("run state: no weights check", "pwself/run/state.py", "if not holds_run(run_dir) or not holds_weights(run_dir):", "if not holds_run(run_dir):", RUNSTATE),
- ("run state: resume whatever was found", "pwself/cli.py", "        resume = state.kind == \"interrupted\"", "        resume = state.kind != \"finished\"", RUNSTATE),
+ ("run state: resume whatever was found", "pwself/run/state.py", "run_dir, state.kind == \"interrupted\",", "run_dir, state.kind != \"finished\",", RUNSTATE),
  ("sinkhorn: row sums not all-reduced", "pwself/losses.py", "q /= _all_reduce(q.sum(1, keepdim=True)) * k", "q /= q.sum(1, keepdim=True) * k", SK),
 # Not planted: N not all-reduced in sinkhorn_knopp. The columns are scaled to 1/N and the result multiplied by N,
 # so N cancels (and the row step is scale-free): the same targets whatever N is, an equivalent mutant.

@@ -20,7 +20,7 @@ LAYERS = {
     3: ["config", "schedules", "loggers", "run.checkpoint", "run.state", "init_weights"],
     4: ["step"],
     5: ["train", "export", "eval", "eval.features", "eval.knn", "eval.source", "eval.dense", "eval.copydetect",
-        "eval.retrieval", "eval.incontext", "eval.protocols", "eval.floors", "eval.suite", "viz"],
+        "eval.retrieval", "eval.incontext", "eval.protocols", "eval.floors", "eval.suite", "viz", "report"],
     6: ["pretraining", "compare", "tune"],
     7: ["cli", ""],  # "" is the package itself (pwself.load, pwself.pretrain)
 }

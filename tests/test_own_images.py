@@ -103,7 +103,8 @@ def test_a_folder_smaller_than_the_default_batch_is_told_the_flag_that_fits(tmp_
 def test_the_matches_figure_shows_the_training_photo_not_the_evaluation_crop(tmp_path):
     import types
 
-    from pwself.viz import _training_image, draw_matches
+    from pwself.report import _training_image
+    from pwself.viz import draw_matches
 
     files = _photos(tmp_path)
     photo, label = _training_image(types.SimpleNamespace(files=files), 1, 3, show=256)

@@ -216,7 +216,7 @@ def test_dense_selection_chooses_by_heldout_miou_without_the_test_split(tmp_path
     scores = [t["heldout_miou"] for t in res["trials"]]
     assert res["select"] == "miou" and all(0 <= s <= 100 for s in scores)
     assert res["best"]["heldout_miou"] == max(scores)
-    assert "held-out mIoU" in capsys.readouterr().out
+    assert "| held-out dense mIoU |" in capsys.readouterr().out
     # The score is the dense probe's mIoU on the held-out images, whatever else the run has scored.
     direct = tune_mod.heldout_miou(_teacher(out / "trial_0"), _saved(out / "trial_0"), str(root), 10)
     assert direct == pytest.approx(res["trials"][0]["heldout_miou"], abs=1e-9)
@@ -235,6 +235,8 @@ def test_dense_selection_chooses_by_heldout_miou_without_the_test_split(tmp_path
     direct = tune_mod.heldout_miou(_teacher(out / "trial_1"), _saved(out / "trial_1"), str(root), 10, "hbird")
     assert direct == pytest.approx(res["trials"][1]["heldout_hbird_miou"], abs=1e-9)
     assert (out / "trial_1" / "tune_score_hbird.json").exists()
+    head = (out / "tune.md").read_text().splitlines()[0]  # the table says what scored it (it said kNN before)
+    assert head.startswith("Tuning pwml: held-out Hummingbird mIoU (%) on 10 held-out train images of")
 
 
 def _teacher(run_dir):

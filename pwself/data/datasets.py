@@ -48,6 +48,7 @@ __all__ = [
     "make_synthetic",
     "IMAGE_EXTENSIONS",
     "folder_channels",
+    "read_images",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -526,3 +527,20 @@ def make_synthetic(
     img = (img + 0.05 * torch.randn(img.shape, generator=g).double()).clamp(0, 1)
     return TensorImageDataset((img * 255).round().to(torch.uint8), labels)
 
+
+def read_images(paths: list[str], size: int, channels: int) -> list[Tensor]:
+    """Image files as float tensors in [0, 1], resized to ``size`` (0: each at its own resolution); a missing or
+    unreadable file is one line naming it."""
+    def full(path: Path) -> torch.Tensor:  # the original, at its own resolution
+        arr = torch.from_numpy(np.asarray(open_image(path, channels), dtype=np.uint8).copy())
+        return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise DatasetError(f"image {p} does not exist: check the path")
+        try:
+            out.append((full(Path(p)) if size == 0 else decode_image(Path(p), size, channels)).float() / 255)
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
+            raise DatasetError(f"cannot read image {p} ({type(e).__name__}): is it a valid image file?") from e
+    return out

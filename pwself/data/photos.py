@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["open_image", "auto_max_side", "oriented_size", "shrunk_path", "shrink_image", "store_shrunk",
            "open_for_views", "content_digest", "evict_shrunk", "cache_bound", "cache_usage", "write_synthetic_photo",
-           "SHRUNK_QUALITY"]
+           "SHRUNK_QUALITY", "clear_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,14 @@ def cache_usage(cache_dir: Path) -> dict[str, tuple[int, int]]:
         sizes = [p.stat().st_size for p in (cache_dir / folder).glob(pattern)] if (cache_dir / folder).is_dir() else []
         out[name] = (len(sizes), sum(sizes))
     return out
+
+
+def clear_cache(cache_dir: Path) -> None:
+    """Remove every shrunk copy and scan record (the next run's scan makes them again)."""
+    import shutil
+
+    for sub in ("shrunk", "scans"):
+        shutil.rmtree(cache_dir / sub, ignore_errors=True)
 
 
 def evict_shrunk(cache_dir: Path, max_bytes: int, keep: set[Path] = frozenset()) -> tuple[int, int]:

@@ -16,8 +16,9 @@ from pwself.run.folder import RunFolder, free_space
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint",
-           "config_of_checkpoint", "export_backbone", "BACKBONE_FILE"]
+__all__ = ["CheckpointError", "checkpoint_record", "progress_of", "teacher_weights", "save_checkpoint",
+           "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint", "config_of_checkpoint", "export_backbone",
+           "BACKBONE_FILE"]
 
 BACKBONE_FILE = RunFolder.BACKBONE
 """Where a run keeps its teacher backbone (timm key names) beside its checkpoints."""
@@ -25,6 +26,34 @@ BACKBONE_FILE = RunFolder.BACKBONE
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+CHECKPOINT_FORMAT = 2  # objectives own their state (format 1 kept the centers under `criterion`)
+
+
+def checkpoint_record(parts: dict[str, Any], config: dict[str, Any], *, step: int, skipped: int, train_s: float,
+                      cpu_s: float, epoch: int, world_size: int, rngs: tuple[list, list, list],
+                      dataset: dict[str, Any] | None, weight_norm_ref: float) -> dict[str, Any]:
+    """The layout of a checkpoint: the step's states (``parts``: student, teacher, objective, optimizer, scaler,
+    anchor), every rank's generators (``rngs``: pwself's, torch's, the host's), the counters, the run's config and
+    the identity of its data (checked on resume)."""
+    generators, torch_rngs, host_rngs = rngs
+    return {**parts, "skipped_steps": skipped, "generators": generators, "torch_rngs": torch_rngs,
+            "host_rngs": host_rngs, "step": step, "train_s": train_s, "cpu_s": cpu_s, "epoch": epoch,
+            "config": config, "world_size": world_size, "format": CHECKPOINT_FORMAT, "dataset": dataset,
+            "weight_norm_ref": weight_norm_ref}
+
+
+def progress_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The counters a resumed run continues from (older checkpoints without timing: 0)."""
+    return {"step": int(ckpt["step"]), "skipped": int(ckpt.get("skipped_steps", 0)),
+            "train_s": float(ckpt.get("train_s", 0.0)), "cpu_s": float(ckpt.get("cpu_s", 0.0))}
+
+
+def teacher_weights(ckpt: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The teacher's weights of a checkpoint whose names start with ``prefix``, without it (``backbone.``: the
+    backbone with timm's names)."""
+    return {k[len(prefix):]: v for k, v in ckpt["teacher"].items() if k.startswith(prefix)}
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 2) -> Path:

@@ -27,7 +27,7 @@ from pwself.config import (
 from pwself.run.checkpoint import saved_config
 from pwself.run.folder import RunDirError, RunFolder, holds_run, holds_weights, write_atomic
 
-__all__ = ["RunState", "inspect_run", "write_finished", "read_finished", "read_run_config"]
+__all__ = ["RunState", "RunPlan", "inspect_run", "plan_run", "write_finished", "read_finished", "read_run_config"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,33 @@ def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     if RunFolder(run_dir).finished.exists():
         return RunState("finished", read_finished(run_dir))
     return RunState("interrupted")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``pwself pretrain`` does in a run folder: train ``cfg`` (continuing a checkpoint when ``resume``), or
+    show the stored result of a finished run of the same config (``finished``)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    resume: bool
+    finished: dict[str, Any] | None = None
+
+
+def plan_run(cfg: TrainConfig, overrides: list[str], config_given: bool, resume: bool, auto_resume: bool,
+             start_over: str) -> RunPlan:
+    """The resume policy. Continuing a run (``resume`` or ``auto_resume``) without a config file reads the one the
+    run saved, with only ``overrides`` changed; ``auto_resume`` then starts a new run, continues an interrupted one
+    exactly or returns a finished one's result, and refuses a folder holding another config (``start_over``: what
+    to do about it)."""
+    from pwself.config import apply_overrides, load_config
+    from pwself.data import expand_path
+
+    run_dir = expand_path(cfg.out_dir)
+    if (resume or auto_resume) and not config_given and RunFolder(run_dir).config.is_file():
+        cfg = apply_overrides(load_config(RunFolder(run_dir).config), overrides)  # the run as it was
+    cfg.validate()
+    if not auto_resume:
+        return RunPlan(cfg, run_dir, resume)
+    state = inspect_run(cfg, run_dir, start_over)
+    return RunPlan(cfg, run_dir, state.kind == "interrupted", state.result if state.kind == "finished" else None)
