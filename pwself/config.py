@@ -49,6 +49,7 @@ __all__ = [
     "config_diff",
     "save_config",
     "describe_config",
+    "rename_keys",
 ]
 
 
@@ -251,8 +252,9 @@ RENAMED_KEYS = {
 }
 
 
-def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a nested config dict with :data:`RENAMED_KEYS` moved to their new places."""
+def rename_keys(d: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+    """A copy of a nested config dict with :data:`RENAMED_KEYS` moved to their new places, each said in a line
+    (not when ``quiet``: reading an old run's file for display)."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for old, new in RENAMED_KEYS.items():
         section, _, key = old.rpartition(".")
@@ -263,7 +265,8 @@ def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:
             for part in new.split(".")[:-1]:
                 node[part] = node = dict(node.get(part) or {})
             node[new.rsplit(".", 1)[1]] = value
-            log.info("config key %s is now %s", old, new)
+            if not quiet:
+                log.info("config key %s is now %s", old, new)
     return d
 
 
@@ -278,7 +281,7 @@ def _section_types(cls: type) -> dict[str, Any]:
 def config_from_dict(d: dict[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
     """Build a (nested) config dataclass from a dict, rejecting unknown keys by name."""
     if cls is TrainConfig:
-        d = _rename_keys(d)
+        d = rename_keys(d)
     hints = _section_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     removed = {k for k in d if prefix + k in REMOVED_KEYS}

@@ -158,7 +158,7 @@ def write_report(run_dir: str | Path) -> Path:
     """
     import yaml
 
-    from pwself.config import ConfigError, read_yaml
+    from pwself.config import ConfigError, read_yaml, rename_keys
 
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -166,6 +166,7 @@ def write_report(run_dir: str | Path) -> Path:
     cfg = read_yaml(run.config, "run config") if run.config.exists() else {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"run config {run.config} is not a mapping of keys: restore the run's file")
+    cfg = rename_keys(cfg, quiet=True)  # a run of an older pwself: its keys where they are now
     objective = cfg.get("recipe") or cfg.get("loss", {}).get("objective", "?")
     png = plot_training_curves(rows, run.curves, title=f"{run_dir.name} ({objective})")
     knn = (run.read_json(RunFolder.KNN) or {}).get("knn")
