@@ -7,6 +7,7 @@ A run reads the whole :class:`TrainConfig` where it composes its parts (:func:`p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "save_config",
     "describe_config",
     "rename_keys",
+    "run_config",
 ]
 
 
@@ -453,6 +455,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = resolve_in_chans(cfg)
     if validate:
         cfg.validate()
+    return cfg
+
+
+def run_config(cfg: TrainConfig) -> TrainConfig:
+    """The config a run trains with: a copy with the ``backbone.name`` preset applied and what comes from the data
+    resolved (folder image size, channels, the shrink bound of photos), then validated; ``cfg`` is not changed."""
+    cfg = resolve_max_side(resolve_in_chans(resolve_image_size(apply_backbone_name(copy.deepcopy(cfg)))))
+    cfg.validate()
     return cfg
 
 

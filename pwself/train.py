@@ -6,7 +6,6 @@ from one seeded generator per rank whose state is checkpointed, so a resumed run
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -26,26 +25,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pwself.config import (
-    DIVERGENCE_FIX_KEYS,
     TrainConfig,
-    apply_backbone_name,
-    config_diff,
     config_to_dict,
-    resolve_image_size,
-    resolve_in_chans,
-    resolve_max_side,
+    run_config,
     save_config,
 )
 from pwself.data import (
     DATA_KINDS,
-    DatasetError,
     channel_stats,
+    check_data_root,
     expand_path,
-    fingerprint,
     has_heldout_split,
     iterate_batches,
-    open_dataset,
-    take_subset,
+    open_training_data,
 )
 from pwself.data.crops import FolderMultiCrop, ViewLoader
 from pwself.diagnostics import FIXES, CollapseWatch, collapse_kind, effective_rank
@@ -55,11 +47,9 @@ from pwself.run.checkpoint import (
     checkpoint_record,
     export_backbone,
     latest_checkpoint,
-    load_checkpoint,
     progress_of,
+    resume_checkpoint,
     save_checkpoint,
-    saved_config,
-    upgrade_checkpoint,
 )
 from pwself.run.folder import RunFolder, RunLock, prepare_run_dir
 from pwself.run.state import write_finished
@@ -188,107 +178,10 @@ class _Run:
         return RunFolder(self.dir)
 
 
-def _check_data(cfg: TrainConfig, image: Tensor, in_memory: bool) -> None:
-    if image.shape[0] != cfg.backbone.in_chans:
-        raise ValueError(f"the data has {image.shape[0]} channel(s) but backbone.in_chans={cfg.backbone.in_chans}: "
-                         f"set backbone.in_chans={image.shape[0]}")
-    if in_memory and min(image.shape[-2:]) < cfg.views.local_size:
-        raise ValueError(f"images of {tuple(image.shape[-2:])} px are smaller than views.local_size="
-                         f"{cfg.views.local_size}: use a smaller views.local_size or larger images")
-
-
-def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of ``run_dir`` that loads; a corrupt newer one is named and passed over."""
-    found = RunFolder(run_dir).checkpoints()[::-1]
-    if not found:
-        raise CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume")
-    for k, path in enumerate(found):
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as e:
-            if k == len(found) - 1:
-                raise CheckpointError(f"--resume: no checkpoint in {run_dir} loads (the oldest: {e}); start over "
-                                      "with --overwrite") from None
-            log.warning("%s; resuming from the previous checkpoint, %s", e, found[k + 1].name)
-            continue
-        return path, ckpt
-    raise AssertionError("unreachable")
-
-
-def _check_same_data(found: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
-    """Refuse to resume on other training data (a new schedule length, other images): name what changed."""
-    if not saved:  # checkpoints written before the data was recorded
-        return
-    if saved["images"] != now["images"]:
-        raise CheckpointError(f"cannot resume {found}: the training data now has {now['images']} images, the run had "
-                              f"{saved['images']} (data.root={now['root']}): resume on the same data, or start a new "
-                              "run")
-    if saved["fingerprint"] != now["fingerprint"]:
-        raise CheckpointError(f"cannot resume {found}: the training images or labels under data.root={now['root']} "
-                              "changed since the run started (same count, other files, sizes, dates or classes): "
-                              "restore them, or start a new run")
-    if saved["root"] != now["root"]:
-        log.info("resuming on the same images at data.root=%s (the run had %s)", now["root"], saved["root"])
-
-
-def _resume_checkpoint(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> dict[str, Any]:
-    """The newest intact checkpoint of ``run_dir``, checked against this run; fills in its channel statistics."""
-    found, ckpt = _newest_intact_checkpoint(run_dir)
-    ckpt = upgrade_checkpoint(ckpt)
-    ckpt["path"] = str(found)
-    if len(ckpt["generators"]) != info.world_size:
-        raise CheckpointError(f"cannot resume {found}: it was written by {len(ckpt['generators'])} process(es), this "
-                              f"run has {info.world_size}; resume with the same number of processes")
-    saved = config_to_dict(saved_config(ckpt["config"]))
-    if not cfg.data.mean and saved["data"]["mean"]:
-        cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
-    diff = config_diff(saved, config_to_dict(cfg))
-    refused = [k for k in diff if k not in DIVERGENCE_FIX_KEYS]
-    if refused:
-        raise CheckpointError(f"cannot resume {found}: config differs in {', '.join(refused)}; use the saved "
-                              f"{RunFolder(run_dir).config} or a new out_dir")
-    now = config_to_dict(cfg)
-    for key in diff:  # a divergence fix the user asked for: allowed in its safe direction, and said
-        a, b = key.split(".")
-        lower = key in ("optim.lr", "optim.min_lr", "optim.clip_grad")
-        if (now[a][b] > saved[a][b]) == lower or (key == "optim.clip_grad" and now[a][b] == 0):
-            raise CheckpointError(f"cannot resume {found} with {key}={now[a][b]} (the run had {saved[a][b]}): a resume "
-                                  f"may only {'lower' if lower else 'raise'} it to recover from a divergence"
-                                  f"{' (and keep clipping on)' if key == 'optim.clip_grad' else ''}; start a new run "
-                                  "for other settings")
-        log.warning("resuming with %s=%s (the checkpoint's run had %s): the schedules from step %d use it",
-                    key, now[a][b], saved[a][b], int(ckpt["step"]))
-    return ckpt
-
-
-def _check_data_root(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    """Before the run folder is touched (``--overwrite`` moves it): the data exists, and a folder of images and
-    the run folder are not inside one another (a run inside its data would train on its own PNGs next time;
-    data inside the run folder would be moved aside with it)."""
-    kind = DATA_KINDS[cfg.data.kind]
-    if not kind.needs_root:
-        return
-    root = expand_path(cfg.data.root)
-    if not root.exists() and kind.in_memory:  # the loader's own message says what to install
-        open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-    if not root.exists():
-        raise DatasetError(f"data.root={root} does not exist: set data.root to the {cfg.data.kind} data's folder")
-    if kind.in_memory:
-        return
-    root, out = root.resolve(), run_dir.resolve()
-    if out == root or root in out.parents:
-        raise DatasetError(f"--out-dir {run_dir} is inside data.root={cfg.data.root}: its files would become training "
-                           "images; choose an --out-dir outside the data")
-    if out in root.parents and not resume:
-        raise DatasetError(f"data.root={cfg.data.root} is inside --out-dir {run_dir}: keep the data outside the run "
-                           "folder (--overwrite would move it aside with the run)")
-
-
 def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run:
     """Validate, join torchrun, claim the run folder, open the data, load the checkpoint to resume, measure
     channel statistics and write ``config.yaml``."""
-    cfg = resolve_max_side(resolve_in_chans(resolve_image_size(apply_backbone_name(copy.deepcopy(cfg)))))
-    cfg.validate()
+    cfg = run_config(cfg)
     check_loggers(cfg.log)
     if cfg.backbone.init and not resume and not expand_path(cfg.backbone.init).exists():
         raise CheckpointError(f"backbone.init={cfg.backbone.init} does not exist: pass a local weights file or "
@@ -298,7 +191,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA device: use precision=bf16 on CPU")
     run_dir, lock = expand_path(cfg.out_dir), None
-    _check_data_root(cfg, run_dir, resume)
+    check_data_root(cfg.data, run_dir, resume, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
     if info.is_main:  # before any data is read: a wrong folder fails in a second, not after the scan
         lock, moved = prepare_run_dir(run_dir, resume, overwrite)
         if moved is not None:
@@ -313,30 +206,22 @@ def prepare_run(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> _Run
 
 def _open_run(cfg: TrainConfig, resume: bool, info: DistInfo, device: torch.device, run_dir: Path,
               lock: RunLock | None) -> _Run:
-    dataset = open_dataset(cfg.data, "train", cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed)
-    image, label = dataset[0]  # decoded once: a folder's first image is a full decode and resize
-    labelled = int(label) >= 0
-    in_memory = DATA_KINDS[cfg.data.kind].in_memory
-    _check_data(cfg, image, in_memory=in_memory)
-    if cfg.data.subset:
-        dataset = take_subset(dataset, cfg.data.subset)
-    views = None if in_memory else _folder_views(cfg, dataset, device)
+    data = open_training_data(cfg.data, cfg.backbone.in_chans, cfg.backbone.patch_size, cfg.seed, cfg.views.local_size)
+    dataset, data_id = data.dataset, data.ident
+    views = None if DATA_KINDS[cfg.data.kind].in_memory else _folder_views(cfg, dataset, device)
     steps_per_epoch = len(dataset) // (cfg.batch_size * info.world_size)
     if steps_per_epoch == 0:
         most = len(dataset) // info.world_size
         raise ValueError(f"batch_size={cfg.batch_size} x {info.world_size} process(es) is larger than the dataset "
                          f"({len(dataset)} images): lower it, e.g. --batch-size {most} (or batch_size={most})")
-    data_id = {"root": str(expand_path(cfg.data.root)), "images": len(dataset), "fingerprint": fingerprint(dataset)}
-    ckpt = _resume_checkpoint(cfg, run_dir, info) if resume else None
-    if ckpt is not None:
-        _check_same_data(Path(ckpt["path"]), ckpt.get("dataset"), data_id)
+    ckpt = resume_checkpoint(cfg, run_dir, info.world_size, data_id) if resume else None
     if not cfg.data.mean:
         cfg.data.mean, cfg.data.std = channel_stats(dataset)
     if info.is_main:
         save_config(cfg, RunFolder(run_dir).config, derived=batch_line(cfg, info.world_size))
         log.info(batch_line(cfg, info.world_size))
     return _Run(cfg, run_dir, dataset, steps_per_epoch, info, device, ckpt, views,
-                has_heldout_split(cfg.data, labelled), labelled, lock=lock, data_id=data_id)
+                has_heldout_split(cfg.data, data.labelled), data.labelled, lock=lock, data_id=data_id)
 
 
 def _folder_views(cfg: TrainConfig, dataset: torch.utils.data.Dataset, device: torch.device) -> ViewLoader:

@@ -414,7 +414,7 @@ def test_the_run_state_table_through_the_cli(tmp_path, capsys, monkeypatch):
     for p in other_data.glob("checkpoint_0000000[23].pt"):
         p.unlink()
     (other_data / "finished.json").unlink(missing_ok=True)
-    monkeypatch.setattr(train_mod, "fingerprint", lambda dataset: "other images")
+    monkeypatch.setattr("pwself.data.fingerprint", lambda dataset: "other images")  # what the run reads first
     rc, n, printed = again(other_data)
     assert (rc, n) == (2, 0) and "changed since the run started" in printed.err
     assert json.loads((tmp_path / "done" / "finished.json").read_text())["step"] == 3

@@ -36,6 +36,9 @@ __all__ = [
     "TensorImageDataset",
     "build_dataset",
     "open_dataset",
+    "open_training_data",
+    "check_data_root",
+    "TrainingData",
     "take_subset",
     "expand_path",
     "folder_channels",
@@ -149,6 +152,57 @@ def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, see
     return build_dataset(data.kind, data.root, split, image_size=data.image_size, channels=channels,
                          min_size=min_size, on_bad_image=data.on_bad_image, synthetic_size=data.synthetic_size,
                          synthetic_classes=data.synthetic_classes, seed=seed, max_side=max(data.max_side, 0))
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The images a run trains on (its ``data.subset``), whether they have labels, and what identifies them (root,
+    image count, content fingerprint: a resumed run must see the same)."""
+
+    dataset: Dataset
+    labelled: bool
+    ident: dict[str, Any]
+
+
+def open_training_data(data: DataConfig, channels: int, min_size: int, seed: int, local_size: int) -> TrainingData:
+    """Open the train split for training and check it against the model before anything else reads it: its
+    channels against ``backbone.in_chans`` (``channels``) and, for data decoded in memory, its side against
+    ``views.local_size``."""
+    dataset = open_dataset(data, "train", channels, min_size, seed)
+    image, label = dataset[0]  # decoded once: a folder's first image is a full decode and resize
+    if image.shape[0] != channels:
+        raise ValueError(f"the data has {image.shape[0]} channel(s) but backbone.in_chans={channels}: set "
+                         f"backbone.in_chans={image.shape[0]}")
+    if DATA_KINDS[data.kind].in_memory and min(image.shape[-2:]) < local_size:
+        raise ValueError(f"images of {tuple(image.shape[-2:])} px are smaller than views.local_size={local_size}: "
+                         "use a smaller views.local_size or larger images")
+    if data.subset:
+        dataset = take_subset(dataset, data.subset)
+    ident = {"root": str(expand_path(data.root)), "images": len(dataset), "fingerprint": fingerprint(dataset)}
+    return TrainingData(dataset, int(label) >= 0, ident)
+
+
+def check_data_root(data: DataConfig, run_dir: Path, resume: bool, channels: int, min_size: int, seed: int) -> None:
+    """Before the run folder is touched (``--overwrite`` moves it): the data exists, and a folder of images and
+    the run folder are not inside one another (a run inside its data would train on its own PNGs next time;
+    data inside the run folder would be moved aside with it)."""
+    kind = DATA_KINDS[data.kind]
+    if not kind.needs_root:
+        return
+    root = expand_path(data.root)
+    if not root.exists() and kind.in_memory:  # the loader's own message says what to install
+        open_dataset(data, "train", channels, min_size, seed)
+    if not root.exists():
+        raise DatasetError(f"data.root={root} does not exist: set data.root to the {data.kind} data's folder")
+    if kind.in_memory:
+        return
+    root, out = root.resolve(), run_dir.resolve()
+    if out == root or root in out.parents:
+        raise DatasetError(f"--out-dir {run_dir} is inside data.root={data.root}: its files would become training "
+                           "images; choose an --out-dir outside the data")
+    if out in root.parents and not resume:
+        raise DatasetError(f"data.root={data.root} is inside --out-dir {run_dir}: keep the data outside the run "
+                           "folder (--overwrite would move it aside with the run)")
 
 
 def has_heldout_split(data: DataConfig, labelled: bool) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,15 +11,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pwself.config import config_from_dict
+from pwself.config import DIVERGENCE_FIX_KEYS, config_diff, config_from_dict, config_to_dict
 from pwself.run.folder import RunFolder, free_space
 
 if TYPE_CHECKING:
     from pwself.config import TrainConfig
 
-__all__ = ["CheckpointError", "checkpoint_record", "progress_of", "teacher_weights", "save_checkpoint",
-           "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint", "config_of_checkpoint", "export_backbone",
-           "BACKBONE_FILE"]
+log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "resume_checkpoint", "checkpoint_record", "progress_of", "teacher_weights",
+           "save_checkpoint", "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint", "config_of_checkpoint",
+           "export_backbone", "BACKBONE_FILE"]
 
 BACKBONE_FILE = RunFolder.BACKBONE
 """Where a run keeps its teacher backbone (timm key names) beside its checkpoints."""
@@ -169,3 +172,71 @@ def export_backbone(backbone: nn.Module, path: str | Path) -> Path:
     os.chmod(tmp, 0o666 & ~umask)  # as any other file the run writes (safetensors creates it 0600)
     tmp.replace(path)
     return path
+
+
+def _newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of ``run_dir`` that loads; a corrupt newer one is named and passed over."""
+    found = RunFolder(run_dir).checkpoints()[::-1]
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume")
+    for k, path in enumerate(found):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            if k == len(found) - 1:
+                raise CheckpointError(f"--resume: no checkpoint in {run_dir} loads (the oldest: {e}); start over "
+                                      "with --overwrite") from None
+            log.warning("%s; resuming from the previous checkpoint, %s", e, found[k + 1].name)
+            continue
+        return path, ckpt
+    raise AssertionError("unreachable")
+
+
+def _check_same_data(found: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume on other training data (a new schedule length, other images): name what changed."""
+    if not saved:  # checkpoints written before the data was recorded
+        return
+    if saved["images"] != now["images"]:
+        raise CheckpointError(f"cannot resume {found}: the training data now has {now['images']} images, the run had "
+                              f"{saved['images']} (data.root={now['root']}): resume on the same data, or start a new "
+                              "run")
+    if saved["fingerprint"] != now["fingerprint"]:
+        raise CheckpointError(f"cannot resume {found}: the training images or labels under data.root={now['root']} "
+                              "changed since the run started (same count, other files, sizes, dates or classes): "
+                              "restore them, or start a new run")
+    if saved["root"] != now["root"]:
+        log.info("resuming on the same images at data.root=%s (the run had %s)", now["root"], saved["root"])
+
+
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path, world_size: int, data_id: dict[str, Any]) -> dict[str, Any]:
+    """The newest intact checkpoint of ``run_dir`` (upgraded), checked against this run: the same number of
+    processes, the same data (``data_id``), the same config but the divergence fixes the user gives
+    (:data:`pwself.config.DIVERGENCE_FIX_KEYS`, in their safe direction, said in a line); fills in ``cfg``'s channel
+    statistics from it."""
+    found, ckpt = _newest_intact_checkpoint(run_dir)
+    ckpt = upgrade_checkpoint(ckpt)
+    ckpt["path"] = str(found)
+    if len(ckpt["generators"]) != world_size:
+        raise CheckpointError(f"cannot resume {found}: it was written by {len(ckpt['generators'])} process(es), this "
+                              f"run has {world_size}; resume with the same number of processes")
+    saved = config_to_dict(saved_config(ckpt["config"]))
+    if not cfg.data.mean and saved["data"]["mean"]:
+        cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
+    diff = config_diff(saved, config_to_dict(cfg))
+    refused = [k for k in diff if k not in DIVERGENCE_FIX_KEYS]
+    if refused:
+        raise CheckpointError(f"cannot resume {found}: config differs in {', '.join(refused)}; use the saved "
+                              f"{RunFolder(run_dir).config} or a new out_dir")
+    now = config_to_dict(cfg)
+    for key in diff:  # a divergence fix the user asked for: allowed in its safe direction, and said
+        a, b = key.split(".")
+        lower = key in ("optim.lr", "optim.min_lr", "optim.clip_grad")
+        if (now[a][b] > saved[a][b]) == lower or (key == "optim.clip_grad" and now[a][b] == 0):
+            raise CheckpointError(f"cannot resume {found} with {key}={now[a][b]} (the run had {saved[a][b]}): a resume "
+                                  f"may only {'lower' if lower else 'raise'} it to recover from a divergence"
+                                  f"{' (and keep clipping on)' if key == 'optim.clip_grad' else ''}; start a new run "
+                                  "for other settings")
+        log.warning("resuming with %s=%s (the checkpoint's run had %s): the schedules from step %d use it",
+                    key, now[a][b], saved[a][b], int(ckpt["step"]))
+    _check_same_data(found, ckpt.get("dataset"), data_id)
+    return ckpt

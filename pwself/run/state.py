@@ -7,7 +7,6 @@ the final kNN, so a run cut off anywhere before that is continued from its check
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,7 @@ from pwself.config import (
     config_diff,
     config_to_dict,
     read_yaml,
-    resolve_in_chans,
-    resolve_max_side,
+    run_config,
 )
 from pwself.run.checkpoint import saved_config
 from pwself.run.folder import RunDirError, RunFolder, holds_run, holds_weights, write_atomic
@@ -76,7 +74,7 @@ def inspect_run(cfg: TrainConfig, run_dir: Path, start_over: str) -> RunState:
     if not holds_run(run_dir) or not holds_weights(run_dir):
         return RunState("new")
     saved = config_to_dict(read_run_config(run_dir))
-    now = config_to_dict(resolve_max_side(resolve_in_chans(copy.deepcopy(cfg))))
+    now = config_to_dict(run_config(cfg))
     if not now["data"]["mean"]:  # measured at the start of a run: compare what the user set
         now["data"]["mean"], now["data"]["std"] = saved["data"]["mean"], saved["data"]["std"]
     diff = config_diff(saved, now)
