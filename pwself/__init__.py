@@ -65,7 +65,7 @@ def load(path: str | Path) -> VisionTransformer:
 
 def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Pretrain with the standard evaluation (kNN and floors), as ``pwself pretrain`` does
-    (see :func:`pwself.pretraining.pretrain`)."""
-    from pwself.pretraining import pretrain as _pretrain
+    (see :func:`pwself.experiment.pretrain`)."""
+    from pwself.experiment import pretrain as _pretrain
 
     return _pretrain(cfg, resume, progress, overwrite)

@@ -277,8 +277,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pwself.config import load_config
+    from pwself.experiment import pretrain
     from pwself.objectives import objective_overrides
-    from pwself.pretraining import pretrain
     from pwself.report import write_report
     from pwself.run.state import plan_run
 

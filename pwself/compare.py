@@ -45,7 +45,7 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_i
     rerun."""
     from functools import cache
 
-    from pwself.pretraining import open_teacher, run_experiment
+    from pwself.experiment import open_teacher, run_experiment
 
     run_experiment(cfg, progress)
     run = RunFolder(cfg.out_dir)

@@ -135,7 +135,7 @@ class Moment:
 
 
 class EvalCallback(typing.Protocol):
-    """One evaluation of a pretraining run, given by the caller (:func:`pwself.pretraining.standard_evaluation`:
+    """One evaluation of a pretraining run, given by the caller (:func:`pwself.experiment.standard_evaluation`:
     the dense probe, kNN and its floors): training itself evaluates nothing and writes no score file. Every
     process calls it (an evaluation may gather over them); only ``at.is_main`` writes."""
 
@@ -474,7 +474,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         overwrite: Start over in a folder that holds another run, moving that run aside (without it, such a
             folder is refused).
         evaluation: What to evaluate, as :class:`EvalCallback` objects; none: nothing
-            (:func:`pwself.pretraining.pretrain` runs the standard evaluation).
+            (:func:`pwself.experiment.pretrain` runs the standard evaluation).
 
     Returns:
         The run's :class:`TrainResult`.

@@ -200,7 +200,7 @@ def trial_config(base: TrainConfig, objective: str, setting: dict[str, str], fix
 def _trial(cfg: TrainConfig, setting: dict[str, str], select: TrialScore, progress: bool) -> float:
     """Train one trial (reused when finished with the same config; continued when interrupted) and score it
     once per metric and held-out set (``tune_score.json``, ``tune_score_miou.json``, ``tune_score_hbird.json``)."""
-    from pwself.pretraining import open_teacher, run_experiment
+    from pwself.experiment import open_teacher, run_experiment
     from pwself.run.folder import RunFolder, write_atomic
 
     run_dir, saved = Path(cfg.out_dir), run_experiment(cfg, progress)

@@ -18,7 +18,7 @@ import pwself
 from pwself.config import load_config
 from pwself.data import open_dataset
 from pwself.eval import extract_features, knn_classify
-from pwself.pretraining import pretrain
+from pwself.experiment import pretrain
 from pwself.run.checkpoint import latest_checkpoint
 
 OUT = Path("runs/search")

@@ -102,7 +102,7 @@ def test_random_init_floor_is_the_runs_knn_protocol_on_the_seeded_init(tmp_path)
 
     from pwself.config import load_config
     from pwself.data import channel_stats, open_dataset
-    from pwself.pretraining import knn_scores
+    from pwself.experiment import knn_scores
     from pwself.step import build_step
 
     cfg = load_config(None, [t for t in TINY if "=" in t] + ["seed=3"])

@@ -88,7 +88,7 @@ def test_a_finished_run_shows_its_result_without_training(tmp_path, monkeypatch,
         raise AssertionError("trained again")
 
     monkeypatch.setattr(pwself.train, "train", no_training)
-    monkeypatch.setattr("pwself.pretraining.evaluate", no_training)
+    monkeypatch.setattr("pwself.experiment.evaluate", no_training)
     assert _pretrain(out) == 0
     again = capsys.readouterr().out
     assert "its stored result (nothing was trained or evaluated again)" in again

@@ -21,7 +21,7 @@ LAYERS = {
     4: ["step"],
     5: ["train", "export", "eval", "eval.features", "eval.knn", "eval.source", "eval.dense", "eval.copydetect",
         "eval.retrieval", "eval.incontext", "eval.protocols", "eval.floors", "eval.suite", "viz", "report"],
-    6: ["pretraining", "compare", "tune"],
+    6: ["experiment", "compare", "tune"],
     7: ["cli", ""],  # "" is the package itself (pwself.load, pwself.pretrain)
 }
 def _module_name(path: Path) -> str:

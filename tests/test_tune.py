@@ -240,7 +240,7 @@ def test_dense_selection_chooses_by_heldout_miou_without_the_test_split(tmp_path
 
 
 def _teacher(run_dir):
-    from pwself.pretraining import open_teacher
+    from pwself.experiment import open_teacher
 
     return open_teacher(run_dir, "cpu").backbone
 

@@ -1,6 +1,6 @@
 """The ``eval`` section of a run config: what a pretraining run evaluates while it trains and when it ends.
 
-Training itself only trains: it calls the evaluation callbacks its caller passes (:mod:`pwself.pretraining`
+Training itself only trains: it calls the evaluation callbacks its caller passes (:mod:`pwself.experiment`
 gives kNN with its floors and the dense probe), and those read these settings.
 """
 

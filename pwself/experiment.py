@@ -1,7 +1,8 @@
-"""Pretraining with the standard evaluation, as callbacks training calls: the teacher's kNN (pooled as the
-objective says; at the end and, with ``eval.knn_every_epochs``, during training), its floors (random init, raw
-pixels, the starting model) and the dense probe (``eval.dense_every_epochs``). What ``pwself pretrain``,
-``compare``, ``tune`` and :func:`pwself.pretrain` run; :func:`pwself.train.train` itself only trains."""
+"""A pretraining run as pwself's commands run it (one run of an experiment): :func:`pwself.train.train`, which
+only trains, with the standard evaluation as callbacks (the teacher's kNN, pooled as the objective says, at the
+end and with ``eval.knn_every_epochs``; its floors: random init, raw pixels, the starting model; the dense probe
+with ``eval.dense_every_epochs``), and :func:`run_experiment`, which reuses a finished run and continues an
+interrupted one. What ``pwself pretrain``, ``compare``, ``tune`` and :func:`pwself.pretrain` run."""
 
 from __future__ import annotations
 
