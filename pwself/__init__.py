@@ -30,6 +30,10 @@ _EXPORTS = {
     "Objective": "pwself.objectives", "OBJECTIVES": "pwself.objectives", "register_objective": "pwself.objectives",
     "evaluate": "pwself.eval.protocols", "EvalData": "pwself.eval.protocols", "EvalSettings": "pwself.eval.protocols",
     "knn_classify": "pwself.eval.knn",
+    "Protocol": "pwself.eval.registry", "PROTOCOLS": "pwself.eval.protocols",
+    "register_protocol": "pwself.eval.protocols",
+    "DataKind": "pwself.data.kinds", "DATA_KINDS": "pwself.data.kinds", "register_data_kind": "pwself.data.kinds",
+    "RunFolder": "pwself.run.folder",
 }
 __all__ = ["load", "pretrain", "__version__", *_EXPORTS]
 

@@ -9,7 +9,8 @@ import pwself
 
 # Exports without an example, and why: containers and registries shown in the examples of the others.
 NO_EXAMPLE = {"__version__", "load", "pretrain", "TrainConfig", "load_config", "MultiCropViews", "Objective",
-              "OBJECTIVES", "register_objective", "EvalData", "EvalSettings"}
+              "OBJECTIVES", "register_objective", "EvalData", "EvalSettings", "PROTOCOLS", "register_protocol",
+              "DATA_KINDS", "register_data_kind"}
 
 
 def test_every_export_resolves_and_is_documented():

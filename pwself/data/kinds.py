@@ -72,6 +72,20 @@ class DataKind:
         labelled: ``root -> bool``: whether the images have labels, judged without opening them (``None``: they
             have).
         hub_dataset: The Hugging Face dataset id an exported model's card names (``None``: none).
+
+    Example:
+        Generated RGB noise as a data kind: registered, ``data.kind`` accepts it and a run takes its channels.
+
+        >>> import torch, pwself
+        >>> from pwself.data import TensorImageDataset
+        >>> def noise(root, split, options):
+        ...     g = torch.Generator().manual_seed(options.seed + (split == "test"))
+        ...     images = torch.randint(0, 256, (8, 3, 16, 16), generator=g, dtype=torch.uint8)
+        ...     return TensorImageDataset(images, torch.arange(8) % 2)
+        >>> pwself.register_data_kind(pwself.DataKind("noise", noise, channels=3, needs_root=False))
+        >>> pwself.load_config(None, ["data.kind=noise"]).backbone.in_chans
+        3
+        >>> _ = pwself.DATA_KINDS.pop("noise")
     """
 
     name: str

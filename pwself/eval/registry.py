@@ -50,6 +50,22 @@ class Protocol:
         check: ``(options, data)``: refuses, before any feature is extracted, settings the data cannot serve.
         model_input: ``options -> (channels, side)`` a timm model takes when no feature protocol runs.
         finish: ``(results, sources, options)``: rows beside the models' (e.g. floors), added to ``results``.
+
+    Example:
+        1-NN accuracy as a protocol of its own (no knob: its settings are a plain ``dict``), registered and run on
+        features already extracted:
+
+        >>> import torch, pwself
+        >>> from pwself.eval.protocols import score_features
+        >>> def one_nn(feats, options, settings):
+        ...     (xb, yb), (xq, yq) = feats["train"], feats["test"]
+        ...     return {"top1": float(100 * (yb[(xq @ xb.T).argmax(1)] == yq).float().mean())}
+        >>> pwself.register_protocol(pwself.Protocol("nn1", "1-NN accuracy", dict, one_nn,
+        ...                                          table=lambda per_model, note: [], scores=lambda r: r))
+        >>> feats = {"train": (torch.eye(3), torch.arange(3)), "test": (torch.eye(3), torch.tensor([0, 1, 0]))}
+        >>> round(score_features(feats, ["nn1"], pwself.EvalSettings())["nn1"]["top1"], 2)
+        66.67
+        >>> _ = pwself.PROTOCOLS.pop("nn1")
     """
 
     name: str

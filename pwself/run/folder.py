@@ -26,7 +26,14 @@ log = logging.getLogger(__name__)
 class RunFolder:
     """The files of one run folder, by what they hold. Paths only, and the small JSON records a run keeps; the
     config is read by :func:`pwself.run.state.read_run_config` (it needs the config layer), checkpoints by
-    :mod:`pwself.run.checkpoint`."""
+    :mod:`pwself.run.checkpoint`.
+
+    Example:
+        >>> import pwself
+        >>> run = pwself.RunFolder("runs/demo")
+        >>> run.config.name, run.checkpoint(300).name, run.score("linear").name
+        ('config.yaml', 'checkpoint_00000300.pt', 'score_linear.json')
+    """
 
     CONFIG = "config.yaml"  # the run's settings, written at start (with the derived lr as a trailing comment)
     METRICS = "metrics.jsonl"  # one row per logged step: the source of truth of every curve
