@@ -440,7 +440,7 @@ def _about(run: _Run, prog: _Progress) -> dict[str, Any]:
 
 
 def _finish(run: _Run, step: TrainStep, prog: _Progress, progress: bool) -> TrainResult:
-    """Export the teacher backbone and evaluate it with kNN."""
+    """Export the teacher backbone, run the final evaluations the caller gave, mark the run finished."""
     ds = run.dataset
     skipped = getattr(ds, "skipped", None) or getattr(getattr(ds, "dataset", None), "skipped", None)
     if skipped and run.info.is_main:
