@@ -70,8 +70,11 @@ def test_eval_dense_runs_every_protocol_on_photo_masks_with_the_floors(tmp_path,
     assert main(["eval-dense", str(run), "--data", str(tmp_path / "d"), "--protocols", "linear,hbird,overcluster",
                  "--pixel-floor", "--random-floor", "--epochs", "2", "--no-progress", "--cache-dir", "",
                  "--output", str(tmp_path / "out")]) == 0
-    res = json.loads((tmp_path / "out.json").read_text())["dense"]
+    out = json.loads((tmp_path / "out.json").read_text())
+    res = out["dense"]
     assert set(res) == {str(run), "raw pixels (floor)", "random init (same backbone)"}
+    ran = out["settings"]["dense"]  # what the numbers were measured with, data folder included
+    assert ran["root"] == str(tmp_path / "d") and ran["protocols"] == ["linear", "hbird", "overcluster"]
     for row in res.values():
         assert row["mask_size"] == 32 and row["protocols"] == ["linear", "hbird", "overcluster"]
         assert 0 <= row["miou"] <= 100 and 0 <= row["hbird"]["miou"] <= 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def open_sources(models: list[str], args: EvalSettings, channels: int, size: int
 
 def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str, Any]:
     """Evaluate every model with every protocol (:func:`pwself.eval.protocols.evaluate`); returns
-    ``{"models": [...], protocol: {model: result}}`` (feature protocols: ``{pooling: {model: result}}``)."""
+    ``{"models": [...], protocol: {model: result}, "settings": {protocol: its settings}}`` (feature protocols:
+    ``{pooling: {model: result}}``)."""
     # Open checkpoints first (they carry the dataset); timm names then take the data's channels/size.
     first = [open_source(m) for m in models if Path(m).exists()]
     out: dict[str, Any] = {"models": list(models)}
@@ -73,6 +75,9 @@ def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str
     for name in protocols:  # rows beside the models' (the dense floors)
         if PROTOCOLS[name].finish is not None and name in out:
             PROTOCOLS[name].finish(out[name], sources, args.of(name))
+    # what each protocol ran with (its data folders included): the record of the numbers
+    out["settings"] = {name: dataclasses.asdict(args.of(name)) for name in protocols
+                       if dataclasses.is_dataclass(args.of(name))}
     return out
 
 
