@@ -103,7 +103,12 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p)
     for protocol in PROTOCOLS.values():
         if protocol.in_eval:
-            protocol.flags(p, False)
+            try:
+                protocol.flags(p, False)
+            except argparse.ArgumentError as e:  # a registered protocol whose flag another one has
+                raise ValueError(f"protocol {protocol.name}: {e.argument_name} is taken on `pwself eval` by another "
+                                 f"protocol: give {protocol.name}'s flag another name, or register it with "
+                                 "in_eval=False") from None
 
 
 def _args_viz_matches(p: argparse.ArgumentParser) -> None:
@@ -673,7 +678,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pwself`` command."""
     _setup_logging()
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as e:  # a registered protocol or data kind that cannot join the commands
+        print(f"pwself: error: {e}", file=sys.stderr)
+        return 2
     handlers = {command.name: command.handler for command in commands()}
     from pwself.config import ConfigError
     from pwself.data import DatasetError

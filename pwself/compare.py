@@ -60,6 +60,10 @@ def _run_one(cfg: TrainConfig, progress: bool, dense: str | None = None, dense_i
     for name in protocols:
         res = run.cached_score(name, lambda name=name: _probe(cfg, source(), name, progress))
         row.update(PROTOCOLS[name].scores(res))
+    if source.cache_info().currsize:  # a probe ran now: the run's report shows its score
+        from pwself.report import write_report
+
+        write_report(run.path)
     return row
 
 

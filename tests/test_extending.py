@@ -168,8 +168,7 @@ def test_a_toy_protocol_reaches_the_cli_compare_and_the_report(centroid, tmp_pat
     assert main(["eval", str(run), "--cache-dir", "", "--no-progress", "--output", str(tmp_path / "all")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["centroid"]["cls"][str(run)]["top1"] == pytest.approx(want)
 
-    assert main(["report", str(run)]) == 0  # the report draws the score compare kept, as the protocol draws it
-    report = (run / "report.md").read_text()
+    report = (run / "report.md").read_text()  # compare redrew it: the score, as the protocol draws it
     assert "## nearest class centroid on frozen features" in report and f"| dino_seed0 | {want:.2f} |" in report
 
 
@@ -226,3 +225,19 @@ def test_a_toy_rgb_data_kind_is_trained_compared_and_reported(npz_data, tmp_path
     assert comparison["config"]["data"]["kind"] == "npz" and comparison["runs"]["dino"]["0"]["knn10"] >= 0
     assert comparison["random_init"]["0"]["knn10"] >= 0  # the floors read the kind too
     assert "| dino |" in (out / "comparison.md").read_text()
+
+
+def test_a_protocol_whose_flag_is_taken_is_one_line(capsys):
+    """A registered protocol that adds a flag `pwself eval` already has (linear's --epochs) is named, with the fix."""
+    def flags(p, alone):
+        p.add_argument("--epochs", type=int, default=1)
+
+    register_protocol(Protocol("clash", "a protocol with a taken flag", CentroidSettings, centroid_accuracy,
+                               table=lambda per_model, note: [], scores=lambda r: {}, flags=flags,
+                               from_flags=lambda args, alone: CentroidSettings()))
+    try:
+        assert main(["config", "show"]) == 2
+    finally:
+        PROTOCOLS.pop("clash")
+    err = capsys.readouterr().err
+    assert "protocol clash: --epochs is taken on `pwself eval` by another protocol" in err and "in_eval=False" in err
