@@ -213,3 +213,22 @@ def test_backbone_name_sets_the_sizes_of_a_timm_vit():
     assert (cfg.views.global_size, cfg.views.local_size, cfg.views.n_local, cfg.head.out_dim) == (224, 96, 8, 65536)
     with pytest.raises(ConfigError, match="not a timm model"):
         load_config(None, ["backbone.name=vit_nonexistent"])
+
+
+def test_a_finished_folder_run_from_before_max_side_is_shown_not_refused(tmp_path, capsys):
+    """`pretrain --auto-resume` without --config reads the run's config as the run meant it (one reader,
+    run.state.read_run_config): a folder run whose config.yaml predates data.max_side cut its views from the
+    originals (0), so it is the same run, not one "differing in data.max_side"."""
+    import yaml
+
+    _photos(tmp_path / "photos", repeat=4)
+    out = tmp_path / "run"
+    argv = ["pretrain", "data.kind=folder", f"data.root={tmp_path / 'photos'}", "--epochs", "1", "--out-dir",
+            str(out), "--batch-size", "4", "--no-progress", *SMALL, "data.num_workers=1", "data.max_side=0"]
+    assert main(argv) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["data"]["max_side"]  # as a run of an older pwself wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert main(["pretrain", "--out-dir", str(out), "--auto-resume", "--no-progress"]) == 0
+    assert "holds this run, finished at step 3" in capsys.readouterr().out

@@ -103,12 +103,12 @@ def plan_run(cfg: TrainConfig, overrides: list[str], config_given: bool, resume:
     run saved, with only ``overrides`` changed; ``auto_resume`` then starts a new run, continues an interrupted one
     exactly or returns a finished one's result, and refuses a folder holding another config (``start_over``: what
     to do about it)."""
-    from pwself.config import apply_overrides, load_config
+    from pwself.config import apply_overrides
     from pwself.data import expand_path
 
     run_dir = expand_path(cfg.out_dir)
     if (resume or auto_resume) and not config_given and RunFolder(run_dir).config.is_file():
-        cfg = apply_overrides(load_config(RunFolder(run_dir).config), overrides)  # the run as it was
+        cfg = apply_overrides(read_run_config(run_dir), overrides)  # the run as it was
     cfg.validate()
     if not auto_resume:
         return RunPlan(cfg, run_dir, resume)
