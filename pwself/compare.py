@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pwself.config import ConfigError, TrainConfig, apply_overrides, config_to_dict
-from pwself.eval.floors import DENSE_FLOORS, pixel_dense_floor, pixel_floor, random_init_floor
-from pwself.eval.protocols import PROTOCOLS, EvalData, EvalSettings, evaluate
+from pwself.eval.floors import DENSE_FLOORS, comparison_settings, pixel_dense_floor, pixel_floor, random_init_floor
+from pwself.eval.protocols import PROTOCOLS, EvalData, evaluate
 from pwself.eval.source import FeatureSource
 from pwself.objectives import objective_overrides
 from pwself.run.folder import RunFolder, RunInUseError
@@ -29,11 +29,7 @@ __all__ = ["run_comparison", "run_name", "comparison_table", "plot_comparison", 
 def _probe(cfg: TrainConfig, src: FeatureSource, protocol: str, progress: bool, dense: str | None = None) -> dict:
     """One protocol of a run's teacher (features cached in the run folder); ``dense``: the linear probe and
     Hummingbird retrieval on the same tokens."""
-    from pwself.eval.dense import DenseSettings
-
-    features = str(Path(cfg.out_dir) / "features")
-    settings = EvalSettings(cache_dir=features, progress=progress, options={"dense": DenseSettings(
-        cache_dir=features, progress=progress, protocols=DENSE_FLOORS, root=dense)})
+    settings = comparison_settings(dense, str(Path(cfg.out_dir) / "features"), progress)
     data = EvalData.of_run(cfg) if PROTOCOLS[protocol].features else None
     return evaluate(src, data, [protocol], settings)[protocol]
 

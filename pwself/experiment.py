@@ -15,7 +15,7 @@ from torch import nn
 import pwself.train as training
 from pwself.config import TrainConfig
 from pwself.data import DATA_KINDS, open_dataset
-from pwself.eval.floors import pixel_floor, random_init_floor, start_floor
+from pwself.eval.floors import comparison_settings, pixel_floor, random_init_floor, start_floor
 from pwself.eval.knn import KnnSettings
 from pwself.eval.protocols import EvalData, EvalSettings, evaluate, run_source
 from pwself.run.folder import RunFolder
@@ -96,11 +96,7 @@ class DenseEvaluation:
         return cfg.eval.dense_every_epochs
 
     def point(self, backbone: nn.Module, cfg: TrainConfig, at: training.Moment) -> None:
-        from pwself.eval.dense import DenseSettings
-        from pwself.eval.floors import DENSE_FLOORS
-
-        dense = DenseSettings(cache_dir=None, progress=False, protocols=DENSE_FLOORS, root=cfg.eval.dense_data)
-        settings = EvalSettings(cache_dir=None, progress=False, options={"dense": dense})
+        settings = comparison_settings(cfg.eval.dense_data)  # no cache: the weights change
         res = evaluate(run_source(backbone, cfg), None, ["dense"], settings)["dense"]
         if at.loggers is not None:
             at.loggers.dense(at.step, res, at.epoch, (at.train_s, at.cpu_s))

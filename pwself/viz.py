@@ -368,7 +368,7 @@ def save_grid(pngs: list[Path], path: Path) -> None:
 
 def run_view_sizes(spec: str) -> dict[str, Any]:
     """The sizes a run cut its views with (a run folder's config, or a checkpoint's)."""
-    from pwself.run.checkpoint import load_checkpoint, saved_config
+    from pwself.run.checkpoint import config_of_checkpoint, load_checkpoint
     from pwself.run.folder import RunFolder
     from pwself.run.state import read_run_config
 
@@ -376,7 +376,7 @@ def run_view_sizes(spec: str) -> dict[str, Any]:
     if path.is_dir() and RunFolder(path).config.is_file():
         cfg = read_run_config(path)
     elif path.exists():
-        cfg = saved_config(load_checkpoint(path)["config"])
+        cfg = config_of_checkpoint(load_checkpoint(path))
     else:
         raise FileNotFoundError(f"--run {spec} does not exist: pass a run folder or a checkpoint file")
     return {"global_size": cfg.views.global_size, "local_size": cfg.views.local_size,

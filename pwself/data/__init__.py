@@ -100,20 +100,7 @@ class DataConfig:
                               f"shrink) or at least views.global_size={global_size}")
 
 
-def build_dataset(
-    kind: str,
-    root: str,
-    split: str = "train",
-    *,
-    image_size: int = 32,
-    channels: int = 3,
-    min_size: int = 8,
-    on_bad_image: str = "fail",
-    synthetic_size: int = 512,
-    synthetic_classes: int = 4,
-    seed: int = 0,
-    max_side: int = 0,
-) -> Dataset:
+def build_dataset(kind: str, root: str, split: str = "train", **options: Any) -> Dataset:
     """Open one split of a dataset.
 
     Args:
@@ -121,22 +108,14 @@ def build_dataset(
         root: Dataset directory.
         split: ``train`` or ``test``. For a ``folder``, ``train`` reads ``root/train`` when it exists
             (else ``root``) and ``test`` reads ``root/val`` or ``root/test``.
-        image_size: Side folder images are resized to; synthetic image side.
-        channels: Channels for ``folder`` and ``synthetic``.
-        min_size: Smallest accepted source image side for ``folder``.
-        on_bad_image: ``fail`` or ``skip`` for ``folder``.
-        synthetic_size: Number of synthetic images (the test split has a quarter as many).
-        synthetic_classes: Classes of the synthetic data.
-        seed: Seed of the synthetic data (the test split uses ``seed + 1``).
-        max_side: ``folder`` train split: the scan also writes shrunk copies for training views (0: none).
+        options: Fields of :class:`~pwself.data.kinds.OpenOptions` (``image_size``, ``channels``, ``seed``, ...);
+            each kind reads those that apply to it.
     """
     if split not in ("train", "test"):
         raise DatasetError(f"split {split!r}: use train or test")
     if kind not in DATA_KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r}: use {', '.join(DATA_KINDS)}")
-    options = OpenOptions(image_size, channels, min_size, on_bad_image, synthetic_size, synthetic_classes, seed,
-                          max_side)
-    return DATA_KINDS[kind].open(str(expand_path(root)), split, options)
+    return DATA_KINDS[kind].open(str(expand_path(root)), split, OpenOptions(**options))
 
 
 def open_dataset(data: DataConfig, split: str, channels: int, min_size: int, seed: int = 0) -> Dataset:

@@ -83,6 +83,15 @@ def _random_init_source(cfg: TrainConfig, splits: dict):  # noqa: ANN202 - a Fea
 DENSE_FLOORS = ("linear", "hbird")  # the dense protocols a comparison's floors carry (overclustering: eval-dense)
 
 
+def comparison_settings(dense: str | None, cache_dir: str | None = None, progress: bool = False) -> EvalSettings:
+    """The evaluation settings of a run's scores and its floors, so that they are measured alike: the dense
+    protocols of :data:`DENSE_FLOORS` on ``dense`` (a dense dataset), features cached in ``cache_dir``."""
+    from pwself.eval.dense import DenseSettings
+
+    return EvalSettings(cache_dir=cache_dir, progress=progress, options={"dense": DenseSettings(
+        cache_dir=cache_dir, progress=progress, protocols=DENSE_FLOORS, root=dense)})
+
+
 def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: ANN001 - a FeatureSource maker
                  dense: str | None, feature_cache: str | None) -> dict[str, float] | None:
     """kNN (k = 10, 20), (with ``linear``) the linear probe and (with ``dense``) the dense probe of one fixed model,
@@ -99,11 +108,7 @@ def _model_floor(cfg: TrainConfig, cache: Path, source, linear: bool,  # noqa: A
     if floor is None:
         return None
     if dense is not None:
-        from pwself.eval.dense import DenseSettings
-
-        settings = EvalSettings(cache_dir=feature_cache, progress=False, options={"dense": DenseSettings(
-            cache_dir=feature_cache, progress=False, protocols=DENSE_FLOORS, root=dense)})
-        res = evaluate(src, None, ["dense"], settings)["dense"]
+        res = evaluate(src, None, ["dense"], comparison_settings(dense, feature_cache))["dense"]
         floor.update(miou=res["miou"], hbird_miou=res["hbird"]["miou"], dense_key=key)
     cache.write_text(json.dumps(floor))
     return floor

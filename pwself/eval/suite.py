@@ -54,9 +54,6 @@ def run(models: list[str], protocols: list[str], args: EvalSettings) -> dict[str
         opts = {k: ds_cfg[k] for k in ("image_size", "channels", "synthetic_size", "synthetic_classes", "seed")}
         train, test = (build_dataset(ds_cfg["kind"], ds_cfg["root"], split, **opts) for split in ("train", "test"))
         data = EvalData(train, test, ds_cfg)
-        for name in on_features:  # settings the data cannot serve are refused before any feature is extracted
-            if PROTOCOLS[name].check is not None:
-                PROTOCOLS[name].check(args.of(name), data)
         channels, size = train[0][0].shape[0], train[0][0].shape[-1]
         out["data"] = ds_cfg
     else:  # a timm model takes the channels and side of the first protocol's own data

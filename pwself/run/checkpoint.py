@@ -219,7 +219,7 @@ def resume_checkpoint(cfg: TrainConfig, run_dir: Path, world_size: int, data_id:
     if len(ckpt["generators"]) != world_size:
         raise CheckpointError(f"cannot resume {found}: it was written by {len(ckpt['generators'])} process(es), this "
                               f"run has {world_size}; resume with the same number of processes")
-    saved = config_to_dict(saved_config(ckpt["config"]))
+    saved = config_to_dict(config_of_checkpoint(ckpt))
     if not cfg.data.mean and saved["data"]["mean"]:
         cfg.data.mean, cfg.data.std = list(saved["data"]["mean"]), list(saved["data"]["std"])
     diff = config_diff(saved, config_to_dict(cfg))
