@@ -241,3 +241,14 @@ def test_a_protocol_whose_flag_is_taken_is_one_line(capsys):
         PROTOCOLS.pop("clash")
     err = capsys.readouterr().err
     assert "protocol clash: --epochs is taken on `pwself eval` by another protocol" in err and "in_eval=False" in err
+
+
+def test_a_protocol_without_from_flags_reads_flags_named_as_its_settings():
+    """Protocol.settings' default: each settings field from the flag of its name; one not given keeps its default."""
+    import argparse
+
+    from pwself.eval.knn import KnnSettings
+
+    plain = Protocol("plain", "no from_flags", KnnSettings, centroid_accuracy, table=lambda per_model, note: [],
+                     scores=lambda r: {})
+    assert plain.settings(argparse.Namespace(temperature=0.2, ks=None, other=1), True) == KnnSettings(temperature=0.2)

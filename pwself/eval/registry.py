@@ -20,12 +20,10 @@ def no_flags(parser: argparse.ArgumentParser, alone: bool) -> None:
     """A protocol with no flags of its own."""
 
 
-def settings_from_flags(settings_class: type, args: argparse.Namespace, renames: dict[str, str] | None = None) -> Any:
-    """``settings_class`` filled from the flags of the same name (``renames``: field -> flag dest); a flag that
-    was not given keeps the field's default."""
-    renames = renames or {}
-    given = {f.name: getattr(args, renames.get(f.name, f.name)) for f in fields(settings_class)
-             if getattr(args, renames.get(f.name, f.name), None) is not None}
+def settings_from_flags(settings_class: type, args: argparse.Namespace) -> Any:
+    """``settings_class`` filled from the flags of the same name; a flag that was not given keeps the field's
+    default."""
+    given = {f.name: getattr(args, f.name) for f in fields(settings_class) if getattr(args, f.name, None) is not None}
     return settings_class(**given)
 
 

@@ -21,10 +21,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "resume_checkpoint", "checkpoint_record", "progress_of", "teacher_weights",
            "save_checkpoint", "load_checkpoint", "latest_checkpoint", "upgrade_checkpoint", "config_of_checkpoint",
-           "export_backbone", "BACKBONE_FILE"]
+           "export_backbone"]
 
-BACKBONE_FILE = RunFolder.BACKBONE
-"""Where a run keeps its teacher backbone (timm key names) beside its checkpoints."""
 
 
 class CheckpointError(RuntimeError):

@@ -69,9 +69,6 @@ class RunFolder:
                 f"{cls.KNN}, {cls.FINISHED} (written last: the run finished), {cls.CURVES}, {cls.REPORT_MD}, "
                 f"{cls.REPORT_HTML}.")
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
@@ -156,8 +153,6 @@ RUN_FILES = (*UNSTARTED_FILES, RunFolder.FINISHED, RunFolder.KNN, RunFolder.FLOO
 # The numbered files of a run
 RUN_PATTERNS = (RunFolder.CHECKPOINT_PATTERN, *RunFolder.FIGURE_PATTERNS, f"{RunFolder.SCORE_PREFIX}*.json",
                 f"{RunFolder.TUNE_SCORE_PREFIX}*.json")
-LOCK_NAME = RunFolder.LOCK
-FINISHED_FILE = RunFolder.FINISHED
 
 
 class RunDirError(RuntimeError):
@@ -240,7 +235,7 @@ def _move_aside(run_dir: Path) -> Path:
     aside = _aside_path(run_dir)
     aside.mkdir()
     for item in run_dir.iterdir():
-        if item.name != LOCK_NAME:
+        if item.name != RunFolder.LOCK:
             item.rename(aside / item.name)
     return aside
 
@@ -249,7 +244,7 @@ class RunLock:
     """An exclusive ``flock`` on ``RUN_DIR/.pwself.lock`` for the life of a run, holding the owner's PID."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_NAME
+        self.path = RunFolder(run_dir).lock
         self.fd: int | None = None
 
     def acquire(self) -> None:
